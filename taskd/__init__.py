@@ -1,0 +1,48 @@
+"""taskd: track background operations in asyncio programs.
+
+One actor task owns every task record; ``Tracker`` is the handle to it. See
+``taskd.web`` for the aiohttp integration and HTTP API.
+"""
+
+from __future__ import annotations
+
+from ._errors import (
+    InvalidTransition,
+    TaskConflict,
+    TaskdError,
+    TaskNotFound,
+    TrackerClosed,
+    TrackerFull,
+)
+from ._models import ANY_OWNER, JSON, AnyOwner, TaskRecord, TaskStatus
+from ._redact import redact
+from ._retention import Retention
+from ._runner import report_progress
+from ._store import MemoryStore, Store
+from ._tracker import TaskHandle, TaskPage, Tracker, TrackerState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY_OWNER",
+    "JSON",
+    "AnyOwner",
+    "InvalidTransition",
+    "MemoryStore",
+    "Retention",
+    "Store",
+    "TaskConflict",
+    "TaskHandle",
+    "TaskNotFound",
+    "TaskPage",
+    "TaskRecord",
+    "TaskStatus",
+    "TaskdError",
+    "Tracker",
+    "TrackerClosed",
+    "TrackerFull",
+    "TrackerState",
+    "__version__",
+    "redact",
+    "report_progress",
+]

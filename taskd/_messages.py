@@ -1,0 +1,179 @@
+"""The commands the tracker handle sends to the actor: one frozen dataclass each.
+
+Each travels in the mailbox together with the future its reply goes to (``None`` for
+fire-and-forget messages such as runner reports). That pairing is private to the
+handle and the actor; callers never see the queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+from collections.abc import Coroutine, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from ._models import JSON, OwnerScope, TaskStatus
+
+if TYPE_CHECKING:
+    from ._watch import Subscription
+
+# --- commands from callers (each answered on its reply future) ---------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Create:
+    task_type: str
+    resource_id: str | None
+    metadata: Mapping[str, JSON]
+    owner: str | None
+    callback_url: str | None
+    heartbeat_timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Spawn:
+    coro: Coroutine[object, object, object]
+    task_type: str
+    resource_id: str | None
+    metadata: Mapping[str, JSON]
+    owner: str | None
+    callback_url: str | None
+    timeout: float | None
+    #: The caller's context, so the runner sees the caller's context variables.
+    context: contextvars.Context
+    #: Resolved with the coroutine's outcome once the terminal record is committed.
+    done: asyncio.Future[object]
+
+
+@dataclass(frozen=True, slots=True)
+class Start:
+    task_id: str
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    task_id: str
+    progress: float | None
+    message: str | None
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class Complete:
+    task_id: str
+    result: JSON
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class Fail:
+    task_id: str
+    error: str
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class Cancel:
+    task_id: str
+    reason: str
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class Delete:
+    task_id: str
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    task_id: str
+    owner: OwnerScope
+
+
+@dataclass(frozen=True, slots=True)
+class ListTasks:
+    statuses: frozenset[TaskStatus] | None
+    task_type: str | None
+    resource_id: str | None
+    owner: OwnerScope
+    limit: int
+    #: Only ids strictly older than this one (ids sort in creation order).
+    before: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Wait:
+    """Answered when the task is terminal, or with its latest record at the deadline."""
+
+    task_id: str
+    owner: OwnerScope
+    timeout: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    """Register a subscription; the reply is the task's current record (or None)."""
+
+    subscription: Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class Unsubscribe:
+    subscription: Subscription
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counts for metrics: records by status and type, mailbox depth, commands."""
+
+
+# --- messages from the tracker's own machinery -------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerStarted:
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class RunnerFinished:
+    task_id: str
+    #: COMPLETED, FAILED or CANCELLED: what the coroutine did.
+    outcome: TaskStatus
+    #: The coroutine's return value (COMPLETED) as returned, for the handle.
+    value: object
+    #: Its JSON copy, stored in the record.
+    result: JSON
+    #: The exception (FAILED), re-raised to whoever awaits the handle.
+    exc: BaseException | None
+    #: The redacted error text stored in the record.
+    error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """Shutdown step 1: stop taking commands; the reply lists the live runners."""
+
+
+@dataclass(frozen=True, slots=True)
+class Abandon:
+    """Shutdown step 2: record runners that ignored cancellation as cancelled."""
+
+    task_ids: tuple[str, ...]
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Stop:
+    """Shutdown step 3: commit, fail what still waits, and leave the loop."""
+
+
+@dataclass(frozen=True, slots=True)
+class Unwait:
+    """A waiter gave up (its caller was cancelled): forget its future."""
+
+    task_id: str
+    fut: asyncio.Future[object]

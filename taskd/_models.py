@@ -1,0 +1,300 @@
+"""The task record, its statuses and the transition table.
+
+Pure data and validation: no asyncio, no aiohttp. Records are frozen and slotted, so
+the actor hands the same object to every reader without copying it.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import TypeAlias
+
+__all__ = [
+    "ACTIVE",
+    "JSON",
+    "TERMINAL",
+    "TRANSITIONS",
+    "TaskRecord",
+    "TaskStatus",
+]
+
+#: A JSON value as Python holds it after ``json.loads``.
+JSON: TypeAlias = (
+    bool | int | float | str | list["JSON"] | dict[str, "JSON"] | Mapping[str, "JSON"] | None
+)
+
+MAX_METADATA_BYTES = 16 * 1024
+MAX_MESSAGE_CHARS = 1024
+MAX_RESOURCE_ID_CHARS = 256
+_TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+# Control characters would corrupt logs and terminal views of resource ids.
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+
+
+class TaskStatus(enum.StrEnum):
+    """The lifecycle status of a task; the string value is what JSON shows."""
+
+    PENDING = "pending"
+    RUNNING = "running"
+    CANCELLING = "cancelling"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        """True for ``completed``, ``failed`` and ``cancelled``."""
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED})
+ACTIVE = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING, TaskStatus.CANCELLING})
+
+#: Allowed moves; anything absent is an ``InvalidTransition``.
+TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = MappingProxyType(
+    {
+        TaskStatus.PENDING: frozenset(
+            {TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}
+        ),
+        TaskStatus.RUNNING: frozenset(
+            {
+                TaskStatus.COMPLETED,
+                TaskStatus.FAILED,
+                TaskStatus.CANCELLING,
+                TaskStatus.CANCELLED,
+            }
+        ),
+        TaskStatus.CANCELLING: frozenset(
+            {TaskStatus.CANCELLED, TaskStatus.COMPLETED, TaskStatus.FAILED}
+        ),
+        TaskStatus.COMPLETED: frozenset(),
+        TaskStatus.FAILED: frozenset(),
+        TaskStatus.CANCELLED: frozenset(),
+    }
+)
+
+# One shared empty mapping: most tasks carry no metadata, and an empty dict per record
+# would cost 64 bytes each.
+EMPTY_METADATA: Mapping[str, JSON] = MappingProxyType({})
+
+
+def iso(ts: float) -> str:
+    """RFC 3339 UTC text of a Unix timestamp, microsecond precision, ``Z`` suffix."""
+    return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskRecord:
+    """One tracked task, immutable: every change produces a new record.
+
+    The fields are those of the JSON record; ``owner``, ``in_process``,
+    ``callback_url`` and ``heartbeat_timeout`` are stored but never rendered.
+    """
+
+    task_id: str
+    task_type: str
+    status: TaskStatus
+    resource_id: str | None
+    created_at: float
+    updated_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    progress: float | None = None
+    message: str | None = None
+    result: JSON = None
+    error: str | None = None
+    metadata: Mapping[str, JSON] = field(default_factory=lambda: EMPTY_METADATA)
+    owner: str | None = None
+    #: True when the tracker itself runs the work (``spawn``); such tasks cannot
+    #: survive a restart of the process.
+    in_process: bool = False
+    callback_url: str | None = None
+    heartbeat_timeout: float | None = None
+
+    @property
+    def is_terminal(self) -> bool:
+        """True once the task reached ``completed``, ``failed`` or ``cancelled``."""
+        return self.status in TERMINAL
+
+    @property
+    def created_at_iso(self) -> str:
+        """``created_at`` as RFC 3339 UTC text."""
+        return iso(self.created_at)
+
+    @property
+    def updated_at_iso(self) -> str:
+        """``updated_at`` as RFC 3339 UTC text."""
+        return iso(self.updated_at)
+
+    def to_dict(self) -> dict[str, JSON]:
+        """The public JSON object of this record (owner and internals left out)."""
+        return {
+            "task_id": self.task_id,
+            "task_type": self.task_type,
+            "status": self.status.value,
+            "resource_id": self.resource_id,
+            "created_at": self.created_at,
+            "updated_at": self.updated_at,
+            "created_at_iso": iso(self.created_at),
+            "updated_at_iso": iso(self.updated_at),
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "progress": self.progress,
+            "message": self.message,
+            "result": self.result,
+            "error": self.error,
+            "metadata": dict(self.metadata),
+        }
+
+    def evolve(
+        self,
+        *,
+        status: TaskStatus,
+        updated_at: float,
+        started_at: float | None,
+        finished_at: float | None,
+        progress: float | None,
+        message: str | None,
+        result: JSON,
+        error: str | None,
+    ) -> TaskRecord:
+        """A copy with the mutable-by-transition fields replaced.
+
+        Written out by hand because ``dataclasses.replace`` introspects fields on
+        every call, and this sits on the actor's hot path.
+        """
+        return TaskRecord(
+            self.task_id,
+            self.task_type,
+            status,
+            self.resource_id,
+            self.created_at,
+            updated_at,
+            started_at,
+            finished_at,
+            progress,
+            message,
+            result,
+            error,
+            self.metadata,
+            self.owner,
+            self.in_process,
+            self.callback_url,
+            self.heartbeat_timeout,
+        )
+
+
+# --- argument checks, run in the caller before any message is sent -----------------
+
+
+def check_task_type(task_type: object) -> str:
+    """Return ``task_type`` if it is 1–128 chars of ``[A-Za-z0-9_.:-]``."""
+    if not isinstance(task_type, str):
+        raise TypeError(f"task_type must be a str, not {type(task_type).__name__}")
+    if not _TASK_TYPE_RE.fullmatch(task_type):
+        raise ValueError(
+            f"task_type must be 1-128 characters of [A-Za-z0-9_.:-], got {task_type[:140]!r}"
+        )
+    return task_type
+
+
+def check_resource_id(resource_id: object) -> str | None:
+    """Return ``resource_id`` if it is None or 1–256 printable characters."""
+    if resource_id is None:
+        return None
+    if not isinstance(resource_id, str):
+        raise TypeError(f"resource_id must be a str or None, not {type(resource_id).__name__}")
+    if not 1 <= len(resource_id) <= MAX_RESOURCE_ID_CHARS:
+        raise ValueError(f"resource_id must be 1-{MAX_RESOURCE_ID_CHARS} characters")
+    if _CONTROL_RE.search(resource_id):
+        raise ValueError("resource_id must not contain control characters")
+    return resource_id
+
+
+def json_copy(value: object, what: str) -> JSON:
+    """Validate that ``value`` is JSON and return an independent copy of it.
+
+    Copying once on the way in is what lets every later read share the record:
+    the caller keeps no reference into the stored value.
+    """
+    try:
+        text = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{what} is not JSON-serialisable: {exc}") from None
+    copied: JSON = json.loads(text)
+    return copied
+
+
+def check_metadata(metadata: object) -> Mapping[str, JSON]:
+    """Return a private copy of ``metadata``: a JSON object of at most 16 KiB."""
+    if metadata is None:
+        return EMPTY_METADATA
+    if not isinstance(metadata, Mapping):
+        raise TypeError(f"metadata must be a JSON object, not {type(metadata).__name__}")
+    if not metadata:
+        return EMPTY_METADATA
+    if not all(isinstance(k, str) for k in metadata):
+        raise TypeError("metadata keys must be strings")
+    try:
+        text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"metadata is not JSON-serialisable: {exc}") from None
+    if len(text.encode()) > MAX_METADATA_BYTES:
+        raise ValueError(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes")
+    copied: dict[str, JSON] = json.loads(text)
+    return MappingProxyType(copied)
+
+
+def check_progress(progress: object) -> float | None:
+    """Return ``progress`` as a float in [0, 1], or None."""
+    if progress is None:
+        return None
+    if isinstance(progress, bool) or not isinstance(progress, int | float):
+        raise TypeError(f"progress must be a number, not {type(progress).__name__}")
+    value = float(progress)
+    if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"progress must be between 0.0 and 1.0, got {progress!r}")
+    return value
+
+
+def check_message(message: object) -> str | None:
+    """Return ``message`` if it is None or a str of at most 1024 characters."""
+    if message is None:
+        return None
+    if not isinstance(message, str):
+        raise TypeError(f"message must be a str or None, not {type(message).__name__}")
+    if len(message) > MAX_MESSAGE_CHARS:
+        raise ValueError(f"message must be at most {MAX_MESSAGE_CHARS} characters")
+    return message
+
+
+def check_positive(value: object, name: str, *, allow_none: bool = True) -> float | None:
+    """Return ``value`` as a finite positive float (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+    number = float(value)
+    if not (math.isfinite(number) and number > 0):
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    return number
+
+
+class AnyOwner(enum.Enum):
+    """Type of :data:`ANY_OWNER`, the owner filter that matches every owner."""
+
+    ANY_OWNER = "any"
+
+
+#: Pass as ``owner=`` to act on tasks whatever their owner (the in-process default).
+ANY_OWNER = AnyOwner.ANY_OWNER
+
+#: Who a call acts as: an owner string, ``None`` (unowned tasks), or ``ANY_OWNER``.
+OwnerScope: TypeAlias = str | AnyOwner | None

@@ -1,0 +1,121 @@
+"""Retention policy: TTL per terminal status and the cap on stored records.
+
+TTLs are the same for every record of a status, so records of one status expire in
+the order they finished. A FIFO queue per terminal status therefore replaces a heap:
+the next expiry is always at a queue's head, found in O(1), and no timer ever scans
+all records.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from ._models import TaskRecord, TaskStatus
+
+__all__ = ["Retention"]
+
+
+def _check_ttl(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"Retention.{name} must be a number, not {type(value).__name__}")
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(f"Retention.{name} must be a positive finite number of seconds")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Retention:
+    """How long finished tasks are kept, and how many records at most.
+
+    TTLs count from ``finished_at``; active tasks never expire. When ``max_tasks``
+    records exist, each insert evicts the oldest terminal record; if all are active
+    the insert fails with ``TrackerFull``.
+    """
+
+    completed_ttl: float = 86400.0
+    failed_ttl: float = 604800.0
+    cancelled_ttl: float = 86400.0
+    max_tasks: int = 10000
+
+    def __post_init__(self) -> None:
+        _check_ttl("completed_ttl", self.completed_ttl)
+        _check_ttl("failed_ttl", self.failed_ttl)
+        _check_ttl("cancelled_ttl", self.cancelled_ttl)
+        if isinstance(self.max_tasks, bool) or not isinstance(self.max_tasks, int):
+            raise TypeError("Retention.max_tasks must be an int")
+        if self.max_tasks < 1:
+            raise ValueError("Retention.max_tasks must be at least 1")
+
+    def ttl(self, status: TaskStatus) -> float:
+        """The TTL of a terminal status."""
+        if status is TaskStatus.COMPLETED:
+            return self.completed_ttl
+        if status is TaskStatus.FAILED:
+            return self.failed_ttl
+        if status is TaskStatus.CANCELLED:
+            return self.cancelled_ttl
+        raise ValueError(f"{status} is not terminal")
+
+
+class ExpiryQueues:
+    """Per terminal status, the ids of finished records in the order they finished.
+
+    Only ids are queued (8 bytes an entry); the deadline is read from the record's
+    ``finished_at``. A deleted or evicted record leaves a stale id that is dropped when
+    it reaches the head; ``compact`` bounds that garbage when it outgrows the live set.
+    """
+
+    __slots__ = ("_queues", "_retention")
+
+    def __init__(self, retention: Retention) -> None:
+        self._retention = retention
+        self._queues: dict[TaskStatus, deque[str]] = {
+            TaskStatus.COMPLETED: deque(),
+            TaskStatus.FAILED: deque(),
+            TaskStatus.CANCELLED: deque(),
+        }
+
+    def push(self, status: TaskStatus, task_id: str) -> None:
+        """Queue a record that just reached a terminal status."""
+        self._queues[status].append(task_id)
+
+    def next_deadline(self, lookup: Callable[[str], TaskRecord | None]) -> float | None:
+        """The earliest expiry instant, or None when nothing is queued."""
+        best: float | None = None
+        for status, queue in self._queues.items():
+            while queue:
+                rec = lookup(queue[0])
+                if rec is None or rec.status is not status or rec.finished_at is None:
+                    queue.popleft()  # stale: deleted or evicted since it was queued
+                    continue
+                deadline = rec.finished_at + self._retention.ttl(status)
+                if best is None or deadline < best:
+                    best = deadline
+                break
+        return best
+
+    def pop_due(self, now: float, lookup: Callable[[str], TaskRecord | None]) -> list[str]:
+        """Remove and return the ids of every live record whose TTL has passed."""
+        due: list[str] = []
+        for status, queue in self._queues.items():
+            ttl = self._retention.ttl(status)
+            while queue:
+                rec = lookup(queue[0])
+                if rec is None or rec.status is not status or rec.finished_at is None:
+                    queue.popleft()
+                elif rec.finished_at + ttl <= now:
+                    due.append(queue.popleft())
+                else:
+                    break
+        return due
+
+    def compact(self, live: int, lookup: Callable[[str], TaskRecord | None]) -> None:
+        """Drop stale ids once the queues hold more than twice the live terminal count."""
+        if sum(len(q) for q in self._queues.values()) <= 2 * live + 64:
+            return
+        for status, queue in self._queues.items():
+            self._queues[status] = deque(
+                i for i in queue if (r := lookup(i)) is not None and r.status is status
+            )

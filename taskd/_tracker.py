@@ -1,0 +1,578 @@
+"""``Tracker``: the handle callers hold. It validates arguments, turns each call into
+one message for the actor and awaits the reply; it never touches task state itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import contextvars
+import enum
+import inspect
+import logging
+import math
+import time
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final, TypeVar
+
+from . import _messages as m
+from ._actor import Actor, Page
+from ._errors import TaskNotFound, TrackerClosed
+from ._models import (
+    ANY_OWNER,
+    JSON,
+    OwnerScope,
+    TaskRecord,
+    TaskStatus,
+    check_message,
+    check_metadata,
+    check_positive,
+    check_progress,
+    check_resource_id,
+    check_task_type,
+    json_copy,
+)
+from ._redact import redact_error
+from ._retention import Retention
+from ._store import MemoryStore, Store
+from ._watch import Subscription
+
+__all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState"]
+
+log = logging.getLogger("taskd")
+T = TypeVar("T")
+
+MAX_LIMIT: Final = 200
+# After close_timeout, runners are cancelled; this is how long they get to unwind
+# before they are recorded cancelled anyway and left behind (with a log line).
+CANCEL_GRACE: Final = 1.0
+
+
+class TrackerState(enum.Enum):
+    """Where a tracker is in its life."""
+
+    #: Built, not yet entered: calls raise TrackerClosed.
+    NEW = "new"
+    #: The actor runs and takes commands.
+    OPEN = "open"
+    #: ``aclose`` has begun: no new commands; running spawned tasks wind down.
+    CLOSING = "closing"
+    #: The actor has stopped (closed, or died): every call raises TrackerClosed.
+    CLOSED = "closed"
+
+
+TaskPage = Page
+
+
+class TaskHandle:
+    """What ``spawn`` returns: the task's id, and awaitable for the coroutine's outcome.
+
+    ``await handle`` gives the return value, or re-raises the coroutine's exception
+    (``TimeoutError`` if its ``timeout`` ran out, ``CancelledError`` if cancelled),
+    once the terminal record is stored.
+    """
+
+    __slots__ = ("_done", "_tracker", "record")
+
+    def __init__(self, tracker: Tracker, record: TaskRecord, done: asyncio.Future[object]):
+        self._tracker = tracker
+        self._done = done
+        #: The record as it was created (``pending``).
+        self.record = record
+
+    @property
+    def task_id(self) -> str:
+        """The tracked task's id."""
+        return self.record.task_id
+
+    def done(self) -> bool:
+        """True once the outcome is known."""
+        return self._done.done()
+
+    async def cancel(self, reason: str = "cancelled") -> TaskRecord:
+        """Ask the tracker to cancel this task (see ``Tracker.cancel``)."""
+        return await self._tracker.cancel(self.task_id, reason=reason)
+
+    def __await__(self) -> Generator[object, None, object]:
+        return asyncio.shield(self._done).__await__()
+
+    def __repr__(self) -> str:
+        return f"<TaskHandle {self.task_id} {self.record.task_type}>"
+
+
+@dataclass(frozen=True, slots=True)
+class _Options:
+    retention: Retention
+    store: Store
+    close_timeout: float
+    clock: Callable[[], float]
+
+
+def _consume(fut: asyncio.Future[object]) -> None:
+    # Nobody has to await a handle; mark its exception retrieved so asyncio does not
+    # log "exception was never retrieved" for a task whose failure is on record.
+    if not fut.cancelled():
+        fut.exception()
+
+
+def _statuses(
+    status: TaskStatus | str | Collection[TaskStatus | str] | None,
+) -> frozenset[TaskStatus] | None:
+    if status is None:
+        return None
+    items = [status] if isinstance(status, str) else list(status)
+    if not items:
+        raise ValueError("status filter must name at least one status")
+    out: set[TaskStatus] = set()
+    for item in items:
+        if not isinstance(item, str):
+            raise TypeError(f"status must be a str, not {type(item).__name__}")
+        try:
+            out.add(TaskStatus(item))
+        except ValueError:
+            valid = ", ".join(s.value for s in TaskStatus)
+            raise ValueError(f"unknown status {item!r}; expected one of {valid}") from None
+    return frozenset(out)
+
+
+def _check_id(task_id: object) -> str:
+    if not isinstance(task_id, str):
+        raise TypeError(f"task_id must be a str, not {type(task_id).__name__}")
+    return task_id
+
+
+def _check_owner(owner: object, *, allow_any: bool = True) -> OwnerScope:
+    if owner is ANY_OWNER and allow_any:
+        return ANY_OWNER
+    if owner is not None and not isinstance(owner, str):
+        raise TypeError(f"owner must be a str or None, not {type(owner).__name__}")
+    return owner
+
+
+class Tracker:
+    """Tracks background tasks; use as ``async with Tracker() as tracker``.
+
+    Every option is keyword-only and checked here: ``retention`` (a ``Retention``),
+    ``store`` (default ``MemoryStore()``), ``close_timeout`` (seconds running spawned
+    tasks get at shutdown before they are cancelled) and ``clock`` (wall-clock source,
+    for tests). Methods called before entry, after close, or once the actor has died
+    raise ``TrackerClosed`` at once.
+    """
+
+    def __init__(
+        self,
+        *,
+        retention: Retention | None = None,
+        store: Store | None = None,
+        close_timeout: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if retention is None:
+            retention = Retention()
+        elif not isinstance(retention, Retention):
+            raise TypeError(f"retention must be a taskd.Retention, not {type(retention).__name__}")
+        if store is None:
+            store = MemoryStore()
+        elif not isinstance(store, Store):
+            raise TypeError(f"store must implement taskd.Store, not {type(store).__name__}")
+        if isinstance(close_timeout, bool) or not isinstance(close_timeout, int | float):
+            raise TypeError("close_timeout must be a number of seconds")
+        if not (math.isfinite(close_timeout) and close_timeout >= 0):
+            raise ValueError("close_timeout must be a finite number >= 0")
+        if not callable(clock):
+            raise TypeError("clock must be callable")
+        self._options = _Options(retention, store, float(close_timeout), clock)
+        self._state = TrackerState.NEW
+        self._mailbox: asyncio.Queue[tuple[object, asyncio.Future[object] | None]] = asyncio.Queue()
+        self._actor = Actor(mailbox=self._mailbox, retention=retention, store=store, clock=clock)
+        self._actor_task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Future[None] | None = None
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    @property
+    def state(self) -> TrackerState:
+        """The tracker's lifecycle state (CLOSED as soon as the actor has died)."""
+        if self._state is TrackerState.OPEN and self._actor.closed:
+            return TrackerState.CLOSED
+        return self._state
+
+    @property
+    def retention(self) -> Retention:
+        """The retention policy in force."""
+        return self._options.retention
+
+    async def __aenter__(self) -> Tracker:
+        if self._state is not TrackerState.NEW:
+            raise RuntimeError(f"a Tracker can be entered once; this one is {self.state.value}")
+        records = await self._options.store.open()
+        self._actor.load(records)
+        self._actor_task = asyncio.get_running_loop().create_task(
+            self._actor.run(), name="taskd-actor"
+        )
+        self._state = TrackerState.OPEN
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Stop taking commands, let spawned tasks finish (up to ``close_timeout``),
+        cancel the rest and record them cancelled, then stop the actor. Idempotent."""
+        if self._state is TrackerState.NEW:
+            self._state = TrackerState.CLOSED
+            await self._options.store.close()
+            return
+        if self._closing is not None:
+            await asyncio.shield(self._closing)
+            return
+        self._closing = asyncio.get_running_loop().create_future()
+        self._state = TrackerState.CLOSING
+        try:
+            await self._shutdown()
+        finally:
+            self._state = TrackerState.CLOSED
+            try:
+                await self._options.store.close()
+            finally:
+                self._closing.set_result(None)
+
+    async def _shutdown(self) -> None:
+        assert self._actor_task is not None
+        try:
+            runners = await self._send(m.Drain())
+        except TrackerClosed:
+            runners = {}
+        assert isinstance(runners, dict)
+        if runners:
+            timeout = self._options.close_timeout
+            _, pending = await asyncio.wait(runners.values(), timeout=timeout or None)
+            if timeout == 0:
+                pending = {t for t in runners.values() if not t.done()}
+            for task in pending:
+                task.cancel()
+            if pending:
+                _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
+                if stuck:
+                    ids = tuple(tid for tid, t in runners.items() if t in stuck)
+                    log.warning(
+                        "taskd: %d spawned task(s) ignored cancellation for %.1fs after "
+                        "close_timeout; recording them cancelled and leaving them: %s",
+                        len(ids),
+                        CANCEL_GRACE,
+                        ", ".join(ids),
+                    )
+                    with contextlib.suppress(TrackerClosed):
+                        await self._send(
+                            m.Abandon(ids, "cancelled: ignored cancellation at shutdown")
+                        )
+        with contextlib.suppress(TrackerClosed):
+            await self._send(m.Stop())
+        try:
+            await self._actor_task
+        except asyncio.CancelledError:
+            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+                raise
+        except Exception:
+            log.exception("taskd: the actor had died")
+
+    def __repr__(self) -> str:
+        return f"<Tracker state={self.state.value} store={self._options.store!r}>"
+
+    # --- sending --------------------------------------------------------------------
+
+    def _check_open(self) -> None:
+        if self._state is not TrackerState.OPEN or self._actor.closed:
+            state = self.state.value
+            raise TrackerClosed(f"the tracker is {state}; it takes no commands")
+
+    async def _call(self, msg: object) -> object:
+        self._check_open()
+        return await self._send(msg)
+
+    async def _send(self, msg: object) -> object:
+        if self._actor.closed:
+            raise TrackerClosed("the tracker is closed")
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._mailbox.put_nowait((msg, fut))
+        return await fut
+
+    # --- creating -------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        coro: Coroutine[object, object, T],
+        *,
+        task_type: str,
+        resource_id: str | None = None,
+        metadata: Mapping[str, JSON] | None = None,
+        owner: str | None = None,
+        timeout: float | None = None,
+        callback_url: str | None = None,
+    ) -> TaskHandle:
+        """Track and run ``coro`` in the background; returns its handle at once.
+
+        The record is ``running`` once the coroutine starts, then ``completed`` with
+        its (JSON) return value, ``failed`` with its redacted exception, or
+        ``cancelled``. ``timeout`` fails it with ``TimeoutError`` on overrun. Raises
+        ``TaskConflict`` while an active task holds (owner, task_type, resource_id)
+        and ``TrackerFull`` when the cap is full of active tasks; the coroutine is
+        then closed without running.
+        """
+        try:
+            if not inspect.iscoroutine(coro):
+                raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
+            msg = m.Spawn(
+                coro,
+                check_task_type(task_type),
+                check_resource_id(resource_id),
+                check_metadata(metadata),
+                _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
+                _check_callback(callback_url),
+                check_positive(timeout, "timeout"),
+                contextvars.copy_context(),
+                asyncio.get_running_loop().create_future(),
+            )
+            self._check_open()
+            rec = await self._send(msg)
+        except BaseException:
+            if inspect.iscoroutine(coro):
+                coro.close()  # it will never run; closing it avoids a "never awaited" warning
+            raise
+        assert isinstance(rec, TaskRecord)
+        msg.done.add_done_callback(_consume)
+        return TaskHandle(self, rec, msg.done)
+
+    async def create(
+        self,
+        task_type: str,
+        *,
+        resource_id: str | None = None,
+        metadata: Mapping[str, JSON] | None = None,
+        owner: str | None = None,
+        callback_url: str | None = None,
+        heartbeat_timeout: float | None = None,
+    ) -> TaskRecord:
+        """Register a task run elsewhere (an external worker); it starts ``pending``.
+
+        With ``heartbeat_timeout``, a task with no report (start, progress) for that
+        many seconds fails with ``"heartbeat timeout"``.
+        """
+        msg = m.Create(
+            check_task_type(task_type),
+            check_resource_id(resource_id),
+            check_metadata(metadata),
+            _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
+            _check_callback(callback_url),
+            check_positive(heartbeat_timeout, "heartbeat_timeout"),
+        )
+        return await self._record(msg)
+
+    # --- changing -------------------------------------------------------------------
+
+    async def _record(self, msg: object) -> TaskRecord:
+        rec = await self._call(msg)
+        assert isinstance(rec, TaskRecord)
+        return rec
+
+    async def start(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord:
+        """Mark an external task ``running`` (from ``pending``)."""
+        return await self._record(m.Start(_check_id(task_id), _check_owner(owner)))
+
+    async def progress(
+        self,
+        task_id: str,
+        progress: float | None = None,
+        *,
+        message: str | None = None,
+        owner: OwnerScope = ANY_OWNER,
+    ) -> TaskRecord:
+        """Report progress (0.0–1.0) and/or a stage message. The returned record's
+        status is ``cancelling`` when cancellation has been requested."""
+        return await self._record(
+            m.Progress(
+                _check_id(task_id),
+                check_progress(progress),
+                check_message(message),
+                _check_owner(owner),
+            )
+        )
+
+    async def complete(
+        self, task_id: str, result: JSON = None, *, owner: OwnerScope = ANY_OWNER
+    ) -> TaskRecord:
+        """Mark a running (or cancelling) external task ``completed`` with ``result``."""
+        return await self._record(
+            m.Complete(_check_id(task_id), json_copy(result, "result"), _check_owner(owner))
+        )
+
+    async def fail(
+        self, task_id: str, error: str | BaseException, *, owner: OwnerScope = ANY_OWNER
+    ) -> TaskRecord:
+        """Mark an active external task ``failed``; ``error`` is redacted and truncated."""
+        return await self._record(
+            m.Fail(_check_id(task_id), redact_error(error), _check_owner(owner))
+        )
+
+    async def cancel(
+        self, task_id: str, *, reason: str = "cancelled", owner: OwnerScope = ANY_OWNER
+    ) -> TaskRecord:
+        """Cancel a task: ``pending`` becomes ``cancelled``; a running spawned task is
+        cancelled (``cancelling`` until it unwinds); a running external task becomes
+        ``cancelling`` until its worker confirms with another ``cancel`` or finishes.
+        Raises ``InvalidTransition`` on a terminal task."""
+        return await self._record(
+            m.Cancel(_check_id(task_id), redact_error(reason), _check_owner(owner))
+        )
+
+    async def delete(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> None:
+        """Remove a terminal task; an active one raises ``InvalidTransition``."""
+        await self._call(m.Delete(_check_id(task_id), _check_owner(owner)))
+
+    # --- reading --------------------------------------------------------------------
+
+    async def get(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord | None:
+        """The record, or None if unknown, expired, evicted or another owner's."""
+        rec = await self._call(m.Get(_check_id(task_id), _check_owner(owner)))
+        assert rec is None or isinstance(rec, TaskRecord)
+        return rec
+
+    async def list(
+        self,
+        status: TaskStatus | str | Collection[TaskStatus | str] | None = None,
+        task_type: str | None = None,
+        resource_id: str | None = None,
+        limit: int = 50,
+        *,
+        owner: OwnerScope = ANY_OWNER,
+    ) -> list[TaskRecord]:
+        """Records newest first, filtered by status (one or several), type, resource."""
+        page = await self.list_page(
+            status=status, task_type=task_type, resource_id=resource_id, limit=limit, owner=owner
+        )
+        return list(page.records)
+
+    async def list_page(
+        self,
+        *,
+        status: TaskStatus | str | Collection[TaskStatus | str] | None = None,
+        task_type: str | None = None,
+        resource_id: str | None = None,
+        limit: int = 50,
+        owner: OwnerScope = ANY_OWNER,
+        cursor: str | None = None,
+    ) -> TaskPage:
+        """Like ``list``, one page at a time: pass the previous page's ``next_cursor``
+        as ``cursor`` for the next one. Pages stay exact while tasks are created."""
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+        if not 1 <= limit <= MAX_LIMIT:
+            raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        if task_type is not None:
+            check_task_type(task_type)
+        if cursor is not None and not isinstance(cursor, str):
+            raise TypeError("cursor must be a str")
+        msg = m.ListTasks(
+            _statuses(status),
+            task_type,
+            check_resource_id(resource_id),
+            _check_owner(owner),
+            limit,
+            cursor,
+        )
+        page = await self._call(msg)
+        assert isinstance(page, Page)
+        return page
+
+    async def wait(
+        self, task_id: str, timeout: float | None = None, *, owner: OwnerScope = ANY_OWNER
+    ) -> TaskRecord:
+        """The terminal record, as soon as there is one. ``TimeoutError`` after
+        ``timeout`` seconds; ``TaskNotFound`` for an unknown id."""
+        rec, terminal = await self._wait(task_id, timeout, owner)
+        if not terminal:
+            raise TimeoutError(f"task {task_id} did not finish within {timeout} seconds")
+        return rec
+
+    async def poll(
+        self, task_id: str, timeout: float, *, owner: OwnerScope = ANY_OWNER
+    ) -> TaskRecord:
+        """Long-poll: the terminal record as soon as there is one, else the latest
+        record after ``timeout`` seconds (no exception)."""
+        rec, _ = await self._wait(task_id, check_positive(timeout, "timeout"), owner)
+        return rec
+
+    async def _wait(
+        self, task_id: str, timeout: float | None, owner: OwnerScope
+    ) -> tuple[TaskRecord, bool]:
+        if timeout is not None and not (
+            isinstance(timeout, int | float) and not isinstance(timeout, bool)
+        ):
+            raise TypeError("timeout must be a number of seconds or None")
+        if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
+            raise ValueError("timeout must be a finite number >= 0")
+        tid = _check_id(task_id)
+        self._check_open()
+        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._mailbox.put_nowait((m.Wait(tid, _check_owner(owner), timeout), fut))
+        try:
+            reply = await fut
+        except asyncio.CancelledError:
+            if not self._actor.closed:
+                self._mailbox.put_nowait((m.Unwait(tid, fut), None))
+            raise
+        assert isinstance(reply, tuple)
+        rec: TaskRecord | None = reply[0]
+        terminal: bool = reply[1]
+        if rec is None:
+            raise TaskNotFound(tid)
+        return rec, terminal
+
+    async def watch(
+        self, task_id: str, *, owner: OwnerScope = ANY_OWNER
+    ) -> AsyncIterator[TaskRecord]:
+        """Yield the task's current record, then each change; ends after the terminal one."""
+        sub = Subscription(task_id=_check_id(task_id), owner=_check_owner(owner))
+        current = await self._call(m.Subscribe(sub))
+        assert isinstance(current, TaskRecord)
+        try:
+            yield current
+            while (item := await sub.next()) is not None:
+                yield item[1]
+        finally:
+            if not sub.ended and not self._actor.closed:
+                self._mailbox.put_nowait((m.Unsubscribe(sub), None))
+
+    async def subscribe(self, subscription: Subscription) -> TaskRecord | None:
+        """Register a subscription (used by the web layer's event streams)."""
+        rec = await self._call(m.Subscribe(subscription))
+        assert rec is None or isinstance(rec, TaskRecord)
+        return rec
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        """Drop a subscription; safe to call at any time, even after close."""
+        if not subscription.ended and not self._actor.closed:
+            self._mailbox.put_nowait((m.Unsubscribe(subscription), None))
+
+    async def stats(self) -> dict[str, object]:
+        """Counters for metrics: records by (task_type, status), mailbox depth, commands."""
+        stats = await self._call(m.Stats())
+        assert isinstance(stats, dict)
+        return stats
+
+
+def _check_callback(url: object) -> str | None:
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise TypeError("callback_url must be a str or None")
+    if not url.startswith(("http://", "https://")) or len(url) > 2048:
+        raise ValueError("callback_url must be an http(s) URL of at most 2048 characters")
+    return url
