@@ -14,7 +14,7 @@ from ._errors import (
     TrackerClosed,
     TrackerFull,
 )
-from ._models import ANY_OWNER, JSON, AnyOwner, TaskRecord, TaskStatus
+from ._models import ANY_OWNER, JSON, AnyOwner, TaskRecord, TaskSpec, TaskStatus
 from ._redact import redact
 from ._retention import Retention
 from ._runner import report_progress
@@ -36,6 +36,7 @@ __all__ = [
     "TaskNotFound",
     "TaskPage",
     "TaskRecord",
+    "TaskSpec",
     "TaskStatus",
     "TaskdError",
     "Tracker",

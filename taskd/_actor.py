@@ -13,10 +13,11 @@ from __future__ import annotations
 import asyncio
 import heapq
 import logging
+import math
 import secrets
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from sortedcontainers import SortedList
@@ -33,15 +34,17 @@ from ._errors import (
 from ._models import (
     ACTIVE,
     ANY_OWNER,
+    DEFAULT_SPEC,
     JSON,
     TERMINAL,
     TRANSITIONS,
     OwnerScope,
     TaskRecord,
+    TaskSpec,
     TaskStatus,
 )
 from ._retention import ExpiryQueues, Retention
-from ._runner import start_runner
+from ._runner import Outcome, start_runner
 from ._store import Store
 from ._watch import Subscription
 
@@ -63,6 +66,7 @@ class _Deferred:
 
 
 _DEFERRED: Final = _Deferred()
+_TICK: Final = m.Tick()
 
 
 @dataclass(slots=True)
@@ -70,13 +74,12 @@ class _Runner:
     """Actor-side bookkeeping of one spawned coroutine."""
 
     task_id: str
-    done: asyncio.Future[object]
-    task: asyncio.Task[object] | None = None
+    done: Outcome
+    task: asyncio.Task[None] | None = None
     timeout: float | None = None
     timed_out: bool = False
     #: How to settle ``done`` once the record is terminal: (status, value, exc).
     outcome: tuple[TaskStatus, object, BaseException | None] | None = None
-    pending_start: tuple[object, ...] = field(default_factory=tuple)
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,9 +112,10 @@ class Actor:
         self._by_status: dict[TaskStatus, SortedList] = {s: SortedList() for s in TaskStatus}
         self._by_type: dict[str, SortedList] = {}
         self._by_owner: dict[str, SortedList] = {}
-        # Resource ids are mostly unique, so a plain list (sorted by construction: ids
-        # grow) is far lighter than a SortedList per key.
-        self._by_resource: dict[str, list[str]] = {}
+        # Resource ids are mostly unique: the value is the one task id itself until a
+        # second task shares the resource, then a plain list (sorted by construction,
+        # ids grow). A list or SortedList per key would cost ~80-500 bytes a record.
+        self._by_resource: dict[str, str | list[str]] = {}
         self._counts: dict[tuple[str, TaskStatus], int] = {}
         self._active_keys: dict[tuple[str | None, str, str], str] = {}
         self._active = 0
@@ -126,6 +130,11 @@ class Actor:
         self._global_subs: list[Subscription] = []
 
         self._now = 0.0
+        # Earliest deadline of any timer (may be early, never late), and the instant
+        # the loop timer is armed for.
+        self._due = math.inf
+        self._armed_at = math.inf
+        self._wake_handle: asyncio.TimerHandle | None = None
         self._fut: asyncio.Future[object] | None = None
         self._last_stamp = 0
         self._event_seq = 0
@@ -155,18 +164,18 @@ class Actor:
             m.Subscribe: self._on_subscribe,  # type: ignore[dict-item]
             m.Unsubscribe: self._on_unsubscribe,  # type: ignore[dict-item]
             m.Stats: self._on_stats,  # type: ignore[dict-item]
-            m.RunnerStarted: self._on_runner_started,  # type: ignore[dict-item]
             m.RunnerFinished: self._on_runner_finished,  # type: ignore[dict-item]
             m.Drain: self._on_drain,  # type: ignore[dict-item]
             m.Abandon: self._on_abandon,  # type: ignore[dict-item]
             m.Stop: self._on_stop,  # type: ignore[dict-item]
+            m.Tick: self._on_tick,  # type: ignore[dict-item]
         }
 
     # --- loading --------------------------------------------------------------------
 
     def load(self, records: Iterable[TaskRecord]) -> None:
         """Rebuild state from the store before the loop starts (oldest first)."""
-        now = self._tick()
+        self._tick()
         interrupted: list[TaskRecord] = []
         for rec in sorted(records, key=lambda r: r.task_id):
             self._records[rec.task_id] = rec
@@ -174,7 +183,7 @@ class Actor:
             stamp = int(rec.task_id[:13], 16)
             self._last_stamp = max(self._last_stamp, stamp)
             if rec.status in TERMINAL:
-                self._expiry.push(rec.status, rec.task_id)
+                self._expiry.push(rec.status, rec.task_id, 0.0)
             else:
                 self._active += 1
                 if rec.resource_id is not None:
@@ -189,8 +198,7 @@ class Actor:
         # The process that ran these coroutines is gone: nobody will finish them.
         for rec in interrupted:
             self._finish(rec, TaskStatus.FAILED, error="interrupted: tracker restarted")
-        for task_id in self._expiry.pop_due(now, self._records.get):
-            self._remove(task_id)
+        self._fire_timers()
 
     # --- the loop -------------------------------------------------------------------
 
@@ -200,32 +208,21 @@ class Actor:
         try:
             await self._flush()  # what load() changed (interrupted tasks, purges)
             while not self._stopping:
-                if queue.empty():
-                    deadline = self._next_deadline()
-                    if deadline is None:
-                        first = await queue.get()
-                    else:
-                        delay = deadline - self._clock()
-                        try:
-                            async with asyncio.timeout(max(delay, 0.0)):
-                                first = await queue.get()
-                        except TimeoutError:
-                            self._tick()
-                            self._fire_timers()
-                            await self._flush()
-                            continue
-                else:
-                    first = queue.get_nowait()
+                first = queue.get_nowait() if not queue.empty() else await queue.get()
                 batch = [first]
                 while len(batch) < MAX_BATCH and not queue.empty():
                     batch.append(queue.get_nowait())
-                self._tick()
-                self._fire_timers()
+                if self._tick() >= self._due:
+                    self._fire_timers()
                 for msg, fut in batch:
                     self._dispatch(msg, fut)
                 self.commands += len(batch)
                 await self._flush()
+                if self._due < self._armed_at:
+                    self._arm()
         finally:
+            if self._wake_handle is not None:
+                self._wake_handle.cancel()
             self._shut()
 
     def _dispatch(self, msg: object, fut: asyncio.Future[object] | None) -> None:
@@ -305,16 +302,8 @@ class Actor:
                             w.set_result((rec, True))
 
     def _settle_handle(self, runner: _Runner) -> None:
-        fut = runner.done
-        if fut.done() or runner.outcome is None:
-            return
-        status, value, exc = runner.outcome
-        if status is TaskStatus.COMPLETED:
-            fut.set_result(value)
-        elif exc is not None:
-            fut.set_exception(exc)
-        else:
-            fut.cancel()
+        if runner.outcome is not None:
+            runner.done.set(*runner.outcome)
 
     def _shut(self) -> None:
         """Fail every pending reply, waiter and handle; end every subscription."""
@@ -328,7 +317,7 @@ class Actor:
         for waiters in self._waiters.values():
             pending.extend(waiters)
         for runner in self._runners.values():
-            pending.append(runner.done)
+            runner.done.set(TaskStatus.FAILED, None, closed)
             if runner.task is not None and not runner.task.done():
                 runner.task.cancel()
         for fut in pending:
@@ -353,11 +342,32 @@ class Actor:
             self._now = now
         return self._now
 
+    def _arm(self) -> None:
+        """Have the event loop post a Tick at the earliest deadline.
+
+        One loop timer for all of taskd's timers: it is only replaced when a nearer
+        deadline appears, so the mailbox loop itself never waits with a timeout.
+        """
+        if self._wake_handle is not None:
+            self._wake_handle.cancel()
+        loop = asyncio.get_running_loop()
+        delay = max(self._due - self._clock(), 0.0)
+        self._wake_handle = loop.call_at(loop.time() + delay, self._wake)
+        self._armed_at = self._due
+
+    def _wake(self) -> None:
+        self._wake_handle = None
+        self._armed_at = math.inf
+        if not self.closed:
+            self._mailbox.put_nowait((_TICK, None))
+
     def _push_timer(
         self, when: float, kind: int, task_id: str, fut: asyncio.Future[object] | None = None
     ) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, kind, task_id, fut))
+        if when < self._due:
+            self._due = when
 
     def _next_deadline(self) -> float | None:
         deadline = self._expiry.next_deadline(self._records.get)
@@ -398,6 +408,8 @@ class Actor:
         expired = self._expiry.pop_due(now, self._records.get)
         for task_id in expired:
             self._remove(task_id)
+        deadline = self._next_deadline()
+        self._due = math.inf if deadline is None else deadline
 
     # --- indexes --------------------------------------------------------------------
 
@@ -416,7 +428,9 @@ class Actor:
         if rec.resource_id is not None:
             ids = self._by_resource.get(rec.resource_id)
             if ids is None:
-                self._by_resource[rec.resource_id] = [tid]
+                self._by_resource[rec.resource_id] = tid
+            elif isinstance(ids, str):
+                self._by_resource[rec.resource_id] = sorted((ids, tid))
             elif ids[-1] < tid:
                 ids.append(tid)
             else:
@@ -438,9 +452,12 @@ class Actor:
                 del self._by_owner[rec.owner]
         if rec.resource_id is not None:
             ids = self._by_resource[rec.resource_id]
-            del ids[bisect_left(ids, tid)]
-            if not ids:
+            if isinstance(ids, str):
                 del self._by_resource[rec.resource_id]
+            else:
+                del ids[bisect_left(ids, tid)]
+                if len(ids) == 1:
+                    self._by_resource[rec.resource_id] = ids[0]
         key = (rec.task_type, rec.status)
         self._counts[key] -= 1
 
@@ -463,7 +480,9 @@ class Actor:
                     if self._active_keys.get(key) == tid:
                         del self._active_keys[key]
                 self._last_beat.pop(tid, None)
-                self._expiry.push(new.status, tid)
+                expires = self._expiry.push(new.status, tid, self._now)
+                if expires < self._due:
+                    self._due = expires
                 runner = self._runners.get(tid)
                 if runner is not None:
                     self._settle.append(runner)
@@ -483,7 +502,9 @@ class Actor:
         action: str | None = None,
     ) -> TaskRecord:
         """Move ``rec`` to ``status`` if the transition table allows it."""
-        if status is not rec.status and status not in TRANSITIONS[rec.status]:
+        if rec.status in TERMINAL or (
+            status is not rec.status and status not in TRANSITIONS[rec.status]
+        ):
             raise InvalidTransition(rec.task_id, rec.status.value, action or status.value)
         now = self._now if self._now > rec.updated_at else rec.updated_at
         terminal = status in TERMINAL
@@ -583,11 +604,10 @@ class Actor:
                 msg.resource_id,
                 at,
                 at,
-                metadata=msg.metadata,
-                owner=msg.owner,
-                callback_url=msg.callback_url,
-                heartbeat_timeout=msg.heartbeat_timeout,
+                spec=spec,
             )
+
+        spec = _spec(msg.metadata, msg.owner, False, msg.callback_url, msg.heartbeat_timeout)
 
         rec = self._insert(msg.task_type, msg.resource_id, msg.owner, build)
         if msg.heartbeat_timeout is not None:
@@ -600,15 +620,18 @@ class Actor:
             return TaskRecord(
                 task_id,
                 msg.task_type,
-                TaskStatus.PENDING,
+                # Running from the start: the runner is launched right after this
+                # batch commits and begins on the next loop iteration, so a pending
+                # state would be visible to nobody; skipping it saves a record version.
+                TaskStatus.RUNNING,
                 msg.resource_id,
                 at,
                 at,
-                metadata=msg.metadata,
-                owner=msg.owner,
-                in_process=True,
-                callback_url=msg.callback_url,
+                at,
+                spec=spec,
             )
+
+        spec = _spec(msg.metadata, msg.owner, True, msg.callback_url, None)
 
         rec = self._insert(msg.task_type, msg.resource_id, msg.owner, build)
         runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
@@ -663,19 +686,18 @@ class Actor:
         if status in TERMINAL:
             raise InvalidTransition(rec.task_id, status.value, "cancel")
         runner = self._runners.get(rec.task_id)
-        if status is TaskStatus.PENDING:
+        if runner is not None and runner.task is None:
+            # Spawned in this same batch and not launched yet: it never starts.
             new = self._finish(rec, TaskStatus.CANCELLED, error=msg.reason)
-            if runner is not None and runner.task is not None:
-                runner.task.cancel()
-            elif runner is not None:
-                # Spawned in this same batch and not launched yet: never start it.
-                for pair in self._launch:
-                    if pair[0] is runner:
-                        self._launch.remove(pair)
-                        pair[1].coro.close()
-                        break
-                del self._runners[rec.task_id]
+            for pair in self._launch:
+                if pair[0] is runner:
+                    self._launch.remove(pair)
+                    pair[1].coro.close()
+                    break
+            del self._runners[rec.task_id]
             return new
+        if status is TaskStatus.PENDING:
+            return self._finish(rec, TaskStatus.CANCELLED, error=msg.reason)
         if runner is not None:
             if runner.task is not None:
                 runner.task.cancel()
@@ -734,9 +756,10 @@ class Actor:
                 return iter(())
             options.append((len(by_type), lambda: _desc(by_type, before)))
         if msg.resource_id is not None:
-            ids = self._by_resource.get(msg.resource_id)
-            if ids is None:
+            found = self._by_resource.get(msg.resource_id)
+            if found is None:
                 return iter(())
+            ids = [found] if isinstance(found, str) else found
             options.append((len(ids), lambda: _list_desc(ids, before)))
         if isinstance(msg.owner, str):
             by_owner = self._by_owner.get(msg.owner)
@@ -805,11 +828,6 @@ class Actor:
             "subscriptions": len(self._global_subs) + sum(map(len, self._task_subs.values())),
         }
 
-    def _on_runner_started(self, msg: m.RunnerStarted) -> None:
-        rec = self._records.get(msg.task_id)
-        if rec is not None and rec.status is TaskStatus.PENDING:
-            self._change(rec, TaskStatus.RUNNING)
-
     def _on_runner_finished(self, msg: m.RunnerFinished) -> None:
         runner = self._runners.get(msg.task_id)
         rec = self._records.get(msg.task_id)
@@ -837,7 +855,7 @@ class Actor:
         finally:
             self._runners.pop(msg.task_id, None)
 
-    def _on_drain(self, msg: m.Drain) -> dict[str, asyncio.Task[object]]:
+    def _on_drain(self, msg: m.Drain) -> dict[str, asyncio.Task[None]]:
         self._draining = True
         return {tid: r.task for tid, r in self._runners.items() if r.task is not None}
 
@@ -851,8 +869,29 @@ class Actor:
                 runner.outcome = (TaskStatus.CANCELLED, None, None)
                 self._settle.append(runner)
 
+    def _on_tick(self, msg: m.Tick) -> None:
+        """Nothing to do: the batch that carries a Tick fires due timers first."""
+
     def _on_stop(self, msg: m.Stop) -> None:
         self._stopping = True
+
+
+def _spec(
+    metadata: Mapping[str, JSON],
+    owner: str | None,
+    in_process: bool,
+    callback_url: str | None,
+    heartbeat_timeout: float | None,
+) -> TaskSpec:
+    if (
+        not metadata
+        and owner is None
+        and not in_process
+        and callback_url is None
+        and heartbeat_timeout is None
+    ):
+        return DEFAULT_SPEC
+    return TaskSpec(metadata, owner, in_process, callback_url, heartbeat_timeout)
 
 
 def _desc(ids: SortedList, before: str | None) -> Iterator[str]:

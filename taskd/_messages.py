@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from ._models import JSON, OwnerScope, TaskStatus
 
 if TYPE_CHECKING:
+    from ._runner import Outcome
     from ._watch import Subscription
 
 # --- commands from callers (each answered on its reply future) ---------------------
@@ -42,8 +43,8 @@ class Spawn:
     timeout: float | None
     #: The caller's context, so the runner sees the caller's context variables.
     context: contextvars.Context
-    #: Resolved with the coroutine's outcome once the terminal record is committed.
-    done: asyncio.Future[object]
+    #: Set to the coroutine's outcome once the terminal record is committed.
+    done: Outcome
 
 
 @dataclass(frozen=True, slots=True)
@@ -134,11 +135,6 @@ class Stats:
 
 
 @dataclass(frozen=True, slots=True)
-class RunnerStarted:
-    task_id: str
-
-
-@dataclass(frozen=True, slots=True)
 class RunnerFinished:
     task_id: str
     #: COMPLETED, FAILED or CANCELLED: what the coroutine did.
@@ -177,3 +173,8 @@ class Unwait:
 
     task_id: str
     fut: asyncio.Future[object]
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    """Posted by the loop timer at the earliest deadline: fire due timers."""

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TypeAlias
+from typing import TypeAlias, cast
 
 __all__ = [
     "ACTIVE",
@@ -36,6 +36,8 @@ MAX_RESOURCE_ID_CHARS = 256
 _TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 # Control characters would corrupt logs and terminal views of resource ids.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Task types already validated (bounded): valid strings stay valid.
+_KNOWN_TYPES: set[str] = set()
 
 
 class TaskStatus(enum.StrEnum):
@@ -91,11 +93,34 @@ def iso(ts: float) -> str:
 
 
 @dataclass(frozen=True, slots=True)
+class TaskSpec:
+    """What a task was created with and never changes.
+
+    Every version of a record shares one ``TaskSpec`` (most share the default one), so
+    the rarely-set fields cost a record one slot instead of five and ``evolve`` copies
+    a single pointer for them.
+    """
+
+    metadata: Mapping[str, JSON] = field(default_factory=lambda: EMPTY_METADATA)
+    #: Who created it (``None`` without auth); stored, never rendered.
+    owner: str | None = None
+    #: True when the tracker itself runs the work (``spawn``); such tasks cannot
+    #: survive a restart of the process.
+    in_process: bool = False
+    callback_url: str | None = None
+    heartbeat_timeout: float | None = None
+
+
+DEFAULT_SPEC = TaskSpec()
+
+
+@dataclass(frozen=True, slots=True)
 class TaskRecord:
     """One tracked task, immutable: every change produces a new record.
 
-    The fields are those of the JSON record; ``owner``, ``in_process``,
-    ``callback_url`` and ``heartbeat_timeout`` are stored but never rendered.
+    The fields are those of the JSON record, except that ``metadata`` and the
+    stored-but-never-rendered ``owner``, ``in_process``, ``callback_url`` and
+    ``heartbeat_timeout`` live in ``spec`` (and read through properties).
     """
 
     task_id: str
@@ -110,13 +135,32 @@ class TaskRecord:
     message: str | None = None
     result: JSON = None
     error: str | None = None
-    metadata: Mapping[str, JSON] = field(default_factory=lambda: EMPTY_METADATA)
-    owner: str | None = None
-    #: True when the tracker itself runs the work (``spawn``); such tasks cannot
-    #: survive a restart of the process.
-    in_process: bool = False
-    callback_url: str | None = None
-    heartbeat_timeout: float | None = None
+    spec: TaskSpec = DEFAULT_SPEC
+
+    @property
+    def metadata(self) -> Mapping[str, JSON]:
+        """Caller-supplied labels (a JSON object)."""
+        return self.spec.metadata
+
+    @property
+    def owner(self) -> str | None:
+        """The owner the task belongs to (never rendered)."""
+        return self.spec.owner
+
+    @property
+    def in_process(self) -> bool:
+        """True for work run by the tracker itself (``spawn``)."""
+        return self.spec.in_process
+
+    @property
+    def callback_url(self) -> str | None:
+        """Where terminal records are POSTed, if anywhere."""
+        return self.spec.callback_url
+
+    @property
+    def heartbeat_timeout(self) -> float | None:
+        """Seconds without a report after which an external task fails."""
+        return self.spec.heartbeat_timeout
 
     @property
     def is_terminal(self) -> bool:
@@ -150,7 +194,7 @@ class TaskRecord:
             "message": self.message,
             "result": self.result,
             "error": self.error,
-            "metadata": dict(self.metadata),
+            "metadata": dict(self.spec.metadata),
         }
 
     def evolve(
@@ -183,11 +227,7 @@ class TaskRecord:
             message,
             result,
             error,
-            self.metadata,
-            self.owner,
-            self.in_process,
-            self.callback_url,
-            self.heartbeat_timeout,
+            self.spec,
         )
 
 
@@ -196,12 +236,16 @@ class TaskRecord:
 
 def check_task_type(task_type: object) -> str:
     """Return ``task_type`` if it is 1–128 chars of ``[A-Za-z0-9_.:-]``."""
+    if type(task_type) is str and task_type in _KNOWN_TYPES:
+        return task_type  # a program uses a handful of types: skip the regex
     if not isinstance(task_type, str):
         raise TypeError(f"task_type must be a str, not {type(task_type).__name__}")
     if not _TASK_TYPE_RE.fullmatch(task_type):
         raise ValueError(
             f"task_type must be 1-128 characters of [A-Za-z0-9_.:-], got {task_type[:140]!r}"
         )
+    if len(_KNOWN_TYPES) < 1024:
+        _KNOWN_TYPES.add(task_type)
     return task_type
 
 
@@ -224,6 +268,11 @@ def json_copy(value: object, what: str) -> JSON:
     Copying once on the way in is what lets every later read share the record:
     the caller keeps no reference into the stored value.
     """
+    kind = type(value)
+    if value is None or kind is str or kind is int or kind is bool:
+        return cast(JSON, value)  # immutable and always valid JSON: nothing to copy
+    if kind is float and math.isfinite(cast(float, value)):
+        return cast(float, value)
     try:
         text = json.dumps(value, allow_nan=False)
     except (TypeError, ValueError) as exc:

@@ -77,9 +77,10 @@ class ExpiryQueues:
             TaskStatus.CANCELLED: deque(),
         }
 
-    def push(self, status: TaskStatus, task_id: str) -> None:
-        """Queue a record that just reached a terminal status."""
+    def push(self, status: TaskStatus, task_id: str, finished_at: float) -> float:
+        """Queue a record that just reached a terminal status; return its expiry."""
         self._queues[status].append(task_id)
+        return finished_at + self._retention.ttl(status)
 
     def next_deadline(self, lookup: Callable[[str], TaskRecord | None]) -> float | None:
         """The earliest expiry instant, or None when nothing is queued."""

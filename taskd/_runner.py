@@ -11,27 +11,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-from collections.abc import Callable, Coroutine
-from dataclasses import dataclass
+from collections.abc import Callable, Coroutine, Generator
 
 from ._errors import TrackerClosed
-from ._messages import Progress, RunnerFinished, RunnerStarted
+from ._messages import Progress, RunnerFinished
 from ._models import ANY_OWNER, TaskStatus, check_message, check_progress, json_copy
 from ._redact import redact_error
 
-__all__ = ["report_progress"]
+__all__ = ["Outcome", "report_progress"]
 
 #: Posts a fire-and-forget message to the actor; raises TrackerClosed once it stopped.
 Post = Callable[[object], None]
 
 
-@dataclass(frozen=True, slots=True)
-class _Reporter:
-    post: Post
-    task_id: str
-
-
-_current: contextvars.ContextVar[_Reporter] = contextvars.ContextVar("taskd_current_task")
+# (post, task_id) of the spawned task whose runner this context belongs to.
+_current: contextvars.ContextVar[tuple[Post, str]] = contextvars.ContextVar("taskd_current_task")
 
 
 def report_progress(fraction: float | None, message: str | None = None) -> None:
@@ -47,13 +41,78 @@ def report_progress(fraction: float | None, message: str | None = None) -> None:
     reporter = _current.get(None)
     if reporter is None:
         raise RuntimeError("report_progress() must be called inside a task started by spawn()")
-    reporter.post(Progress(reporter.task_id, progress, text, ANY_OWNER))
+    post, task_id = reporter
+    post(Progress(task_id, progress, text, ANY_OWNER))
 
 
-async def _run(post: Post, task_id: str, coro: Coroutine[object, object, object]) -> object:
-    post(RunnerStarted(task_id))
-    value = await coro
-    return value
+class Outcome:
+    """How a spawned coroutine ended: set once by the actor, awaited by anyone.
+
+    Each awaiter waits on a future of its own, so cancelling one awaiter never
+    cancels the outcome for the others, and the actor wakes awaiters directly
+    (no extra event-loop hop through ``asyncio.shield``).
+    """
+
+    __slots__ = ("_exc", "_status", "_value", "_waiters")
+
+    def __init__(self) -> None:
+        self._status: TaskStatus | None = None
+        self._value: object = None
+        self._exc: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+
+    def done(self) -> bool:
+        """Whether the outcome is known."""
+        return self._status is not None
+
+    def set(self, status: TaskStatus, value: object, exc: BaseException | None) -> None:
+        """Record the outcome (actor only, after the terminal record is committed)."""
+        if self._status is not None:
+            return
+        self._status, self._value, self._exc = status, value, exc
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    def __await__(self) -> Generator[object, None, object]:
+        if self._status is None:
+            waiter = asyncio.get_running_loop().create_future()
+            self._waiters.append(waiter)
+            try:
+                yield from waiter
+            finally:
+                if not waiter.done() and waiter in self._waiters:
+                    self._waiters.remove(waiter)
+        if self._status is TaskStatus.COMPLETED:
+            return self._value
+        if self._exc is not None:
+            raise self._exc
+        raise asyncio.CancelledError()
+
+
+async def _run(
+    post: Post, task_id: str, coro: Coroutine[object, object, object], ended: list[bool]
+) -> None:
+    try:
+        value = await coro
+    except asyncio.CancelledError:
+        ended.append(True)
+        post(RunnerFinished(task_id, TaskStatus.CANCELLED, None, None, None, None))
+        raise
+    except BaseException as exc:
+        ended.append(True)
+        post(RunnerFinished(task_id, TaskStatus.FAILED, None, None, exc, redact_error(exc)))
+        if not isinstance(exc, Exception):
+            raise  # KeyboardInterrupt, SystemExit: recorded, and still propagated
+        return
+    ended.append(True)
+    try:
+        result = json_copy(value, "the task's return value")
+    except (TypeError, ValueError) as err:
+        post(RunnerFinished(task_id, TaskStatus.FAILED, None, None, err, redact_error(err)))
+    else:
+        post(RunnerFinished(task_id, TaskStatus.COMPLETED, value, result, None, None))
 
 
 def start_runner(
@@ -61,30 +120,24 @@ def start_runner(
     task_id: str,
     coro: Coroutine[object, object, object],
     context: contextvars.Context,
-) -> asyncio.Task[object]:
-    """Start the runner task of a spawned coroutine in the caller's context."""
-    context.run(_current.set, _Reporter(post, task_id))
-    task = asyncio.get_running_loop().create_task(_run(post, task_id, coro), context=context)
+) -> asyncio.Task[None]:
+    """Start the runner task of a spawned coroutine in the caller's context.
 
-    def done(t: asyncio.Task[object]) -> None:
-        coro.close()  # no-op once it ran; silences "never awaited" if cancelled early
-        # If the actor is gone, shutdown has already recorded this task.
-        with contextlib.suppress(TrackerClosed):
-            post(_outcome(task_id, t))
+    The runner reports its own end (no extra hop through a done callback); the done
+    callback only covers a runner cancelled before its first step, whose body never
+    ran: it closes the coroutine (which would otherwise warn "never awaited") and
+    reports the cancellation.
+    """
+    context.run(_current.set, (post, task_id))
+    ended: list[bool] = []
+    task = asyncio.get_running_loop().create_task(_run(post, task_id, coro, ended), context=context)
+
+    def done(t: asyncio.Task[None]) -> None:
+        if not ended:
+            coro.close()
+            # If the actor is gone, shutdown has already recorded this task.
+            with contextlib.suppress(TrackerClosed):
+                post(RunnerFinished(task_id, TaskStatus.CANCELLED, None, None, None, None))
 
     task.add_done_callback(done)
     return task
-
-
-def _outcome(task_id: str, task: asyncio.Task[object]) -> RunnerFinished:
-    if task.cancelled():
-        return RunnerFinished(task_id, TaskStatus.CANCELLED, None, None, None, None)
-    exc = task.exception()
-    if exc is not None:
-        return RunnerFinished(task_id, TaskStatus.FAILED, None, None, exc, redact_error(exc))
-    value = task.result()
-    try:
-        result = json_copy(value, "the task's return value")
-    except (TypeError, ValueError) as err:
-        return RunnerFinished(task_id, TaskStatus.FAILED, None, None, err, redact_error(err))
-    return RunnerFinished(task_id, TaskStatus.COMPLETED, value, result, None, None)

@@ -36,6 +36,7 @@ from ._models import (
 )
 from ._redact import redact_error
 from ._retention import Retention
+from ._runner import Outcome
 from ._store import MemoryStore, Store
 from ._watch import Subscription
 
@@ -76,7 +77,7 @@ class TaskHandle:
 
     __slots__ = ("_done", "_tracker", "record")
 
-    def __init__(self, tracker: Tracker, record: TaskRecord, done: asyncio.Future[object]):
+    def __init__(self, tracker: Tracker, record: TaskRecord, done: Outcome):
         self._tracker = tracker
         self._done = done
         #: The record as it was created (``pending``).
@@ -96,7 +97,7 @@ class TaskHandle:
         return await self._tracker.cancel(self.task_id, reason=reason)
 
     def __await__(self) -> Generator[object, None, object]:
-        return asyncio.shield(self._done).__await__()
+        return self._done.__await__()
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id} {self.record.task_type}>"
@@ -108,13 +109,6 @@ class _Options:
     store: Store
     close_timeout: float
     clock: Callable[[], float]
-
-
-def _consume(fut: asyncio.Future[object]) -> None:
-    # Nobody has to await a handle; mark its exception retrieved so asyncio does not
-    # log "exception was never retrieved" for a task whose failure is on record.
-    if not fut.cancelled():
-        fut.exception()
 
 
 def _statuses(
@@ -338,7 +332,7 @@ class Tracker:
                 _check_callback(callback_url),
                 check_positive(timeout, "timeout"),
                 contextvars.copy_context(),
-                asyncio.get_running_loop().create_future(),
+                Outcome(),
             )
             self._check_open()
             rec = await self._send(msg)
@@ -347,7 +341,6 @@ class Tracker:
                 coro.close()  # it will never run; closing it avoids a "never awaited" warning
             raise
         assert isinstance(rec, TaskRecord)
-        msg.done.add_done_callback(_consume)
         return TaskHandle(self, rec, msg.done)
 
     async def create(

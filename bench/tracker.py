@@ -1,0 +1,244 @@
+"""bench/tracker.py: the core tracker against aiojobs and the seed-like baseline.
+
+Run: python bench/tracker.py   (prints one line per figure, with the ratio and goal)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import statistics
+import sys
+import time
+import tracemalloc
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import aiojobs
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from seed_baseline import SeedTracker
+
+import taskd
+
+REPEATS = 5
+
+
+async def best_rate(fn: Callable[[], Awaitable[int]]) -> float:
+    """Operations per second, best of REPEATS runs (least disturbed by the machine)."""
+    rates = []
+    for _ in range(REPEATS):
+        gc.collect()
+        t0 = time.perf_counter()
+        n = await fn()
+        rates.append(n / (time.perf_counter() - t0))
+    return max(rates)
+
+
+async def noop() -> int:
+    return 1
+
+
+def line(name: str, ours: float, base: float, unit: str, goal: str, ratio: float) -> None:
+    print(
+        f"{name:<48} taskd {ours:>12,.1f} {unit:<8} baseline {base:>12,.1f}  ratio {ratio:6.2f}x  goal {goal}"
+    )
+
+
+async def spawn_sequential(n: int = 5000) -> tuple[float, float]:
+    async with taskd.Tracker() as t:
+
+        async def ours() -> int:
+            for _ in range(n):
+                await (await t.spawn(noop(), task_type="bench"))
+            return n
+
+        r_ours = await best_rate(ours)
+    sched = aiojobs.Scheduler(limit=None, pending_limit=0)
+
+    async def theirs() -> int:
+        for _ in range(n):
+            job = await sched.spawn(noop())
+            await job.wait()
+        return n
+
+    r_base = await best_rate(theirs)
+    await sched.close()
+    return r_ours, r_base
+
+
+async def spawn_concurrent(n: int = 20000, callers: int = 100) -> tuple[float, float]:
+    per = n // callers
+    async with taskd.Tracker(retention=taskd.Retention(max_tasks=100_000)) as t:
+
+        async def one_ours() -> None:
+            for _ in range(per):
+                await (await t.spawn(noop(), task_type="bench"))
+
+        async def ours() -> int:
+            await asyncio.gather(*(one_ours() for _ in range(callers)))
+            return per * callers
+
+        r_ours = await best_rate(ours)
+    sched = aiojobs.Scheduler(limit=None, pending_limit=0)
+
+    async def one_theirs() -> None:
+        for _ in range(per):
+            job = await sched.spawn(noop())
+            await job.wait()
+
+    async def theirs() -> int:
+        await asyncio.gather(*(one_theirs() for _ in range(callers)))
+        return per * callers
+
+    r_base = await best_rate(theirs)
+    await sched.close()
+    return r_ours, r_base
+
+
+async def get_concurrent(n: int = 50000, callers: int = 100) -> tuple[float, float]:
+    per = n // callers
+    async with taskd.Tracker() as t:
+        rec = await t.create("bench", resource_id="r1", metadata={"by": "bench"})
+        await t.start(rec.task_id)
+        await t.complete(rec.task_id, {"docs": 120, "items": ["a", "b", "c"]})
+
+        async def one() -> None:
+            for _ in range(per):
+                await t.get(rec.task_id)
+
+        async def ours() -> int:
+            await asyncio.gather(*(one() for _ in range(callers)))
+            return per * callers
+
+        r_ours = await best_rate(ours)
+    seed = SeedTracker()
+    srec = seed.create("bench", "r1")
+    seed.finish(srec.task_id, "completed", {"docs": 120, "items": ["a", "b", "c"]})
+
+    async def seed_get(task_id: str) -> object:
+        return seed.get(task_id)
+
+    async def one_seed() -> None:
+        for _ in range(per):
+            await seed_get(srec.task_id)
+
+    async def theirs() -> int:
+        await asyncio.gather(*(one_seed() for _ in range(callers)))
+        return per * callers
+
+    r_base = await best_rate(theirs)
+    return r_ours, r_base
+
+
+async def create_dedup(existing: int = 10_000, n: int = 2000) -> tuple[float, float]:
+    async with taskd.Tracker(retention=taskd.Retention(max_tasks=100_000)) as t:
+        for i in range(existing):
+            await t.create("bench", resource_id=f"old-{i}")
+        counter = iter(range(10**9))
+
+        async def ours() -> int:
+            for _ in range(n):
+                await t.create("bench", resource_id=f"new-{next(counter)}")
+            return n
+
+        r_ours = await best_rate(ours)
+    seed = SeedTracker()
+    for i in range(existing):
+        seed.create("bench", f"old-{i}")
+    seed_counter = iter(range(10**9))
+
+    async def seed_create(rid: str) -> object:
+        return seed.create_if_no_running("bench", rid)
+
+    async def theirs() -> int:
+        for _ in range(n // 10):  # the scan is slow; fewer ops, same rate
+            await seed_create(f"new-{next(seed_counter)}")
+        return n // 10
+
+    r_base = await best_rate(theirs)
+    return r_ours, r_base
+
+
+async def list_scaling() -> tuple[float, float]:
+    async def time_at(size: int) -> float:
+        async with taskd.Tracker(retention=taskd.Retention(max_tasks=size + 10)) as t:
+            ids = []
+            for _ in range(size):
+                rec = await t.create("bench")
+                ids.append(rec.task_id)
+            for i, tid in enumerate(ids):
+                if i % 10 == 0:
+                    await t.fail(tid, "boom")
+                elif i % 10 < 8:
+                    await t.cancel(tid)
+            samples = []
+            for _ in range(REPEATS):
+                t0 = time.perf_counter()
+                for _ in range(500):
+                    page = await t.list(status="failed", limit=50)
+                samples.append((time.perf_counter() - t0) / 500)
+                assert len(page) == 50
+            return min(samples)
+
+    return await time_at(100_000), await time_at(1_000)
+
+
+def bytes_per_record(n: int = 20_000) -> tuple[float, float]:
+    async def build_ours() -> float:
+        async with taskd.Tracker(retention=taskd.Retention(max_tasks=n + 10)) as t:
+            gc.collect()
+            tracemalloc.start()
+            before = tracemalloc.get_traced_memory()[0]
+            for i in range(n):
+                rec = await t.create("session_commit", resource_id=f"session-{i}")
+                await t.start(rec.task_id)
+                await t.complete(rec.task_id, None)
+            gc.collect()
+            after = tracemalloc.get_traced_memory()[0]
+            tracemalloc.stop()
+            return (after - before) / n
+
+    ours = asyncio.run(build_ours())
+    seed = SeedTracker()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(n):
+        rec = seed.create("session_commit", f"session-{i}")
+        seed.finish(rec.task_id, "completed", None)
+    gc.collect()
+    after = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    return ours, (after - before) / n
+
+
+async def main() -> None:
+    ours, base = await spawn_sequential()
+    line("spawn+await, 1 caller (vs aiojobs)", ours, base, "ops/s", ">= 0.5x", ours / base)
+    ours, base = await spawn_concurrent()
+    line("spawn+await, 100 callers (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
+    ours, base = await get_concurrent()
+    line("get, 100 callers (vs seed)", ours, base, "ops/s", ">= 3x", ours / base)
+    ours, base = await create_dedup()
+    line(
+        "create w/ resource_id at 10k records (vs seed)", ours, base, "ops/s", ">= 20x", ours / base
+    )
+    big, small = await list_scaling()
+    line(
+        "list(status=failed, limit=50): 100k vs 1k",
+        big * 1e6,
+        small * 1e6,
+        "us",
+        "<= 1.5x",
+        big / small,
+    )
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
+    ours, base = bytes_per_record()
+    line("bytes per finished record (vs seed)", ours, base, "B", "<= 1.0x", ours / base)
+    print(f"python {sys.version.split()[0]}, {statistics.__name__} best of {REPEATS}")

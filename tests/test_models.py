@@ -1,0 +1,76 @@
+"""The task record, its transition table and argument checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+
+import taskd
+from taskd import TaskStatus as S
+from taskd._models import TRANSITIONS
+
+ALL = list(S)
+ALLOWED = {
+    (S.PENDING, S.RUNNING),
+    (S.PENDING, S.CANCELLED),
+    (S.PENDING, S.FAILED),
+    (S.RUNNING, S.COMPLETED),
+    (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.CANCELLING),
+    (S.RUNNING, S.CANCELLED),
+    (S.CANCELLING, S.CANCELLED),
+    (S.CANCELLING, S.COMPLETED),
+    (S.CANCELLING, S.FAILED),
+}
+
+
+def test_transition_table_is_exactly_the_spec() -> None:
+    table = {(a, b) for a, targets in TRANSITIONS.items() for b in targets}
+    assert table == ALLOWED
+
+
+def test_status_is_a_str_enum_with_spec_values() -> None:
+    assert [s.value for s in S] == [
+        "pending",
+        "running",
+        "cancelling",
+        "completed",
+        "failed",
+        "cancelled",
+    ]
+    assert S("failed") == "failed"
+
+
+def test_record_is_frozen_and_slotted() -> None:
+    rec = taskd.TaskRecord("t1", "x", S.PENDING, None, 1.0, 1.0)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        rec.status = S.RUNNING  # type: ignore[misc]
+    assert not hasattr(rec, "__dict__")
+
+
+def test_to_dict_has_every_spec_field_and_no_owner() -> None:
+    rec = taskd.TaskRecord("t1", "x", S.PENDING, "r", 1.5, 2.25, spec=taskd.TaskSpec(owner="alice"))
+    d = rec.to_dict()
+    assert set(d) == {
+        "task_id",
+        "task_type",
+        "status",
+        "resource_id",
+        "created_at",
+        "updated_at",
+        "created_at_iso",
+        "updated_at_iso",
+        "started_at",
+        "finished_at",
+        "progress",
+        "message",
+        "result",
+        "error",
+        "metadata",
+    }
+    assert d["created_at_iso"] == "1970-01-01T00:00:01.500000Z"
+    assert d["updated_at_iso"] == "1970-01-01T00:00:02.250000Z"
+    assert d["status"] == "pending"
+    assert "alice" not in json.dumps(d)
