@@ -104,6 +104,7 @@ class Actor:
         self._mailbox = mailbox
         self._retention = retention
         self._store = store
+        self._persistent = store.persistent
         self._clock = clock
         self.closed = False
         self.commands = 0
@@ -241,7 +242,11 @@ class Actor:
                 self._replies.append((fut, False, exc))
         else:
             if fut is not None and value is not _DEFERRED:
-                self._replies.append((fut, True, value))
+                if self._persistent:
+                    self._replies.append((fut, True, value))
+                elif not fut.done():
+                    # Nothing to commit first: answer now, skip the reply list.
+                    fut.set_result(value)
 
     async def _flush(self) -> None:
         """Commit the batch, then let its effects out (group commit)."""

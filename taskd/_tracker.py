@@ -282,21 +282,22 @@ class Tracker:
 
     # --- sending --------------------------------------------------------------------
 
-    def _check_open(self) -> None:
+    def _call(self, msg: object) -> asyncio.Future[object]:
+        """Send a command if the tracker is open; the future gets the actor's reply.
+
+        Deliberately not a coroutine: callers await the future directly, which saves a
+        coroutine frame on every call (this is the path every request takes).
+        """
         if self._state is not TrackerState.OPEN or self._actor.closed:
-            state = self.state.value
-            raise TrackerClosed(f"the tracker is {state}; it takes no commands")
+            raise TrackerClosed(f"the tracker is {self.state.value}; it takes no commands")
+        return self._send(msg)
 
-    async def _call(self, msg: object) -> object:
-        self._check_open()
-        return await self._send(msg)
-
-    async def _send(self, msg: object) -> object:
+    def _send(self, msg: object) -> asyncio.Future[object]:
         if self._actor.closed:
             raise TrackerClosed("the tracker is closed")
         fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
         self._mailbox.put_nowait((msg, fut))
-        return await fut
+        return fut
 
     # --- creating -------------------------------------------------------------------
 
@@ -334,8 +335,7 @@ class Tracker:
                 contextvars.copy_context(),
                 Outcome(),
             )
-            self._check_open()
-            rec = await self._send(msg)
+            rec = await self._call(msg)
         except BaseException:
             if inspect.iscoroutine(coro):
                 coro.close()  # it will never run; closing it avoids a "never awaited" warning
@@ -366,18 +366,13 @@ class Tracker:
             _check_callback(callback_url),
             check_positive(heartbeat_timeout, "heartbeat_timeout"),
         )
-        return await self._record(msg)
+        return _as_record(await self._call(msg))
 
     # --- changing -------------------------------------------------------------------
 
-    async def _record(self, msg: object) -> TaskRecord:
-        rec = await self._call(msg)
-        assert isinstance(rec, TaskRecord)
-        return rec
-
     async def start(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord:
         """Mark an external task ``running`` (from ``pending``)."""
-        return await self._record(m.Start(_check_id(task_id), _check_owner(owner)))
+        return _as_record(await self._call(m.Start(_check_id(task_id), _check_owner(owner))))
 
     async def progress(
         self,
@@ -389,12 +384,14 @@ class Tracker:
     ) -> TaskRecord:
         """Report progress (0.0–1.0) and/or a stage message. The returned record's
         status is ``cancelling`` when cancellation has been requested."""
-        return await self._record(
-            m.Progress(
-                _check_id(task_id),
-                check_progress(progress),
-                check_message(message),
-                _check_owner(owner),
+        return _as_record(
+            await self._call(
+                m.Progress(
+                    _check_id(task_id),
+                    check_progress(progress),
+                    check_message(message),
+                    _check_owner(owner),
+                )
             )
         )
 
@@ -402,16 +399,18 @@ class Tracker:
         self, task_id: str, result: JSON = None, *, owner: OwnerScope = ANY_OWNER
     ) -> TaskRecord:
         """Mark a running (or cancelling) external task ``completed`` with ``result``."""
-        return await self._record(
-            m.Complete(_check_id(task_id), json_copy(result, "result"), _check_owner(owner))
+        return _as_record(
+            await self._call(
+                m.Complete(_check_id(task_id), json_copy(result, "result"), _check_owner(owner))
+            )
         )
 
     async def fail(
         self, task_id: str, error: str | BaseException, *, owner: OwnerScope = ANY_OWNER
     ) -> TaskRecord:
         """Mark an active external task ``failed``; ``error`` is redacted and truncated."""
-        return await self._record(
-            m.Fail(_check_id(task_id), redact_error(error), _check_owner(owner))
+        return _as_record(
+            await self._call(m.Fail(_check_id(task_id), redact_error(error), _check_owner(owner)))
         )
 
     async def cancel(
@@ -421,8 +420,10 @@ class Tracker:
         cancelled (``cancelling`` until it unwinds); a running external task becomes
         ``cancelling`` until its worker confirms with another ``cancel`` or finishes.
         Raises ``InvalidTransition`` on a terminal task."""
-        return await self._record(
-            m.Cancel(_check_id(task_id), redact_error(reason), _check_owner(owner))
+        return _as_record(
+            await self._call(
+                m.Cancel(_check_id(task_id), redact_error(reason), _check_owner(owner))
+            )
         )
 
     async def delete(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> None:
@@ -433,9 +434,12 @@ class Tracker:
 
     async def get(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord | None:
         """The record, or None if unknown, expired, evicted or another owner's."""
-        rec = await self._call(m.Get(_check_id(task_id), _check_owner(owner)))
-        assert rec is None or isinstance(rec, TaskRecord)
-        return rec
+        # The hottest call (every poll): checks inlined for their common case.
+        if type(task_id) is not str:
+            _check_id(task_id)
+        if owner is not ANY_OWNER:
+            owner = _check_owner(owner)
+        return await self._call(m.Get(task_id, owner))  # type: ignore[return-value]
 
     async def list(
         self,
@@ -512,9 +516,7 @@ class Tracker:
         if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
             raise ValueError("timeout must be a finite number >= 0")
         tid = _check_id(task_id)
-        self._check_open()
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((m.Wait(tid, _check_owner(owner), timeout), fut))
+        fut = self._call(m.Wait(tid, _check_owner(owner), timeout))
         try:
             reply = await fut
         except asyncio.CancelledError:
@@ -559,6 +561,11 @@ class Tracker:
         stats = await self._call(m.Stats())
         assert isinstance(stats, dict)
         return stats
+
+
+def _as_record(reply: object) -> TaskRecord:
+    assert isinstance(reply, TaskRecord)
+    return reply
 
 
 def _check_callback(url: object) -> str | None:
