@@ -1,0 +1,409 @@
+"""The OpenAPI 3.1 document of the HTTP API, built as plain data (no aiohttp here).
+
+It is generated from the same constants the handlers enforce (limits, statuses,
+field sets), so the document and the behaviour cannot drift apart silently; the
+tests validate it and run schemathesis against a live server.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+from ._models import MAX_MESSAGE_CHARS, MAX_RESOURCE_ID_CHARS, TaskStatus
+
+__all__ = ["document"]
+
+_STATUSES: Final = [s.value for s in TaskStatus]
+_ERROR_CODES: Final = [
+    "INVALID_ARGUMENT",
+    "UNAUTHENTICATED",
+    "NOT_FOUND",
+    "CONFLICT",
+    "FAILED_PRECONDITION",
+    "PAYLOAD_TOO_LARGE",
+    "UNAVAILABLE",
+    "METHOD_NOT_ALLOWED",
+    "INTERNAL",
+]
+TASK_TYPE_PATTERN: Final = "^[A-Za-z0-9_.:-]{1,128}$"
+
+_Doc = dict[str, object]
+
+
+def _nullable(schema: _Doc) -> _Doc:
+    return {"oneOf": [schema, {"type": "null"}]}
+
+
+def _ref(name: str) -> _Doc:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _schemas() -> _Doc:
+    number_or_null = {"type": ["number", "null"]}
+    return {
+        "TaskRecord": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": [
+                "task_id",
+                "task_type",
+                "status",
+                "resource_id",
+                "created_at",
+                "updated_at",
+                "created_at_iso",
+                "updated_at_iso",
+                "started_at",
+                "finished_at",
+                "progress",
+                "message",
+                "result",
+                "error",
+                "metadata",
+            ],
+            "properties": {
+                "task_id": {"type": "string"},
+                "task_type": {"type": "string", "pattern": TASK_TYPE_PATTERN},
+                "status": {"type": "string", "enum": _STATUSES},
+                "resource_id": {"type": ["string", "null"]},
+                "created_at": {"type": "number"},
+                "updated_at": {"type": "number"},
+                "created_at_iso": {"type": "string", "format": "date-time"},
+                "updated_at_iso": {"type": "string", "format": "date-time"},
+                "started_at": number_or_null,
+                "finished_at": number_or_null,
+                "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "message": {"type": ["string", "null"]},
+                "result": {},
+                "error": {"type": ["string", "null"]},
+                "metadata": {"type": "object"},
+            },
+        },
+        "RecordEnvelope": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["status", "result"],
+            "properties": {"status": {"const": "ok"}, "result": _ref("TaskRecord")},
+        },
+        "ListEnvelope": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["status", "result", "next_page_token"],
+            "properties": {
+                "status": {"const": "ok"},
+                "result": {"type": "array", "items": _ref("TaskRecord")},
+                "next_page_token": {"type": ["string", "null"]},
+            },
+        },
+        "ErrorEnvelope": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["status", "error"],
+            "properties": {
+                "status": {"const": "error"},
+                "error": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["code", "message", "details"],
+                    "properties": {
+                        "code": {"type": "string", "enum": _ERROR_CODES},
+                        "message": {"type": "string"},
+                        "details": {"type": ["object", "null"]},
+                    },
+                },
+            },
+        },
+        "CreateTask": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["task_type"],
+            "properties": {
+                "task_type": {"type": "string", "pattern": TASK_TYPE_PATTERN},
+                "resource_id": {
+                    "type": ["string", "null"],
+                    "minLength": 1,
+                    "maxLength": MAX_RESOURCE_ID_CHARS,
+                    "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                },
+                "metadata": {"type": ["object", "null"]},
+                "callback_url": {"type": ["string", "null"], "format": "uri"},
+                "heartbeat_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
+            },
+        },
+        "Progress": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+                "message": {"type": ["string", "null"], "maxLength": MAX_MESSAGE_CHARS},
+            },
+        },
+        "Complete": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {"result": {}},
+        },
+        "Fail": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["error"],
+            "properties": {"error": {"type": "string"}},
+        },
+        "Empty": {"type": "object", "additionalProperties": False, "maxProperties": 0},
+    }
+
+
+def _error(description: str, headers: _Doc | None = None) -> _Doc:
+    out: _Doc = {
+        "description": description,
+        "content": {"application/json": {"schema": _ref("ErrorEnvelope")}},
+    }
+    if headers:
+        out["headers"] = headers
+    return out
+
+
+_RETRY_AFTER: Final[_Doc] = {"Retry-After": {"schema": {"type": "string"}}}
+_ACTIVE_HEADERS: Final = {
+    "Retry-After": {
+        "description": "Present while the task is not terminal: seconds before polling again",
+        "schema": {"type": "string"},
+    },
+    "Cache-Control": {
+        "description": "`no-store` while the task is not terminal",
+        "schema": {"type": "string"},
+    },
+}
+
+
+def _record(description: str, extra_headers: _Doc | None = None) -> _Doc:
+    return {
+        "description": description,
+        "headers": {**_ACTIVE_HEADERS, **(extra_headers or {})},
+        "content": {"application/json": {"schema": _ref("RecordEnvelope")}},
+    }
+
+
+def _body(schema: str, *, required: bool) -> _Doc:
+    return {
+        "required": required,
+        "content": {"application/json": {"schema": _ref(schema)}},
+    }
+
+
+def _responses(own: dict[str, _Doc], common: dict[str, _Doc]) -> _Doc:
+    return {**own, **common}
+
+
+def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
+    """The OpenAPI 3.1 document for routes mounted under ``prefix``."""
+    common: dict[str, _Doc] = {
+        "503": _error("Tracker full of active tasks, or shutting down", _RETRY_AFTER),
+    }
+    if auth:
+        common["401"] = _error("Missing or invalid credentials")
+    bad = _error("Invalid query or body values, or malformed JSON")
+    missing = _error("Unknown, expired or evicted task, or another owner's")
+    too_large = _error("Request body over the limit (1 MiB by default)")
+    precondition = _error("The transition is not allowed from the task's current status")
+    task_id = {
+        "name": "task_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string"},
+    }
+
+    def mutation(summary: str, op_id: str, body: _Doc, ok: str, status: str = "200") -> _Doc:
+        return {
+            "post": {
+                "summary": summary,
+                "operationId": op_id,
+                "parameters": [task_id],
+                "requestBody": body,
+                "responses": _responses(
+                    {
+                        status: _record(ok),
+                        "400": bad,
+                        "404": missing,
+                        "409": precondition,
+                        "413": too_large,
+                    },
+                    common,
+                ),
+            }
+        }
+
+    paths: _Doc = {
+        f"{prefix}/tasks": {
+            "get": {
+                "summary": "List tasks, newest first",
+                "operationId": "listTasks",
+                "parameters": [
+                    {
+                        "name": "status",
+                        "in": "query",
+                        "description": "Repeatable; values may also be comma-separated",
+                        "schema": {
+                            "type": "array",
+                            "items": {"type": "string", "enum": _STATUSES},
+                        },
+                        "style": "form",
+                        "explode": True,
+                    },
+                    {
+                        "name": "task_type",
+                        "in": "query",
+                        "schema": {"type": "string", "pattern": TASK_TYPE_PATTERN},
+                    },
+                    {
+                        "name": "resource_id",
+                        "in": "query",
+                        "schema": {
+                            "type": "string",
+                            "minLength": 1,
+                            "maxLength": MAX_RESOURCE_ID_CHARS,
+                            "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                        },
+                    },
+                    {
+                        "name": "limit",
+                        "in": "query",
+                        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                    },
+                    {
+                        "name": "page_token",
+                        "in": "query",
+                        "description": "Opaque: `next_page_token` of the previous page",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": _responses(
+                    {
+                        "200": _Doc(
+                            description="One page of tasks",
+                            headers={
+                                "Link": {
+                                    "description": 'The next page: `<url>; rel="next"`',
+                                    "schema": {"type": "string"},
+                                }
+                            },
+                            content={"application/json": {"schema": _ref("ListEnvelope")}},
+                        ),
+                        "400": bad,
+                    },
+                    common,
+                ),
+            },
+            "post": {
+                "summary": "Register an external task (it starts pending)",
+                "operationId": "createTask",
+                "requestBody": _body("CreateTask", required=True),
+                "responses": _responses(
+                    {
+                        "201": _record(
+                            "Created",
+                            {"Location": {"required": True, "schema": {"type": "string"}}},
+                        ),
+                        "400": bad,
+                        "409": _error(
+                            "CONFLICT: an active task holds the same (task_type, resource_id); "
+                            "details.task_id names it"
+                        ),
+                        "413": too_large,
+                    },
+                    common,
+                ),
+            },
+        },
+        f"{prefix}/tasks/{{task_id}}": {
+            "get": {
+                "summary": "Get a task; with ?wait=S, long-poll until terminal or S seconds",
+                "operationId": "getTask",
+                "parameters": [
+                    task_id,
+                    {
+                        "name": "wait",
+                        "in": "query",
+                        "schema": {"type": "number", "exclusiveMinimum": 0, "maximum": max_wait},
+                    },
+                ],
+                "responses": _responses(
+                    {
+                        "200": _record("The task (the latest state when a long-poll times out)"),
+                        "400": bad,
+                        "404": missing,
+                    },
+                    common,
+                ),
+            },
+            "delete": {
+                "summary": "Delete a terminal task",
+                "operationId": "deleteTask",
+                "parameters": [task_id],
+                "responses": _responses(
+                    {
+                        "204": _Doc(description="Deleted"),
+                        "404": missing,
+                        "409": _error("The task is still active"),
+                    },
+                    common,
+                ),
+            },
+        },
+        f"{prefix}/tasks/{{task_id}}/start": mutation(
+            "Mark a pending external task running",
+            "startTask",
+            _body("Empty", required=False),
+            "Running",
+        ),
+        f"{prefix}/tasks/{{task_id}}/progress": mutation(
+            "Report progress; the answer's status is `cancelling` if cancellation was asked",
+            "reportProgress",
+            _body("Progress", required=False),
+            "The updated task",
+        ),
+        f"{prefix}/tasks/{{task_id}}/complete": mutation(
+            "Complete a running task", "completeTask", _body("Complete", required=False), "Done"
+        ),
+        f"{prefix}/tasks/{{task_id}}/fail": mutation(
+            "Fail an active task (the error is redacted)",
+            "failTask",
+            _body("Fail", required=True),
+            "Failed",
+        ),
+        f"{prefix}/tasks/{{task_id}}/cancel": mutation(
+            "Cancel a task: cancelling (running) or cancelled",
+            "cancelTask",
+            _body("Empty", required=False),
+            "Cancellation accepted",
+            "202",
+        ),
+        f"{prefix}/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "operationId": "openapi",
+                "responses": {
+                    "200": {
+                        "description": "OpenAPI 3.1",
+                        "content": {"application/json": {"schema": {"type": "object"}}},
+                    }
+                },
+            }
+        },
+    }
+    doc: _Doc = {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "taskd",
+            "version": "1",
+            "description": "Track background operations: poll, long-poll, list, report.",
+        },
+        "paths": paths,
+        "components": {"schemas": _schemas()},
+    }
+    if auth:
+        doc["components"]["securitySchemes"] = {  # type: ignore[index]
+            "bearer": {"type": "http", "scheme": "bearer"}
+        }
+        doc["security"] = [{"bearer": []}]
+    return doc

@@ -1,0 +1,684 @@
+"""aiohttp integration: ``setup(app)``, the task routes of the HTTP API, ``create_app``.
+
+The handlers only translate: parse and check the request, send one message through
+the tracker, render the reply. One middleware maps taskd's errors and aiohttp's HTTP
+errors to the error envelope, so no request gets a 500 or a traceback.
+
+State lives under a ``web.AppKey`` and is read through ``request.config_dict``, so
+``get_tracker`` works from sub-applications too (aiojobs' pattern).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import inspect
+import json
+import logging
+import math
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from . import _openapi
+from ._errors import (
+    InvalidTransition,
+    TaskConflict,
+    TaskdError,
+    TaskNotFound,
+    TrackerClosed,
+    TrackerFull,
+)
+from ._models import JSON, TaskRecord, TaskStatus
+from ._retention import Retention
+from ._store import Store
+from ._tracker import MAX_LIMIT, TaskHandle, Tracker
+
+__all__ = [
+    "ApiError",
+    "AuthCallback",
+    "accepted",
+    "create_app",
+    "error_response",
+    "get_tracker",
+    "setup",
+    "spawn",
+]
+
+log = logging.getLogger("taskd.web")
+T = TypeVar("T")
+
+#: ``auth(request)`` returns the caller's owner string or raises ``HTTPUnauthorized``;
+#: it may be a plain function or a coroutine function.
+AuthCallback = Callable[[web.Request], "str | Awaitable[str]"]
+
+MAX_WAIT: Final = 60.0
+MAX_BODY: Final = 1024 * 1024
+RETRY_AFTER: Final = "1"
+_JSON: Final = "application/json"
+_RENDER_CACHE_SIZE: Final = 4096
+
+
+# --- state ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _State:
+    tracker: Tracker
+    prefix: str
+    auth: AuthCallback | None
+    max_wait: float
+    # id(record) -> (record, rendered JSON). Records are immutable, so a record's JSON
+    # is rendered once; holding the record keeps its id from being reused.
+    rendered: dict[int, tuple[TaskRecord, bytes]] = field(default_factory=dict)
+
+    def render(self, rec: TaskRecord) -> bytes:
+        hit = self.rendered.get(id(rec))
+        if hit is not None and hit[0] is rec:
+            return hit[1]
+        body = json.dumps(rec.to_dict(), separators=(",", ":")).encode()
+        cache = self.rendered
+        if len(cache) >= _RENDER_CACHE_SIZE:
+            del cache[next(iter(cache))]  # oldest first: a FIFO is enough here
+        cache[id(rec)] = (rec, body)
+        return body
+
+
+_STATE: Final = web.AppKey("taskd_state", _State)
+_OWNER: Final = web.RequestKey("taskd_owner", object)
+_NO_OWNER: Final = object()
+
+
+def _state_of(obj: web.Request | web.Application) -> _State:
+    mapping = obj.config_dict if isinstance(obj, web.Request) else obj
+    try:
+        return mapping[_STATE]
+    except KeyError:
+        raise RuntimeError(
+            "taskd is not set up on this application: call taskd.web.setup(app) first"
+        ) from None
+
+
+def get_tracker(request_or_app: web.Request | web.Application) -> Tracker:
+    """The tracker ``setup`` installed (found from sub-applications too).
+
+    Raises ``RuntimeError`` if ``setup`` was not called on the application.
+    """
+    return _state_of(request_or_app).tracker
+
+
+# --- errors -----------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """An error answered with the envelope: HTTP status, code, message, details."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Mapping[str, JSON] | None = None,
+        headers: Mapping[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.headers = headers
+
+
+def _invalid(message: str, **details: JSON) -> ApiError:
+    return ApiError(400, "INVALID_ARGUMENT", message, details or None)
+
+
+def error_response(
+    status: int,
+    code: str,
+    message: str,
+    details: Mapping[str, JSON] | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    """The error envelope as a response."""
+    body = {"status": "error", "error": {"code": code, "message": message, "details": details}}
+    return web.Response(
+        status=status,
+        body=json.dumps(body, separators=(",", ":")).encode(),
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+def _from_taskd_error(exc: TaskdError) -> ApiError:
+    if isinstance(exc, TaskNotFound):
+        return ApiError(404, "NOT_FOUND", str(exc), {"task_id": exc.task_id})
+    if isinstance(exc, TaskConflict):
+        return ApiError(409, "CONFLICT", str(exc), {"task_id": exc.task_id})
+    if isinstance(exc, InvalidTransition):
+        return ApiError(
+            409, "FAILED_PRECONDITION", str(exc), {"task_id": exc.task_id, "status": exc.current}
+        )
+    if isinstance(exc, TrackerFull | TrackerClosed):
+        return ApiError(503, "UNAVAILABLE", str(exc), None, {"Retry-After": RETRY_AFTER})
+    return ApiError(409, "FAILED_PRECONDITION", str(exc))
+
+
+_HTTP_CODES: Final = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    503: "UNAVAILABLE",
+}
+
+
+@web.middleware
+async def _error_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """Answer every error under the API prefix with the envelope; taskd's own errors
+    raised from the application's handlers (``taskd.web.spawn``) get it too."""
+    state = request.config_dict.get(_STATE)
+    in_api = state is not None and (
+        request.path == state.prefix or request.path.startswith(state.prefix + "/")
+    )
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    except TaskdError as exc:
+        err = _from_taskd_error(exc)
+        return error_response(err.status, err.code, err.message, err.details, err.headers)
+    except web.HTTPException as exc:
+        if not in_api or exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
+        headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
+        return error_response(exc.status, code, exc.reason, None, headers)
+    except (ValueError, TypeError) as exc:
+        if not in_api:
+            raise
+        # The tracker's argument checks: the request carried a bad value.
+        return error_response(400, "INVALID_ARGUMENT", str(exc))
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except Exception:
+        if not in_api:
+            raise
+        # A bug of ours: log it, but never leak a traceback to the client.
+        log.exception("taskd: unhandled error in %s %s", request.method, request.path)
+        return error_response(500, "INTERNAL", "internal error")
+
+
+# --- auth -------------------------------------------------------------------------------
+
+
+async def _owner(request: web.Request) -> str | None:
+    cached = request.get(_OWNER, _NO_OWNER)
+    if cached is not _NO_OWNER:
+        assert cached is None or isinstance(cached, str)
+        return cached
+    state = _state_of(request)
+    owner: str | None = None
+    if state.auth is not None:
+        result = state.auth(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, str):
+            log.error("taskd: auth callback returned %r, not a str", type(result).__name__)
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+        owner = result
+    request[_OWNER] = owner
+    return owner
+
+
+# --- parsing ----------------------------------------------------------------------------
+
+
+async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, object]:
+    """The JSON object body (``{}`` when empty); unknown fields are refused."""
+    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _invalid(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise _invalid("request body must be a JSON object")
+    unknown = sorted(set(data) - allowed)
+    if unknown:
+        raise _invalid(f"unknown field(s): {', '.join(unknown)}", fields=list(unknown))
+    return data
+
+
+def _field(
+    data: Mapping[str, object], name: str, kind: type[T], *, required: bool = False
+) -> T | None:
+    value = data.get(name)
+    if value is None:
+        if required:
+            raise _invalid(f"field {name!r} is required", field=name)
+        return None
+    if kind is float:
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+    else:
+        ok = isinstance(value, kind)
+    if not ok:
+        raise _invalid(f"field {name!r} must be {_TYPE_NAMES[kind]}", field=name)
+    return value  # type: ignore[return-value]
+
+
+_TYPE_NAMES: Final[dict[type, str]] = {
+    str: "a string",
+    float: "a number",
+    dict: "an object",
+}
+
+
+def _one_query(request: web.Request, name: str) -> str | None:
+    values = request.query.getall(name, [])
+    if len(values) > 1:
+        raise _invalid(f"query parameter {name!r} given more than once", parameter=name)
+    return values[0] if values else None
+
+
+def _number_query(request: web.Request, name: str) -> float | None:
+    text = _one_query(request, name)
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise _invalid(f"query parameter {name!r} must be a number", parameter=name) from None
+    if not math.isfinite(value):
+        raise _invalid(f"query parameter {name!r} must be finite", parameter=name)
+    return value
+
+
+def _statuses(request: web.Request) -> list[str] | None:
+    values = [part.strip() for raw in request.query.getall("status", []) for part in raw.split(",")]
+    if not values:
+        return None
+    valid = {s.value for s in TaskStatus}
+    for value in values:
+        if value not in valid:
+            raise _invalid(
+                f"unknown status {value!r}; expected one of {', '.join(sorted(valid))}",
+                parameter="status",
+            )
+    return sorted(set(values))
+
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def _ok(
+    state: _State, payload: bytes, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=b'{"status":"ok","result":' + payload + b"}",
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+def _record_response(
+    state: _State, rec: TaskRecord, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    if not rec.is_terminal:
+        headers = dict(headers or ())
+        headers["Retry-After"] = RETRY_AFTER
+        headers["Cache-Control"] = "no-store"
+    return _ok(state, state.render(rec), status, headers)
+
+
+def _task_url(state: _State, task_id: str) -> str:
+    return f"{state.prefix}/tasks/{task_id}"
+
+
+# --- page tokens ------------------------------------------------------------------------
+
+
+def _filter_digest(
+    statuses: list[str] | None, task_type: str | None, resource_id: str | None
+) -> str:
+    key = json.dumps([statuses, task_type, resource_id], separators=(",", ":"))
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+
+def _encode_token(cursor: str, digest: str) -> str:
+    raw = json.dumps({"c": cursor, "f": digest}, separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_token(token: str, digest: str) -> str:
+    try:
+        padded = token + "=" * (-len(token) % 4)
+        data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
+        cursor, token_digest = data["c"], data["f"]
+    except (ValueError, KeyError, TypeError, UnicodeEncodeError):
+        raise _invalid("page_token is not valid", parameter="page_token") from None
+    if not isinstance(cursor, str) or token_digest != digest:
+        raise _invalid(
+            "page_token does not belong to this listing (different filters)",
+            parameter="page_token",
+        )
+    return cursor
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+async def _get_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    task_id = request.match_info["task_id"]
+    wait = _number_query(request, "wait")
+    if wait is None:
+        rec = await state.tracker.get(task_id, owner=owner)
+        if rec is None:
+            raise TaskNotFound(task_id)
+    else:
+        if not 0 < wait <= state.max_wait:
+            raise _invalid(f"wait must be > 0 and <= {state.max_wait:g} seconds", parameter="wait")
+        rec = await state.tracker.poll(task_id, wait, owner=owner)
+    return _record_response(state, rec)
+
+
+async def _list_tasks(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    statuses = _statuses(request)
+    task_type = _one_query(request, "task_type")
+    resource_id = _one_query(request, "resource_id")
+    limit_text = _one_query(request, "limit")
+    limit = 50
+    if limit_text is not None:
+        try:
+            limit = int(limit_text)
+        except ValueError:
+            raise _invalid("limit must be an integer", parameter="limit") from None
+        if not 1 <= limit <= MAX_LIMIT:
+            raise _invalid(f"limit must be between 1 and {MAX_LIMIT}", parameter="limit")
+    digest = _filter_digest(statuses, task_type, resource_id)
+    token = _one_query(request, "page_token")
+    cursor = _decode_token(token, digest) if token else None
+    try:
+        page = await state.tracker.list_page(
+            status=statuses,
+            task_type=task_type,
+            resource_id=resource_id,
+            limit=limit,
+            owner=owner,
+            cursor=cursor,
+        )
+    except (ValueError, TypeError) as exc:
+        raise _invalid(str(exc)) from None
+    next_token = _encode_token(page.next_cursor, digest) if page.next_cursor else None
+    items = b",".join(state.render(r) for r in page.records)
+    body = (
+        b'{"status":"ok","result":['
+        + items
+        + b'],"next_page_token":'
+        + json.dumps(next_token).encode()
+        + b"}"
+    )
+    headers = {}
+    if next_token is not None:
+        query: list[tuple[str, str]] = [
+            (k, v) for k, v in request.query.items() if k != "page_token"
+        ]
+        query.append(("page_token", next_token))
+        headers["Link"] = f'<{request.path}?{urlencode(query)}>; rel="next"'
+    return web.Response(body=body, content_type=_JSON, headers=headers)
+
+
+_CREATE_FIELDS: Final = frozenset(
+    {"task_type", "resource_id", "metadata", "callback_url", "heartbeat_timeout"}
+)
+
+
+async def _create_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    data = await _body(request, _CREATE_FIELDS)
+    task_type = _field(data, "task_type", str, required=True)
+    assert task_type is not None
+    callback_url = _field(data, "callback_url", str)
+    if callback_url is not None:
+        _check_callback_allowed(state, callback_url)
+    rec = await state.tracker.create(
+        task_type,
+        resource_id=_field(data, "resource_id", str),
+        metadata=_field(data, "metadata", dict),
+        owner=owner,
+        callback_url=callback_url,
+        heartbeat_timeout=_field(data, "heartbeat_timeout", float),
+    )
+    return _record_response(state, rec, 201, {"Location": _task_url(state, rec.task_id)})
+
+
+def _check_callback_allowed(state: _State, url: str) -> None:
+    # Webhook delivery targets must be on the allow-list (empty by default) so the
+    # server cannot be made to call arbitrary addresses.
+    raise _invalid(
+        "callback_url is not allowed: its host is not on the webhook allow-list",
+        field="callback_url",
+    )
+
+
+async def _start_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    await _body(request, frozenset())
+    rec = await state.tracker.start(request.match_info["task_id"], owner=owner)
+    return _record_response(state, rec)
+
+
+async def _progress_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    data = await _body(request, frozenset({"progress", "message"}))
+    rec = await state.tracker.progress(
+        request.match_info["task_id"],
+        _field(data, "progress", float),
+        message=_field(data, "message", str),
+        owner=owner,
+    )
+    return _record_response(state, rec)
+
+
+async def _complete_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    data = await _body(request, frozenset({"result"}))
+    result: JSON = data.get("result")  # type: ignore[assignment]  # parsed JSON
+    rec = await state.tracker.complete(request.match_info["task_id"], result, owner=owner)
+    return _record_response(state, rec)
+
+
+async def _fail_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    data = await _body(request, frozenset({"error"}))
+    error = _field(data, "error", str, required=True)
+    assert error is not None
+    rec = await state.tracker.fail(request.match_info["task_id"], error, owner=owner)
+    return _record_response(state, rec)
+
+
+async def _cancel_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    await _body(request, frozenset())
+    rec = await state.tracker.cancel(request.match_info["task_id"], owner=owner)
+    return _record_response(state, rec, 202)
+
+
+async def _delete_task(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    owner = await _owner(request)
+    await state.tracker.delete(request.match_info["task_id"], owner=owner)
+    return web.Response(status=204)
+
+
+async def _openapi_doc(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    doc = _openapi.document(
+        prefix=state.prefix, auth=state.auth is not None, max_wait=state.max_wait
+    )
+    return web.json_response(doc)
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+# --- wiring -----------------------------------------------------------------------------
+
+
+def _check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError("prefix must be a str")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        raise ValueError("prefix must start with '/' and not end with '/' (or be empty)")
+    return prefix
+
+
+def setup(
+    app: web.Application,
+    *,
+    retention: Retention | None = None,
+    store: Store | None = None,
+    close_timeout: float = 5.0,
+    prefix: str = "/api/v1",
+    auth: AuthCallback | None = None,
+    max_wait: float = MAX_WAIT,
+) -> Tracker:
+    """Install a tracker on ``app`` and register the task routes under ``prefix``.
+
+    The tracker is opened and closed by a ``cleanup_ctx``: on cleanup it stops taking
+    commands, gives running spawned tasks ``close_timeout`` seconds, then cancels them
+    and records them cancelled. ``auth(request)`` returns the caller's owner or raises
+    ``web.HTTPUnauthorized``; each caller sees only its own tasks. ``max_wait`` caps
+    the long-poll ``?wait=`` (60 seconds, the most allowed).
+    """
+    if not isinstance(app, web.Application):
+        raise TypeError(f"setup() needs an aiohttp web.Application, not {type(app).__name__}")
+    if _STATE in app:
+        raise RuntimeError("taskd.web.setup() was already called on this application")
+    if auth is not None and not callable(auth):
+        raise TypeError("auth must be callable")
+    if isinstance(max_wait, bool) or not isinstance(max_wait, int | float):
+        raise TypeError("max_wait must be a number of seconds")
+    if not 0 < max_wait <= MAX_WAIT:
+        raise ValueError(f"max_wait must be > 0 and <= {MAX_WAIT:g}")
+    tracker = Tracker(retention=retention, store=store, close_timeout=close_timeout)
+    state = _State(tracker, _check_prefix(prefix), auth, float(max_wait))
+    app[_STATE] = state
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async with tracker:
+            yield
+
+    app.cleanup_ctx.append(lifecycle)
+    app.middlewares.append(_error_middleware)
+    r = app.router
+    p = state.prefix
+    r.add_get(p + "/tasks", _list_tasks, allow_head=False)
+    r.add_post(p + "/tasks", _create_task)
+    r.add_get(p + "/tasks/{task_id}", _get_task, allow_head=False)
+    r.add_delete(p + "/tasks/{task_id}", _delete_task)
+    r.add_post(p + "/tasks/{task_id}/start", _start_task)
+    r.add_post(p + "/tasks/{task_id}/progress", _progress_task)
+    r.add_post(p + "/tasks/{task_id}/complete", _complete_task)
+    r.add_post(p + "/tasks/{task_id}/fail", _fail_task)
+    r.add_post(p + "/tasks/{task_id}/cancel", _cancel_task)
+    r.add_get(p + "/openapi.json", _openapi_doc, allow_head=False)
+    return tracker
+
+
+def create_app(
+    *,
+    retention: Retention | None = None,
+    store: Store | None = None,
+    close_timeout: float = 5.0,
+    prefix: str = "/api/v1",
+    auth: AuthCallback | None = None,
+    max_wait: float = MAX_WAIT,
+    client_max_size: int = MAX_BODY,
+) -> web.Application:
+    """The standalone application: the task API under ``prefix`` and ``/health``."""
+    app = web.Application(client_max_size=client_max_size)
+    setup(
+        app,
+        retention=retention,
+        store=store,
+        close_timeout=close_timeout,
+        prefix=prefix,
+        auth=auth,
+        max_wait=max_wait,
+    )
+    app.router.add_get("/health", _health, allow_head=False)
+    return app
+
+
+# --- helpers for the application's own handlers -----------------------------------------
+
+
+async def spawn(
+    request: web.Request,
+    coro: Coroutine[object, object, T],
+    *,
+    task_type: str,
+    resource_id: str | None = None,
+    metadata: Mapping[str, JSON] | None = None,
+    timeout: float | None = None,
+) -> TaskHandle:
+    """``Tracker.spawn`` for a request handler: the task belongs to the request's owner.
+
+    ``TaskConflict`` and other taskd errors raised here are answered with the error
+    envelope by the middleware ``setup`` installed.
+    """
+    try:
+        state = _state_of(request)
+        owner = await _owner(request)
+    except BaseException:
+        coro.close()
+        raise
+    return await state.tracker.spawn(
+        coro,
+        task_type=task_type,
+        resource_id=resource_id,
+        metadata=metadata,
+        owner=owner,
+        timeout=timeout,
+    )
+
+
+def accepted(
+    request: web.Request,
+    task: TaskHandle | TaskRecord,
+    result: Mapping[str, JSON] | None = None,
+) -> web.Response:
+    """``202 Accepted`` with ``Location`` (the task's URL) and the success envelope.
+
+    The envelope's ``result`` is ``result`` plus ``task_id`` when given, else the
+    task's record.
+    """
+    state = _state_of(request)
+    rec = task.record if isinstance(task, TaskHandle) else task
+    headers = {"Location": _task_url(state, rec.task_id)}
+    if result is None:
+        return _ok(state, state.render(rec), 202, headers)
+    payload = dict(result)
+    payload["task_id"] = rec.task_id
+    return _ok(state, json.dumps(payload, separators=(",", ":")).encode(), 202, headers)
