@@ -178,16 +178,22 @@ _HTTP_CODES: Final = {
 }
 
 
+def _in_api(request: web.Request) -> bool:
+    state = request.config_dict.get(_STATE)
+    return state is not None and (
+        request.path == state.prefix or request.path.startswith(state.prefix + "/")
+    )
+
+
 @web.middleware
 async def _error_middleware(
     request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
 ) -> web.StreamResponse:
     """Answer every error under the API prefix with the envelope; taskd's own errors
-    raised from the application's handlers (``taskd.web.spawn``) get it too."""
-    state = request.config_dict.get(_STATE)
-    in_api = state is not None and (
-        request.path == state.prefix or request.path.startswith(state.prefix + "/")
-    )
+    raised from the application's handlers (``taskd.web.spawn``) get it too.
+
+    The success path is a bare ``await``: this runs on every request of the app.
+    """
     try:
         return await handler(request)
     except ApiError as exc:
@@ -196,20 +202,20 @@ async def _error_middleware(
         err = _from_taskd_error(exc)
         return error_response(err.status, err.code, err.message, err.details, err.headers)
     except web.HTTPException as exc:
-        if not in_api or exc.status < 400:
+        if exc.status < 400 or not _in_api(request):
             raise
         code = _HTTP_CODES.get(exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return error_response(exc.status, code, exc.reason, None, headers)
     except (ValueError, TypeError) as exc:
-        if not in_api:
+        if not _in_api(request):
             raise
         # The tracker's argument checks: the request carried a bad value.
         return error_response(400, "INVALID_ARGUMENT", str(exc))
     except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
         raise
     except Exception:
-        if not in_api:
+        if not _in_api(request):
             raise
         # A bug of ours: log it, but never leak a traceback to the client.
         log.exception("taskd: unhandled error in %s %s", request.method, request.path)
@@ -219,7 +225,9 @@ async def _error_middleware(
 # --- auth -------------------------------------------------------------------------------
 
 
-async def _owner(request: web.Request) -> str | None:
+async def _owner(request: web.Request, state: _State | None = None) -> str | None:
+    if state is not None and state.auth is None:
+        return None  # no auth: everything belongs to owner None
     cached = request.get(_OWNER, _NO_OWNER)
     if cached is not _NO_OWNER:
         assert cached is None or isinstance(cached, str)
@@ -377,93 +385,9 @@ def _decode_token(token: str, digest: str) -> str:
 # --- handlers ---------------------------------------------------------------------------
 
 
-async def _get_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    task_id = request.match_info["task_id"]
-    wait = _number_query(request, "wait")
-    if wait is None:
-        rec = await state.tracker.get(task_id, owner=owner)
-        if rec is None:
-            raise TaskNotFound(task_id)
-    else:
-        if not 0 < wait <= state.max_wait:
-            raise _invalid(f"wait must be > 0 and <= {state.max_wait:g} seconds", parameter="wait")
-        rec = await state.tracker.poll(task_id, wait, owner=owner)
-    return _record_response(state, rec)
-
-
-async def _list_tasks(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    statuses = _statuses(request)
-    task_type = _one_query(request, "task_type")
-    resource_id = _one_query(request, "resource_id")
-    limit_text = _one_query(request, "limit")
-    limit = 50
-    if limit_text is not None:
-        try:
-            limit = int(limit_text)
-        except ValueError:
-            raise _invalid("limit must be an integer", parameter="limit") from None
-        if not 1 <= limit <= MAX_LIMIT:
-            raise _invalid(f"limit must be between 1 and {MAX_LIMIT}", parameter="limit")
-    digest = _filter_digest(statuses, task_type, resource_id)
-    token = _one_query(request, "page_token")
-    cursor = _decode_token(token, digest) if token else None
-    try:
-        page = await state.tracker.list_page(
-            status=statuses,
-            task_type=task_type,
-            resource_id=resource_id,
-            limit=limit,
-            owner=owner,
-            cursor=cursor,
-        )
-    except (ValueError, TypeError) as exc:
-        raise _invalid(str(exc)) from None
-    next_token = _encode_token(page.next_cursor, digest) if page.next_cursor else None
-    items = b",".join(state.render(r) for r in page.records)
-    body = (
-        b'{"status":"ok","result":['
-        + items
-        + b'],"next_page_token":'
-        + json.dumps(next_token).encode()
-        + b"}"
-    )
-    headers = {}
-    if next_token is not None:
-        query: list[tuple[str, str]] = [
-            (k, v) for k, v in request.query.items() if k != "page_token"
-        ]
-        query.append(("page_token", next_token))
-        headers["Link"] = f'<{request.path}?{urlencode(query)}>; rel="next"'
-    return web.Response(body=body, content_type=_JSON, headers=headers)
-
-
 _CREATE_FIELDS: Final = frozenset(
     {"task_type", "resource_id", "metadata", "callback_url", "heartbeat_timeout"}
 )
-
-
-async def _create_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    data = await _body(request, _CREATE_FIELDS)
-    task_type = _field(data, "task_type", str, required=True)
-    assert task_type is not None
-    callback_url = _field(data, "callback_url", str)
-    if callback_url is not None:
-        _check_callback_allowed(state, callback_url)
-    rec = await state.tracker.create(
-        task_type,
-        resource_id=_field(data, "resource_id", str),
-        metadata=_field(data, "metadata", dict),
-        owner=owner,
-        callback_url=callback_url,
-        heartbeat_timeout=_field(data, "heartbeat_timeout", float),
-    )
-    return _record_response(state, rec, 201, {"Location": _task_url(state, rec.task_id)})
 
 
 def _check_callback_allowed(state: _State, url: str) -> None:
@@ -475,67 +399,150 @@ def _check_callback_allowed(state: _State, url: str) -> None:
     )
 
 
-async def _start_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    await _body(request, frozenset())
-    rec = await state.tracker.start(request.match_info["task_id"], owner=owner)
-    return _record_response(state, rec)
+class _Handlers:
+    """The API's request handlers, bound to one application's state (no lookups)."""
 
+    def __init__(self, state: _State) -> None:
+        self.state = state
 
-async def _progress_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    data = await _body(request, frozenset({"progress", "message"}))
-    rec = await state.tracker.progress(
-        request.match_info["task_id"],
-        _field(data, "progress", float),
-        message=_field(data, "message", str),
-        owner=owner,
-    )
-    return _record_response(state, rec)
+    async def get_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        task_id = request.match_info["task_id"]
+        wait = _number_query(request, "wait") if request.query_string else None
+        if wait is None:
+            rec = await state.tracker.get(task_id, owner=owner)
+            if rec is None:
+                raise TaskNotFound(task_id)
+        else:
+            if not 0 < wait <= state.max_wait:
+                raise _invalid(
+                    f"wait must be > 0 and <= {state.max_wait:g} seconds", parameter="wait"
+                )
+            rec = await state.tracker.poll(task_id, wait, owner=owner)
+        return _record_response(state, rec)
 
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        statuses = _statuses(request)
+        task_type = _one_query(request, "task_type")
+        resource_id = _one_query(request, "resource_id")
+        limit_text = _one_query(request, "limit")
+        limit = 50
+        if limit_text is not None:
+            try:
+                limit = int(limit_text)
+            except ValueError:
+                raise _invalid("limit must be an integer", parameter="limit") from None
+            if not 1 <= limit <= MAX_LIMIT:
+                raise _invalid(f"limit must be between 1 and {MAX_LIMIT}", parameter="limit")
+        digest = _filter_digest(statuses, task_type, resource_id)
+        token = _one_query(request, "page_token")
+        cursor = _decode_token(token, digest) if token else None
+        try:
+            page = await state.tracker.list_page(
+                status=statuses,
+                task_type=task_type,
+                resource_id=resource_id,
+                limit=limit,
+                owner=owner,
+                cursor=cursor,
+            )
+        except (ValueError, TypeError) as exc:
+            raise _invalid(str(exc)) from None
+        next_token = _encode_token(page.next_cursor, digest) if page.next_cursor else None
+        items = b",".join(state.render(r) for r in page.records)
+        body = (
+            b'{"status":"ok","result":['
+            + items
+            + b'],"next_page_token":'
+            + json.dumps(next_token).encode()
+            + b"}"
+        )
+        headers = {}
+        if next_token is not None:
+            query: list[tuple[str, str]] = [
+                (k, v) for k, v in request.query.items() if k != "page_token"
+            ]
+            query.append(("page_token", next_token))
+            headers["Link"] = f'<{request.path}?{urlencode(query)}>; rel="next"'
+        return web.Response(body=body, content_type=_JSON, headers=headers)
 
-async def _complete_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    data = await _body(request, frozenset({"result"}))
-    result: JSON = data.get("result")  # type: ignore[assignment]  # parsed JSON
-    rec = await state.tracker.complete(request.match_info["task_id"], result, owner=owner)
-    return _record_response(state, rec)
+    async def create_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, _CREATE_FIELDS)
+        task_type = _field(data, "task_type", str, required=True)
+        assert task_type is not None
+        callback_url = _field(data, "callback_url", str)
+        if callback_url is not None:
+            _check_callback_allowed(state, callback_url)
+        rec = await state.tracker.create(
+            task_type,
+            resource_id=_field(data, "resource_id", str),
+            metadata=_field(data, "metadata", dict),
+            owner=owner,
+            callback_url=callback_url,
+            heartbeat_timeout=_field(data, "heartbeat_timeout", float),
+        )
+        return _record_response(state, rec, 201, {"Location": _task_url(state, rec.task_id)})
 
+    async def start_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        await _body(request, frozenset())
+        rec = await state.tracker.start(request.match_info["task_id"], owner=owner)
+        return _record_response(state, rec)
 
-async def _fail_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    data = await _body(request, frozenset({"error"}))
-    error = _field(data, "error", str, required=True)
-    assert error is not None
-    rec = await state.tracker.fail(request.match_info["task_id"], error, owner=owner)
-    return _record_response(state, rec)
+    async def progress_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, frozenset({"progress", "message"}))
+        rec = await state.tracker.progress(
+            request.match_info["task_id"],
+            _field(data, "progress", float),
+            message=_field(data, "message", str),
+            owner=owner,
+        )
+        return _record_response(state, rec)
 
+    async def complete_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, frozenset({"result"}))
+        result: JSON = data.get("result")  # type: ignore[assignment]  # parsed JSON
+        rec = await state.tracker.complete(request.match_info["task_id"], result, owner=owner)
+        return _record_response(state, rec)
 
-async def _cancel_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    await _body(request, frozenset())
-    rec = await state.tracker.cancel(request.match_info["task_id"], owner=owner)
-    return _record_response(state, rec, 202)
+    async def fail_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, frozenset({"error"}))
+        error = _field(data, "error", str, required=True)
+        assert error is not None
+        rec = await state.tracker.fail(request.match_info["task_id"], error, owner=owner)
+        return _record_response(state, rec)
 
+    async def cancel_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        await _body(request, frozenset())
+        rec = await state.tracker.cancel(request.match_info["task_id"], owner=owner)
+        return _record_response(state, rec, 202)
 
-async def _delete_task(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    owner = await _owner(request)
-    await state.tracker.delete(request.match_info["task_id"], owner=owner)
-    return web.Response(status=204)
+    async def delete_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        await state.tracker.delete(request.match_info["task_id"], owner=owner)
+        return web.Response(status=204)
 
-
-async def _openapi_doc(request: web.Request) -> web.Response:
-    state = _state_of(request)
-    doc = _openapi.document(
-        prefix=state.prefix, auth=state.auth is not None, max_wait=state.max_wait
-    )
-    return web.json_response(doc)
+    async def openapi_doc(self, request: web.Request) -> web.Response:
+        state = self.state
+        doc = _openapi.document(
+            prefix=state.prefix, auth=state.auth is not None, max_wait=state.max_wait
+        )
+        return web.json_response(doc)
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -593,16 +600,17 @@ def setup(
     app.middlewares.append(_error_middleware)
     r = app.router
     p = state.prefix
-    r.add_get(p + "/tasks", _list_tasks, allow_head=False)
-    r.add_post(p + "/tasks", _create_task)
-    r.add_get(p + "/tasks/{task_id}", _get_task, allow_head=False)
-    r.add_delete(p + "/tasks/{task_id}", _delete_task)
-    r.add_post(p + "/tasks/{task_id}/start", _start_task)
-    r.add_post(p + "/tasks/{task_id}/progress", _progress_task)
-    r.add_post(p + "/tasks/{task_id}/complete", _complete_task)
-    r.add_post(p + "/tasks/{task_id}/fail", _fail_task)
-    r.add_post(p + "/tasks/{task_id}/cancel", _cancel_task)
-    r.add_get(p + "/openapi.json", _openapi_doc, allow_head=False)
+    h = _Handlers(state)
+    r.add_get(p + "/tasks", h.list_tasks, allow_head=False)
+    r.add_post(p + "/tasks", h.create_task)
+    r.add_get(p + "/tasks/{task_id}", h.get_task, allow_head=False)
+    r.add_delete(p + "/tasks/{task_id}", h.delete_task)
+    r.add_post(p + "/tasks/{task_id}/start", h.start_task)
+    r.add_post(p + "/tasks/{task_id}/progress", h.progress_task)
+    r.add_post(p + "/tasks/{task_id}/complete", h.complete_task)
+    r.add_post(p + "/tasks/{task_id}/fail", h.fail_task)
+    r.add_post(p + "/tasks/{task_id}/cancel", h.cancel_task)
+    r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False)
     return tracker
 
 
@@ -650,7 +658,7 @@ async def spawn(
     """
     try:
         state = _state_of(request)
-        owner = await _owner(request)
+        owner = await _owner(request, state)
     except BaseException:
         coro.close()
         raise
