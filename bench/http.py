@@ -143,7 +143,9 @@ def main() -> None:
     print(f"{'GET /api/v1/tasks/{id}':<32} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
     print(f"{'taskd create_app':<32} {o[0]:>10,.0f} {o[1]:>8.2f} {o[2]:>8.2f}")
     print(f"{'bare aiohttp handler':<32} {b[0]:>10,.0f} {b[1]:>8.2f} {b[2]:>8.2f}")
-    print(f"throughput ratio {o[0] / b[0]:.2f}x  (goal >= 0.9x; best of {args.rounds} alternated rounds, wrk -t1 -c32)")
+    print(
+        f"throughput ratio {o[0] / b[0]:.2f}x  (goal >= 0.9x; best of {args.rounds} alternated rounds, wrk -t1 -c32)"
+    )
 
 
 if __name__ == "__main__":

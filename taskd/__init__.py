@@ -18,6 +18,7 @@ from ._models import ANY_OWNER, JSON, AnyOwner, TaskRecord, TaskSpec, TaskStatus
 from ._redact import redact
 from ._retention import Retention
 from ._runner import report_progress
+from ._sqlite import SQLiteStore, StoreError
 from ._store import MemoryStore, Store
 from ._tracker import TaskHandle, TaskPage, Tracker, TrackerState
 
@@ -30,7 +31,9 @@ __all__ = [
     "InvalidTransition",
     "MemoryStore",
     "Retention",
+    "SQLiteStore",
     "Store",
+    "StoreError",
     "TaskConflict",
     "TaskHandle",
     "TaskNotFound",

@@ -197,6 +197,35 @@ class TaskRecord:
             "metadata": dict(self.spec.metadata),
         }
 
+    @classmethod
+    def from_dict(cls, data: Mapping[str, object]) -> TaskRecord:
+        """Build a record from its JSON object (as the HTTP API renders it).
+
+        Raises ``ValueError`` if a field is missing or of the wrong type.
+        """
+        try:
+            metadata = data.get("metadata") or {}
+            if not isinstance(metadata, Mapping):
+                raise TypeError("metadata")
+            spec = DEFAULT_SPEC if not metadata else TaskSpec(MappingProxyType(dict(metadata)))
+            return cls(
+                _str(data["task_id"]),
+                _str(data["task_type"]),
+                TaskStatus(_str(data["status"])),
+                _opt_str(data.get("resource_id")),
+                _num(data["created_at"]),
+                _num(data["updated_at"]),
+                _opt_num(data.get("started_at")),
+                _opt_num(data.get("finished_at")),
+                _opt_num(data.get("progress")),
+                _opt_str(data.get("message")),
+                cast(JSON, data.get("result")),
+                _opt_str(data.get("error")),
+                spec,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"not a task record: {exc!r}") from None
+
     def evolve(
         self,
         *,
@@ -229,6 +258,26 @@ class TaskRecord:
             error,
             self.spec,
         )
+
+
+def _str(value: object) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"expected a string, got {type(value).__name__}")
+    return value
+
+
+def _num(value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise TypeError(f"expected a number, got {type(value).__name__}")
+    return float(value)
+
+
+def _opt_str(value: object) -> str | None:
+    return None if value is None else _str(value)
+
+
+def _opt_num(value: object) -> float | None:
+    return None if value is None else _num(value)
 
 
 # --- argument checks, run in the caller before any message is sent -----------------

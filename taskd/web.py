@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
+import hmac
 import inspect
 import json
 import logging
@@ -24,7 +26,7 @@ from urllib.parse import urlencode
 
 from aiohttp import web
 
-from . import _openapi
+from . import _metrics, _openapi
 from ._errors import (
     InvalidTransition,
     TaskConflict,
@@ -42,6 +44,7 @@ __all__ = [
     "ApiError",
     "AuthCallback",
     "accepted",
+    "bearer_auth",
     "create_app",
     "error_response",
     "get_tracker",
@@ -72,6 +75,8 @@ class _State:
     prefix: str
     auth: AuthCallback | None
     max_wait: float
+    #: (method, route, status) -> requests served; None unless metrics are exported.
+    http_counts: dict[tuple[str, str, int], int] | None = None
     # id(record) -> (record, rendered JSON). Records are immutable, so a record's JSON
     # is rendered once; holding the record keeps its id from being reused.
     rendered: dict[int, tuple[TaskRecord, bytes]] = field(default_factory=dict)
@@ -185,41 +190,55 @@ def _in_api(request: web.Request) -> bool:
     )
 
 
-@web.middleware
-async def _error_middleware(
-    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-) -> web.StreamResponse:
-    """Answer every error under the API prefix with the envelope; taskd's own errors
-    raised from the application's handlers (``taskd.web.spawn``) get it too.
+def _make_middleware(state: _State) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The one middleware: errors to envelopes, and per-route request counts when the
+    app exports metrics (the standalone app)."""
+    counts = state.http_counts
 
-    The success path is a bare ``await``: this runs on every request of the app.
-    """
-    try:
-        return await handler(request)
-    except ApiError as exc:
+    @web.middleware
+    async def taskd_middleware(
+        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            response = await handler(request)
+        except Exception as exc:
+            response = _error_to_response(request, exc)
+        if counts is not None:
+            route = request.match_info.route.resource
+            key = (
+                request.method,
+                route.canonical if route is not None else "(unmatched)",
+                response.status,
+            )
+            counts[key] = counts.get(key, 0) + 1
+        return response
+
+    return taskd_middleware
+
+
+def _error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+    """Answer an error under the API prefix with the envelope; taskd's own errors raised
+    from the application's handlers (``taskd.web.spawn``) get it too. Anything else
+    outside the prefix is re-raised for aiohttp to handle as usual."""
+    if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
-    except TaskdError as exc:
+    if isinstance(exc, TaskdError):
         err = _from_taskd_error(exc)
         return error_response(err.status, err.code, err.message, err.details, err.headers)
-    except web.HTTPException as exc:
+    if isinstance(exc, web.HTTPException):
         if exc.status < 400 or not _in_api(request):
-            raise
+            raise exc
         code = _HTTP_CODES.get(exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return error_response(exc.status, code, exc.reason, None, headers)
-    except (ValueError, TypeError) as exc:
-        if not _in_api(request):
-            raise
+    if not _in_api(request):
+        raise exc
+    if isinstance(exc, ValueError | TypeError):
         # The tracker's argument checks: the request carried a bad value.
         return error_response(400, "INVALID_ARGUMENT", str(exc))
-    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
-        raise
-    except Exception:
-        if not _in_api(request):
-            raise
-        # A bug of ours: log it, but never leak a traceback to the client.
-        log.exception("taskd: unhandled error in %s %s", request.method, request.path)
-        return error_response(500, "INTERNAL", "internal error")
+    # A bug of ours: log it, but never leak a traceback to the client.
+    log.error("taskd: unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    return error_response(500, "INTERNAL", "internal error")
 
 
 # --- auth -------------------------------------------------------------------------------
@@ -569,6 +588,7 @@ def setup(
     prefix: str = "/api/v1",
     auth: AuthCallback | None = None,
     max_wait: float = MAX_WAIT,
+    _metrics: bool = False,
 ) -> Tracker:
     """Install a tracker on ``app`` and register the task routes under ``prefix``.
 
@@ -589,7 +609,7 @@ def setup(
     if not 0 < max_wait <= MAX_WAIT:
         raise ValueError(f"max_wait must be > 0 and <= {MAX_WAIT:g}")
     tracker = Tracker(retention=retention, store=store, close_timeout=close_timeout)
-    state = _State(tracker, _check_prefix(prefix), auth, float(max_wait))
+    state = _State(tracker, _check_prefix(prefix), auth, float(max_wait), {} if _metrics else None)
     app[_STATE] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -597,7 +617,7 @@ def setup(
             yield
 
     app.cleanup_ctx.append(lifecycle)
-    app.middlewares.append(_error_middleware)
+    app.middlewares.append(_make_middleware(state))
     r = app.router
     p = state.prefix
     h = _Handlers(state)
@@ -623,10 +643,12 @@ def create_app(
     auth: AuthCallback | None = None,
     max_wait: float = MAX_WAIT,
     client_max_size: int = MAX_BODY,
+    demo: bool = False,
 ) -> web.Application:
-    """The standalone application: the task API under ``prefix`` and ``/health``."""
+    """The standalone application: the task API under ``prefix``, ``/health`` and
+    ``/metrics``; with ``demo``, a stream of simulated jobs."""
     app = web.Application(client_max_size=client_max_size)
-    setup(
+    tracker = setup(
         app,
         retention=retention,
         store=store,
@@ -634,9 +656,53 @@ def create_app(
         prefix=prefix,
         auth=auth,
         max_wait=max_wait,
+        _metrics=True,
     )
     app.router.add_get("/health", _health, allow_head=False)
+    app.router.add_get("/metrics", _metrics_handler, allow_head=False)
+    if demo:
+
+        async def demo_jobs(app: web.Application) -> AsyncIterator[None]:
+            from ._demo import run_demo
+
+            job = asyncio.get_running_loop().create_task(run_demo(tracker), name="taskd-demo")
+            yield
+            job.cancel()  # cleanup runs this before the tracker's: stop feeding it first
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+
+        app.cleanup_ctx.append(demo_jobs)
     return app
+
+
+def bearer_auth(tokens: Mapping[str, str | None]) -> AuthCallback:
+    """An ``auth`` callback for ``Authorization: Bearer <token>``; ``tokens`` maps each
+    token to its owner. Tokens are compared in constant time, all of them every time."""
+    if not tokens:
+        raise ValueError("bearer_auth needs at least one token")
+    table = [(token.encode(), owner or "default") for token, owner in tokens.items()]
+
+    def auth(request: web.Request) -> str:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        presented = given.strip().encode()
+        owner: str | None = None
+        for token, who in table:
+            if hmac.compare_digest(token, presented) and scheme.lower() == "bearer":
+                owner = who
+        if owner is None:
+            raise web.HTTPUnauthorized(
+                headers={"WWW-Authenticate": 'Bearer realm="taskd"'}, reason="Unauthorized"
+            )
+        return owner
+
+    return auth
+
+
+async def _metrics_handler(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    stats = await state.tracker.stats()
+    body = _metrics.render(stats, state.http_counts or {})
+    return web.Response(body=body, headers={"Content-Type": _metrics.CONTENT_TYPE})
 
 
 # --- helpers for the application's own handlers -----------------------------------------

@@ -1,0 +1,311 @@
+"""``TaskdClient``: an async client for the taskd HTTP API, built on aiohttp.
+
+One method per route; records come back as ``taskd.TaskRecord``. Error envelopes
+become exceptions of taskd's tree: ``TaskNotFound`` (404), ``TaskConflict`` (409
+``CONFLICT``), ``InvalidTransition`` (409 ``FAILED_PRECONDITION``) and ``ApiError``
+for the rest (``.status``, ``.code``, ``.details``, ``.retry_after``). A server that
+cannot be reached raises ``ServerUnreachable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Final
+
+import aiohttp
+
+from ._errors import InvalidTransition, TaskConflict, TaskdError, TaskNotFound
+from ._models import JSON, TaskRecord
+
+__all__ = ["ApiError", "ClientPage", "ServerUnreachable", "TaskdClient"]
+
+DEFAULT_URL: Final = "http://127.0.0.1:8080"
+
+
+class ApiError(TaskdError):
+    """The server answered with the error envelope."""
+
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        message: str,
+        details: Mapping[str, JSON] | None = None,
+        retry_after: float | None = None,
+    ) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.details = details
+        self.retry_after = retry_after
+
+
+class ServerUnreachable(TaskdError):
+    """The server could not be reached (refused, reset, timed out)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ClientPage:
+    """One page of ``list``; pass ``next_page_token`` back for the next page."""
+
+    records: tuple[TaskRecord, ...]
+    next_page_token: str | None
+
+
+def _retry_after(headers: Mapping[str, str]) -> float | None:
+    try:
+        return max(float(headers["Retry-After"]), 0.0)
+    except (KeyError, ValueError):
+        return None
+
+
+class TaskdClient:
+    """Talks to a taskd server. Use as ``async with TaskdClient(url) as client``."""
+
+    def __init__(
+        self,
+        base_url: str = DEFAULT_URL,
+        token: str | None = None,
+        *,
+        prefix: str = "/api/v1",
+        request_timeout: float = 30.0,
+    ) -> None:
+        if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
+        if token is not None and not isinstance(token, str):
+            raise TypeError("token must be a str or None")
+        self.base_url = base_url.rstrip("/")
+        self._api = self.base_url + prefix
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = request_timeout
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> TaskdClient:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the underlying HTTP session; idempotent."""
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+    def _http(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(headers=self._headers)
+        return self._session
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Sequence[tuple[str, str]] | None = None,
+        body: Mapping[str, object] | None = None,
+        timeout: float | None = None,
+        base: str | None = None,
+    ) -> tuple[int, Mapping[str, str], object]:
+        url = (base if base is not None else self._api) + path
+        try:
+            async with self._http().request(
+                method,
+                url,
+                params=params,
+                data=None if body is None else json.dumps(body),
+                headers={"Content-Type": "application/json"} if body is not None else None,
+                timeout=aiohttp.ClientTimeout(total=timeout or self._timeout),
+            ) as resp:
+                raw = await resp.read()
+                headers = dict(resp.headers)
+                status = resp.status
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise ServerUnreachable(f"cannot reach taskd at {self.base_url}: {exc}") from exc
+        data: object = None
+        if raw:
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+        if status >= 400:
+            raise self._error(status, headers, data)
+        return status, headers, data
+
+    def _error(self, status: int, headers: Mapping[str, str], data: object) -> TaskdError:
+        err = data.get("error") if isinstance(data, dict) else None
+        if not isinstance(err, dict):
+            return ApiError(status, "HTTP_ERROR", f"HTTP {status}", None, _retry_after(headers))
+        code = str(err.get("code"))
+        message = str(err.get("message"))
+        details = err.get("details") if isinstance(err.get("details"), dict) else None
+        task_id = str(details.get("task_id")) if details else ""
+        if code == "NOT_FOUND" and task_id:
+            return TaskNotFound(task_id)
+        if code == "CONFLICT" and task_id:
+            return TaskConflict(task_id, "", "")
+        if code == "FAILED_PRECONDITION" and task_id:
+            status_now = str(details.get("status", "")) if details else ""
+            return InvalidTransition(task_id, status_now, message)
+        return ApiError(status, code, message, details, _retry_after(headers))
+
+    @staticmethod
+    def _record(data: object) -> TaskRecord:
+        if not isinstance(data, dict) or not isinstance(data.get("result"), dict):
+            raise ApiError(200, "BAD_RESPONSE", "the server's answer is not a task record")
+        return TaskRecord.from_dict(data["result"])
+
+    # --- one method per route -----------------------------------------------------------
+
+    async def health(self) -> bool:
+        """True when ``GET /health`` answers ok."""
+        _, _, data = await self._request("GET", "/health", base=self.base_url)
+        return isinstance(data, dict) and data.get("status") == "ok"
+
+    async def get(self, task_id: str) -> TaskRecord:
+        """The task's record (``TaskNotFound`` if unknown, expired or another owner's)."""
+        _, _, data = await self._request("GET", f"/tasks/{task_id}")
+        return self._record(data)
+
+    async def poll(self, task_id: str, wait: float) -> TaskRecord:
+        """Long-poll: the record as soon as it is terminal, else after ``wait`` seconds."""
+        _, _, data = await self._request(
+            "GET", f"/tasks/{task_id}", params=[("wait", f"{wait:g}")], timeout=wait + 15
+        )
+        return self._record(data)
+
+    async def list(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        task_type: str | None = None,
+        resource_id: str | None = None,
+        limit: int = 50,
+        page_token: str | None = None,
+    ) -> ClientPage:
+        """One page of tasks, newest first."""
+        params: list[tuple[str, str]] = [("limit", str(limit))]
+        for value in [status] if isinstance(status, str) else status or ():
+            params.append(("status", value))
+        if task_type is not None:
+            params.append(("task_type", task_type))
+        if resource_id is not None:
+            params.append(("resource_id", resource_id))
+        if page_token is not None:
+            params.append(("page_token", page_token))
+        _, _, data = await self._request("GET", "/tasks", params=params)
+        if not isinstance(data, dict) or not isinstance(data.get("result"), list):
+            raise ApiError(200, "BAD_RESPONSE", "the server's answer is not a task list")
+        token = data.get("next_page_token")
+        return ClientPage(
+            tuple(TaskRecord.from_dict(r) for r in data["result"]),
+            token if isinstance(token, str) else None,
+        )
+
+    async def create(
+        self,
+        task_type: str,
+        *,
+        resource_id: str | None = None,
+        metadata: Mapping[str, JSON] | None = None,
+        callback_url: str | None = None,
+        heartbeat_timeout: float | None = None,
+    ) -> TaskRecord:
+        """Register an external task (``POST /tasks``)."""
+        body: dict[str, object] = {"task_type": task_type}
+        for key, value in (
+            ("resource_id", resource_id),
+            ("metadata", metadata),
+            ("callback_url", callback_url),
+            ("heartbeat_timeout", heartbeat_timeout),
+        ):
+            if value is not None:
+                body[key] = value
+        _, _, data = await self._request("POST", "/tasks", body=body)
+        return self._record(data)
+
+    async def start(self, task_id: str) -> TaskRecord:
+        """``POST /tasks/{id}/start``."""
+        return self._record((await self._request("POST", f"/tasks/{task_id}/start"))[2])
+
+    async def progress(
+        self, task_id: str, progress: float | None = None, *, message: str | None = None
+    ) -> TaskRecord:
+        """``POST /tasks/{id}/progress``; the record's status says if cancellation was asked."""
+        body: dict[str, object] = {}
+        if progress is not None:
+            body["progress"] = progress
+        if message is not None:
+            body["message"] = message
+        return self._record(
+            (await self._request("POST", f"/tasks/{task_id}/progress", body=body))[2]
+        )
+
+    async def complete(self, task_id: str, result: JSON = None) -> TaskRecord:
+        """``POST /tasks/{id}/complete``."""
+        body = {"result": result}
+        return self._record(
+            (await self._request("POST", f"/tasks/{task_id}/complete", body=body))[2]
+        )
+
+    async def fail(self, task_id: str, error: str) -> TaskRecord:
+        """``POST /tasks/{id}/fail`` (the server redacts ``error``)."""
+        body = {"error": error}
+        return self._record((await self._request("POST", f"/tasks/{task_id}/fail", body=body))[2])
+
+    async def cancel(self, task_id: str) -> TaskRecord:
+        """``POST /tasks/{id}/cancel``: the record, ``cancelling`` or ``cancelled``."""
+        return self._record((await self._request("POST", f"/tasks/{task_id}/cancel"))[2])
+
+    async def delete(self, task_id: str) -> None:
+        """``DELETE /tasks/{id}`` (terminal tasks only)."""
+        await self._request("DELETE", f"/tasks/{task_id}")
+
+    async def openapi(self) -> dict[str, object]:
+        """The server's OpenAPI document."""
+        _, _, data = await self._request("GET", "/openapi.json")
+        if not isinstance(data, dict):
+            raise ApiError(200, "BAD_RESPONSE", "the OpenAPI document is not an object")
+        return data
+
+    async def wait(
+        self, task_id: str, timeout: float | None = None, *, poll_wait: float = 30.0
+    ) -> TaskRecord:
+        """The terminal record, by long-polling. Rides out server restarts and 503s:
+        while the server is unreachable or unavailable it retries, honouring
+        ``Retry-After`` or backing off up to 5 s. ``TimeoutError`` after ``timeout``."""
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        backoff = 0.25
+        while True:
+            remaining = None if deadline is None else deadline - loop.time()
+            if remaining is not None and remaining <= 0:
+                raise TimeoutError(f"task {task_id} did not finish within {timeout} seconds")
+            wait = poll_wait if remaining is None else max(min(poll_wait, remaining), 0.001)
+            try:
+                rec = await self.poll(task_id, wait)
+            except ServerUnreachable:
+                pause = backoff
+            except ApiError as exc:
+                if exc.status != 503:
+                    raise
+                pause = exc.retry_after if exc.retry_after is not None else backoff
+            else:
+                if rec.is_terminal:
+                    return rec
+                backoff = 0.25
+                continue
+            backoff = min(backoff * 2, 5.0)
+            if remaining is not None:
+                pause = min(pause, max(remaining, 0))
+            await asyncio.sleep(pause)
