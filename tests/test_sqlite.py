@@ -1,0 +1,261 @@
+"""Durability (SPEC §10): the SQLite store, in-process and under a real kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+import taskd
+from taskd import TaskStatus as S
+
+from .conftest import FakeClock
+from .service import Service, cli
+
+API = "/api/v1"
+
+
+async def test_records_round_trip_with_every_field(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as t:
+        a = await t.create(
+            "reindex",
+            resource_id="idx",
+            metadata={"by": "cron", "n": [1, 2]},
+            owner="alice",
+            heartbeat_timeout=300,
+        )
+        await t.start(a.task_id)
+        a = await t.progress(a.task_id, 0.25, message="quarter")
+        b = await t.create("x")
+        await t.start(b.task_id)
+        b = await t.complete(b.task_id, {"docs": [1, {"k": None}]})
+        c = await t.create("x")
+        c = await t.fail(c.task_id, "token=abc")
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as t:
+        assert await t.get(a.task_id) == a
+        assert await t.get(b.task_id) == b
+        assert await t.get(c.task_id) == c
+        got = await t.get(a.task_id)
+        assert got is not None and got.owner == "alice" and got.heartbeat_timeout == 300
+        assert [r.task_id for r in await t.list()] == [c.task_id, b.task_id, a.task_id]
+        # indexes were rebuilt: dedup and filters work after a restart
+        with pytest.raises(taskd.TaskConflict):
+            await t.create("reindex", resource_id="idx", owner="alice")
+        assert [r.task_id for r in await t.list(status="failed")] == [c.task_id]
+        # and new ids still sort after the old ones
+        d = await t.create("x")
+        assert (await t.list(limit=1))[0].task_id == d.task_id
+
+
+async def test_in_process_tasks_are_failed_as_interrupted(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    t = taskd.Tracker(store=taskd.SQLiteStore(db))
+    await t.__aenter__()
+    handle = await t.spawn(asyncio.sleep(60), task_type="x", resource_id="r")
+    external = await t.create("ext")
+    await t.start(external.task_id)
+    # Simulate the process dying: the actor stops without a shutdown.
+    assert t._actor_task is not None
+    t._actor_task.cancel()
+    await asyncio.gather(t._actor_task, return_exceptions=True)
+    await t._options.store.close()
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as again:
+        rec = await again.get(handle.task_id)
+        assert rec is not None and rec.status is S.FAILED
+        assert rec.error == "interrupted: tracker restarted"
+        ext = await again.get(external.task_id)
+        assert ext is not None and ext.status is S.RUNNING  # external: left as it was
+        # the key of the interrupted task is free again
+        await again.create("x", resource_id="r")
+    for task in asyncio.all_tasks():
+        if task is not asyncio.current_task() and "sleep" in repr(task.get_coro()):
+            task.cancel()
+
+
+async def test_ttl_purge_survives_restart(tmp_path: Path, clock: FakeClock) -> None:
+    db = tmp_path / "t.db"
+    retention = taskd.Retention(completed_ttl=100)
+    async with taskd.Tracker(store=taskd.SQLiteStore(db), clock=clock, retention=retention) as t:
+        old = await t.create("x")
+        await t.start(old.task_id)
+        await t.complete(old.task_id)
+        keep = await t.create("x")
+    clock.advance(101)
+    async with taskd.Tracker(store=taskd.SQLiteStore(db), clock=clock, retention=retention) as t:
+        assert await t.get(old.task_id) is None
+        assert await t.get(keep.task_id) is not None
+    with sqlite3.connect(db) as conn:
+        ids = {row[0] for row in conn.execute("SELECT task_id FROM tasks")}
+    assert ids == {keep.task_id}  # purged from disk, not only from memory
+
+
+async def test_heartbeat_applies_after_restart(tmp_path: Path, clock: FakeClock) -> None:
+    db = tmp_path / "t.db"
+    async with taskd.Tracker(store=taskd.SQLiteStore(db), clock=clock) as t:
+        rec = await t.create("x", heartbeat_timeout=10)
+        await t.start(rec.task_id)
+    clock.advance(11)
+    async with taskd.Tracker(store=taskd.SQLiteStore(db), clock=clock) as t:
+        await t.get(rec.task_id)
+        got = await t.get(rec.task_id)
+        assert got is not None and got.status is S.FAILED and got.error == "heartbeat timeout"
+
+
+async def test_second_tracker_on_the_same_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)):
+        with pytest.raises(taskd.StoreError, match="in use"):
+            async with taskd.Tracker(store=taskd.SQLiteStore(db)):
+                pass
+
+
+async def test_store_write_failure_stops_the_tracker(tmp_path: Path) -> None:
+    db = tmp_path / "t.db"
+    t = taskd.Tracker(store=taskd.SQLiteStore(db))
+    await t.__aenter__()
+    await t.create("x")
+    conn = t._options.store._conn  # type: ignore[attr-defined]
+    # Make the next commit fail for real: drop the table under the store's feet.
+    t._options.store._executor.submit(conn.execute, "DROP TABLE tasks").result()  # type: ignore[attr-defined]
+    with pytest.raises(taskd.TrackerClosed):
+        await asyncio.wait_for(t.create("y"), 5)  # never acknowledged
+    with pytest.raises(taskd.TrackerClosed):
+        await t.get("anything")
+    await t.aclose()
+
+
+def test_store_options_are_checked() -> None:
+    with pytest.raises(TypeError):
+        taskd.SQLiteStore(42)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        taskd.SQLiteStore("x.db", synchronous="SOMETIMES")
+
+
+# --- the service -----------------------------------------------------------------
+
+
+def test_corrupt_file_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:
+    db = tmp_path / "corrupt.db"
+    junk = b"this is not a database " * 100
+    db.write_bytes(junk)
+    s = Service(tmp_path, "--db", str(db)).start(wait=False)
+    assert s.proc is not None and s.proc.wait(20) != 0
+    s.stop()
+    assert "corrupt or not a database" in s.log() and "Traceback" not in s.log()
+    assert db.read_bytes() == junk
+
+
+def test_foreign_sqlite_file_is_refused(tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    with sqlite3.connect(db) as conn:
+        conn.execute("CREATE TABLE users (id INTEGER)")
+    before = db.read_bytes()
+    out = cli("serve", "--db", str(db), "--port", "1")
+    assert out.returncode != 0 and "not a taskd one" in out.stderr + out.stdout
+    assert db.read_bytes() == before
+
+
+def test_locked_file_second_server_refused(tmp_path: Path) -> None:
+    db = tmp_path / "tasks.db"
+    with Service(tmp_path, "--db", str(db)):
+        second = Service(tmp_path, "--db", str(db)).start(wait=False)
+        assert second.proc is not None and second.proc.wait(20) != 0
+        second.stop()
+        assert "in use by another taskd process" in second.log()
+
+
+def test_unwritable_paths_are_refused(tmp_path: Path) -> None:
+    # /proc takes no new files, even for root (these tests run as root in CI).
+    out = cli("serve", "--db", "/proc/taskd-test.db", "--port", "1")
+    assert out.returncode != 0 and "cannot use" in out.stderr + out.stdout
+    out = cli("serve", "--db", str(tmp_path / "missing-dir" / "tasks.db"), "--port", "1")
+    assert out.returncode != 0 and "cannot use" in out.stderr + out.stdout
+    out = cli("serve", "--db", str(tmp_path), "--port", "1")  # a directory
+    assert out.returncode != 0 and "is a directory" in out.stderr + out.stdout
+
+
+_RANK = {"pending": 0, "running": 1, "completed": 2, "failed": 2, "cancelled": 2}
+
+
+async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
+    db = tmp_path / "tasks.db"
+    s = Service(tmp_path, "--db", str(db)).start()
+    acked: dict[str, dict[str, Any]] = {}  # task_id -> latest acknowledged record
+    stop = asyncio.Event()
+
+    async def worker(session: aiohttp.ClientSession, n: int) -> None:
+        i = 0
+        while not stop.is_set():
+            i += 1
+            try:
+                async with session.post(
+                    f"{s.url}{API}/tasks", json={"task_type": "load", "resource_id": f"w{n}-{i}"}
+                ) as resp:
+                    if resp.status != 201:
+                        continue
+                    rec = (await resp.json())["result"]
+                    acked[rec["task_id"]] = rec
+                for step, body in (("start", None), ("complete", {"result": i})):
+                    async with session.post(
+                        f"{s.url}{API}/tasks/{rec['task_id']}/{step}", json=body
+                    ) as resp:
+                        if resp.status != 200:
+                            break
+                        acked[rec["task_id"]] = (await resp.json())["result"]
+            except (TimeoutError, aiohttp.ClientError):
+                return  # the server is gone
+
+    async with aiohttp.ClientSession() as session:
+        workers = [asyncio.ensure_future(worker(session, n)) for n in range(16)]
+        await asyncio.sleep(2.0)
+        s.send(signal.SIGKILL)  # mid-load, no shutdown at all
+        await asyncio.sleep(0.5)
+        stop.set()
+        await asyncio.gather(*workers)
+    s.stop()
+    assert len(acked) > 50
+    with Service(tmp_path, "--db", str(db)) as again:
+        async with aiohttp.ClientSession() as session:
+            for task_id, rec in acked.items():
+                async with session.get(f"{again.url}{API}/tasks/{task_id}") as resp:
+                    assert resp.status == 200, task_id
+                    now = (await resp.json())["result"]
+                assert _RANK[now["status"]] >= _RANK[rec["status"]], (rec, now)
+                assert now["updated_at"] >= rec["updated_at"]
+                if rec["status"] == "completed":
+                    assert now == rec  # terminal: exactly as acknowledged
+
+
+def test_restart_after_demo_kill_fails_running_jobs_as_interrupted(tmp_path: Path) -> None:
+    import json
+    import time
+    import urllib.request
+
+    db = tmp_path / "tasks.db"
+    s = Service(tmp_path, "--demo", "--db", str(db)).start()
+    running: list[str] = []
+    deadline = time.monotonic() + 20
+    while not running and time.monotonic() < deadline:
+        with urllib.request.urlopen(f"{s.url}{API}/tasks?status=running") as resp:
+            running = [r["task_id"] for r in json.loads(resp.read())["result"]]
+        time.sleep(0.2)
+    assert running
+    s.send(signal.SIGKILL)
+    s.stop()
+    with Service(tmp_path, "--db", str(db)) as again:
+        interrupted = 0
+        for task_id in running:
+            with urllib.request.urlopen(f"{again.url}{API}/tasks/{task_id}") as resp:
+                rec = json.loads(resp.read())["result"]
+            # a job may have ended in the instant between the listing and the kill
+            assert rec["status"] in ("failed", "completed", "cancelled")
+            interrupted += rec["error"] == "interrupted: tracker restarted"
+        assert interrupted >= 1
+        with urllib.request.urlopen(f"{again.url}{API}/tasks?status=running") as resp:
+            assert json.loads(resp.read())["result"] == []
