@@ -20,10 +20,11 @@ import os
 import sqlite3
 from collections.abc import Collection, Sequence
 from pathlib import Path
+from types import MappingProxyType
 from typing import Final
 
 from ._errors import TaskdError
-from ._models import DEFAULT_SPEC, TaskRecord, TaskSpec
+from ._models import DEFAULT_SPEC, TaskRecord, TaskSpec, TaskStatus
 
 __all__ = ["SQLiteStore", "StoreError"]
 
@@ -36,37 +37,22 @@ class StoreError(TaskdError):
     corrupt, or of a newer schema."""
 
 
-def _encode(rec: TaskRecord) -> str:
-    data = rec.to_dict()
-    del data["created_at_iso"], data["updated_at_iso"]
+_COLUMNS: Final = (
+    "task_id, task_type, status, resource_id, created_at, updated_at, started_at,"
+    " finished_at, progress, message, result, error, metadata, owner, in_process,"
+    " callback_url, heartbeat_timeout"
+)
+_Row = tuple[object, ...]
+_UPSERT: Final = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
+
+
+def _encode(rec: TaskRecord) -> _Row:
+    # One column per field: only result and metadata need JSON, and only when set.
     spec = rec.spec
-    data["owner"] = spec.owner
-    data["in_process"] = spec.in_process
-    data["callback_url"] = spec.callback_url
-    data["heartbeat_timeout"] = spec.heartbeat_timeout
-    return json.dumps(data, separators=(",", ":"))
-
-
-def _decode(text: str) -> TaskRecord:
-    data = json.loads(text)
-    rec = TaskRecord.from_dict(data)
-    owner = data.get("owner")
-    in_process = bool(data.get("in_process"))
-    callback_url = data.get("callback_url")
-    heartbeat = data.get("heartbeat_timeout")
-    if owner is None and not in_process and callback_url is None and heartbeat is None:
-        return rec  # from_dict already gave it the right (maybe shared default) spec
-    spec = TaskSpec(
-        rec.metadata if rec.metadata else DEFAULT_SPEC.metadata,
-        owner,
-        in_process,
-        callback_url,
-        None if heartbeat is None else float(heartbeat),
-    )
-    return TaskRecord(
+    return (
         rec.task_id,
         rec.task_type,
-        rec.status,
+        rec.status.value,
         rec.resource_id,
         rec.created_at,
         rec.updated_at,
@@ -74,8 +60,59 @@ def _decode(text: str) -> TaskRecord:
         rec.finished_at,
         rec.progress,
         rec.message,
-        rec.result,
+        None if rec.result is None else json.dumps(rec.result, separators=(",", ":")),
         rec.error,
+        json.dumps(dict(spec.metadata), separators=(",", ":")) if spec.metadata else None,
+        spec.owner,
+        1 if spec.in_process else 0,
+        spec.callback_url,
+        spec.heartbeat_timeout,
+    )
+
+
+def _decode(row: Sequence[object]) -> TaskRecord:
+    (
+        task_id,
+        task_type,
+        status,
+        resource_id,
+        created_at,
+        updated_at,
+        started_at,
+        finished_at,
+        progress,
+        message,
+        result,
+        error,
+        metadata,
+        owner,
+        in_process,
+        callback_url,
+        heartbeat_timeout,
+    ) = row
+    meta = json.loads(metadata) if isinstance(metadata, str) else None
+    spec = DEFAULT_SPEC
+    if meta or owner is not None or in_process or callback_url is not None or heartbeat_timeout:
+        spec = TaskSpec(
+            MappingProxyType(meta) if meta else DEFAULT_SPEC.metadata,
+            owner,  # type: ignore[arg-type]
+            bool(in_process),
+            callback_url,  # type: ignore[arg-type]
+            heartbeat_timeout,  # type: ignore[arg-type]
+        )
+    return TaskRecord(
+        task_id,  # type: ignore[arg-type]
+        task_type,  # type: ignore[arg-type]
+        TaskStatus(str(status)),
+        resource_id,  # type: ignore[arg-type]
+        created_at,  # type: ignore[arg-type]
+        updated_at,  # type: ignore[arg-type]
+        started_at,  # type: ignore[arg-type]
+        finished_at,  # type: ignore[arg-type]
+        progress,  # type: ignore[arg-type]
+        message,  # type: ignore[arg-type]
+        json.loads(result) if isinstance(result, str) else None,
+        error,  # type: ignore[arg-type]
         spec,
     )
 
@@ -161,34 +198,40 @@ class SQLiteStore:
                 conn.execute("INSERT INTO taskd_schema VALUES (?)", (SCHEMA_VERSION,))
             # The id sorts in creation order, so the primary key is also the load order.
             conn.execute(
-                "CREATE TABLE IF NOT EXISTS tasks (task_id TEXT PRIMARY KEY, record TEXT NOT NULL)"
-                " WITHOUT ROWID"
+                "CREATE TABLE IF NOT EXISTS tasks ("
+                " task_id TEXT PRIMARY KEY, task_type TEXT NOT NULL, status TEXT NOT NULL,"
+                " resource_id TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+                " started_at REAL, finished_at REAL, progress REAL, message TEXT,"
+                " result TEXT, error TEXT, metadata TEXT, owner TEXT,"
+                " in_process INTEGER NOT NULL, callback_url TEXT, heartbeat_timeout REAL"
+                ") WITHOUT ROWID"
             )
             conn.execute("COMMIT")
-            rows = conn.execute("SELECT record FROM tasks ORDER BY task_id").fetchall()
-            return [_decode(row[0]) for row in rows]
+            rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks ORDER BY task_id").fetchall()
+            return [_decode(row) for row in rows]
         except StoreError:
             raise
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"cannot use {path}: {exc} (corrupt or not a database?)") from None
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"{path} holds a record taskd cannot read: {exc}") from None
 
     async def write(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> None:
         """Apply one batch in one transaction; returns once it is committed."""
-        rows = [(rec.task_id, _encode(rec)) for rec in upserts]
-        gone = [(task_id,) for task_id in deletes]
-        await self._run(self._write_sync, rows, gone)
+        # Records are immutable, so the writer thread may encode them: the JSON work
+        # overlaps with the event loop instead of running on it.
+        await self._run(self._write_sync, upserts, deletes)
 
-    def _write_sync(self, rows: list[tuple[str, str]], gone: list[tuple[str]]) -> None:
+    def _write_sync(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> None:
         conn = self._conn
         assert conn is not None
+        rows = [_encode(rec) for rec in upserts]
         conn.execute("BEGIN")
         try:
             if rows:
-                conn.executemany("INSERT OR REPLACE INTO tasks VALUES (?, ?)", rows)
-            if gone:
-                conn.executemany("DELETE FROM tasks WHERE task_id = ?", gone)
+                conn.executemany(_UPSERT, rows)
+            if deletes:
+                conn.executemany("DELETE FROM tasks WHERE task_id = ?", [(i,) for i in deletes])
             conn.execute("COMMIT")
         except BaseException:
             if conn.in_transaction:
