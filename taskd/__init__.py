@@ -21,6 +21,7 @@ from ._runner import report_progress
 from ._sqlite import SQLiteStore, StoreError
 from ._store import MemoryStore, Store
 from ._tracker import TaskHandle, TaskPage, Tracker, TrackerState
+from ._webhooks import Webhooks
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "TrackerClosed",
     "TrackerFull",
     "TrackerState",
+    "Webhooks",
     "__version__",
     "redact",
     "report_progress",

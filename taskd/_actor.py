@@ -16,6 +16,7 @@ import logging
 import math
 import secrets
 from bisect import bisect_left
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final
@@ -51,6 +52,7 @@ from ._watch import Subscription
 log = logging.getLogger("taskd")
 
 MAX_BATCH: Final = 512
+RECENT_EVENTS: Final = 512
 # Deadline kinds in the timer heap.
 _HEARTBEAT: Final = 0
 _TIMEOUT: Final = 1
@@ -108,6 +110,8 @@ class Actor:
         self._clock = clock
         self.closed = False
         self.commands = 0
+        #: Called with each terminal record that has a callback_url, after its commit.
+        self.on_terminal: Callable[[TaskRecord], None] | None = None
 
         self._records: dict[str, TaskRecord] = {}
         self._by_status: dict[TaskStatus, SortedList] = {s: SortedList() for s in TaskStatus}
@@ -130,6 +134,9 @@ class Actor:
         self._task_subs: dict[str, list[Subscription]] = {}
         self._global_subs: list[Subscription] = []
 
+        # The latest changes, for Last-Event-ID resumption of event streams. Small on
+        # purpose: it keeps old record versions alive.
+        self._recent: deque[tuple[int, TaskRecord]] = deque(maxlen=RECENT_EVENTS)
         self._now = 0.0
         # Earliest deadline of any timer (may be early, never late), and the instant
         # the loop timer is armed for.
@@ -300,6 +307,8 @@ class Actor:
                     for sub in subs:
                         sub.end()
                     del task_subs[rec.task_id]
+                if rec.spec.callback_url is not None and self.on_terminal is not None:
+                    self.on_terminal(rec)
                 waiters = self._waiters.pop(rec.task_id, None)
                 if waiters:
                     for w in waiters:
@@ -494,6 +503,7 @@ class Actor:
         self._dirty[tid] = new
         self._event_seq += 1
         self._changed.append((self._event_seq, new))
+        self._recent.append((self._event_seq, new))
 
     def _change(
         self,
@@ -592,6 +602,7 @@ class Actor:
         self._dirty[task_id] = rec
         self._event_seq += 1
         self._changed.append((self._event_seq, rec))
+        self._recent.append((self._event_seq, rec))
         return rec
 
     def _oldest_terminal(self) -> str:
@@ -799,16 +810,34 @@ class Actor:
 
     def _on_subscribe(self, msg: m.Subscribe) -> TaskRecord | None:
         sub = msg.subscription
-        sub.since = self._event_seq  # earlier changes of this batch are already seen
+        rec = None if sub.task_id is None else self._visible(sub.task_id, sub.owner)
+        self._replay(sub)
+        sub.since = self._event_seq  # earlier changes are in the reply or the replay
         if sub.task_id is None:
             self._global_subs.append(sub)
             return None
-        rec = self._visible(sub.task_id, sub.owner)
+        assert rec is not None
         if rec.status in TERMINAL:
             sub.end()
         else:
             self._task_subs.setdefault(rec.task_id, []).append(sub)
         return rec
+
+    def _replay(self, sub: Subscription) -> None:
+        """Push the changes a resuming subscriber missed, if all are still held."""
+        after = sub.resume_from
+        recent = self._recent
+        if after is None or after > self._event_seq:
+            return
+        if after < self._event_seq and (not recent or recent[0][0] > after + 1):
+            return  # some are gone: the subscriber gets the current state instead
+        sub.since = after
+        for seq, rec in recent:
+            # matches() checks the owner; a per-task subscriber was checked by _visible
+            wanted = rec.task_id == sub.task_id if sub.task_id is not None else sub.matches(rec)
+            if seq > after and wanted:
+                sub.push(seq, rec)
+        sub.resumed = True
 
     def _on_unsubscribe(self, msg: m.Unsubscribe) -> None:
         sub = msg.subscription

@@ -191,6 +191,50 @@ def _body(schema: str, *, required: bool) -> _Doc:
     }
 
 
+_LAST_EVENT_ID: Final[_Doc] = {
+    "name": "Last-Event-ID",
+    "in": "header",
+    "required": False,
+    "description": "Resume after this event id, if the server still holds the events",
+    "schema": {"type": "string"},
+}
+
+
+def _list_filters() -> list[_Doc]:
+    return [
+        {
+            "name": "status",
+            "in": "query",
+            "description": "Repeatable; values may also be comma-separated",
+            "schema": {"type": "array", "items": {"type": "string", "enum": _STATUSES}},
+            "style": "form",
+            "explode": True,
+        },
+        {
+            "name": "task_type",
+            "in": "query",
+            "schema": {"type": "string", "pattern": TASK_TYPE_PATTERN},
+        },
+        {
+            "name": "resource_id",
+            "in": "query",
+            "schema": {
+                "type": "string",
+                "minLength": 1,
+                "maxLength": MAX_RESOURCE_ID_CHARS,
+                "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+            },
+        },
+    ]
+
+
+def _sse(description: str) -> _Doc:
+    return {
+        "description": description,
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    }
+
+
 def _responses(own: dict[str, _Doc], common: dict[str, _Doc]) -> _Doc:
     return {**own, **common}
 
@@ -239,32 +283,7 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
                 "summary": "List tasks, newest first",
                 "operationId": "listTasks",
                 "parameters": [
-                    {
-                        "name": "status",
-                        "in": "query",
-                        "description": "Repeatable; values may also be comma-separated",
-                        "schema": {
-                            "type": "array",
-                            "items": {"type": "string", "enum": _STATUSES},
-                        },
-                        "style": "form",
-                        "explode": True,
-                    },
-                    {
-                        "name": "task_type",
-                        "in": "query",
-                        "schema": {"type": "string", "pattern": TASK_TYPE_PATTERN},
-                    },
-                    {
-                        "name": "resource_id",
-                        "in": "query",
-                        "schema": {
-                            "type": "string",
-                            "minLength": 1,
-                            "maxLength": MAX_RESOURCE_ID_CHARS,
-                            "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
-                        },
-                    },
+                    *_list_filters(),
                     {
                         "name": "limit",
                         "in": "query",
@@ -378,6 +397,34 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
             "Cancellation accepted",
             "202",
         ),
+        f"{prefix}/tasks/{{task_id}}/events": {
+            "get": {
+                "summary": "Server-Sent Events: the current state, then each change; "
+                "ends after the terminal one",
+                "operationId": "taskEvents",
+                "parameters": [task_id, _LAST_EVENT_ID],
+                "responses": _responses(
+                    {
+                        "200": _sse(
+                            "One event per change: `id` a sequence number, `data` the record JSON"
+                        ),
+                        "204": _Doc(description="Reconnect after the task ended: stop"),
+                        "404": missing,
+                    },
+                    common,
+                ),
+            }
+        },
+        f"{prefix}/events": {
+            "get": {
+                "summary": "Server-Sent Events of every change visible to the caller",
+                "operationId": "events",
+                "parameters": [*_list_filters(), _LAST_EVENT_ID],
+                "responses": _responses(
+                    {"200": _sse("One event per change, filtered"), "400": bad}, common
+                ),
+            }
+        },
         f"{prefix}/openapi.json": {
             "get": {
                 "summary": "This document",

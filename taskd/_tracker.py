@@ -39,6 +39,7 @@ from ._retention import Retention
 from ._runner import Outcome
 from ._store import MemoryStore, Store
 from ._watch import Subscription
+from ._webhooks import Webhooks, WebhookSender
 
 __all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState"]
 
@@ -161,6 +162,7 @@ class Tracker:
         retention: Retention | None = None,
         store: Store | None = None,
         close_timeout: float = 5.0,
+        webhooks: Webhooks | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         if retention is None:
@@ -177,6 +179,10 @@ class Tracker:
             raise ValueError("close_timeout must be a finite number >= 0")
         if not callable(clock):
             raise TypeError("clock must be callable")
+        if webhooks is not None and not isinstance(webhooks, Webhooks):
+            raise TypeError("webhooks must be a taskd.Webhooks")
+        self._webhooks = webhooks
+        self._sender: WebhookSender | None = None
         self._options = _Options(retention, store, float(close_timeout), clock)
         self._state = TrackerState.NEW
         self._mailbox: asyncio.Queue[tuple[object, asyncio.Future[object] | None]] = asyncio.Queue()
@@ -203,6 +209,9 @@ class Tracker:
             raise RuntimeError(f"a Tracker can be entered once; this one is {self.state.value}")
         records = await self._options.store.open()
         self._actor.load(records)
+        if self._webhooks is not None:
+            self._sender = WebhookSender(self._webhooks)
+            self._actor.on_terminal = self._sender.submit
         self._actor_task = asyncio.get_running_loop().create_task(
             self._actor.run(), name="taskd-actor"
         )
@@ -234,6 +243,8 @@ class Tracker:
         finally:
             self._state = TrackerState.CLOSED
             try:
+                if self._sender is not None:
+                    await self._sender.aclose()
                 await self._options.store.close()
             finally:
                 self._closing.set_result(None)
@@ -301,6 +312,19 @@ class Tracker:
 
     # --- creating -------------------------------------------------------------------
 
+    def _check_callback(self, url: object) -> str | None:
+        if url is None:
+            return None
+        if not isinstance(url, str):
+            raise TypeError("callback_url must be a str or None")
+        if len(url) > 2048:
+            raise ValueError("callback_url must be at most 2048 characters")
+        if self._webhooks is None:
+            raise ValueError(
+                "callback_url is not allowed: no webhooks are configured (the allow-list is empty)"
+            )
+        return self._webhooks.check_url(url)
+
     async def spawn(
         self,
         coro: Coroutine[object, object, T],
@@ -330,7 +354,7 @@ class Tracker:
                 check_resource_id(resource_id),
                 check_metadata(metadata),
                 _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
-                _check_callback(callback_url),
+                self._check_callback(callback_url),
                 check_positive(timeout, "timeout"),
                 contextvars.copy_context(),
                 Outcome(),
@@ -363,7 +387,7 @@ class Tracker:
             check_resource_id(resource_id),
             check_metadata(metadata),
             _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
-            _check_callback(callback_url),
+            self._check_callback(callback_url),
             check_positive(heartbeat_timeout, "heartbeat_timeout"),
         )
         return _as_record(await self._call(msg))
@@ -566,13 +590,3 @@ class Tracker:
 def _as_record(reply: object) -> TaskRecord:
     assert isinstance(reply, TaskRecord)
     return reply
-
-
-def _check_callback(url: object) -> str | None:
-    if url is None:
-        return None
-    if not isinstance(url, str):
-        raise TypeError("callback_url must be a str or None")
-    if not url.startswith(("http://", "https://")) or len(url) > 2048:
-        raise ValueError("callback_url must be an http(s) URL of at most 2048 characters")
-    return url

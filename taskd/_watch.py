@@ -29,6 +29,8 @@ class Subscription:
         "overflowed",
         "owner",
         "resource_id",
+        "resume_from",
+        "resumed",
         "since",
         "statuses",
         "task_id",
@@ -44,6 +46,7 @@ class Subscription:
         task_type: str | None = None,
         resource_id: str | None = None,
         maxsize: int = 1024,
+        resume_from: int | None = None,
     ) -> None:
         self.task_id = task_id
         self.owner = owner
@@ -52,6 +55,10 @@ class Subscription:
         self.resource_id = resource_id
         self.maxsize = maxsize
         self.overflowed = False
+        #: Replay changes after this sequence number, if the actor still has them.
+        self.resume_from = resume_from
+        #: Set by the actor when the replay covered everything since ``resume_from``.
+        self.resumed = False
         #: Changes with a sequence number up to this one happened before subscribing.
         self.since = 0
         self._buffer: deque[tuple[int, TaskRecord]] = deque()
@@ -67,6 +74,11 @@ class Subscription:
         if self.task_type is not None and rec.task_type != self.task_type:
             return False
         return self.resource_id is None or rec.resource_id == self.resource_id
+
+    @property
+    def queued(self) -> int:
+        """Changes waiting to be read."""
+        return len(self._buffer)
 
     @property
     def ended(self) -> bool:

@@ -95,6 +95,18 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--demo", action="store_true", help="also run simulated jobs")
     serve.add_argument(
+        "--webhook-secret",
+        default=env.get("TASKD_WEBHOOK_SECRET"),
+        help="sign webhooks with this secret (Standard Webhooks)",
+    )
+    serve.add_argument(
+        "--webhook-allow",
+        action="append",
+        default=[env["TASKD_WEBHOOK_ALLOW"]] if env.get("TASKD_WEBHOOK_ALLOW") else [],
+        metavar="HOST[:PORT]",
+        help="allow callback_url targets on this host (repeatable)",
+    )
+    serve.add_argument(
         "--log-level", default=env.get("TASKD_LOG_LEVEL", "INFO"), help=argparse.SUPPRESS
     )
 
@@ -138,6 +150,7 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from ._webhooks import Webhooks, parse_allow_list
     from .web import bearer_auth, create_app
 
     logging.basicConfig(
@@ -159,7 +172,18 @@ def _serve(args: argparse.Namespace) -> int:
             store = SQLiteStore(args.db)
         except StoreError as exc:
             raise CliError(str(exc)) from None
-    app = create_app(auth=bearer_auth(tokens) if tokens else None, store=store, demo=args.demo)
+    webhooks = None
+    allow = parse_allow_list(args.webhook_allow)
+    if args.webhook_secret:
+        webhooks = Webhooks(secret=args.webhook_secret, allow=allow)
+    elif allow:
+        raise CliError("--webhook-allow needs --webhook-secret (or TASKD_WEBHOOK_SECRET)")
+    app = create_app(
+        auth=bearer_auth(tokens) if tokens else None,
+        store=store,
+        demo=args.demo,
+        webhooks=webhooks,
+    )
 
     async def run() -> None:
         runner = web.AppRunner(app, handle_signals=False, access_log=None)
@@ -359,30 +383,44 @@ async def _cancel(client: TaskdClient, args: argparse.Namespace, console: Consol
 
 
 async def _watch(client: TaskdClient, args: argparse.Namespace, console: Console) -> int:
+    """Follow ``GET /events``: a live table (or one JSON line per change), reconnecting
+    with ``Last-Event-ID`` if the stream drops."""
     statuses = _statuses(args.status)
-    seen: dict[str, tuple[str, float]] = {}
-
-    async def snapshot() -> list[TaskRecord]:
+    latest: dict[str, TaskRecord] = {}
+    if not args.json:
         page = await client.list(
             status=statuses,
             task_type=args.task_type,
             resource_id=args.resource_id,
             limit=args.limit,
         )
-        return list(page.records)
+        latest.update((r.task_id, r) for r in page.records)
 
-    if args.json:
-        while True:  # one JSON line per change, until interrupted
-            for rec in reversed(await snapshot()):
-                key = (rec.status.value, rec.updated_at)
-                if seen.get(rec.task_id) != key:
-                    seen[rec.task_id] = key
-                    print(json.dumps(rec.to_dict()), flush=True)
-            await asyncio.sleep(1.0)
-    with Live(console=console, auto_refresh=False) as live:
+    def view() -> Table:
+        newest = sorted(latest.values(), key=lambda r: r.task_id, reverse=True)[: args.limit]
+        for stale in set(latest) - {r.task_id for r in newest}:
+            del latest[stale]
+        return _table(newest)
+
+    live = None if args.json else Live(view(), console=console, auto_refresh=False)
+    with live or contextlib.nullcontext():
         while True:
-            live.update(_table(await snapshot()), refresh=True)
-            await asyncio.sleep(1.0)
+            stream = client.events(
+                status=statuses,
+                task_type=args.task_type,
+                resource_id=args.resource_id,
+                last_event_id=client.last_event_id,
+            )
+            try:
+                async for rec in stream:
+                    if live is None:
+                        print(json.dumps(rec.to_dict()), flush=True)
+                    else:
+                        latest[rec.task_id] = rec
+                        live.update(view(), refresh=True)
+            except ServerUnreachable:
+                pass
+            await asyncio.sleep(1.0)  # the stream ended or dropped: resume it
 
 
 _COMMANDS: Final = {"list": _list, "get": _get, "wait": _wait, "cancel": _cancel, "watch": _watch}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
@@ -57,6 +57,13 @@ class ClientPage:
     next_page_token: str | None
 
 
+def _json_or_none(raw: bytes) -> object:
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        return None
+
+
 def _retry_after(headers: Mapping[str, str]) -> float | None:
     try:
         return max(float(headers["Retry-After"]), 0.0)
@@ -84,6 +91,8 @@ class TaskdClient:
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = request_timeout
         self._session: aiohttp.ClientSession | None = None
+        #: The id of the last event ``events()`` yielded (for ``last_event_id=``).
+        self.last_event_id: int | None = None
 
     async def __aenter__(self) -> TaskdClient:
         return self
@@ -132,12 +141,7 @@ class TaskdClient:
                 status = resp.status
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             raise ServerUnreachable(f"cannot reach taskd at {self.base_url}: {exc}") from exc
-        data: object = None
-        if raw:
-            try:
-                data = json.loads(raw)
-            except ValueError:
-                data = None
+        data = _json_or_none(raw)
         if status >= 400:
             raise self._error(status, headers, data)
         return status, headers, data
@@ -277,6 +281,64 @@ class TaskdClient:
         if not isinstance(data, dict):
             raise ApiError(200, "BAD_RESPONSE", "the OpenAPI document is not an object")
         return data
+
+    async def events(
+        self,
+        task_id: str | None = None,
+        *,
+        status: str | Sequence[str] | None = None,
+        task_type: str | None = None,
+        resource_id: str | None = None,
+        last_event_id: int | None = None,
+    ) -> AsyncIterator[TaskRecord]:
+        """Follow Server-Sent Events: one task's (current state first, ends after the
+        terminal one) or, without ``task_id``, every visible change, filtered. The id
+        of the last event seen is kept in ``self.last_event_id`` for resuming."""
+        path = f"/tasks/{task_id}/events" if task_id is not None else "/events"
+        params: list[tuple[str, str]] = []
+        if task_id is None:
+            for value in [status] if isinstance(status, str) else status or ():
+                params.append(("status", value))
+            if task_type is not None:
+                params.append(("task_type", task_type))
+            if resource_id is not None:
+                params.append(("resource_id", resource_id))
+        headers = {"Accept": "text/event-stream"}
+        if last_event_id is not None:
+            headers["Last-Event-ID"] = str(last_event_id)
+        try:
+            async with self._http().get(
+                self._api + path,
+                params=params,
+                headers=headers,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=self._timeout),
+            ) as resp:
+                if resp.status >= 400:
+                    raw = await resp.read()
+                    raise self._error(resp.status, dict(resp.headers), _json_or_none(raw))
+                if resp.status == 204:
+                    return
+                data: list[str] = []
+                event_id: str | None = None
+                async for raw_line in resp.content:
+                    line = raw_line.decode().rstrip("\r\n")
+                    if not line:
+                        if data:
+                            if event_id is not None and event_id.isdigit():
+                                self.last_event_id = int(event_id)
+                            yield TaskRecord.from_dict(json.loads("\n".join(data)))
+                        data, event_id = [], None
+                    elif line.startswith(":"):
+                        continue  # keep-alive ping
+                    else:
+                        name, _, value = line.partition(":")
+                        value = value[1:] if value.startswith(" ") else value
+                        if name == "data":
+                            data.append(value)
+                        elif name == "id":
+                            event_id = value
+        except aiohttp.ClientConnectionError as exc:
+            raise ServerUnreachable(f"lost the event stream from {self.base_url}: {exc}") from exc
 
     async def wait(
         self, task_id: str, timeout: float | None = None, *, poll_wait: float = 30.0

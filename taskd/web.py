@@ -25,6 +25,7 @@ from typing import Final, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp_sse import EventSourceResponse
 
 from . import _metrics, _openapi
 from ._errors import (
@@ -35,10 +36,12 @@ from ._errors import (
     TrackerClosed,
     TrackerFull,
 )
-from ._models import JSON, TaskRecord, TaskStatus
+from ._models import JSON, TaskRecord, TaskStatus, check_resource_id, check_task_type
 from ._retention import Retention
 from ._store import Store
 from ._tracker import MAX_LIMIT, TaskHandle, Tracker
+from ._watch import Subscription
+from ._webhooks import Webhooks
 
 __all__ = [
     "ApiError",
@@ -60,6 +63,8 @@ T = TypeVar("T")
 AuthCallback = Callable[[web.Request], "str | Awaitable[str]"]
 
 MAX_WAIT: Final = 60.0
+SSE_BUFFER: Final = 256
+SSE_SEND_TIMEOUT: Final = 30.0
 MAX_BODY: Final = 1024 * 1024
 RETRY_AFTER: Final = "1"
 _JSON: Final = "application/json"
@@ -75,6 +80,7 @@ class _State:
     prefix: str
     auth: AuthCallback | None
     max_wait: float
+    sse_ping_interval: float
     #: (method, route, status) -> requests served; None unless metrics are exported.
     http_counts: dict[tuple[str, str, int], int] | None = None
     # id(record) -> (record, rendered JSON). Records are immutable, so a record's JSON
@@ -409,15 +415,6 @@ _CREATE_FIELDS: Final = frozenset(
 )
 
 
-def _check_callback_allowed(state: _State, url: str) -> None:
-    # Webhook delivery targets must be on the allow-list (empty by default) so the
-    # server cannot be made to call arbitrary addresses.
-    raise _invalid(
-        "callback_url is not allowed: its host is not on the webhook allow-list",
-        field="callback_url",
-    )
-
-
 class _Handlers:
     """The API's request handlers, bound to one application's state (no lookups)."""
 
@@ -495,8 +492,6 @@ class _Handlers:
         task_type = _field(data, "task_type", str, required=True)
         assert task_type is not None
         callback_url = _field(data, "callback_url", str)
-        if callback_url is not None:
-            _check_callback_allowed(state, callback_url)
         rec = await state.tracker.create(
             task_type,
             resource_id=_field(data, "resource_id", str),
@@ -556,6 +551,52 @@ class _Handlers:
         await state.tracker.delete(request.match_info["task_id"], owner=owner)
         return web.Response(status=204)
 
+    async def task_events(self, request: web.Request) -> web.StreamResponse:
+        """SSE: the task's current state, then one event per change; ends after the
+        terminal one. A reconnect (``Last-Event-ID``) to an ended task gets 204, which
+        tells an ``EventSource`` to stop reconnecting."""
+        state = self.state
+        owner = await _owner(request, state)
+        last_id = _last_event_id(request)
+        sub = Subscription(
+            task_id=request.match_info["task_id"],
+            owner=owner,
+            maxsize=SSE_BUFFER,
+            resume_from=last_id,
+        )
+        rec = await state.tracker.subscribe(sub)
+        assert rec is not None
+        try:
+            if rec.is_terminal and last_id is not None and not sub.queued:
+                return web.Response(status=204)  # nothing missed: stop reconnecting
+            return await _stream(state, request, sub, None if sub.resumed else rec)
+        finally:
+            state.tracker.unsubscribe(sub)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """SSE of every change visible to the caller, with the list's filters."""
+        state = self.state
+        owner = await _owner(request, state)
+        statuses = _statuses(request)
+        task_type = _one_query(request, "task_type")
+        resource_id = _one_query(request, "resource_id")
+        if task_type is not None:
+            check_task_type(task_type)
+        check_resource_id(resource_id)
+        sub = Subscription(
+            owner=owner,
+            statuses=None if statuses is None else frozenset(TaskStatus(s) for s in statuses),
+            task_type=task_type,
+            resource_id=resource_id,
+            maxsize=SSE_BUFFER,
+            resume_from=_last_event_id(request),
+        )
+        await state.tracker.subscribe(sub)
+        try:
+            return await _stream(state, request, sub, None)
+        finally:
+            state.tracker.unsubscribe(sub)
+
     async def openapi_doc(self, request: web.Request) -> web.Response:
         state = self.state
         doc = _openapi.document(
@@ -566,6 +607,41 @@ class _Handlers:
 
 async def _health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
+
+
+# --- event streams ----------------------------------------------------------------------
+
+
+def _last_event_id(request: web.Request) -> int | None:
+    text = request.headers.get("Last-Event-ID", "").strip()
+    return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+async def _stream(
+    state: _State, request: web.Request, sub: Subscription, first: TaskRecord | None
+) -> web.StreamResponse:
+    """Write a subscription as Server-Sent Events (aiohttp-sse) until it ends.
+
+    The subscription buffers and coalesces on its own, so a slow client only slows
+    its own stream; a client that stops reading is cut off after ``SSE_SEND_TIMEOUT``.
+    """
+    response = EventSourceResponse(
+        send_timeout=SSE_SEND_TIMEOUT,
+        ping_interval=state.sse_ping_interval,
+        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+    )
+    try:
+        await response.prepare(request)
+        if first is not None:
+            await response.send(state.render(first).decode(), id=str(sub.since))
+        while (item := await sub.next()) is not None:
+            seq, rec = item
+            await response.send(state.render(rec).decode(), id=str(seq))
+        response.stop_streaming()
+        await response.wait()
+    except (ConnectionResetError, TimeoutError):
+        pass  # the client went away or stopped reading: its stream simply ends
+    return response
 
 
 # --- wiring -----------------------------------------------------------------------------
@@ -588,6 +664,8 @@ def setup(
     prefix: str = "/api/v1",
     auth: AuthCallback | None = None,
     max_wait: float = MAX_WAIT,
+    webhooks: Webhooks | None = None,
+    sse_ping_interval: float = 15.0,
     _metrics: bool = False,
 ) -> Tracker:
     """Install a tracker on ``app`` and register the task routes under ``prefix``.
@@ -608,8 +686,19 @@ def setup(
         raise TypeError("max_wait must be a number of seconds")
     if not 0 < max_wait <= MAX_WAIT:
         raise ValueError(f"max_wait must be > 0 and <= {MAX_WAIT:g}")
-    tracker = Tracker(retention=retention, store=store, close_timeout=close_timeout)
-    state = _State(tracker, _check_prefix(prefix), auth, float(max_wait), {} if _metrics else None)
+    tracker = Tracker(
+        retention=retention, store=store, close_timeout=close_timeout, webhooks=webhooks
+    )
+    if not isinstance(sse_ping_interval, int | float) or not sse_ping_interval > 0:
+        raise ValueError("sse_ping_interval must be a positive number of seconds")
+    state = _State(
+        tracker,
+        _check_prefix(prefix),
+        auth,
+        float(max_wait),
+        float(sse_ping_interval),
+        {} if _metrics else None,
+    )
     app[_STATE] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -630,6 +719,8 @@ def setup(
     r.add_post(p + "/tasks/{task_id}/complete", h.complete_task)
     r.add_post(p + "/tasks/{task_id}/fail", h.fail_task)
     r.add_post(p + "/tasks/{task_id}/cancel", h.cancel_task)
+    r.add_get(p + "/tasks/{task_id}/events", h.task_events, allow_head=False)
+    r.add_get(p + "/events", h.events, allow_head=False)
     r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False)
     return tracker
 
@@ -644,6 +735,8 @@ def create_app(
     max_wait: float = MAX_WAIT,
     client_max_size: int = MAX_BODY,
     demo: bool = False,
+    webhooks: Webhooks | None = None,
+    sse_ping_interval: float = 15.0,
 ) -> web.Application:
     """The standalone application: the task API under ``prefix``, ``/health`` and
     ``/metrics``; with ``demo``, a stream of simulated jobs."""
@@ -656,6 +749,8 @@ def create_app(
         prefix=prefix,
         auth=auth,
         max_wait=max_wait,
+        webhooks=webhooks,
+        sse_ping_interval=sse_ping_interval,
         _metrics=True,
     )
     app.router.add_get("/health", _health, allow_head=False)

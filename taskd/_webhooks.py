@@ -1,0 +1,222 @@
+"""Signed webhooks on terminal transitions (Standard Webhooks convention).
+
+The actor hands each terminal record that has a ``callback_url`` to ``WebhookSender``
+after the commit and goes on: delivery happens in tasks of the sender's own, and the
+blocking HTTP call runs on a small thread pool (the core uses the standard library's
+``urllib`` so that it never imports aiohttp). A receiver that hangs holds one thread
+until the request timeout; the others keep delivering.
+
+Signature: ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``.
+A secret of the form ``whsec_<base64>`` is used as the base64-decoded key, as the
+Standard Webhooks libraries do; any other secret is used as its UTF-8 bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import concurrent.futures
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import math
+import random
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import urlsplit
+
+from ._models import TaskRecord
+
+__all__ = ["Webhooks", "sign"]
+
+log = logging.getLogger("taskd.webhooks")
+
+_DEFAULT_PORTS: Final = {"http": 80, "https": 443}
+
+
+def _key(secret: str) -> bytes:
+    if secret.startswith("whsec_"):
+        try:
+            return base64.b64decode(secret[6:], validate=True)
+        except binascii.Error:
+            pass
+    return secret.encode()
+
+
+def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
+    """The ``webhook-signature`` header value for one message."""
+    signed = f"{msg_id}.{timestamp}.".encode() + body
+    digest = hmac.new(_key(secret), signed, hashlib.sha256).digest()
+    return "v1," + base64.b64encode(digest).decode()
+
+
+def _parse_allow(entry: str) -> tuple[str, int | None]:
+    host, sep, port = entry.strip().lower().rpartition(":")
+    if not sep or "]" in port:  # no port (or an IPv6 address without one)
+        return entry.strip().lower().strip("[]"), None
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad webhook allow-list entry {entry!r}: use host or host:port")
+    return host.strip("[]"), int(port)
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Webhooks:
+    """Webhook settings: the signing secret and the allow-list of targets.
+
+    ``allow`` holds ``host`` or ``host:port`` entries; it is empty by default, so no
+    ``callback_url`` is accepted until it names the receivers. Delivery is retried on
+    a network error or a non-2xx answer, ``max_attempts`` times in all, with
+    exponential backoff and jitter from ``first_retry`` seconds; redirects are never
+    followed.
+    """
+
+    secret: str
+    allow: tuple[str, ...] = ()
+    max_attempts: int = 6
+    first_retry: float = 1.0
+    timeout: float = 10.0
+    max_in_flight: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.secret, str) or not self.secret:
+            raise ValueError("Webhooks.secret must be a non-empty string")
+        if isinstance(self.allow, str) or not all(isinstance(a, str) for a in self.allow):
+            raise TypeError("Webhooks.allow must be a sequence of 'host[:port]' strings")
+        object.__setattr__(self, "allow", tuple(self.allow))
+        for entry in self.allow:
+            _parse_allow(entry)
+        if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
+            raise ValueError("Webhooks.max_attempts must be an int >= 1")
+        for name in ("first_retry", "timeout"):
+            value = getattr(self, name)
+            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"Webhooks.{name} must be a positive number of seconds")
+        if self.first_retry > 5:
+            raise ValueError("Webhooks.first_retry must be at most 5 seconds")
+        if not isinstance(self.max_in_flight, int) or self.max_in_flight < 1:
+            raise ValueError("Webhooks.max_in_flight must be an int >= 1")
+
+    def check_url(self, url: str) -> str:
+        """Return ``url`` if it is http(s) and its host[:port] is on the allow-list."""
+        parts = urlsplit(url)
+        if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
+            raise ValueError("callback_url must be an http(s) URL with a host")
+        if parts.username or parts.password:
+            raise ValueError("callback_url must not carry credentials")
+        try:
+            port = parts.port or _DEFAULT_PORTS[parts.scheme]
+        except ValueError:
+            raise ValueError("callback_url has an invalid port") from None
+        host = parts.hostname.lower()
+        for entry in self.allow:
+            allowed_host, allowed_port = _parse_allow(entry)
+            if host == allowed_host and allowed_port in (None, port):
+                return url
+        raise ValueError(
+            f"callback_url host {host}:{port} is not on the webhook allow-list"
+            " (taskd serve --webhook-allow HOST[:PORT])"
+        )
+
+
+class _NoRedirects(urllib.request.HTTPRedirectHandler):
+    # A redirect could point anywhere: the allow-list was checked for the first URL only.
+    def redirect_request(self, *args: object, **kwargs: object) -> None:
+        return None
+
+
+_OPENER: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}), _NoRedirects())
+
+
+def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int:
+    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+    try:
+        with _OPENER.open(request, timeout=timeout) as response:
+            status: int = response.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except (urllib.error.URLError, OSError, ValueError):
+        return 0
+
+
+class WebhookSender:
+    """Delivers webhooks off the actor: one task per message, a thread pool for I/O."""
+
+    def __init__(self, config: Webhooks) -> None:
+        self.config = config
+        self._pool = concurrent.futures.ThreadPoolExecutor(
+            max_workers=config.max_in_flight, thread_name_prefix="taskd-webhook"
+        )
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+        self.delivered = 0
+        self.failed = 0
+
+    def submit(self, rec: TaskRecord) -> None:
+        """Start delivering one terminal record (called by the actor; never blocks)."""
+        if self._closed or rec.callback_url is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._deliver(rec.callback_url, rec))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _deliver(self, url: str, rec: TaskRecord) -> None:
+        cfg = self.config
+        body = json.dumps(rec.to_dict(), separators=(",", ":")).encode()
+        msg_id = f"msg_{rec.task_id}_{rec.status.value}"
+        loop = asyncio.get_running_loop()
+        for attempt in range(cfg.max_attempts):
+            timestamp = int(time.time())
+            headers = {
+                "Content-Type": "application/json",
+                "User-Agent": "taskd-webhooks",
+                "webhook-id": msg_id,
+                "webhook-timestamp": str(timestamp),
+                "webhook-signature": sign(cfg.secret, msg_id, timestamp, body),
+            }
+            status = await loop.run_in_executor(self._pool, _post, url, body, headers, cfg.timeout)
+            if 200 <= status < 300:
+                self.delivered += 1
+                return
+            if attempt + 1 < cfg.max_attempts:
+                # Exponential backoff with jitter, so that retries of many failed
+                # deliveries do not arrive at the receiver in lockstep.
+                delay = cfg.first_retry * (2**attempt) * random.uniform(0.5, 1.0)
+                log.info(
+                    "webhook %s to %s answered %s; retry %d in %.1fs",
+                    msg_id,
+                    url,
+                    status or "no response",
+                    attempt + 1,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+        self.failed += 1
+        log.warning("webhook %s to %s failed after %d attempts", msg_id, url, cfg.max_attempts)
+
+    async def aclose(self) -> None:
+        """Cancel pending deliveries and retries, and wait for them to unwind."""
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        # Threads still blocked on a hung receiver end at their request timeout.
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def parse_allow_list(values: Iterable[str]) -> tuple[str, ...]:
+    """Split comma-separated allow-list values and check each entry."""
+    out = tuple(v.strip() for value in values for v in value.split(",") if v.strip())
+    for entry in out:
+        _parse_allow(entry)
+    return out
