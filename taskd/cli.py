@@ -429,8 +429,21 @@ _COMMANDS: Final = {"list": _list, "get": _get, "wait": _wait, "cancel": _cancel
 async def _client_command(args: argparse.Namespace) -> int:
     # Piped output gets long lines (one row per task) rather than 80-column wrapping.
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+    if args.command == "watch":
+        # watch runs until told to stop: SIGINT or SIGTERM ends it cleanly (exit 0),
+        # even where SIGINT was ignored at start (a background job of a shell).
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
     async with TaskdClient(args.url, args.token) as client:
-        return await _COMMANDS[args.command](client, args, console)
+        try:
+            return await _COMMANDS[args.command](client, args, console)
+        except asyncio.CancelledError:
+            if args.command != "watch":
+                raise
+            return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:

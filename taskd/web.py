@@ -83,6 +83,8 @@ class _State:
     sse_ping_interval: float
     #: (method, route, status) -> requests served; None unless metrics are exported.
     http_counts: dict[tuple[str, str, int], int] | None = None
+    #: Open event streams, ended on shutdown so that the server need not wait for them.
+    streams: set[Subscription] = field(default_factory=set)
     # id(record) -> (record, rendered JSON). Records are immutable, so a record's JSON
     # is rendered once; holding the record keeps its id from being reused.
     rendered: dict[int, tuple[TaskRecord, bytes]] = field(default_factory=dict)
@@ -630,6 +632,7 @@ async def _stream(
         ping_interval=state.sse_ping_interval,
         headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
     )
+    state.streams.add(sub)
     try:
         await response.prepare(request)
         if first is not None:
@@ -641,6 +644,8 @@ async def _stream(
         await response.wait()
     except (ConnectionResetError, TimeoutError):
         pass  # the client went away or stopped reading: its stream simply ends
+    finally:
+        state.streams.discard(sub)
     return response
 
 
@@ -705,7 +710,14 @@ def setup(
         async with tracker:
             yield
 
+    async def end_streams(app: web.Application) -> None:
+        # Runs before the server waits for open requests: event streams would
+        # otherwise hold shutdown until their clients hang up.
+        for sub in list(state.streams):
+            sub.end()
+
     app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_streams)
     app.middlewares.append(_make_middleware(state))
     r = app.router
     p = state.prefix

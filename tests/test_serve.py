@@ -233,10 +233,15 @@ def test_cli_watch_prints_changes(service: Service) -> None:
         text=True,
     )
     try:
+
+        def subscribed() -> bool:
+            with urllib.request.urlopen(service.url + "/metrics") as resp:
+                return "taskd_subscriptions 1.0" in resp.read().decode()
+
+        wait_for(subscribed, timeout=20)  # watch follows changes made after it starts
         tid = create(service.url)["task_id"]
-        time.sleep(1.5)
         http("POST", service.url + API + f"/tasks/{tid}/cancel")
-        time.sleep(1.5)
+        time.sleep(1.0)
     finally:
         proc.send_signal(signal.SIGINT)
         stdout, _ = proc.communicate(timeout=10)
