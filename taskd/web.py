@@ -21,6 +21,7 @@ import logging
 import math
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Final, TypeVar
 from urllib.parse import urlencode
 
@@ -607,6 +608,34 @@ class _Handlers:
         return web.json_response(doc)
 
 
+_DASHBOARD_CSP: Final = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+)
+
+
+def _dashboard_handler(state: _State) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The single-page dashboard: one file shipped in the package, no build step, no
+    network fetches but to this API (the CSP says so)."""
+    page = (
+        resources.files("taskd")
+        .joinpath("static/dashboard.html")
+        .read_text(encoding="utf-8")
+        .replace("__TASKD_PREFIX__", state.prefix)
+        .encode()
+    )
+
+    async def dashboard(request: web.Request) -> web.Response:
+        return web.Response(
+            body=page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={"Content-Security-Policy": _DASHBOARD_CSP, "Cache-Control": "no-cache"},
+        )
+
+    return dashboard
+
+
 async def _health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
@@ -671,6 +700,7 @@ def setup(
     max_wait: float = MAX_WAIT,
     webhooks: Webhooks | None = None,
     sse_ping_interval: float = 15.0,
+    dashboard: bool | str = False,
     _metrics: bool = False,
 ) -> Tracker:
     """Install a tracker on ``app`` and register the task routes under ``prefix``.
@@ -679,7 +709,10 @@ def setup(
     commands, gives running spawned tasks ``close_timeout`` seconds, then cancels them
     and records them cancelled. ``auth(request)`` returns the caller's owner or raises
     ``web.HTTPUnauthorized``; each caller sees only its own tasks. ``max_wait`` caps
-    the long-poll ``?wait=`` (60 seconds, the most allowed).
+    the long-poll ``?wait=`` (60 seconds, the most allowed). ``webhooks`` turns on
+    signed callbacks; ``sse_ping_interval`` paces event-stream keep-alives;
+    ``dashboard=True`` serves the dashboard page at ``/dashboard`` (or at the path
+    given as a string).
     """
     if not isinstance(app, web.Application):
         raise TypeError(f"setup() needs an aiohttp web.Application, not {type(app).__name__}")
@@ -734,6 +767,9 @@ def setup(
     r.add_get(p + "/tasks/{task_id}/events", h.task_events, allow_head=False)
     r.add_get(p + "/events", h.events, allow_head=False)
     r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False)
+    if dashboard:
+        path = dashboard if isinstance(dashboard, str) else "/dashboard"
+        r.add_get(path, _dashboard_handler(state), allow_head=False)
     return tracker
 
 
@@ -763,6 +799,7 @@ def create_app(
         max_wait=max_wait,
         webhooks=webhooks,
         sse_ping_interval=sse_ping_interval,
+        dashboard="/",
         _metrics=True,
     )
     app.router.add_get("/health", _health, allow_head=False)

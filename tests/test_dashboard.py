@@ -1,0 +1,181 @@
+"""The dashboard (SPEC §12) in a real headless Chromium against `taskd serve --demo`."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from .service import Service
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with Service(tmp_path_factory.mktemp("demo"), "--demo") as s:
+        yield s
+
+
+@pytest.fixture
+def page(browser: Browser, demo: Service) -> Iterator[Page]:
+    context = browser.new_context(viewport={"width": 1280, "height": 860})
+    pg = context.new_page()
+    errors: list[str] = []
+    pg.on("pageerror", lambda e: errors.append(str(e)))
+    pg.goto(demo.url + "/")
+    yield pg
+    context.close()
+    assert errors == []
+
+
+def api(url: str) -> Any:
+    with urllib.request.urlopen(url) as resp:
+        return json.loads(resp.read())
+
+
+def test_rows_appear_and_progress_advances_without_reload(page: Page, demo: Service) -> None:
+    expect(page.locator("#conn")).to_have_text("live")
+    running = page.locator('#rows tr[data-status="running"]').first
+    expect(running).to_be_visible(timeout=15_000)
+    task_id = running.get_attribute("data-id")
+    bar = page.locator(f'#rows tr[data-id="{task_id}"] progress')
+    first = float(bar.get_attribute("value") or 0)
+    navigations: list[str] = []
+    page.on("framenavigated", lambda f: navigations.append(f.url))
+    # the same row moves on: its bar advances, or the task finishes, by push alone
+    page.wait_for_function(
+        """([id, first]) => {
+            const tr = document.querySelector(`#rows tr[data-id="${id}"]`);
+            if (!tr) return false;
+            if (tr.dataset.status !== "running") return true;
+            const bar = tr.querySelector("progress");
+            return bar && Number(bar.value) > first;
+        }""",
+        arg=[task_id, first],
+        timeout=20_000,
+    )
+    # new tasks appear as rows, pushed too
+    before = page.locator("#rows tr[data-id]").count()
+    page.wait_for_function(
+        "n => document.querySelectorAll('#rows tr[data-id]').length > n",
+        arg=before,
+        timeout=20_000,
+    )
+    assert navigations == []
+
+
+def test_status_filter_and_counts(page: Page, demo: Service) -> None:
+    expect(page.locator('.count[data-status="completed"]')).to_be_visible()
+    page.wait_for_function(
+        "() => document.querySelectorAll('#rows tr[data-status=\"completed\"]').length > 0",
+        timeout=20_000,
+    )
+    page.select_option("#f-status", "completed")
+    page.click("button[type=submit]")
+    expect(page.locator("#rows tr").first).to_have_attribute("data-status", "completed")
+    statuses = page.locator("#rows tr").evaluate_all("rows => rows.map(r => r.dataset.status)")
+    assert statuses and set(statuses) == {"completed"}
+    page.fill("#f-type", "no-such-type")
+    page.click("button[type=submit]")
+    expect(page.locator("#rows .empty")).to_be_visible()
+
+
+def test_cancel_button(page: Page, demo: Service) -> None:
+    running = page.locator('#rows tr[data-status="running"]').first
+    expect(running).to_be_visible(timeout=15_000)
+    task_id = running.get_attribute("data-id")
+    running.locator('button[data-action="cancel"]').click()
+    row = page.locator(f'#rows tr[data-id="{task_id}"]')
+    expect(row).to_have_attribute("data-status", "cancelled", timeout=10_000)
+    rec = api(f"{demo.url}/api/v1/tasks/{task_id}")["result"]
+    assert rec["status"] == "cancelled"
+
+
+def test_failed_task_shows_its_error(page: Page, demo: Service) -> None:
+    page.select_option("#f-status", "failed")
+    page.click("button[type=submit]")
+    failed = page.locator('#rows tr[data-status="failed"]').first
+    expect(failed).to_be_visible(timeout=40_000)
+    task_id = failed.get_attribute("data-id")
+    failed.click()
+    panel = page.locator("#detail")
+    expect(panel).to_be_visible()
+    shown = panel.locator('dd[data-field="error"]').inner_text()
+    rec = api(f"{demo.url}/api/v1/tasks/{task_id}")["result"]
+    assert shown.strip() == rec["error"] and rec["error"]
+    assert "hunter2" not in shown and "AKIAIOSFODNN7EXAMPLE" not in shown
+    page.keyboard.press("Escape")
+    expect(panel).to_be_hidden()
+
+
+def test_keyboard_and_narrow_screen(browser: Browser, demo: Service, tmp_path: Path) -> None:
+    context = browser.new_context(viewport={"width": 390, "height": 800})
+    pg = context.new_page()
+    pg.goto(demo.url + "/")
+    expect(pg.locator("#rows tr[data-id]").first).to_be_visible(timeout=15_000)
+    # a row is reachable and opens with Enter
+    row = pg.locator("#rows tr[data-id]").first
+    row.focus()
+    pg.keyboard.press("Enter")
+    expect(pg.locator("#detail")).to_be_visible()
+    # no horizontal scrolling on a phone-sized screen
+    assert pg.evaluate("document.documentElement.scrollWidth") <= 400
+    pg.screenshot(path=str(tmp_path / "narrow.png"))
+    context.close()
+
+
+def test_token_auth(browser: Browser, tmp_path: Path) -> None:
+    with Service(tmp_path, "--token", "alice=secret-token") as s:
+        urllib.request.urlopen(
+            urllib.request.Request(
+                s.url + "/api/v1/tasks",
+                data=b'{"task_type":"auth_check"}',
+                method="POST",
+                headers={"Authorization": "Bearer secret-token"},
+            )
+        ).read()
+        context = browser.new_context()
+        pg = context.new_page()
+        pg.goto(s.url + "/")
+        expect(pg.locator("#error")).to_contain_text("Unauthorized")
+        pg.fill("#token", "secret-token")
+        pg.press("#token", "Enter")
+        expect(pg.locator("#rows tr[data-id]")).to_have_count(1)
+        expect(pg.locator("#conn")).to_have_text("live")
+        assert pg.evaluate("sessionStorage.getItem('taskd-token')") == "secret-token"
+        context.close()
+
+
+def test_page_makes_no_outside_requests(browser: Browser, demo: Service) -> None:
+    context = browser.new_context()
+    pg = context.new_page()
+    seen: list[str] = []
+    pg.on("request", lambda r: seen.append(r.url))
+    pg.goto(demo.url + "/")
+    expect(pg.locator("#conn")).to_have_text("live")
+    context.close()
+    assert seen and all(u.startswith(demo.url) or u.startswith("data:") for u in seen)
