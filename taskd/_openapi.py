@@ -319,10 +319,29 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
                 "requestBody": _body("CreateTask", required=True),
                 "responses": _responses(
                     {
-                        "201": _record(
-                            "Created",
-                            {"Location": {"required": True, "schema": {"type": "string"}}},
-                        ),
+                        "201": {
+                            **_record(
+                                "Created",
+                                {"Location": {"required": True, "schema": {"type": "string"}}},
+                            ),
+                            # Links let stateful testers (schemathesis) chain create ->
+                            # the per-task operations with the new id.
+                            "links": {
+                                op: {
+                                    "operationId": op,
+                                    "parameters": {"task_id": "$response.body#/result/task_id"},
+                                }
+                                for op in (
+                                    "getTask",
+                                    "deleteTask",
+                                    "startTask",
+                                    "reportProgress",
+                                    "completeTask",
+                                    "failTask",
+                                    "cancelTask",
+                                )
+                            },
+                        },
                         "400": bad,
                         "409": _error(
                             "CONFLICT: an active task holds the same (task_type, resource_id); "

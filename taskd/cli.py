@@ -156,6 +156,7 @@ def _serve(args: argparse.Namespace) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
     tokens = _tokens(args.token)
     if not (0 < args.port < 65536):
         raise CliError(f"bad port {args.port}")
@@ -221,6 +222,23 @@ def _serve(args: argparse.Namespace) -> int:
 
     asyncio.run(run())
     return EXIT_OK
+
+
+def _quiet_bad_requests(record: logging.LogRecord) -> bool:
+    """A malformed request from a client is the client's problem: aiohttp answers it
+    400 and would log a traceback at ERROR; log one line at INFO instead."""
+    from aiohttp.http_exceptions import HttpProcessingError
+
+    exc = record.exc_info[1] if record.exc_info else None
+    if isinstance(exc, HttpProcessingError) and exc.code < 500:
+        record.levelno, record.levelname = logging.INFO, "INFO"
+        record.msg, record.args, record.exc_info, record.exc_text = (
+            "bad request from a client: %s",
+            (" ".join(str(exc.message).split())[:200],),
+            None,
+            None,
+        )
+    return True
 
 
 def _is_loopback(host: str) -> bool:

@@ -225,12 +225,18 @@ def _make_middleware(state: _State) -> Callable[..., Awaitable[web.StreamRespons
     return taskd_middleware
 
 
+class _ClientGone(Exception):
+    """The client disconnected before its request was read: answer nothing."""
+
+
 def _error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     """Answer an error under the API prefix with the envelope; taskd's own errors raised
     from the application's handlers (``taskd.web.spawn``) get it too. Anything else
     outside the prefix is re-raised for aiohttp to handle as usual."""
     if isinstance(exc, ApiError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+    if isinstance(exc, _ClientGone):
+        return error_response(400, "INVALID_ARGUMENT", "request body incomplete")
     if isinstance(exc, TaskdError):
         err = _from_taskd_error(exc)
         return error_response(err.status, err.code, err.message, err.details, err.headers)
@@ -279,13 +285,19 @@ async def _owner(request: web.Request, state: _State | None = None) -> str | Non
 
 async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, object]:
     """The JSON object body (``{}`` when empty); unknown fields are refused."""
-    raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    try:
+        raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
+    except ConnectionResetError:
+        # The client hung up mid-body: nobody is left to answer; end quietly.
+        raise _ClientGone() from None
     if not raw.strip():
         return {}
     try:
         data = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
         raise _invalid(f"request body is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise _invalid("request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise _invalid("request body must be a JSON object")
     unknown = sorted(set(data) - allowed)
