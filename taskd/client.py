@@ -57,6 +57,17 @@ class ClientPage:
     next_page_token: str | None
 
 
+def _filter_params(
+    status: str | Sequence[str] | None, task_type: str | None, resource_id: str | None
+) -> list[tuple[str, str]]:
+    params = [("status", s) for s in ([status] if isinstance(status, str) else status or ())]
+    if task_type is not None:
+        params.append(("task_type", task_type))
+    if resource_id is not None:
+        params.append(("resource_id", resource_id))
+    return params
+
+
 def _json_or_none(raw: bytes) -> object:
     try:
         return json.loads(raw) if raw else None
@@ -198,13 +209,7 @@ class TaskdClient:
         page_token: str | None = None,
     ) -> ClientPage:
         """One page of tasks, newest first."""
-        params: list[tuple[str, str]] = [("limit", str(limit))]
-        for value in [status] if isinstance(status, str) else status or ():
-            params.append(("status", value))
-        if task_type is not None:
-            params.append(("task_type", task_type))
-        if resource_id is not None:
-            params.append(("resource_id", resource_id))
+        params = [("limit", str(limit)), *_filter_params(status, task_type, resource_id)]
         if page_token is not None:
             params.append(("page_token", page_token))
         _, _, data = await self._request("GET", "/tasks", params=params)
@@ -295,14 +300,7 @@ class TaskdClient:
         terminal one) or, without ``task_id``, every visible change, filtered. The id
         of the last event seen is kept in ``self.last_event_id`` for resuming."""
         path = f"/tasks/{task_id}/events" if task_id is not None else "/events"
-        params: list[tuple[str, str]] = []
-        if task_id is None:
-            for value in [status] if isinstance(status, str) else status or ():
-                params.append(("status", value))
-            if task_type is not None:
-                params.append(("task_type", task_type))
-            if resource_id is not None:
-                params.append(("resource_id", resource_id))
+        params = [] if task_id is not None else _filter_params(status, task_type, resource_id)
         headers = {"Accept": "text/event-stream"}
         if last_event_id is not None:
             headers["Last-Event-ID"] = str(last_event_id)

@@ -350,6 +350,16 @@ def _number_query(request: web.Request, name: str) -> float | None:
     return value
 
 
+def _filters(request: web.Request) -> tuple[list[str] | None, str | None, str | None]:
+    """The listing filters of a request (list and events share them), checked."""
+    task_type = _one_query(request, "task_type")
+    resource_id = _one_query(request, "resource_id")
+    if task_type is not None:
+        check_task_type(task_type)
+    check_resource_id(resource_id)
+    return _statuses(request), task_type, resource_id
+
+
 def _statuses(request: web.Request) -> list[str] | None:
     values = [part.strip() for raw in request.query.getall("status", []) for part in raw.split(",")]
     if not values:
@@ -456,9 +466,7 @@ class _Handlers:
     async def list_tasks(self, request: web.Request) -> web.Response:
         state = self.state
         owner = await _owner(request, state)
-        statuses = _statuses(request)
-        task_type = _one_query(request, "task_type")
-        resource_id = _one_query(request, "resource_id")
+        statuses, task_type, resource_id = _filters(request)
         limit_text = _one_query(request, "limit")
         limit = 50
         if limit_text is not None:
@@ -592,12 +600,7 @@ class _Handlers:
         """SSE of every change visible to the caller, with the list's filters."""
         state = self.state
         owner = await _owner(request, state)
-        statuses = _statuses(request)
-        task_type = _one_query(request, "task_type")
-        resource_id = _one_query(request, "resource_id")
-        if task_type is not None:
-            check_task_type(task_type)
-        check_resource_id(resource_id)
+        statuses, task_type, resource_id = _filters(request)
         sub = Subscription(
             owner=owner,
             statuses=None if statuses is None else frozenset(TaskStatus(s) for s in statuses),
@@ -872,6 +875,7 @@ async def spawn(
     resource_id: str | None = None,
     metadata: Mapping[str, JSON] | None = None,
     timeout: float | None = None,
+    callback_url: str | None = None,
 ) -> TaskHandle:
     """``Tracker.spawn`` for a request handler: the task belongs to the request's owner.
 
@@ -891,6 +895,7 @@ async def spawn(
         metadata=metadata,
         owner=owner,
         timeout=timeout,
+        callback_url=callback_url,
     )
 
 
