@@ -5,6 +5,12 @@ Run: python bench/tracker.py   (prints one line per figure, with the ratio and g
 
 from __future__ import annotations
 
+import sys
+
+# bench/http.py would shadow the standard library's http package (urllib, aiohttp).
+if sys.path and sys.path[0].rstrip("/").endswith("bench"):
+    sys.path.pop(0)
+
 import asyncio
 import gc
 import statistics
@@ -16,7 +22,7 @@ from pathlib import Path
 
 import aiojobs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.append(str(Path(__file__).resolve().parent))  # seed_baseline, after the stdlib
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from seed_baseline import SeedTracker

@@ -135,8 +135,9 @@ class Actor:
         self._global_subs: list[Subscription] = []
 
         # The latest changes, for Last-Event-ID resumption of event streams. Small on
-        # purpose: it keeps old record versions alive.
-        self._recent: deque[tuple[int, TaskRecord]] = deque(maxlen=RECENT_EVENTS)
+        # purpose (it keeps old record versions alive), and only kept once somebody
+        # has subscribed: a tracker nobody streams from pays nothing for it.
+        self._recent: deque[tuple[int, TaskRecord]] | None = None
         self._now = 0.0
         # Earliest deadline of any timer (may be early, never late), and the instant
         # the loop timer is armed for.
@@ -503,7 +504,8 @@ class Actor:
         self._dirty[tid] = new
         self._event_seq += 1
         self._changed.append((self._event_seq, new))
-        self._recent.append((self._event_seq, new))
+        if self._recent is not None:
+            self._recent.append((self._event_seq, new))
 
     def _change(
         self,
@@ -602,7 +604,8 @@ class Actor:
         self._dirty[task_id] = rec
         self._event_seq += 1
         self._changed.append((self._event_seq, rec))
-        self._recent.append((self._event_seq, rec))
+        if self._recent is not None:
+            self._recent.append((self._event_seq, rec))
         return rec
 
     def _oldest_terminal(self) -> str:
@@ -811,6 +814,8 @@ class Actor:
     def _on_subscribe(self, msg: m.Subscribe) -> TaskRecord | None:
         sub = msg.subscription
         rec = None if sub.task_id is None else self._visible(sub.task_id, sub.owner)
+        if self._recent is None:
+            self._recent = deque(maxlen=RECENT_EVENTS)
         self._replay(sub)
         sub.since = self._event_seq  # earlier changes are in the reply or the replay
         if sub.task_id is None:
@@ -827,7 +832,7 @@ class Actor:
         """Push the changes a resuming subscriber missed, if all are still held."""
         after = sub.resume_from
         recent = self._recent
-        if after is None or after > self._event_seq:
+        if after is None or recent is None or after > self._event_seq:
             return
         if after < self._event_seq and (not recent or recent[0][0] > after + 1):
             return  # some are gone: the subscriber gets the current state instead

@@ -580,17 +580,16 @@ class _Handlers:
         tells an ``EventSource`` to stop reconnecting."""
         state = self.state
         owner = await _owner(request, state)
-        last_id = _last_event_id(request)
         sub = Subscription(
             task_id=request.match_info["task_id"],
             owner=owner,
             maxsize=SSE_BUFFER,
-            resume_from=last_id,
+            resume_from=_last_event_id(request),
         )
         rec = await state.tracker.subscribe(sub)
         assert rec is not None
         try:
-            if rec.is_terminal and last_id is not None and not sub.queued:
+            if rec.is_terminal and sub.resumed and not sub.queued:
                 return web.Response(status=204)  # nothing missed: stop reconnecting
             return await _stream(state, request, sub, None if sub.resumed else rec)
         finally:
