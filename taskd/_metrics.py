@@ -46,6 +46,13 @@ class _Snapshot:
             value = self._stats.get(key, 0)
             assert isinstance(value, int)
             yield GaugeMetricFamily(name, text, value=value)
+        for key, text in (
+            ("webhooks_delivered", "Webhooks delivered (a 2xx answer)"),
+            ("webhooks_failed", "Webhooks given up after every attempt"),
+        ):
+            count = self._stats.get(key)
+            if isinstance(count, int):
+                yield CounterMetricFamily(f"taskd_{key}", text, value=count)
         commands = self._stats.get("commands", 0)
         assert isinstance(commands, int)
         yield CounterMetricFamily(

@@ -109,7 +109,6 @@ class _Options:
     retention: Retention
     store: Store
     close_timeout: float
-    clock: Callable[[], float]
 
 
 def _statuses(
@@ -183,7 +182,7 @@ class Tracker:
             raise TypeError("webhooks must be a taskd.Webhooks")
         self._webhooks = webhooks
         self._sender: WebhookSender | None = None
-        self._options = _Options(retention, store, float(close_timeout), clock)
+        self._options = _Options(retention, store, float(close_timeout))
         self._state = TrackerState.NEW
         self._mailbox: asyncio.Queue[tuple[object, asyncio.Future[object] | None]] = asyncio.Queue()
         self._actor = Actor(mailbox=self._mailbox, retention=retention, store=store, clock=clock)
@@ -584,6 +583,9 @@ class Tracker:
         """Counters for metrics: records by (task_type, status), mailbox depth, commands."""
         stats = await self._call(m.Stats())
         assert isinstance(stats, dict)
+        if self._sender is not None:
+            stats["webhooks_delivered"] = self._sender.delivered
+            stats["webhooks_failed"] = self._sender.failed
         return stats
 
 

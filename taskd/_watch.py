@@ -126,7 +126,3 @@ class Subscription:
             finally:
                 self._waiter = None
         return self._buffer.popleft()
-
-    def next_nowait(self) -> tuple[int, TaskRecord] | None:
-        """A queued change if there is one, else None (used to batch SSE writes)."""
-        return self._buffer.popleft() if self._buffer else None

@@ -276,6 +276,10 @@ async def test_webhook_retried_then_delivered_and_signed(
         assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
     record = json.loads(rx.calls[-1][2])
     assert record["task_id"] == tid and record["status"] == "completed"
+    stats = await taskd.web.get_tracker(client.app).stats()
+    assert (stats["webhooks_delivered"], stats["webhooks_failed"]) == (1, 0)
+    metrics = await (await client.get("/metrics")).text()
+    assert "taskd_webhooks_delivered_total 1.0" in metrics
     assert record["result"] == {"ok": 1}
     # the first retry came well within 5 seconds, and backoff grew
     t0, t1, t2 = (t for t, _, _ in rx.calls)
