@@ -88,7 +88,8 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--db", default=env.get("TASKD_DB"), help="SQLite file: durable tasks")
     serve.add_argument(
         "--token",
-        action="append",
+        action="extend",
+        nargs="+",
         default=[env["TASKD_TOKENS"]] if env.get("TASKD_TOKENS") else [],
         metavar="[OWNER=]TOKEN",
         help="turn on bearer-token auth (repeatable); a bare token belongs to 'default'",

@@ -480,17 +480,14 @@ class _Handlers:
         digest = _filter_digest(statuses, task_type, resource_id)
         token = _one_query(request, "page_token")
         cursor = _decode_token(token, digest) if token else None
-        try:
-            page = await state.tracker.list_page(
-                status=statuses,
-                task_type=task_type,
-                resource_id=resource_id,
-                limit=limit,
-                owner=owner,
-                cursor=cursor,
-            )
-        except (ValueError, TypeError) as exc:
-            raise _invalid(str(exc)) from None
+        page = await state.tracker.list_page(
+            status=statuses,
+            task_type=task_type,
+            resource_id=resource_id,
+            limit=limit,
+            owner=owner,
+            cursor=cursor,
+        )
         next_token = _encode_token(page.next_cursor, digest) if page.next_cursor else None
         items = b",".join(state.render(r) for r in page.records)
         body = (
