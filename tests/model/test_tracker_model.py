@@ -75,9 +75,14 @@ class TrackerModel(RuleBasedStateMachine):
             return None
         return t
 
-    def finish(self, t: ModelTask, status: S) -> None:
+    def finish(self, t: ModelTask, status: S, finished_at: float | None) -> None:
+        # TTL counts from the record's finished_at. It is the clock's reading, unless
+        # that would put it before the record's last update (timestamps never go
+        # backwards; ids created in one instant are a microsecond apart).
+        assert finished_at is not None
+        assert self.clock.now <= finished_at < self.clock.now + 0.001
         t.status = status
-        t.finished_at = self.clock.now
+        t.finished_at = finished_at
 
     def expect(self, coro: Coroutine[Any, Any, Any], error: type[Exception] | None) -> Any:
         if error is None:
@@ -133,7 +138,7 @@ class TrackerModel(RuleBasedStateMachine):
             if target in ACTIVE:
                 t.status = target
             else:
-                self.finish(t, target)
+                self.finish(t, target, rec.finished_at)
         else:
             self.expect(call, taskd.InvalidTransition)
 
@@ -214,7 +219,7 @@ class TrackerModel(RuleBasedStateMachine):
 
 
 TrackerModel.TestCase.settings = settings(
-    max_examples=150,
+    max_examples=200,
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
