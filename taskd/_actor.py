@@ -206,7 +206,7 @@ class Actor:
                     )
         # The process that ran these coroutines is gone: nobody will finish them.
         for rec in interrupted:
-            self._finish(rec, TaskStatus.FAILED, error="interrupted: tracker restarted")
+            self._change(rec, TaskStatus.FAILED, error="interrupted: tracker restarted")
         self._fire_timers()
 
     # --- the loop -------------------------------------------------------------------
@@ -297,12 +297,9 @@ class Actor:
             if subs:
                 for sub in subs:
                     sub.push(seq, rec)
-            if global_subs:
-                for sub in global_subs:
-                    if sub.matches(rec):
-                        sub.push(seq, rec)
-                if any(s.ended for s in global_subs):
-                    self._global_subs = global_subs = [s for s in global_subs if not s.ended]
+            for sub in global_subs:
+                if sub.matches(rec):
+                    sub.push(seq, rec)
             if rec.status in TERMINAL:
                 if subs:
                     for sub in subs:
@@ -315,6 +312,9 @@ class Actor:
                     for w in waiters:
                         if not w.done():
                             w.set_result((rec, True))
+        if global_subs and any(s.ended for s in global_subs):
+            # overflowed or ended from outside: drop them once, after the whole batch
+            self._global_subs = [s for s in global_subs if not s.ended]
 
     def _settle_handle(self, runner: _Runner) -> None:
         if runner.outcome is not None:
@@ -410,7 +410,7 @@ class Actor:
                 if last is None or rec.heartbeat_timeout is None:
                     continue
                 if last + rec.heartbeat_timeout <= now:
-                    self._finish(rec, TaskStatus.FAILED, error="heartbeat timeout")
+                    self._change(rec, TaskStatus.FAILED, error="heartbeat timeout")
                 else:
                     self._push_timer(last + rec.heartbeat_timeout, _HEARTBEAT, task_id)
             elif kind == _TIMEOUT:
@@ -542,22 +542,6 @@ class Actor:
         self._store_record(rec, new)
         return new
 
-    def _finish(
-        self,
-        rec: TaskRecord,
-        status: TaskStatus,
-        *,
-        result: JSON = None,
-        error: str | None = None,
-    ) -> TaskRecord:
-        runner = self._runners.get(rec.task_id)
-        if runner is not None and runner.outcome is None:
-            exc: BaseException | None = None
-            if status is TaskStatus.FAILED:
-                exc = RuntimeError(error or "failed")
-            runner.outcome = (status, None, exc)
-        return self._change(rec, status, result=result, error=error)
-
     def _remove(self, task_id: str) -> None:
         rec = self._records.pop(task_id)
         self._index_remove(rec)
@@ -687,17 +671,11 @@ class Actor:
 
     def _on_complete(self, msg: m.Complete) -> TaskRecord:
         rec = self._external(msg, "complete")
-        if rec.status is TaskStatus.PENDING:
-            # An external worker may finish without reporting start; pending -> completed
-            # is not a transition, so say so rather than guess.
-            raise InvalidTransition(rec.task_id, rec.status.value, "complete")
-        return self._finish(rec, TaskStatus.COMPLETED, result=msg.result)
+        return self._change(rec, TaskStatus.COMPLETED, result=msg.result, action="complete")
 
     def _on_fail(self, msg: m.Fail) -> TaskRecord:
         rec = self._external(msg, "fail")
-        if rec.status in TERMINAL:
-            raise InvalidTransition(rec.task_id, rec.status.value, "fail")
-        return self._finish(rec, TaskStatus.FAILED, error=msg.error)
+        return self._change(rec, TaskStatus.FAILED, error=msg.error, action="fail")
 
     def _on_cancel(self, msg: m.Cancel) -> TaskRecord:
         rec = self._visible(msg.task_id, msg.owner)
@@ -705,9 +683,16 @@ class Actor:
         if status in TERMINAL:
             raise InvalidTransition(rec.task_id, status.value, "cancel")
         runner = self._runners.get(rec.task_id)
-        if runner is not None and runner.task is None:
+        if runner is None:
+            # External: pending stops at once, running is asked (the worker sees
+            # cancelling on its next report), cancelling is the worker confirming.
+            if status is TaskStatus.RUNNING:
+                return self._change(rec, TaskStatus.CANCELLING, action="cancel")
+            return self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
+        if runner.task is None:
             # Spawned in this same batch and not launched yet: it never starts.
-            new = self._finish(rec, TaskStatus.CANCELLED, error=msg.reason)
+            runner.outcome = (TaskStatus.CANCELLED, None, None)
+            new = self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
             for pair in self._launch:
                 if pair[0] is runner:
                     self._launch.remove(pair)
@@ -715,17 +700,10 @@ class Actor:
                     break
             del self._runners[rec.task_id]
             return new
-        if status is TaskStatus.PENDING:
-            return self._finish(rec, TaskStatus.CANCELLED, error=msg.reason)
-        if runner is not None:
-            if runner.task is not None:
-                runner.task.cancel()
-            if status is TaskStatus.CANCELLING:
-                return rec
-            return self._change(rec, TaskStatus.CANCELLING, action="cancel")
+        # Spawned and running: cancelling until the coroutine has unwound.
+        runner.task.cancel()
         if status is TaskStatus.CANCELLING:
-            # The worker confirms the cancellation it was asked for.
-            return self._finish(rec, TaskStatus.CANCELLED, error=msg.reason)
+            return rec
         return self._change(rec, TaskStatus.CANCELLING, action="cancel")
 
     def _on_delete(self, msg: m.Delete) -> None:
@@ -900,13 +878,13 @@ class Actor:
 
     def _on_abandon(self, msg: m.Abandon) -> None:
         for task_id in msg.task_ids:
-            runner = self._runners.pop(task_id, None)
+            runner = self._runners.get(task_id)
             rec = self._records.get(task_id)
-            if rec is not None and rec.status not in TERMINAL:
-                self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
             if runner is not None:
                 runner.outcome = (TaskStatus.CANCELLED, None, None)
-                self._settle.append(runner)
+            if rec is not None and rec.status not in TERMINAL:
+                self._change(rec, TaskStatus.CANCELLED, error=msg.reason)  # settles it
+            self._runners.pop(task_id, None)
 
     def _on_tick(self, msg: m.Tick) -> None:
         """Nothing to do: the batch that carries a Tick fires due timers first."""
