@@ -38,46 +38,33 @@ def _ref(name: str) -> _Doc:
     return {"$ref": f"#/components/schemas/{name}"}
 
 
+# Every field of the JSON record, all required: the schema is closed.
+_RECORD_FIELDS: Final[_Doc] = {
+    "task_id": {"type": "string"},
+    "task_type": {"type": "string", "pattern": TASK_TYPE_PATTERN},
+    "status": {"type": "string", "enum": _STATUSES},
+    "resource_id": {"type": ["string", "null"]},
+    "created_at": {"type": "number"},
+    "updated_at": {"type": "number"},
+    "created_at_iso": {"type": "string", "format": "date-time"},
+    "updated_at_iso": {"type": "string", "format": "date-time"},
+    "started_at": {"type": ["number", "null"]},
+    "finished_at": {"type": ["number", "null"]},
+    "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
+    "message": {"type": ["string", "null"]},
+    "result": {},
+    "error": {"type": ["string", "null"]},
+    "metadata": {"type": "object"},
+}
+
+
 def _schemas() -> _Doc:
-    number_or_null = {"type": ["number", "null"]}
     return {
         "TaskRecord": {
             "type": "object",
             "additionalProperties": False,
-            "required": [
-                "task_id",
-                "task_type",
-                "status",
-                "resource_id",
-                "created_at",
-                "updated_at",
-                "created_at_iso",
-                "updated_at_iso",
-                "started_at",
-                "finished_at",
-                "progress",
-                "message",
-                "result",
-                "error",
-                "metadata",
-            ],
-            "properties": {
-                "task_id": {"type": "string"},
-                "task_type": {"type": "string", "pattern": TASK_TYPE_PATTERN},
-                "status": {"type": "string", "enum": _STATUSES},
-                "resource_id": {"type": ["string", "null"]},
-                "created_at": {"type": "number"},
-                "updated_at": {"type": "number"},
-                "created_at_iso": {"type": "string", "format": "date-time"},
-                "updated_at_iso": {"type": "string", "format": "date-time"},
-                "started_at": number_or_null,
-                "finished_at": number_or_null,
-                "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                "message": {"type": ["string", "null"]},
-                "result": {},
-                "error": {"type": ["string", "null"]},
-                "metadata": {"type": "object"},
-            },
+            "required": list(_RECORD_FIELDS),
+            "properties": _RECORD_FIELDS,
         },
         "RecordEnvelope": {
             "type": "object",

@@ -378,7 +378,7 @@ def _statuses(request: web.Request) -> list[str] | None:
 
 
 def _ok(
-    state: _State, payload: bytes, status: int = 200, headers: Mapping[str, str] | None = None
+    payload: bytes, status: int = 200, headers: Mapping[str, str] | None = None
 ) -> web.Response:
     return web.Response(
         status=status,
@@ -395,7 +395,7 @@ def _record_response(
         headers = dict(headers or ())
         headers["Retry-After"] = RETRY_AFTER
         headers["Cache-Control"] = "no-store"
-    return _ok(state, state.render(rec), status, headers)
+    return _ok(state.render(rec), status, headers)
 
 
 def _task_url(state: _State, task_id: str) -> str:
@@ -910,7 +910,7 @@ def accepted(
     rec = task.record if isinstance(task, TaskHandle) else task
     headers = {"Location": _task_url(state, rec.task_id)}
     if result is None:
-        return _ok(state, state.render(rec), 202, headers)
+        return _ok(state.render(rec), 202, headers)
     payload = dict(result)
     payload["task_id"] = rec.task_id
-    return _ok(state, json.dumps(payload, separators=(",", ":")).encode(), 202, headers)
+    return _ok(json.dumps(payload, separators=(",", ":")).encode(), 202, headers)

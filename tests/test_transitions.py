@@ -9,6 +9,7 @@ import pytest
 import taskd
 from taskd import TaskStatus as S
 
+from .conftest import FakeClock
 from .test_models import ALL, ALLOWED
 
 
@@ -113,7 +114,7 @@ async def test_cancelling_worker_may_still_complete(tracker: taskd.Tracker) -> N
     assert rec.status is S.COMPLETED and rec.result == 42
 
 
-async def test_updated_at_never_goes_backwards(clock, tracker: taskd.Tracker) -> None:  # type: ignore[no-untyped-def]
+async def test_updated_at_never_goes_backwards(clock: FakeClock) -> None:
     async with taskd.Tracker(clock=clock) as t:
         rec = await t.create("x")
         clock.advance(-100)  # the wall clock steps back

@@ -463,5 +463,11 @@ async def test_app_cleanup_cancels_running_spawned_tasks(aiohttp_client: MakeCli
 async def test_responses_are_rendered_once_per_record(client: Client) -> None:
     tid = (await create(client))["task_id"]
     a = await (await client.get(f"{API}/tasks/{tid}")).read()
-    b = await (await client.get(f"{API}/tasks/{tid}")).read()
-    assert a == b and json.loads(a)["result"]["task_id"] == tid
+    assert json.loads(a)["result"]["task_id"] == tid
+    state = taskd.web._state_of(client.app)
+    rec = await taskd.web.get_tracker(client.app).get(tid)
+    assert rec is not None
+    assert state.render(rec) is state.render(rec)  # cached: the very same bytes object
+    await client.post(f"{API}/tasks/{tid}/start")
+    newer = await taskd.web.get_tracker(client.app).get(tid)
+    assert newer is not None and b'"running"' in state.render(newer)  # a new version renders anew
