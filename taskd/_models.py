@@ -373,15 +373,17 @@ def check_message(message: object) -> str | None:
     return message
 
 
-def check_positive(value: object, name: str, *, allow_none: bool = True) -> float | None:
-    """Return ``value`` as a finite positive float (or None when allowed)."""
-    if value is None and allow_none:
+def check_seconds(value: object, name: str, *, allow_zero: bool = False) -> float | None:
+    """Return ``value`` (seconds) as a finite float > 0 (>= 0 with ``allow_zero``), or
+    None for None. Every duration option and argument goes through here."""
+    if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"{name} must be a number, not {type(value).__name__}")
+        raise TypeError(f"{name} must be a number of seconds, not {type(value).__name__}")
     number = float(value)
-    if not (math.isfinite(number) and number > 0):
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not (math.isfinite(number) and (number > 0 or (allow_zero and number == 0))):
+        least = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be a finite number of seconds {least}, got {value!r}")
     return number
 
 

@@ -8,21 +8,13 @@ all records.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._models import TaskRecord, TaskStatus
+from ._models import TaskRecord, TaskStatus, check_seconds
 
 __all__ = ["Retention"]
-
-
-def _check_ttl(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise TypeError(f"Retention.{name} must be a number, not {type(value).__name__}")
-    if not (math.isfinite(value) and value > 0):
-        raise ValueError(f"Retention.{name} must be a positive finite number of seconds")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -40,9 +32,10 @@ class Retention:
     max_tasks: int = 10000
 
     def __post_init__(self) -> None:
-        _check_ttl("completed_ttl", self.completed_ttl)
-        _check_ttl("failed_ttl", self.failed_ttl)
-        _check_ttl("cancelled_ttl", self.cancelled_ttl)
+        for name in ("completed_ttl", "failed_ttl", "cancelled_ttl"):
+            if getattr(self, name) is None:
+                raise TypeError(f"Retention.{name} must be a number of seconds")
+            check_seconds(getattr(self, name), f"Retention.{name}")
         if isinstance(self.max_tasks, bool) or not isinstance(self.max_tasks, int):
             raise TypeError("Retention.max_tasks must be an int")
         if self.max_tasks < 1:

@@ -10,7 +10,6 @@ import contextvars
 import enum
 import inspect
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Mapping
 from dataclasses import dataclass
@@ -28,9 +27,9 @@ from ._models import (
     TaskStatus,
     check_message,
     check_metadata,
-    check_positive,
     check_progress,
     check_resource_id,
+    check_seconds,
     check_task_type,
     json_copy,
 )
@@ -172,17 +171,16 @@ class Tracker:
             store = MemoryStore()
         elif not isinstance(store, Store):
             raise TypeError(f"store must implement taskd.Store, not {type(store).__name__}")
-        if isinstance(close_timeout, bool) or not isinstance(close_timeout, int | float):
+        close_after = check_seconds(close_timeout, "close_timeout", allow_zero=True)
+        if close_after is None:
             raise TypeError("close_timeout must be a number of seconds")
-        if not (math.isfinite(close_timeout) and close_timeout >= 0):
-            raise ValueError("close_timeout must be a finite number >= 0")
         if not callable(clock):
             raise TypeError("clock must be callable")
         if webhooks is not None and not isinstance(webhooks, Webhooks):
             raise TypeError("webhooks must be a taskd.Webhooks")
         self._webhooks = webhooks
         self._sender: WebhookSender | None = None
-        self._options = _Options(retention, store, float(close_timeout))
+        self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
         self._mailbox: asyncio.Queue[tuple[object, asyncio.Future[object] | None]] = asyncio.Queue()
         self._actor = Actor(mailbox=self._mailbox, retention=retention, store=store, clock=clock)
@@ -354,7 +352,7 @@ class Tracker:
                 check_metadata(metadata),
                 _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
                 self._check_callback(callback_url),
-                check_positive(timeout, "timeout"),
+                check_seconds(timeout, "timeout"),
                 contextvars.copy_context(),
                 Outcome(),
             )
@@ -387,7 +385,7 @@ class Tracker:
             check_metadata(metadata),
             _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
             self._check_callback(callback_url),
-            check_positive(heartbeat_timeout, "heartbeat_timeout"),
+            check_seconds(heartbeat_timeout, "heartbeat_timeout"),
         )
         return _as_record(await self._call(msg))
 
@@ -526,18 +524,13 @@ class Tracker:
     ) -> TaskRecord:
         """Long-poll: the terminal record as soon as there is one, else the latest
         record after ``timeout`` seconds (no exception)."""
-        rec, _ = await self._wait(task_id, check_positive(timeout, "timeout"), owner)
+        rec, _ = await self._wait(task_id, check_seconds(timeout, "timeout"), owner)
         return rec
 
     async def _wait(
         self, task_id: str, timeout: float | None, owner: OwnerScope
     ) -> tuple[TaskRecord, bool]:
-        if timeout is not None and not (
-            isinstance(timeout, int | float) and not isinstance(timeout, bool)
-        ):
-            raise TypeError("timeout must be a number of seconds or None")
-        if timeout is not None and not (math.isfinite(timeout) and timeout >= 0):
-            raise ValueError("timeout must be a finite number >= 0")
+        timeout = check_seconds(timeout, "timeout", allow_zero=True)
         tid = _check_id(task_id)
         fut = self._call(m.Wait(tid, _check_owner(owner), timeout))
         try:

@@ -22,7 +22,6 @@ import hashlib
 import hmac
 import json
 import logging
-import math
 import random
 import time
 import urllib.error
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from typing import Final
 from urllib.parse import urlsplit
 
-from ._models import TaskRecord
+from ._models import TaskRecord, check_seconds
 
 __all__ = ["Webhooks", "sign"]
 
@@ -95,8 +94,7 @@ class Webhooks:
         if not isinstance(self.max_attempts, int) or self.max_attempts < 1:
             raise ValueError("Webhooks.max_attempts must be an int >= 1")
         for name in ("first_retry", "timeout"):
-            value = getattr(self, name)
-            if not isinstance(value, int | float) or not math.isfinite(value) or value <= 0:
+            if check_seconds(getattr(self, name), f"Webhooks.{name}") is None:
                 raise ValueError(f"Webhooks.{name} must be a positive number of seconds")
         if self.first_retry > 5:
             raise ValueError("Webhooks.first_retry must be at most 5 seconds")

@@ -37,7 +37,14 @@ from ._errors import (
     TrackerClosed,
     TrackerFull,
 )
-from ._models import JSON, TaskRecord, TaskStatus, check_resource_id, check_task_type
+from ._models import (
+    JSON,
+    TaskRecord,
+    TaskStatus,
+    check_resource_id,
+    check_seconds,
+    check_task_type,
+)
 from ._retention import Retention
 from ._store import Store
 from ._tracker import MAX_LIMIT, TaskHandle, Tracker
@@ -732,21 +739,21 @@ def setup(
         raise RuntimeError("taskd.web.setup() was already called on this application")
     if auth is not None and not callable(auth):
         raise TypeError("auth must be callable")
-    if isinstance(max_wait, bool) or not isinstance(max_wait, int | float):
-        raise TypeError("max_wait must be a number of seconds")
-    if not 0 < max_wait <= MAX_WAIT:
-        raise ValueError(f"max_wait must be > 0 and <= {MAX_WAIT:g}")
+    wait_cap = check_seconds(max_wait, "max_wait")
+    ping = check_seconds(sse_ping_interval, "sse_ping_interval")
+    if wait_cap is None or ping is None:
+        raise TypeError("max_wait and sse_ping_interval must be numbers of seconds")
+    if wait_cap > MAX_WAIT:
+        raise ValueError(f"max_wait must be <= {MAX_WAIT:g}")
     tracker = Tracker(
         retention=retention, store=store, close_timeout=close_timeout, webhooks=webhooks
     )
-    if not isinstance(sse_ping_interval, int | float) or not sse_ping_interval > 0:
-        raise ValueError("sse_ping_interval must be a positive number of seconds")
     state = _State(
         tracker,
         _check_prefix(prefix),
         auth,
-        float(max_wait),
-        float(sse_ping_interval),
+        wait_cap,
+        ping,
         {} if _metrics else None,
     )
     app[_STATE] = state
