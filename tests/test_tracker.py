@@ -128,15 +128,26 @@ async def test_cancel_right_after_spawn_stops_it_at_first_await(
 
 async def test_spawn_keeps_a_strong_reference(tracker: taskd.Tracker) -> None:
     import gc
+    import weakref
+
+    # The coroutine waits on a future nothing else holds: without the tracker's own
+    # reference to the runner task, task and future form a garbage cycle.
+    holder: weakref.WeakValueDictionary[str, asyncio.Future[str]] = weakref.WeakValueDictionary()
 
     async def work() -> str:
-        await asyncio.sleep(0.05)
-        return "alive"
+        fut: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        holder["fut"] = fut
+        return await fut
 
     handle = await tracker.spawn(work(), task_type="x")
     task_id = handle.task_id
+    await asyncio.sleep(0.01)
     del handle
     gc.collect()
+    fut = holder.get("fut")
+    assert fut is not None  # the runner survived the collection
+    fut.set_result("alive")
+    del fut
     rec = await tracker.wait(task_id, timeout=5)
     assert rec.result == "alive"
 
