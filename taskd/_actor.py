@@ -57,6 +57,9 @@ RECENT_EVENTS: Final = 512
 _HEARTBEAT: Final = 0
 _TIMEOUT: Final = 1
 _WAIT: Final = 2
+_GRACE: Final = 3
+#: The error of a cancelling task whose worker did not confirm within cancel_grace.
+NOT_ACKNOWLEDGED: Final = "cancel not acknowledged"
 
 _Envelope = tuple[object, "asyncio.Future[object] | None"]
 # A reply waiting for the batch's commit: (future, succeeded, value-or-exception).
@@ -102,12 +105,14 @@ class Actor:
         retention: Retention,
         store: Store,
         clock: Callable[[], float],
+        cancel_grace: float = 60.0,
     ) -> None:
         self._mailbox = mailbox
         self._retention = retention
         self._store = store
         self._persistent = store.persistent
         self._clock = clock
+        self._cancel_grace = cancel_grace
         self.closed = False
         self.commands = 0
         #: Called with each terminal record that has a callback_url, after its commit.
@@ -131,6 +136,10 @@ class Actor:
         self._last_beat: dict[str, float] = {}
         self._runners: dict[str, _Runner] = {}
         self._waiters: dict[str, set[asyncio.Future[object]]] = {}
+        # The waiters that are long-polls (answered early at shutdown), and whether
+        # that has happened (later polls are then answered at once).
+        self._polls: set[asyncio.Future[object]] = set()
+        self._polls_released = False
         self._task_subs: dict[str, list[Subscription]] = {}
         self._global_subs: list[Subscription] = []
 
@@ -146,7 +155,12 @@ class Actor:
         self._wake_handle: asyncio.TimerHandle | None = None
         self._fut: asyncio.Future[object] | None = None
         self._last_stamp = 0
-        self._event_seq = 0
+        # Event ids (SSE) start at this boot's wall-clock instant in microseconds, so
+        # that they stay unique and increasing across restarts: the actor emits far
+        # fewer than one change per microsecond, so a boot's ids stay below the next
+        # boot's start. An id below it is from an earlier boot: no replay is possible.
+        self.boot_seq = int(clock() * 1_000_000)
+        self._event_seq = self.boot_seq
         self._draining = False
         self._stopping = False
 
@@ -174,6 +188,7 @@ class Actor:
             m.Unsubscribe: self._on_unsubscribe,  # type: ignore[dict-item]
             m.Stats: self._on_stats,  # type: ignore[dict-item]
             m.RunnerFinished: self._on_runner_finished,  # type: ignore[dict-item]
+            m.ReleasePolls: self._on_release_polls,  # type: ignore[dict-item]
             m.Drain: self._on_drain,  # type: ignore[dict-item]
             m.Abandon: self._on_abandon,  # type: ignore[dict-item]
             m.Stop: self._on_stop,  # type: ignore[dict-item]
@@ -199,6 +214,8 @@ class Actor:
                     self._active_keys[(rec.owner, rec.task_type, rec.resource_id)] = rec.task_id
                 if rec.in_process:
                     interrupted.append(rec)
+                elif rec.status is TaskStatus.CANCELLING:
+                    self._push_timer(rec.updated_at + self._cancel_grace, _GRACE, rec.task_id)
                 elif rec.heartbeat_timeout is not None:
                     self._last_beat[rec.task_id] = rec.updated_at
                     self._push_timer(
@@ -242,10 +259,10 @@ class Actor:
             if fut is not None:
                 self._replies.append((fut, False, exc))
             else:
-                log.debug("taskd: dropped %s: %s", type(msg).__name__, exc)
+                log.debug("dropped %s: %s", type(msg).__name__, exc)
         except Exception as exc:
             # A bug in one handler must not take the tracker down: answer and go on.
-            log.exception("taskd: handler for %s raised", type(msg).__name__)
+            log.exception("handler for %s raised", type(msg).__name__)
             if fut is not None:
                 self._replies.append((fut, False, exc))
         else:
@@ -309,6 +326,8 @@ class Actor:
                     self.on_terminal(rec)
                 waiters = self._waiters.pop(rec.task_id, None)
                 if waiters:
+                    if self._polls:
+                        self._polls.difference_update(waiters)
                     for w in waiters:
                         if not w.done():
                             w.set_result((rec, True))
@@ -401,6 +420,7 @@ class Actor:
                 waiters = self._waiters.get(task_id)
                 if waiters is not None:
                     waiters.discard(fut)
+                self._polls.discard(fut)
                 if not fut.done():
                     self._replies.append((fut, True, (rec, False)))
             elif rec is None or rec.status in TERMINAL:
@@ -413,6 +433,16 @@ class Actor:
                     self._change(rec, TaskStatus.FAILED, error="heartbeat timeout")
                 else:
                     self._push_timer(last + rec.heartbeat_timeout, _HEARTBEAT, task_id)
+            elif kind == _GRACE:
+                if rec.status is not TaskStatus.CANCELLING:
+                    continue
+                if rec.updated_at + self._cancel_grace > now:  # it reported since
+                    self._push_timer(rec.updated_at + self._cancel_grace, _GRACE, task_id)
+                    continue
+                runner = self._runners.get(task_id)
+                if runner is not None:
+                    runner.outcome = (TaskStatus.CANCELLED, None, None)
+                self._change(rec, TaskStatus.CANCELLED, error=NOT_ACKNOWLEDGED)
             elif kind == _TIMEOUT:
                 runner = self._runners.get(task_id)
                 if runner is not None and runner.task is not None and not runner.timed_out:
@@ -501,6 +531,8 @@ class Actor:
                 runner = self._runners.get(tid)
                 if runner is not None:
                     self._settle.append(runner)
+        elif new.status is TaskStatus.CANCELLING and old.status is not new.status:
+            self._push_timer(self._now + self._cancel_grace, _GRACE, tid)
         self._dirty[tid] = new
         self._event_seq += 1
         self._changed.append((self._event_seq, new))
@@ -535,7 +567,11 @@ class Actor:
             progress=1.0
             if status is TaskStatus.COMPLETED
             else (rec.progress if progress is None else progress),
-            message=rec.message if message is None else message,
+            # A completed task's last stage ("halfway") no longer describes it; a failed
+            # or cancelled one keeps it: it says where the work stopped.
+            message=None
+            if status is TaskStatus.COMPLETED
+            else (rec.message if message is None else message),
             result=result if status is TaskStatus.COMPLETED else None,
             error=error if status in (TaskStatus.FAILED, TaskStatus.CANCELLED) else None,
         )
@@ -771,9 +807,16 @@ class Actor:
 
     def _on_wait(self, msg: m.Wait) -> object:
         rec = self._visible(msg.task_id, msg.owner)
-        if rec.status in TERMINAL or msg.timeout == 0 or self._fut is None:
+        if (
+            rec.status in TERMINAL
+            or msg.timeout == 0
+            or self._fut is None
+            or (msg.poll and self._polls_released)
+        ):
             return (rec, rec.status in TERMINAL)
         fut = self._fut
+        if msg.poll:
+            self._polls.add(fut)
         waiters = self._waiters.get(rec.task_id)
         if waiters is None:
             waiters = self._waiters[rec.task_id] = set()
@@ -782,7 +825,20 @@ class Actor:
             self._push_timer(self._now + msg.timeout, _WAIT, rec.task_id, fut)
         return _DEFERRED
 
+    def _on_release_polls(self, msg: m.ReleasePolls) -> int:
+        self._polls_released = True
+        polls, self._polls = self._polls, set()
+        for task_id, waiters in list(self._waiters.items()):
+            for fut in waiters & polls:
+                waiters.discard(fut)
+                if not fut.done():
+                    self._replies.append((fut, True, (self._records.get(task_id), False)))
+            if not waiters:
+                del self._waiters[task_id]
+        return len(polls)
+
     def _on_unwait(self, msg: m.Unwait) -> None:
+        self._polls.discard(msg.fut)
         waiters = self._waiters.get(msg.task_id)
         if waiters is not None:
             waiters.discard(msg.fut)
@@ -810,8 +866,8 @@ class Actor:
         """Push the changes a resuming subscriber missed, if all are still held."""
         after = sub.resume_from
         recent = self._recent
-        if after is None or recent is None or after > self._event_seq:
-            return
+        if after is None or recent is None or not self.boot_seq <= after <= self._event_seq:
+            return  # none, or from another boot: the subscriber gets the current state
         if after < self._event_seq and (not recent or recent[0][0] > after + 1):
             return  # some are gone: the subscriber gets the current state instead
         sub.since = after
@@ -874,6 +930,7 @@ class Actor:
 
     def _on_drain(self, msg: m.Drain) -> dict[str, asyncio.Task[None]]:
         self._draining = True
+        self._on_release_polls(m.ReleasePolls())
         return {tid: r.task for tid, r in self._runners.items() if r.task is not None}
 
     def _on_abandon(self, msg: m.Abandon) -> None:

@@ -112,6 +112,9 @@ class Wait:
     task_id: str
     owner: OwnerScope
     timeout: float | None
+    #: A long-poll (answered with the latest record at shutdown) rather than a wait
+    #: for the outcome (which only the terminal record or closing answers).
+    poll: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +150,12 @@ class RunnerFinished:
     exc: BaseException | None
     #: The redacted error text stored in the record.
     error: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class ReleasePolls:
+    """Shutdown step 0: answer every pending long-poll with its latest record now, and
+    every later one at once, so that a server need not wait for them to time out."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -281,6 +281,30 @@ def _opt_num(value: object) -> float | None:
 
 
 # --- argument checks, run in the caller before any message is sent -----------------
+
+
+def parse_statuses(values: Iterable[str | TaskStatus]) -> frozenset[TaskStatus] | None:
+    """A status filter from its parts: each value one status or several separated by
+    commas; empty parts are ignored, and no status at all means no filter (None).
+    ``ValueError`` names an unknown status. The one parser for the API, client and CLI.
+    """
+    out: set[TaskStatus] = set()
+    for value in values:
+        if isinstance(value, TaskStatus):
+            out.add(value)
+            continue
+        if not isinstance(value, str):
+            raise TypeError(f"status must be a str, not {type(value).__name__}")
+        for part in value.split(","):
+            part = part.strip()
+            if not part:
+                continue
+            try:
+                out.add(TaskStatus(part))
+            except ValueError:
+                valid = ", ".join(s.value for s in TaskStatus)
+                raise ValueError(f"unknown status {part!r}; expected one of {valid}") from None
+    return frozenset(out) if out else None
 
 
 def check_task_type(task_type: object) -> str:

@@ -9,22 +9,13 @@ from __future__ import annotations
 
 from typing import Final
 
+from ._errors import ERRORS
 from ._models import MAX_MESSAGE_CHARS, MAX_RESOURCE_ID_CHARS, TaskStatus
 
 __all__ = ["document"]
 
 _STATUSES: Final = [s.value for s in TaskStatus]
-_ERROR_CODES: Final = [
-    "INVALID_ARGUMENT",
-    "UNAUTHENTICATED",
-    "NOT_FOUND",
-    "CONFLICT",
-    "FAILED_PRECONDITION",
-    "PAYLOAD_TOO_LARGE",
-    "UNAVAILABLE",
-    "METHOD_NOT_ALLOWED",
-    "INTERNAL",
-]
+_ERROR_CODES: Final = [e.code for e in ERRORS]
 TASK_TYPE_PATTERN: Final = "^[A-Za-z0-9_.:-]{1,128}$"
 
 _Doc = dict[str, object]
@@ -192,22 +183,24 @@ def _list_filters() -> list[_Doc]:
         {
             "name": "status",
             "in": "query",
-            "description": "Repeatable; values may also be comma-separated",
-            "schema": {"type": "array", "items": {"type": "string", "enum": _STATUSES}},
+            "description": "Repeatable; values may also be comma-separated; "
+            "an empty value means no filter",
+            "schema": {"type": "array", "items": {"type": "string", "enum": [*_STATUSES, ""]}},
             "style": "form",
             "explode": True,
         },
         {
             "name": "task_type",
             "in": "query",
-            "schema": {"type": "string", "pattern": TASK_TYPE_PATTERN},
+            "description": "An empty value means no filter",
+            "schema": {"type": "string", "pattern": "^([A-Za-z0-9_.:-]{1,128})?$"},
         },
         {
             "name": "resource_id",
             "in": "query",
+            "description": "An empty value means no filter",
             "schema": {
                 "type": "string",
-                "minLength": 1,
                 "maxLength": MAX_RESOURCE_ID_CHARS,
                 "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
             },
@@ -451,6 +444,9 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
             "version": "1",
             "description": "Track background operations: poll, long-poll, list, report.",
         },
+        # Paths carry the API's full mount path (a sub-application's prefix included),
+        # so the server is the site root.
+        "servers": [{"url": "/", "description": "this server"}],
         "paths": paths,
         "components": {"schemas": _schemas()},
     }

@@ -51,7 +51,7 @@ _RULES: list[tuple[re.Pattern[str], _Replacement]] = [
     (
         re.compile(
             r"(?i)\b((?:proxy-)?authorization[\"']?\s*[:=]\s*[\"']?)"
-            r"(?:(bearer|basic|token|digest)\s+)?[^\s\"',;]+"
+            r"(?:(bearer|basic|token|digest)\s+)?[^\s\"',;)\]}>]+"
         ),
         _keep_scheme,
     ),

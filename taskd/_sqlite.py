@@ -23,18 +23,13 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Final
 
-from ._errors import TaskdError
+from ._errors import StoreError
 from ._models import DEFAULT_SPEC, TaskRecord, TaskSpec, TaskStatus
 
 __all__ = ["SQLiteStore", "StoreError"]
 
 SCHEMA_VERSION: Final = 1
 _SYNC_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
-
-
-class StoreError(TaskdError):
-    """The store cannot be used: locked by another process, unreadable, unwritable,
-    corrupt, or of a newer schema."""
 
 
 _COLUMNS: Final = (

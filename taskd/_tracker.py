@@ -32,6 +32,7 @@ from ._models import (
     check_seconds,
     check_task_type,
     json_copy,
+    parse_statuses,
 )
 from ._redact import redact_error
 from ._retention import Retention
@@ -80,7 +81,7 @@ class TaskHandle:
     def __init__(self, tracker: Tracker, record: TaskRecord, done: Outcome):
         self._tracker = tracker
         self._done = done
-        #: The record as it was created (``pending``).
+        #: The record as it was created (``running``: a spawned task runs from the start).
         self.record = record
 
     @property
@@ -115,19 +116,10 @@ def _statuses(
 ) -> frozenset[TaskStatus] | None:
     if status is None:
         return None
-    items = [status] if isinstance(status, str) else list(status)
-    if not items:
+    parsed = parse_statuses([status] if isinstance(status, str) else list(status))
+    if parsed is None:
         raise ValueError("status filter must name at least one status")
-    out: set[TaskStatus] = set()
-    for item in items:
-        if not isinstance(item, str):
-            raise TypeError(f"status must be a str, not {type(item).__name__}")
-        try:
-            out.add(TaskStatus(item))
-        except ValueError:
-            valid = ", ".join(s.value for s in TaskStatus)
-            raise ValueError(f"unknown status {item!r}; expected one of {valid}") from None
-    return frozenset(out)
+    return parsed
 
 
 def _check_id(task_id: object) -> str:
@@ -149,8 +141,11 @@ class Tracker:
 
     Every option is keyword-only and checked here: ``retention`` (a ``Retention``),
     ``store`` (default ``MemoryStore()``), ``close_timeout`` (seconds running spawned
-    tasks get at shutdown before they are cancelled) and ``clock`` (wall-clock source,
-    for tests). Methods called before entry, after close, or once the actor has died
+    tasks get at shutdown before they are cancelled; 0 cancels them at once),
+    ``cancel_grace`` (seconds a ``cancelling`` task may go unconfirmed before it is
+    recorded ``cancelled`` with ``"cancel not acknowledged"``), ``webhooks`` (a
+    ``Webhooks``: signed callbacks on terminal transitions) and ``clock`` (wall-clock
+    source, for tests). Methods called before entry, after close, or once the actor has died
     raise ``TrackerClosed`` at once.
     """
 
@@ -160,6 +155,7 @@ class Tracker:
         retention: Retention | None = None,
         store: Store | None = None,
         close_timeout: float = 5.0,
+        cancel_grace: float = 60.0,
         webhooks: Webhooks | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -174,6 +170,9 @@ class Tracker:
         close_after = check_seconds(close_timeout, "close_timeout", allow_zero=True)
         if close_after is None:
             raise TypeError("close_timeout must be a number of seconds")
+        grace = check_seconds(cancel_grace, "cancel_grace")
+        if grace is None:
+            raise TypeError("cancel_grace must be a number of seconds")
         if not callable(clock):
             raise TypeError("clock must be callable")
         if webhooks is not None and not isinstance(webhooks, Webhooks):
@@ -183,7 +182,13 @@ class Tracker:
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
         self._mailbox: asyncio.Queue[tuple[object, asyncio.Future[object] | None]] = asyncio.Queue()
-        self._actor = Actor(mailbox=self._mailbox, retention=retention, store=store, clock=clock)
+        self._actor = Actor(
+            mailbox=self._mailbox,
+            retention=retention,
+            store=store,
+            clock=clock,
+            cancel_grace=grace,
+        )
         self._actor_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
 
@@ -255,8 +260,9 @@ class Tracker:
         assert isinstance(runners, dict)
         if runners:
             timeout = self._options.close_timeout
-            _, pending = await asyncio.wait(runners.values(), timeout=timeout or None)
-            if timeout == 0:
+            if timeout > 0:
+                _, pending = await asyncio.wait(runners.values(), timeout=timeout)
+            else:  # no time to finish: cancel at once
                 pending = {t for t in runners.values() if not t.done()}
             for task in pending:
                 task.cancel()
@@ -265,7 +271,7 @@ class Tracker:
                 if stuck:
                     ids = tuple(tid for tid, t in runners.items() if t in stuck)
                     log.warning(
-                        "taskd: %d spawned task(s) ignored cancellation for %.1fs after "
+                        "%d spawned task(s) ignored cancellation for %.1fs after "
                         "close_timeout; recording them cancelled and leaving them: %s",
                         len(ids),
                         CANCEL_GRACE,
@@ -283,7 +289,7 @@ class Tracker:
             if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
                 raise
         except Exception:
-            log.exception("taskd: the actor had died")
+            log.exception("the actor had died")
 
     def __repr__(self) -> str:
         return f"<Tracker state={self.state.value} store={self._options.store!r}>"
@@ -524,15 +530,22 @@ class Tracker:
     ) -> TaskRecord:
         """Long-poll: the terminal record as soon as there is one, else the latest
         record after ``timeout`` seconds (no exception)."""
-        rec, _ = await self._wait(task_id, check_seconds(timeout, "timeout"), owner)
+        rec, _ = await self._wait(task_id, check_seconds(timeout, "timeout"), owner, poll=True)
         return rec
 
+    async def release_polls(self) -> None:
+        """Answer every pending ``poll`` with its latest record now, and later ones at
+        once: a server calls this as it shuts down, so that long-polls do not hold it
+        up. ``wait`` callers are not affected."""
+        with contextlib.suppress(TrackerClosed):
+            await self._call(m.ReleasePolls())
+
     async def _wait(
-        self, task_id: str, timeout: float | None, owner: OwnerScope
+        self, task_id: str, timeout: float | None, owner: OwnerScope, *, poll: bool = False
     ) -> tuple[TaskRecord, bool]:
         timeout = check_seconds(timeout, "timeout", allow_zero=True)
         tid = _check_id(task_id)
-        fut = self._call(m.Wait(tid, _check_owner(owner), timeout))
+        fut = self._call(m.Wait(tid, _check_owner(owner), timeout, poll))
         try:
             reply = await fut
         except asyncio.CancelledError:

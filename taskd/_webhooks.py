@@ -8,7 +8,9 @@ until the request timeout; the others keep delivering.
 
 Signature: ``webhook-signature: v1,<base64 HMAC-SHA256 of "{id}.{timestamp}.{body}">``.
 A secret of the form ``whsec_<base64>`` is used as the base64-decoded key, as the
-Standard Webhooks libraries do; any other secret is used as its UTF-8 bytes.
+Standard Webhooks libraries do (padded or not, standard or URL-safe alphabet; a
+secret that is not base64 is refused when ``Webhooks`` is built); any other secret is
+used as its UTF-8 bytes, which receivers must then use as their key.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import concurrent.futures
 import contextlib
 import hashlib
 import hmac
+import ipaddress
 import json
 import logging
 import random
@@ -42,11 +45,25 @@ _DEFAULT_PORTS: Final = {"http": 80, "https": 443}
 
 def _key(secret: str) -> bytes:
     if secret.startswith("whsec_"):
-        try:
-            return base64.b64decode(secret[6:], validate=True)
-        except binascii.Error:
-            pass
+        return decode_whsec(secret)
     return secret.encode()
+
+
+def decode_whsec(secret: str) -> bytes:
+    """The key of a ``whsec_<base64>`` secret. Lenient about the base64 flavour (with
+    or without padding, standard or URL-safe alphabet), as secrets are copied from
+    many tools; ``ValueError`` when it is not base64 at all or decodes to nothing."""
+    body = secret.removeprefix("whsec_").strip().rstrip("=")
+    if not body or not all(c.isalnum() or c in "+/-_" for c in body) or len(body) % 4 == 1:
+        raise ValueError(
+            "webhook secret starts with 'whsec_' but the rest is not base64: "
+            "give the base64 key (as Standard Webhooks libraries do) or drop the prefix"
+        )
+    body = body.replace("-", "+").replace("_", "/")
+    try:
+        return base64.b64decode(body + "=" * (-len(body) % 4), validate=True)
+    except binascii.Error as exc:  # pragma: no cover - the checks above cover it
+        raise ValueError(f"webhook secret is not valid base64: {exc}") from None
 
 
 def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
@@ -57,12 +74,37 @@ def sign(secret: str, msg_id: str, timestamp: int, body: bytes) -> str:
 
 
 def _parse_allow(entry: str) -> tuple[str, int | None]:
-    host, sep, port = entry.strip().lower().rpartition(":")
-    if not sep or "]" in port:  # no port (or an IPv6 address without one)
-        return entry.strip().lower().strip("[]"), None
-    if not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"bad webhook allow-list entry {entry!r}: use host or host:port")
-    return host.strip("[]"), int(port)
+    """``host``, ``host:port``, ``[v6]``, ``[v6]:port`` or a bare IPv6 address."""
+    text = entry.strip().lower()
+    bad = ValueError(
+        f"bad webhook allow-list entry {entry!r}: use HOST, HOST:PORT, an IPv6 address "
+        "or [IPv6]:PORT"
+    )
+    port_text: str | None = None
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise bad
+        port_text = rest[1:] if rest else None
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise bad from None
+    elif text.count(":") > 1:  # a bare IPv6 address: no port
+        try:
+            host = str(ipaddress.IPv6Address(text))
+        except ValueError:
+            raise bad from None
+    else:
+        host, sep, rest = text.partition(":")
+        port_text = rest if sep else None
+    if not host or any(c in host for c in "/@?#[] \t"):
+        raise bad
+    if port_text is None:
+        return host, None
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        raise bad
+    return host, int(port_text)
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -86,6 +128,8 @@ class Webhooks:
     def __post_init__(self) -> None:
         if not isinstance(self.secret, str) or not self.secret:
             raise ValueError("Webhooks.secret must be a non-empty string")
+        if self.secret.startswith("whsec_"):
+            decode_whsec(self.secret)
         if isinstance(self.allow, str) or not all(isinstance(a, str) for a in self.allow):
             raise TypeError("Webhooks.allow must be a sequence of 'host[:port]' strings")
         object.__setattr__(self, "allow", tuple(self.allow))
@@ -103,6 +147,9 @@ class Webhooks:
 
     def check_url(self, url: str) -> str:
         """Return ``url`` if it is http(s) and its host[:port] is on the allow-list."""
+        if any(c.isspace() or ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in url):
+            # urllib would refuse it at delivery time, after the task was accepted.
+            raise ValueError("callback_url must not contain spaces or control characters")
         parts = urlsplit(url)
         if parts.scheme not in _DEFAULT_PORTS or not parts.hostname:
             raise ValueError("callback_url must be an http(s) URL with a host")
@@ -113,6 +160,8 @@ class Webhooks:
         except ValueError:
             raise ValueError("callback_url has an invalid port") from None
         host = parts.hostname.lower()
+        with contextlib.suppress(ValueError):
+            host = str(ipaddress.IPv6Address(host))
         for entry in self.allow:
             allowed_host, allowed_port = _parse_allow(entry)
             if host == allowed_host and allowed_port in (None, port):

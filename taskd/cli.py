@@ -15,30 +15,39 @@ import contextlib
 import ipaddress
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sys
-from collections.abc import Sequence
-from typing import Final
+from collections.abc import Callable, Sequence
+from typing import Final, TypeVar
 
 from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from . import __version__
 from ._errors import TaskdError, TaskNotFound
-from ._models import TaskRecord, TaskStatus
+from ._models import TaskRecord, TaskStatus, parse_statuses
 from .client import DEFAULT_URL, ApiError, ServerUnreachable, TaskdClient
 
 __all__ = ["main"]
 
 log = logging.getLogger("taskd")
+T = TypeVar("T")
 
 EXIT_OK: Final = 0
 EXIT_FAILED: Final = 1
 EXIT_CANCELLED: Final = 2
 EXIT_ERROR: Final = 3
+#: ``wait --timeout`` ran out before the task ended (as ``timeout(1)`` does).
+EXIT_TIMEOUT: Final = 124
+#: ``serve`` could not start (bad option or environment value, db locked or
+#: unreadable, port in use); client commands given a bad environment value.
+EXIT_START: Final = 1
 
 _STYLE: Final = {
     "pending": "yellow",
@@ -51,14 +60,25 @@ _STYLE: Final = {
 
 
 class CliError(Exception):
-    """A one-line error for stderr and exit status 3."""
+    """A one-line error for stderr, and the exit status to leave with."""
+
+    def __init__(self, message: str, status: int = EXIT_ERROR) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 # --- parsing -----------------------------------------------------------------------------
 
+_OWNER_RE: Final = re.compile(r"[A-Za-z0-9_.@-]{1,64}")
+
 
 def _tokens(values: Sequence[str]) -> dict[str, str]:
-    """``owner=token`` or a bare ``token`` (owner ``default``) -> {token: owner}."""
+    """``OWNER=TOKEN`` or a bare ``TOKEN`` (owner ``default``) -> {token: owner}.
+
+    ``OWNER=TOKEN`` is recognised only when OWNER is 1–64 of ``[A-Za-z0-9_.@-]`` and
+    TOKEN is non-empty and does not start with ``=``: a base64 token ending in ``==``
+    is a bare token. One token for two owners is refused (naming the owners only).
+    """
     out: dict[str, str] = {}
     for value in values:
         for item in value.split(","):
@@ -66,82 +86,209 @@ def _tokens(values: Sequence[str]) -> dict[str, str]:
             if not item:
                 continue
             owner, sep, token = item.partition("=")
-            if not sep:
+            if not (sep and _OWNER_RE.fullmatch(owner) and token and not token.startswith("=")):
                 owner, token = "default", item
-            if not owner or not token:
-                raise CliError(f"bad token {item!r}: use OWNER=TOKEN or TOKEN")
+            known = out.get(token)
+            if known is not None and known != owner:
+                raise CliError(
+                    f"one token is given to two owners ({known!r} and {owner!r}): "
+                    "each token must name one owner",
+                    EXIT_START,
+                )
             out[token] = owner
     return out
 
 
+def _env(name: str, convert: Callable[[str], T], default: T) -> T:
+    """An environment variable's value, converted; a bad one is a one-line error."""
+    text = os.environ.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        return convert(text)
+    except ValueError:
+        raise CliError(f"bad value {text!r} in environment variable {name}", EXIT_START) from None
+
+
+def _port(text: str) -> int:
+    port = int(text)
+    if not 0 < port < 65536:
+        raise ValueError(text)
+    return port
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise ValueError(text)
+    return value
+
+
+def _arg(convert: Callable[[str], T], what: str) -> Callable[[str], T]:
+    """An argparse ``type`` with a readable error."""
+
+    def parse(text: str) -> T:
+        try:
+            return convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+
+    parse.__name__ = what
+    return parse
+
+
+def _split_env(name: str) -> list[str]:
+    text = os.environ.get(name, "")
+    return [text] if text.strip() else []
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in every option's help; descriptions printed as written."""
+
+
 def _parser() -> argparse.ArgumentParser:
-    env = os.environ
     parser = argparse.ArgumentParser(
-        prog="taskd", description="Track background operations; serve and query them."
+        prog="taskd",
+        description="Track background operations: run the service (serve) or talk to one.",
+        epilog="Exit status: 0 ok; 1 task failed (wait) or serve could not start; "
+        "2 task cancelled (wait) or bad command line; 3 request failed; 124 wait timed out.",
+        formatter_class=_Help,
     )
     parser.add_argument("--version", action="version", version=f"taskd {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    serve = sub.add_parser("serve", help="run the standalone service")
-    serve.add_argument("--host", default=env.get("TASKD_HOST", "127.0.0.1"))
-    serve.add_argument("--port", type=int, default=int(env.get("TASKD_PORT", "8080")))
-    serve.add_argument("--db", default=env.get("TASKD_DB"), help="SQLite file: durable tasks")
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, formatter_class=_Help)
+
+    serve = command(
+        "serve",
+        "run the standalone service",
+        "Run the task API, /health, /metrics and the dashboard. In memory unless --db is "
+        "given. SIGINT/SIGTERM shut it down cleanly.",
+    )
+    serve.add_argument(
+        "--host",
+        default=os.environ.get("TASKD_HOST") or "127.0.0.1",
+        help="bind address (env TASKD_HOST)",
+    )
+    serve.add_argument(
+        "--port",
+        type=_arg(_port, "a port number"),
+        default=_env("TASKD_PORT", _port, 8080),
+        help="port (env TASKD_PORT)",
+    )
+    serve.add_argument(
+        "--db",
+        default=os.environ.get("TASKD_DB") or None,
+        help="SQLite file: durable tasks (env TASKD_DB)",
+    )
     serve.add_argument(
         "--token",
         action="extend",
         nargs="+",
-        default=[env["TASKD_TOKENS"]] if env.get("TASKD_TOKENS") else [],
+        default=_split_env("TASKD_TOKENS"),
         metavar="[OWNER=]TOKEN",
-        help="turn on bearer-token auth (repeatable); a bare token belongs to 'default'",
+        help="turn on bearer-token auth (repeatable); a bare token belongs to owner "
+        "'default' (env TASKD_TOKENS, comma-separated)",
     )
     serve.add_argument("--demo", action="store_true", help="also run simulated jobs")
     serve.add_argument(
+        "--cancel-grace",
+        type=_arg(_positive, "a positive number of seconds"),
+        default=_env("TASKD_CANCEL_GRACE", _positive, 60.0),
+        metavar="S",
+        help="a cancelling task whose worker does not confirm in S seconds becomes "
+        "cancelled (env TASKD_CANCEL_GRACE)",
+    )
+    serve.add_argument(
         "--webhook-secret",
-        default=env.get("TASKD_WEBHOOK_SECRET"),
-        help="sign webhooks with this secret (Standard Webhooks)",
+        default=os.environ.get("TASKD_WEBHOOK_SECRET") or None,
+        help="sign webhooks with this secret, whsec_<base64> or plain (env TASKD_WEBHOOK_SECRET)",
     )
     serve.add_argument(
         "--webhook-allow",
         action="append",
-        default=[env["TASKD_WEBHOOK_ALLOW"]] if env.get("TASKD_WEBHOOK_ALLOW") else [],
+        default=_split_env("TASKD_WEBHOOK_ALLOW"),
         metavar="HOST[:PORT]",
-        help="allow callback_url targets on this host (repeatable)",
+        help="allow callback_url targets on this host; [IPv6]:PORT for IPv6 (repeatable; "
+        "env TASKD_WEBHOOK_ALLOW, comma-separated)",
     )
     serve.add_argument(
-        "--log-level", default=env.get("TASKD_LOG_LEVEL", "INFO"), help=argparse.SUPPRESS
+        "--log-level",
+        default=os.environ.get("TASKD_LOG_LEVEL") or "INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="log level (env TASKD_LOG_LEVEL)",
     )
 
     def client_options(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--url", default=env.get("TASKD_URL", DEFAULT_URL))
-        p.add_argument("--token", default=env.get("TASKD_TOKEN"), help="bearer token")
+        p.add_argument(
+            "--url",
+            default=os.environ.get("TASKD_URL") or DEFAULT_URL,
+            help="the server (env TASKD_URL)",
+        )
+        p.add_argument(
+            "--token",
+            default=os.environ.get("TASKD_TOKEN") or None,
+            help="bearer token (env TASKD_TOKEN)",
+        )
         p.add_argument("--json", action="store_true", help="machine-readable output")
 
-    ls = sub.add_parser("list", help="list tasks, newest first")
+    def filters(p: argparse.ArgumentParser, limit: int) -> None:
+        p.add_argument(
+            "--status", action="append", help="only these statuses (repeatable or comma-separated)"
+        )
+        p.add_argument("--type", dest="task_type", help="only this task_type")
+        p.add_argument("--resource", dest="resource_id", help="only this resource_id")
+        p.add_argument(
+            "--limit", type=_arg(int, "an integer"), default=limit, help="how many tasks, 1-200"
+        )
+
+    ls = command(
+        "list",
+        "list tasks, newest first",
+        "One page of tasks, newest first. When more exist, the command says so and "
+        "prints the --page-token that fetches the next page.",
+    )
     client_options(ls)
-    ls.add_argument("--status", action="append", help="repeatable or comma-separated")
-    ls.add_argument("--type", dest="task_type")
-    ls.add_argument("--resource", dest="resource_id")
-    ls.add_argument("--limit", type=int, default=50)
+    filters(ls, 50)
+    ls.add_argument("--page-token", help="the page after a previous listing (it prints this)")
 
-    get = sub.add_parser("get", help="show one task")
+    get = command("get", "show one task", "Show one task, field by field.")
     client_options(get)
-    get.add_argument("task_id")
+    get.add_argument("task_id", help="the task's id")
 
-    wait = sub.add_parser("wait", help="follow a task to its end with a progress bar")
+    wait = command(
+        "wait",
+        "follow a task to its end with a progress bar",
+        "A live progress bar until the task ends, then its result or error. Exit status "
+        "0 completed, 1 failed, 2 cancelled, 124 --timeout ran out.",
+    )
     client_options(wait)
-    wait.add_argument("task_id")
-    wait.add_argument("--timeout", type=float, default=None)
+    wait.add_argument("task_id", help="the task's id")
+    wait.add_argument(
+        "--timeout",
+        type=_arg(_positive, "a positive number of seconds"),
+        default=None,
+        help="give up after this many seconds (exit 124)",
+    )
 
-    cancel = sub.add_parser("cancel", help="cancel a task")
+    cancel = command(
+        "cancel",
+        "cancel a task",
+        "Cancel a task; prints its new status (cancelling or cancelled).",
+    )
     client_options(cancel)
-    cancel.add_argument("task_id")
+    cancel.add_argument("task_id", help="the task's id")
 
-    watch = sub.add_parser("watch", help="live view of task changes")
+    watch = command(
+        "watch",
+        "live view of task changes",
+        "A live table of the newest tasks as they change (one JSON line per change with "
+        "--json), until Ctrl-C.",
+    )
     client_options(watch)
-    watch.add_argument("--status", action="append")
-    watch.add_argument("--type", dest="task_type")
-    watch.add_argument("--resource", dest="resource_id")
-    watch.add_argument("--limit", type=int, default=20)
+    filters(watch, 20)
     return parser
 
 
@@ -151,40 +298,45 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from ._sqlite import SQLiteStore
     from ._webhooks import Webhooks, parse_allow_list
     from .web import bearer_auth, create_app
 
     logging.basicConfig(
-        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
     tokens = _tokens(args.token)
-    if not (0 < args.port < 65536):
-        raise CliError(f"bad port {args.port}")
     if not tokens and not _is_loopback(args.host):
         log.warning(
-            "taskd: serving on %s without tokens: anyone who can reach it sees every task",
-            args.host,
+            "serving on %s without tokens: anyone who can reach it sees every task", args.host
+        )
+    webhooks = None
+    try:
+        allow = parse_allow_list(args.webhook_allow)
+        if args.webhook_secret:
+            webhooks = Webhooks(secret=args.webhook_secret, allow=allow)
+        elif allow:
+            raise ValueError("--webhook-allow needs --webhook-secret (or TASKD_WEBHOOK_SECRET)")
+    except ValueError as exc:
+        raise CliError(str(exc), EXIT_START) from None
+    if webhooks is not None and not webhooks.secret.startswith("whsec_"):
+        log.warning(
+            "the webhook secret is not of the form whsec_<base64>: receivers must use its "
+            "raw UTF-8 bytes as the key (Standard Webhooks libraries expect whsec_<base64>)"
         )
     store = None
     if args.db:
-        from ._sqlite import SQLiteStore, StoreError
-
         try:
             store = SQLiteStore(args.db)
-        except StoreError as exc:
-            raise CliError(str(exc)) from None
-    webhooks = None
-    allow = parse_allow_list(args.webhook_allow)
-    if args.webhook_secret:
-        webhooks = Webhooks(secret=args.webhook_secret, allow=allow)
-    elif allow:
-        raise CliError("--webhook-allow needs --webhook-secret (or TASKD_WEBHOOK_SECRET)")
+        except TaskdError as exc:
+            raise CliError(str(exc), EXIT_START) from None
     app = create_app(
         auth=bearer_auth(tokens) if tokens else None,
         store=store,
         demo=args.demo,
         webhooks=webhooks,
+        cancel_grace=args.cancel_grace,
     )
 
     async def run() -> None:
@@ -192,7 +344,7 @@ def _serve(args: argparse.Namespace) -> int:
         try:
             await runner.setup()
         except TaskdError as exc:
-            raise CliError(str(exc)) from None
+            raise CliError(str(exc), EXIT_START) from None
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -203,7 +355,7 @@ def _serve(args: argparse.Namespace) -> int:
                 await site.start()
             except OSError as exc:
                 raise CliError(
-                    f"cannot listen on {args.host}:{args.port}: {exc.strerror}"
+                    f"cannot listen on {args.host}:{args.port}: {exc.strerror}", EXIT_START
                 ) from None
             host = f"[{args.host}]" if ":" in args.host else args.host
             log.info(
@@ -216,10 +368,10 @@ def _serve(args: argparse.Namespace) -> int:
                 ", demo jobs" if args.demo else "",
             )
             await stop.wait()
-            log.info("taskd stopping: finishing running tasks")
+            log.info("stopping: finishing running tasks")
         finally:
             await runner.cleanup()
-        log.info("taskd stopped")
+        log.info("stopped")
 
     asyncio.run(run())
     return EXIT_OK
@@ -255,58 +407,76 @@ def _is_loopback(host: str) -> bool:
 
 
 def _statuses(values: Sequence[str] | None) -> list[str] | None:
-    if not values:
-        return None
-    out = [v.strip() for value in values for v in value.split(",") if v.strip()]
-    valid = {s.value for s in TaskStatus}
-    for v in out:
-        if v not in valid:
-            raise CliError(f"unknown status {v!r}; expected one of {', '.join(sorted(valid))}")
-    return out
+    try:
+        parsed = parse_statuses(values or ())
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    return None if parsed is None else sorted(parsed)
+
+
+def _safe(text: str) -> str:
+    """Task text as it is: no markup, and control characters (ESC, OSC, C1, newlines)
+    shown escaped, so that nothing a client stored can drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 def _short(text: str | None, width: int = 60) -> str:
     if text is None:
         return ""
-    text = " ".join(text.split())
+    text = _safe(" ".join(text.split(" ")))
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _table(records: Sequence[TaskRecord]) -> Table:
+#: Columns of the task table, dropped right to left as the terminal narrows; the id is
+#: never cut, so it can be copied into ``taskd wait``.
+_COLUMNS: Final = (
+    "task_id",
+    "status",
+    "progress",
+    "type",
+    "message / error",
+    "resource",
+    "updated",
+)
+
+
+def _table(records: Sequence[TaskRecord], width: int) -> Table:
+    id_width = max((len(r.task_id) for r in records), default=7)
+    # id + status + progress need about id_width + 20 columns; each further column
+    # is kept only while ~16 more fit.
+    keep = 3 + max(0, min(len(_COLUMNS) - 3, (width - id_width - 20) // 16))
+    columns = _COLUMNS[:keep]
     table = Table(show_edge=False, header_style="bold")
-    for column in (
-        "task_id",
-        "type",
-        "status",
-        "progress",
-        "resource",
-        "updated",
-        "message / error",
-    ):
-        table.add_column(column, no_wrap=True, overflow="ellipsis")
+    for column in columns:
+        if column == "task_id":
+            table.add_column(column, no_wrap=True, min_width=id_width, overflow="fold")
+        else:
+            table.add_column(column, no_wrap=True, overflow="ellipsis")
     for rec in records:
         status = rec.status.value
-        progress = "" if rec.progress is None else f"{rec.progress:.0%}"
-        detail = rec.error if rec.error else rec.message
-        table.add_row(
-            rec.task_id,
-            rec.task_type,
-            f"[{_STYLE[status]}]{status}[/]",
-            progress,
-            rec.resource_id or "",
-            rec.updated_at_iso[11:19],
-            _short(detail),
-        )
+        cells = {
+            "task_id": Text(rec.task_id),
+            "status": Text(status, style=_STYLE[status]),
+            "progress": Text("" if rec.progress is None else f"{rec.progress:.0%}"),
+            "type": Text(rec.task_type),
+            "message / error": Text(_short(rec.error if rec.error else rec.message)),
+            "resource": Text(_safe(rec.resource_id or "")),
+            "updated": Text(rec.updated_at_iso[11:19]),
+        }
+        table.add_row(*(cells[c] for c in columns))
     return table
 
 
 def _print_record(console: Console, rec: TaskRecord) -> None:
     width = max(len(k) for k in rec.to_dict())
     for key, value in rec.to_dict().items():
-        shown = value if isinstance(value, str) else json.dumps(value)
-        if key == "status":
-            shown = f"[{_STYLE[str(value)]}]{value}[/]"
-        console.print(f"[bold]{key:<{width}}[/]  {shown}", highlight=False, markup=True)
+        line = Text(f"{key:<{width}}", style="bold")
+        line.append("  ")
+        shown = _safe(value if isinstance(value, str) else json.dumps(value))
+        line.append(shown, style=_STYLE[str(value)] if key == "status" else "")
+        console.print(line, highlight=False)
 
 
 async def _list(client: TaskdClient, args: argparse.Namespace, console: Console) -> int:
@@ -315,13 +485,17 @@ async def _list(client: TaskdClient, args: argparse.Namespace, console: Console)
         task_type=args.task_type,
         resource_id=args.resource_id,
         limit=args.limit,
+        page_token=args.page_token,
     )
     if args.json:
         print(json.dumps([r.to_dict() for r in page.records]))
     elif page.records:
-        console.print(_table(page.records))
+        console.print(_table(page.records, console.width))
     else:
         console.print("no tasks")
+    if page.next_page_token is not None:
+        # On stderr, so that --json output stays one JSON document.
+        print(f"more tasks: add --page-token {page.next_page_token}", file=sys.stderr)
     return EXIT_OK
 
 
@@ -344,27 +518,31 @@ def _exit_for(rec: TaskRecord) -> int:
 
 async def _wait(client: TaskdClient, args: argparse.Namespace, console: Console) -> int:
     if args.json:
-        rec = await client.wait(args.task_id, args.timeout)
+        try:
+            rec = await client.wait(args.task_id, args.timeout)
+        except TimeoutError:
+            raise CliError(
+                f"task {args.task_id} did not finish within {args.timeout:g}s", EXIT_TIMEOUT
+            ) from None
         print(json.dumps(rec.to_dict()))
         return _exit_for(rec)
     rec = await client.get(args.task_id)
-    loop = asyncio.get_running_loop()
-    deadline = None if args.timeout is None else loop.time() + args.timeout
     progress = Progress(
         TextColumn("[bold]{task.fields[kind]}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
         TextColumn("[{task.fields[style]}]{task.fields[status]}"),
-        TextColumn("{task.fields[message]}"),
+        TextColumn("{task.fields[message]}", markup=False),
         TimeElapsedColumn(),
         console=console,
         transient=False,
     )
     with progress:
         bar = progress.add_task(
-            "", total=1.0, kind=rec.task_type, status="", style="white", message=""
+            "", total=1.0, kind=_safe(rec.task_type), status="", style="white", message=""
         )
-        while True:
+
+        def show(rec: TaskRecord) -> None:
             progress.update(
                 bar,
                 completed=rec.progress or 0.0,
@@ -372,23 +550,27 @@ async def _wait(client: TaskdClient, args: argparse.Namespace, console: Console)
                 style=_STYLE[rec.status.value],
                 message=_short(rec.message, 40),
             )
-            if rec.is_terminal:
-                break
-            remaining = None if deadline is None else deadline - loop.time()
-            if remaining is not None and remaining <= 0:
-                raise CliError(f"task {args.task_id} did not finish within {args.timeout:g}s")
+
+        show(rec)
+        if not rec.is_terminal:
             # Short long-polls keep the bar moving; the client rides out restarts.
-            step = 1.0 if remaining is None else min(1.0, max(remaining, 0.01))
             try:
-                rec = await client.poll(args.task_id, step)
-            except (ServerUnreachable, ApiError) as exc:
-                if isinstance(exc, ApiError) and exc.status != 503:
-                    raise
-                await asyncio.sleep(1.0)
+                async with contextlib.aclosing(
+                    client.follow(args.task_id, timeout=args.timeout, step=1.0)
+                ) as records:
+                    async for rec in records:
+                        show(rec)
+            except TimeoutError:
+                raise CliError(
+                    f"task {args.task_id} did not finish within {args.timeout:g}s", EXIT_TIMEOUT
+                ) from None
     if rec.status is TaskStatus.COMPLETED:
-        console.print(f"result: {json.dumps(rec.result)}", highlight=False)
-    elif rec.error:
-        console.print(f"[red]{rec.status.value}:[/] {rec.error}", highlight=False)
+        console.print(Text(f"result: {_safe(json.dumps(rec.result))}"), highlight=False)
+    else:
+        line = Text(rec.status.value, style=_STYLE[rec.status.value])
+        if rec.error and rec.error != rec.status.value:  # not "cancelled: cancelled"
+            line.append(f": {_safe(rec.error)}", style="")
+        console.print(line, highlight=False)
     return _exit_for(rec)
 
 
@@ -397,7 +579,9 @@ async def _cancel(client: TaskdClient, args: argparse.Namespace, console: Consol
     if args.json:
         print(json.dumps(rec.to_dict()))
     else:
-        console.print(f"{rec.task_id}: [{_STYLE[rec.status.value]}]{rec.status.value}[/]")
+        line = Text(f"{rec.task_id}: ")
+        line.append(rec.status.value, style=_STYLE[rec.status.value])
+        console.print(line, highlight=False)
     return EXIT_OK
 
 
@@ -419,7 +603,7 @@ async def _watch(client: TaskdClient, args: argparse.Namespace, console: Console
         newest = sorted(latest.values(), key=lambda r: r.task_id, reverse=True)[: args.limit]
         for stale in set(latest) - {r.task_id for r in newest}:
             del latest[stale]
-        return _table(newest)
+        return _table(newest, console.width)
 
     live = None if args.json else Live(view(), console=console, auto_refresh=False)
     with live or contextlib.nullcontext():
@@ -446,8 +630,9 @@ _COMMANDS: Final = {"list": _list, "get": _get, "wait": _wait, "cancel": _cancel
 
 
 async def _client_command(args: argparse.Namespace) -> int:
-    # Piped output gets long lines (one row per task) rather than 80-column wrapping.
-    console = Console(highlight=False, width=None if sys.stdout.isatty() else 240)
+    # Piped output gets long lines (one row per task), unless COLUMNS says otherwise.
+    wide = sys.stdout.isatty() or os.environ.get("COLUMNS")
+    console = Console(highlight=False, width=None if wide else 240)
     if args.command == "watch":
         # watch runs until told to stop: SIGINT or SIGTERM ends it cleanly (exit 0),
         # even where SIGINT was ignored at start (a background job of a shell).
@@ -467,9 +652,10 @@ async def _client_command(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskd`` console script; returns the exit status."""
-    parser = _parser()
-    args = parser.parse_args(argv)
+    url = DEFAULT_URL
     try:
+        args = _parser().parse_args(argv)
+        url = getattr(args, "url", url)
         if args.command == "serve":
             return _serve(args)
         try:
@@ -478,15 +664,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_OK if args.command == "watch" else 130
     except CliError as exc:
         print(f"taskd: {exc}", file=sys.stderr)
+        return exc.status
     except ServerUnreachable:
-        print(f"taskd: cannot reach the server at {args.url}", file=sys.stderr)
+        print(f"taskd: cannot reach the server at {url}", file=sys.stderr)
     except TaskNotFound as exc:
         print(f"taskd: no such task: {exc.task_id}", file=sys.stderr)
     except ApiError as exc:
         hint = " (check --token / TASKD_TOKEN)" if exc.status == 401 else ""
         print(f"taskd: {exc.message} [{exc.code}]{hint}", file=sys.stderr)
     except TaskdError as exc:
-        print(f"taskd: {exc}", file=sys.stderr)
+        print(f"taskd: {exc} [{exc.code}]", file=sys.stderr)
     except ValueError as exc:
         print(f"taskd: {exc}", file=sys.stderr)
     return EXIT_ERROR

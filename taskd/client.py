@@ -1,24 +1,28 @@
 """``TaskdClient``: an async client for the taskd HTTP API, built on aiohttp.
 
 One method per route; records come back as ``taskd.TaskRecord``. Error envelopes
-become exceptions of taskd's tree: ``TaskNotFound`` (404), ``TaskConflict`` (409
-``CONFLICT``), ``InvalidTransition`` (409 ``FAILED_PRECONDITION``) and ``ApiError``
-for the rest (``.status``, ``.code``, ``.details``, ``.retry_after``). A server that
+become the exception the server raised, rebuilt from the envelope's code and details
+through the error table in ``taskd._errors``: ``TaskNotFound`` (404), ``TaskConflict``
+(409 ``CONFLICT``, with ``task_id``, ``task_type`` and ``resource_id``),
+``InvalidTransition`` (409 ``FAILED_PRECONDITION``), ``QuotaExceeded`` (429),
+``TrackerFull``/``TrackerClosed``/``StoreError`` (503), and ``ApiError`` for the rest.
+Every one carries ``.http_status``, ``.code`` and ``.retry_after``. A server that
 cannot be reached raises ``ServerUnreachable``.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Final
 
 import aiohttp
 
-from ._errors import InvalidTransition, TaskConflict, TaskdError, TaskNotFound
+from ._errors import TaskdError, error_from_wire
 from ._models import JSON, TaskRecord
 
 __all__ = ["ApiError", "ClientPage", "ServerUnreachable", "TaskdClient"]
@@ -27,7 +31,8 @@ DEFAULT_URL: Final = "http://127.0.0.1:8080"
 
 
 class ApiError(TaskdError):
-    """The server answered with the error envelope."""
+    """The server answered with an error envelope whose code has no exception class of
+    its own (``INVALID_ARGUMENT``, ``UNAUTHENTICATED``, ...)."""
 
     def __init__(
         self,
@@ -38,11 +43,14 @@ class ApiError(TaskdError):
         retry_after: float | None = None,
     ) -> None:
         super().__init__(f"{status} {code}: {message}")
-        self.status = status
+        self.status = self.http_status = status
         self.code = code
         self.message = message
         self.details = details
         self.retry_after = retry_after
+
+    def error_details(self) -> dict[str, str | int | float | bool | None] | None:  # noqa: D102
+        return None if self.details is None else dict(self.details)  # type: ignore[arg-type]
 
 
 class ServerUnreachable(TaskdError):
@@ -159,20 +167,17 @@ class TaskdClient:
 
     def _error(self, status: int, headers: Mapping[str, str], data: object) -> TaskdError:
         err = data.get("error") if isinstance(data, dict) else None
+        retry = _retry_after(headers)
         if not isinstance(err, dict):
-            return ApiError(status, "HTTP_ERROR", f"HTTP {status}", None, _retry_after(headers))
+            return ApiError(status, "HTTP_ERROR", f"HTTP {status}", None, retry)
         code = str(err.get("code"))
         message = str(err.get("message"))
         details = err.get("details") if isinstance(err.get("details"), dict) else None
-        task_id = str(details.get("task_id")) if details else ""
-        if code == "NOT_FOUND" and task_id:
-            return TaskNotFound(task_id)
-        if code == "CONFLICT" and task_id:
-            return TaskConflict(task_id, "", "")
-        if code == "FAILED_PRECONDITION" and task_id:
-            status_now = str(details.get("status", "")) if details else ""
-            return InvalidTransition(task_id, status_now, message)
-        return ApiError(status, code, message, details, _retry_after(headers))
+        exc = error_from_wire(code, message, details or {})
+        if exc is None:
+            return ApiError(status, code, message, details, retry)
+        exc.retry_after = retry
+        return exc
 
     @staticmethod
     def _record(data: object) -> TaskRecord:
@@ -338,34 +343,49 @@ class TaskdClient:
         except aiohttp.ClientConnectionError as exc:
             raise ServerUnreachable(f"lost the event stream from {self.base_url}: {exc}") from exc
 
-    async def wait(
-        self, task_id: str, timeout: float | None = None, *, poll_wait: float = 30.0
-    ) -> TaskRecord:
-        """The terminal record, by long-polling. Rides out server restarts and 503s:
-        while the server is unreachable or unavailable it retries, honouring
-        ``Retry-After`` or backing off up to 5 s. ``TimeoutError`` after ``timeout``."""
+    async def follow(
+        self, task_id: str, *, timeout: float | None = None, step: float = 30.0
+    ) -> AsyncGenerator[TaskRecord, None]:
+        """Yield the task's record after each long-poll of up to ``step`` seconds, until
+        and including the terminal one. Rides out server restarts and 503s: while the
+        server is unreachable or unavailable it retries, honouring ``Retry-After`` or
+        backing off up to 5 s. ``TimeoutError`` after ``timeout`` seconds."""
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         backoff = 0.25
         while True:
             remaining = None if deadline is None else deadline - loop.time()
             if remaining is not None and remaining <= 0:
-                raise TimeoutError(f"task {task_id} did not finish within {timeout} seconds")
-            wait = poll_wait if remaining is None else max(min(poll_wait, remaining), 0.001)
+                raise TimeoutError(f"task {task_id} did not finish within {timeout:g} seconds")
+            wait = step if remaining is None else max(min(step, remaining), 0.001)
             try:
                 rec = await self.poll(task_id, wait)
             except ServerUnreachable:
                 pause = backoff
-            except ApiError as exc:
-                if exc.status != 503:
+            except TaskdError as exc:
+                if exc.http_status != 503:
                     raise
                 pause = exc.retry_after if exc.retry_after is not None else backoff
             else:
+                yield rec
                 if rec.is_terminal:
-                    return rec
+                    return
                 backoff = 0.25
                 continue
             backoff = min(backoff * 2, 5.0)
             if remaining is not None:
                 pause = min(pause, max(remaining, 0))
             await asyncio.sleep(pause)
+
+    async def wait(
+        self, task_id: str, timeout: float | None = None, *, poll_wait: float = 30.0
+    ) -> TaskRecord:
+        """The terminal record, by long-polling (see ``follow``). ``TimeoutError`` after
+        ``timeout`` seconds."""
+        async with contextlib.aclosing(
+            self.follow(task_id, timeout=timeout, step=poll_wait)
+        ) as records:
+            async for rec in records:
+                if rec.is_terminal:
+                    return rec
+        raise AssertionError("follow() ends with the terminal record")  # pragma: no cover

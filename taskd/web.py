@@ -29,14 +29,7 @@ from aiohttp import web
 from aiohttp_sse import EventSourceResponse
 
 from . import _metrics, _openapi
-from ._errors import (
-    InvalidTransition,
-    TaskConflict,
-    TaskdError,
-    TaskNotFound,
-    TrackerClosed,
-    TrackerFull,
-)
+from ._errors import CODE_FOR_STATUS, TaskdError, TaskNotFound
 from ._models import (
     JSON,
     TaskRecord,
@@ -44,6 +37,7 @@ from ._models import (
     check_resource_id,
     check_seconds,
     check_task_type,
+    parse_statuses,
 )
 from ._retention import Retention
 from ._store import Store
@@ -52,8 +46,8 @@ from ._watch import Subscription
 from ._webhooks import Webhooks
 
 __all__ = [
-    "ApiError",
     "AuthCallback",
+    "RequestError",
     "accepted",
     "bearer_auth",
     "create_app",
@@ -91,11 +85,33 @@ class _State:
     sse_ping_interval: float
     #: (method, route, status) -> requests served; None unless metrics are exported.
     http_counts: dict[tuple[str, str, int], int] | None = None
+    #: The application setup() was called on (maybe mounted as a sub-application).
+    app: web.Application | None = None
+    #: The resources of taskd's own routes, for telling them from the host's.
+    resources: set[web.AbstractResource] = field(default_factory=set)
+    _base: str | None = None
     #: Open event streams, ended on shutdown so that the server need not wait for them.
     streams: set[Subscription] = field(default_factory=set)
     # id(record) -> (record, rendered JSON). Records are immutable, so a record's JSON
     # is rendered once; holding the record keeps its id from being reused.
     rendered: dict[int, tuple[TaskRecord, bytes]] = field(default_factory=dict)
+
+    def api_base(self) -> str:
+        """The API's path as mounted (``/svc/api/v1`` inside a sub-application at
+        ``/svc``): read from the router, which adds a sub-application's prefix to its
+        resources when it is mounted. Computed once the application runs."""
+        if self._base is None:
+            assert self.app is not None
+            url = self.app.router[_ROUTE_LIST].url_for().path
+            base = url[: -len("/tasks")]
+            if not self.app.frozen:
+                return base  # mounting may still change it: do not cache yet
+            self._base = base
+        return self._base
+
+    def task_url(self, task_id: str) -> str:
+        """The task's URL path, as mounted."""
+        return f"{self.api_base()}/tasks/{task_id}"
 
     def render(self, rec: TaskRecord) -> bytes:
         hit = self.rendered.get(id(rec))
@@ -110,6 +126,7 @@ class _State:
 
 
 _STATE: Final = web.AppKey("taskd_state", _State)
+_ROUTE_LIST: Final = "taskd-tasks"
 _OWNER: Final = web.RequestKey("taskd_owner", object)
 _NO_OWNER: Final = object()
 
@@ -135,8 +152,10 @@ def get_tracker(request_or_app: web.Request | web.Application) -> Tracker:
 # --- errors -----------------------------------------------------------------------------
 
 
-class ApiError(Exception):
-    """An error answered with the envelope: HTTP status, code, message, details."""
+class RequestError(Exception):
+    """Raised by a handler to answer with the error envelope: HTTP status, code,
+    message, details (and extra headers). taskd's own exceptions need no wrapping: the
+    middleware answers them from the error table in ``taskd._errors``."""
 
     def __init__(
         self,
@@ -154,8 +173,8 @@ class ApiError(Exception):
         self.headers = headers
 
 
-def _invalid(message: str, **details: JSON) -> ApiError:
-    return ApiError(400, "INVALID_ARGUMENT", message, details or None)
+def _invalid(message: str, **details: JSON) -> RequestError:
+    return RequestError(400, "INVALID_ARGUMENT", message, details or None)
 
 
 def error_response(
@@ -175,35 +194,25 @@ def error_response(
     )
 
 
-def _from_taskd_error(exc: TaskdError) -> ApiError:
-    if isinstance(exc, TaskNotFound):
-        return ApiError(404, "NOT_FOUND", str(exc), {"task_id": exc.task_id})
-    if isinstance(exc, TaskConflict):
-        return ApiError(409, "CONFLICT", str(exc), {"task_id": exc.task_id})
-    if isinstance(exc, InvalidTransition):
-        return ApiError(
-            409, "FAILED_PRECONDITION", str(exc), {"task_id": exc.task_id, "status": exc.current}
-        )
-    if isinstance(exc, TrackerFull | TrackerClosed):
-        return ApiError(503, "UNAVAILABLE", str(exc), None, {"Retry-After": RETRY_AFTER})
-    return ApiError(409, "FAILED_PRECONDITION", str(exc))
-
-
-_HTTP_CODES: Final = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    404: "NOT_FOUND",
-    405: "METHOD_NOT_ALLOWED",
-    413: "PAYLOAD_TOO_LARGE",
-    503: "UNAVAILABLE",
-}
+def _from_taskd_error(exc: TaskdError) -> RequestError:
+    headers = {"Retry-After": RETRY_AFTER} if exc.http_status in (429, 503) else None
+    return RequestError(exc.http_status, exc.code, str(exc), exc.error_details(), headers)
 
 
 def _in_api(request: web.Request) -> bool:
+    """Whether the request is for taskd's own routes. Judged by the route the request
+    matched (its resource is one setup() registered), or, for a path that matched no
+    route or no method, by the API's mount point as the router resolves it, which
+    includes the prefix of a sub-application."""
     state = request.config_dict.get(_STATE)
-    return state is not None and (
-        request.path == state.prefix or request.path.startswith(state.prefix + "/")
-    )
+    if state is None:
+        return False
+    resource = request.match_info.route.resource
+    if resource is not None:
+        return resource in state.resources
+    base = state.api_base()
+    path = request.path
+    return path == base or path.startswith(base + "/")
 
 
 def _make_middleware(state: _State) -> Callable[..., Awaitable[web.StreamResponse]]:
@@ -240,7 +249,7 @@ def _error_to_response(request: web.Request, exc: Exception) -> web.StreamRespon
     """Answer an error under the API prefix with the envelope; taskd's own errors raised
     from the application's handlers (``taskd.web.spawn``) get it too. Anything else
     outside the prefix is re-raised for aiohttp to handle as usual."""
-    if isinstance(exc, ApiError):
+    if isinstance(exc, RequestError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     if isinstance(exc, _ClientGone):
         return error_response(400, "INVALID_ARGUMENT", "request body incomplete")
@@ -250,7 +259,9 @@ def _error_to_response(request: web.Request, exc: Exception) -> web.StreamRespon
     if isinstance(exc, web.HTTPException):
         if exc.status < 400 or not _in_api(request):
             raise exc
-        code = _HTTP_CODES.get(exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL")
+        code = CODE_FOR_STATUS.get(
+            exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL"
+        )
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return error_response(exc.status, code, exc.reason, None, headers)
     if not _in_api(request):
@@ -259,7 +270,7 @@ def _error_to_response(request: web.Request, exc: Exception) -> web.StreamRespon
         # The tracker's argument checks: the request carried a bad value.
         return error_response(400, "INVALID_ARGUMENT", str(exc))
     # A bug of ours: log it, but never leak a traceback to the client.
-    log.error("taskd: unhandled error in %s %s", request.method, request.path, exc_info=exc)
+    log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
     return error_response(500, "INTERNAL", "internal error")
 
 
@@ -280,7 +291,7 @@ async def _owner(request: web.Request, state: _State | None = None) -> str | Non
         if inspect.isawaitable(result):
             result = await result
         if not isinstance(result, str):
-            log.error("taskd: auth callback returned %r, not a str", type(result).__name__)
+            log.error("auth callback returned %r, not a str", type(result).__name__)
             raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
         owner = result
     request[_OWNER] = owner
@@ -359,8 +370,9 @@ def _number_query(request: web.Request, name: str) -> float | None:
 
 def _filters(request: web.Request) -> tuple[list[str] | None, str | None, str | None]:
     """The listing filters of a request (list and events share them), checked."""
-    task_type = _one_query(request, "task_type")
-    resource_id = _one_query(request, "resource_id")
+    # An empty value means no filter, as clients send ``task_type=`` for "any".
+    task_type = _one_query(request, "task_type") or None
+    resource_id = _one_query(request, "resource_id") or None
     if task_type is not None:
         check_task_type(task_type)
     check_resource_id(resource_id)
@@ -368,17 +380,11 @@ def _filters(request: web.Request) -> tuple[list[str] | None, str | None, str | 
 
 
 def _statuses(request: web.Request) -> list[str] | None:
-    values = [part.strip() for raw in request.query.getall("status", []) for part in raw.split(",")]
-    if not values:
-        return None
-    valid = {s.value for s in TaskStatus}
-    for value in values:
-        if value not in valid:
-            raise _invalid(
-                f"unknown status {value!r}; expected one of {', '.join(sorted(valid))}",
-                parameter="status",
-            )
-    return sorted(set(values))
+    try:
+        parsed = parse_statuses(request.query.getall("status", []))
+    except ValueError as exc:
+        raise _invalid(str(exc), parameter="status") from None
+    return None if parsed is None else sorted(parsed)
 
 
 # --- rendering --------------------------------------------------------------------------
@@ -403,10 +409,6 @@ def _record_response(
         headers["Retry-After"] = RETRY_AFTER
         headers["Cache-Control"] = "no-store"
     return _ok(state.render(rec), status, headers)
-
-
-def _task_url(state: _State, task_id: str) -> str:
-    return f"{state.prefix}/tasks/{task_id}"
 
 
 # --- page tokens ------------------------------------------------------------------------
@@ -528,7 +530,7 @@ class _Handlers:
             callback_url=callback_url,
             heartbeat_timeout=_field(data, "heartbeat_timeout", float),
         )
-        return _record_response(state, rec, 201, {"Location": _task_url(state, rec.task_id)})
+        return _record_response(state, rec, 201, {"Location": state.task_url(rec.task_id)})
 
     async def start_task(self, request: web.Request) -> web.Response:
         state = self.state
@@ -622,29 +624,30 @@ class _Handlers:
     async def openapi_doc(self, request: web.Request) -> web.Response:
         state = self.state
         doc = _openapi.document(
-            prefix=state.prefix, auth=state.auth is not None, max_wait=state.max_wait
+            prefix=state.api_base(), auth=state.auth is not None, max_wait=state.max_wait
         )
         return web.json_response(doc)
 
 
 _DASHBOARD_CSP: Final = (
     "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
-    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'"
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
 )
 
 
 def _dashboard_handler(state: _State) -> Callable[[web.Request], Awaitable[web.Response]]:
     """The single-page dashboard: one file shipped in the package, no build step, no
     network fetches but to this API (the CSP says so)."""
-    page = (
-        resources.files("taskd")
-        .joinpath("static/dashboard.html")
-        .read_text(encoding="utf-8")
-        .replace("__TASKD_PREFIX__", state.prefix)
-        .encode()
-    )
+    template = resources.files("taskd").joinpath("static/dashboard.html").read_text("utf-8")
+    pages: dict[str, bytes] = {}
 
     async def dashboard(request: web.Request) -> web.Response:
+        # The API's mount point is known once the app runs (a sub-app's prefix).
+        base = state.api_base()
+        page = pages.get(base)
+        if page is None:
+            page = pages[base] = template.replace("__TASKD_PREFIX__", base).encode()
         return web.Response(
             body=page,
             content_type="text/html",
@@ -663,6 +666,8 @@ async def _health(request: web.Request) -> web.Response:
 
 
 def _last_event_id(request: web.Request) -> int | None:
+    # Event ids are the actor's change sequence (see docs/http-api.md); anything else
+    # is no resumption point, and the client gets the current state.
     text = request.headers.get("Last-Event-ID", "").strip()
     return int(text) if text.isdigit() and len(text) < 19 else None
 
@@ -676,10 +681,11 @@ async def _stream(
     its own stream; a client that stops reading is cut off after ``SSE_SEND_TIMEOUT``.
     """
     response = EventSourceResponse(
-        send_timeout=SSE_SEND_TIMEOUT,
-        ping_interval=state.sse_ping_interval,
-        headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"},
+        send_timeout=SSE_SEND_TIMEOUT, ping_interval=state.sse_ping_interval
     )
+    # aiohttp-sse sets ``no-cache`` in its constructor; an event stream must not be
+    # stored by any cache either, so ours replaces it.
+    response.headers["Cache-Control"] = "no-store"
     state.streams.add(sub)
     try:
         await response.prepare(request)
@@ -714,6 +720,7 @@ def setup(
     retention: Retention | None = None,
     store: Store | None = None,
     close_timeout: float = 5.0,
+    cancel_grace: float = 60.0,
     prefix: str = "/api/v1",
     auth: AuthCallback | None = None,
     max_wait: float = MAX_WAIT,
@@ -746,7 +753,11 @@ def setup(
     if wait_cap > MAX_WAIT:
         raise ValueError(f"max_wait must be <= {MAX_WAIT:g}")
     tracker = Tracker(
-        retention=retention, store=store, close_timeout=close_timeout, webhooks=webhooks
+        retention=retention,
+        store=store,
+        close_timeout=close_timeout,
+        cancel_grace=cancel_grace,
+        webhooks=webhooks,
     )
     state = _State(
         tracker,
@@ -756,6 +767,7 @@ def setup(
         ping,
         {} if _metrics else None,
     )
+    state.app = app
     app[_STATE] = state
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
@@ -763,10 +775,11 @@ def setup(
             yield
 
     async def end_streams(app: web.Application) -> None:
-        # Runs before the server waits for open requests: event streams would
-        # otherwise hold shutdown until their clients hang up.
+        # Runs before the server waits for open requests: event streams and long-polls
+        # would otherwise hold shutdown until their clients hang up or time out.
         for sub in list(state.streams):
             sub.end()
+        await tracker.release_polls()
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
@@ -774,18 +787,21 @@ def setup(
     r = app.router
     p = state.prefix
     h = _Handlers(state)
-    r.add_get(p + "/tasks", h.list_tasks, allow_head=False)
-    r.add_post(p + "/tasks", h.create_task)
-    r.add_get(p + "/tasks/{task_id}", h.get_task, allow_head=False)
-    r.add_delete(p + "/tasks/{task_id}", h.delete_task)
-    r.add_post(p + "/tasks/{task_id}/start", h.start_task)
-    r.add_post(p + "/tasks/{task_id}/progress", h.progress_task)
-    r.add_post(p + "/tasks/{task_id}/complete", h.complete_task)
-    r.add_post(p + "/tasks/{task_id}/fail", h.fail_task)
-    r.add_post(p + "/tasks/{task_id}/cancel", h.cancel_task)
-    r.add_get(p + "/tasks/{task_id}/events", h.task_events, allow_head=False)
-    r.add_get(p + "/events", h.events, allow_head=False)
-    r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False)
+    routes = [
+        r.add_get(p + "/tasks", h.list_tasks, allow_head=False, name=_ROUTE_LIST),
+        r.add_post(p + "/tasks", h.create_task),
+        r.add_get(p + "/tasks/{task_id}", h.get_task, allow_head=False),
+        r.add_delete(p + "/tasks/{task_id}", h.delete_task),
+        r.add_post(p + "/tasks/{task_id}/start", h.start_task),
+        r.add_post(p + "/tasks/{task_id}/progress", h.progress_task),
+        r.add_post(p + "/tasks/{task_id}/complete", h.complete_task),
+        r.add_post(p + "/tasks/{task_id}/fail", h.fail_task),
+        r.add_post(p + "/tasks/{task_id}/cancel", h.cancel_task),
+        r.add_get(p + "/tasks/{task_id}/events", h.task_events, allow_head=False),
+        r.add_get(p + "/events", h.events, allow_head=False),
+        r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False),
+    ]
+    state.resources.update(route.resource for route in routes if route.resource is not None)
     if dashboard:
         path = dashboard if isinstance(dashboard, str) else "/dashboard"
         r.add_get(path, _dashboard_handler(state), allow_head=False)
@@ -797,6 +813,7 @@ def create_app(
     retention: Retention | None = None,
     store: Store | None = None,
     close_timeout: float = 5.0,
+    cancel_grace: float = 60.0,
     prefix: str = "/api/v1",
     auth: AuthCallback | None = None,
     max_wait: float = MAX_WAIT,
@@ -813,6 +830,7 @@ def create_app(
         retention=retention,
         store=store,
         close_timeout=close_timeout,
+        cancel_grace=cancel_grace,
         prefix=prefix,
         auth=auth,
         max_wait=max_wait,
@@ -915,7 +933,7 @@ def accepted(
     """
     state = _state_of(request)
     rec = task.record if isinstance(task, TaskHandle) else task
-    headers = {"Location": _task_url(state, rec.task_id)}
+    headers = {"Location": state.task_url(rec.task_id)}
     if result is None:
         return _ok(state.render(rec), 202, headers)
     payload = dict(result)

@@ -58,7 +58,7 @@ def test_serve_defaults_to_loopback_and_logs_start_and_stop(tmp_path: Path) -> N
     assert s.stop(signal.SIGINT) == 0
     log = s.log()
     assert f"serving on http://127.0.0.1:{s.port}" in log
-    assert "taskd stopped" in log
+    assert "taskd: stopped" in log
     assert "Traceback" not in log
 
 
@@ -124,7 +124,7 @@ def test_sigterm_during_running_work_records_them_cancelled(tmp_path: Path) -> N
 
     wait_for(some_running, timeout=20)
     assert s.stop(signal.SIGTERM) == 0
-    assert "taskd stopped" in s.log()
+    assert "taskd: stopped" in s.log()
     with Service(tmp_path, "--db", str(db)) as again:
         for task_id in running:
             status, body = http("GET", again.url + API + f"/tasks/{task_id}")
@@ -197,7 +197,7 @@ def test_cli_wait_exit_status(service: Service, end: str, code: int) -> None:
 def test_cli_wait_json_and_timeout(service: Service) -> None:
     tid = create(service.url)["task_id"]
     out = cli("wait", tid, "--url", service.url, "--timeout", "0.5")
-    assert out.returncode == 3 and "did not finish" in out.stderr
+    assert out.returncode == 124 and "did not finish" in out.stderr
     http("POST", service.url + API + f"/tasks/{tid}/cancel")
     out = cli("wait", tid, "--url", service.url, "--json")
     assert out.returncode == 2 and json.loads(out.stdout)["status"] == "cancelled"

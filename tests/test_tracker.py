@@ -28,7 +28,8 @@ async def test_spawn_runs_and_records_the_return_value(tracker: taskd.Tracker) -
     rec = await tracker.get(handle.task_id)
     assert rec is not None
     assert rec.status is S.COMPLETED and rec.result == {"docs": 3}
-    assert rec.message == "half way" and rec.progress == 1.0
+    # completed: progress 1.0, and the last stage message no longer applies
+    assert rec.message is None and rec.progress == 1.0
     assert rec.started_at is not None and rec.finished_at is not None
     assert rec.created_at <= rec.started_at <= rec.finished_at == rec.updated_at
 
