@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from ._errors import (
     InvalidTransition,
+    QuotaExceeded,
+    StoreError,
     TaskConflict,
     TaskdError,
     TaskNotFound,
@@ -18,7 +20,7 @@ from ._models import ANY_OWNER, JSON, AnyOwner, TaskRecord, TaskSpec, TaskStatus
 from ._redact import redact
 from ._retention import Retention
 from ._runner import report_progress
-from ._sqlite import SQLiteStore, StoreError
+from ._sqlite import SQLiteStore
 from ._store import MemoryStore, Store
 from ._tracker import TaskHandle, TaskPage, Tracker, TrackerState
 from ._webhooks import Webhooks
@@ -31,6 +33,7 @@ __all__ = [
     "AnyOwner",
     "InvalidTransition",
     "MemoryStore",
+    "QuotaExceeded",
     "Retention",
     "SQLiteStore",
     "Store",

@@ -531,8 +531,8 @@ class Actor:
                 runner = self._runners.get(tid)
                 if runner is not None:
                     self._settle.append(runner)
-        elif new.status is TaskStatus.CANCELLING and old.status is not new.status:
-            self._push_timer(self._now + self._cancel_grace, _GRACE, tid)
+            elif new.status is TaskStatus.CANCELLING:
+                self._push_timer(self._now + self._cancel_grace, _GRACE, tid)
         self._dirty[tid] = new
         self._event_seq += 1
         self._changed.append((self._event_seq, new))
@@ -899,6 +899,7 @@ class Actor:
             "commands": self.commands,
             "runners": len(self._runners),
             "subscriptions": len(self._global_subs) + sum(map(len, self._task_subs.values())),
+            "waiters": sum(map(len, self._waiters.values())),
         }
 
     def _on_runner_finished(self, msg: m.RunnerFinished) -> None:

@@ -34,7 +34,7 @@ class _Snapshot:
         )
         counts = self._stats.get("counts", {})
         assert isinstance(counts, dict)
-        for (task_type, status), n in sorted(counts.items()):
+        for (task_type, status), n in sorted(_capped(counts).items()):
             tasks.add_metric([TaskStatus(status).value, task_type], n)
         yield tasks
         for name, key, text in (
@@ -42,6 +42,7 @@ class _Snapshot:
             ("taskd_active_tasks", "active", "Tasks pending, running or cancelling"),
             ("taskd_records", "records", "Task records held"),
             ("taskd_subscriptions", "subscriptions", "Open change subscriptions"),
+            ("taskd_waiters", "waiters", "Long-polls and waits for an outcome pending"),
         ):
             value = self._stats.get(key, 0)
             assert isinstance(value, int)
@@ -66,6 +67,27 @@ class _Snapshot:
         for (method, route, code), n in sorted(self._http.items()):
             http.add_metric([method, route, str(code)], n)
         yield http
+
+
+#: At most this many distinct ``task_type`` label values; the rest are summed under
+#: ``_other``, so that clients creating many types cannot create unbounded series.
+MAX_TASK_TYPES = 100
+OTHER = "_other"
+
+
+def _capped(counts: Mapping[tuple[str, str], int]) -> dict[tuple[str, str], int]:
+    totals: dict[str, int] = {}
+    for (task_type, _), n in counts.items():
+        totals[task_type] = totals.get(task_type, 0) + n
+    if len(totals) <= MAX_TASK_TYPES:
+        return dict(counts)
+    # The busiest types keep their own series (ties by name, so scrapes are stable).
+    kept = set(sorted(totals, key=lambda t: (-totals[t], t))[:MAX_TASK_TYPES])
+    out: dict[tuple[str, str], int] = {}
+    for (task_type, status), n in counts.items():
+        key = (task_type if task_type in kept else OTHER, status)
+        out[key] = out.get(key, 0) + n
+    return out
 
 
 def render(stats: Mapping[str, object], http: Mapping[tuple[str, str, int], int]) -> bytes:

@@ -142,8 +142,8 @@ def _split_env(name: str) -> list[str]:
     return [text] if text.strip() else []
 
 
-class _Help(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Defaults in every option's help; descriptions printed as written."""
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults in every option's help."""
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -29,3 +30,12 @@ def clock() -> FakeClock:
 async def tracker() -> AsyncIterator[taskd.Tracker]:
     async with taskd.Tracker(close_timeout=0.5) as t:
         yield t
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
+    """Await until ``check()`` is true: how tests wait for a state change that has no
+    event of its own to await (a subscriber registered, a poll parked), reading the
+    tracker's ``stats()`` or ``/metrics`` rather than sleeping for a guessed time."""
+    async with asyncio.timeout(timeout):
+        while not await check():  # noqa: ASYNC110 - polling an observable, bounded
+            await asyncio.sleep(0.01)

@@ -1,8 +1,9 @@
-"""The dashboard (SPEC §12) in a real headless Chromium against `taskd serve --demo`."""
+"""The dashboard (docs/dashboard.md) in a real headless Chromium against `taskd serve --demo`."""
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import urllib.request
 from collections.abc import Iterator
@@ -179,3 +180,38 @@ def test_page_makes_no_outside_requests(browser: Browser, demo: Service) -> None
     expect(pg.locator("#conn")).to_have_text("live")
     context.close()
     assert seen and all(u.startswith(demo.url) or u.startswith("data:") for u in seen)
+
+
+def test_detail_panel_shows_times_and_keeps_the_page_still(browser: Browser, demo: Service) -> None:
+    # 800 px: the table is wider than the window, where a click used to scroll the page.
+    context = browser.new_context(viewport={"width": 800, "height": 860})
+    page = context.new_page()
+    page.goto(demo.url + "/")
+    page.select_option("#f-status", "completed")
+    page.click("button[type=submit]")
+    done = page.locator('#rows tr[data-status="completed"]').first
+    expect(done).to_be_visible(timeout=40_000)
+    task_id = done.get_attribute("data-id")
+    before = page.evaluate("() => [window.scrollX, document.documentElement.scrollWidth]")
+    done.click()
+    panel = page.locator("#detail")
+    expect(panel).to_be_visible()
+    after = page.evaluate(
+        "() => [window.scrollX, document.documentElement.scrollWidth, window.innerWidth]"
+    )
+    # Opening the panel neither scrolls the page sideways nor widens it.
+    assert after[0] == before[0] == 0 and after[1] <= after[2], (before, after)
+    rec = api(f"{demo.url}/api/v1/tasks/{task_id}")["result"]
+    started = panel.locator('dd[data-field="started"]').inner_text()
+    finished = panel.locator('dd[data-field="finished"]').inner_text()
+    duration = panel.locator('dd[data-field="duration"]').inner_text()
+    assert started and finished and duration.endswith("s")
+    expected = rec["finished_at"] - rec["started_at"]
+    assert abs(float(duration.rstrip("s")) - expected) < 0.1
+    context.close()
+
+
+def test_running_rows_show_a_percentage(page: Page, demo: Service) -> None:
+    running = page.locator('#rows tr[data-status="running"]').first
+    expect(running).to_be_visible(timeout=15_000)
+    expect(running.locator(".pct")).to_have_text(re.compile(r"^\d{1,3}%$"))

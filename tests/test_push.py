@@ -1,4 +1,4 @@
-"""Push (SPEC §11): Server-Sent Events and signed webhooks, over real sockets."""
+"""Push (docs/http-api.md): Server-Sent Events and signed webhooks, over real sockets."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The redactor of SPEC §9: a corpus of credentials and of ordinary text."""
+"""The redactor (docs/http-api.md): a corpus of credentials and of ordinary text."""
 
 from __future__ import annotations
 

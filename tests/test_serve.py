@@ -1,4 +1,4 @@
-"""The standalone service and CLI (SPEC §7) as real subprocesses on loopback."""
+"""The standalone service and CLI (docs/cli.md) as real subprocesses on loopback."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Durability (SPEC §10): the SQLite store, in-process and under a real kill -9."""
+"""Durability (docs/reliability.md): the SQLite store, in-process and under a real kill -9."""
 
 from __future__ import annotations
 

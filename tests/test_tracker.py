@@ -1,4 +1,4 @@
-"""The Tracker API of SPEC §4, against a real actor."""
+"""The Tracker API (docs/embedding.md, docs/architecture.md), against a real actor."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The HTTP API of SPEC §6 through a real aiohttp server (pytest-aiohttp)."""
+"""The HTTP API of docs/http-api.md through a real aiohttp server (pytest-aiohttp)."""
 
 from __future__ import annotations
 

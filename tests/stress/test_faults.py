@@ -51,7 +51,7 @@ async def test_sigterm_under_load_exits_cleanly_with_records_final(tmp_path: Pat
         await asyncio.gather(*workers)
     assert code == 0
     assert elapsed < 5.0 + 1.0 + 3.0  # close_timeout + cancel grace + start-up slack
-    assert "taskd stopped" in s.log() and "Traceback" not in s.log()
+    assert "taskd: stopped" in s.log() and "Traceback" not in s.log()
     with Service(tmp_path, "--db", str(db)) as again:
         async with aiohttp.ClientSession() as http:
             async with http.get(f"{again.url}{API}/tasks?status=running,pending&limit=200") as r:
