@@ -26,6 +26,8 @@ from sortedcontainers import SortedList
 from . import _messages as m
 from ._errors import (
     InvalidTransition,
+    QuotaExceeded,
+    StoreError,
     TaskConflict,
     TaskdError,
     TaskNotFound,
@@ -58,6 +60,13 @@ _HEARTBEAT: Final = 0
 _TIMEOUT: Final = 1
 _WAIT: Final = 2
 _GRACE: Final = 3
+_RETRY: Final = 4
+#: Seconds between attempts to write to a store that failed.
+STORE_RETRY: Final = 0.5
+#: Caller commands refused while the store cannot write (they would change records).
+_WRITES: Final = frozenset(
+    {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
+)
 #: The error of a cancelling task whose worker did not confirm within cancel_grace.
 NOT_ACKNOWLEDGED: Final = "cancel not acknowledged"
 
@@ -129,6 +138,12 @@ class Actor:
         self._counts: dict[tuple[str, TaskStatus], int] = {}
         self._active_keys: dict[tuple[str | None, str, str], str] = {}
         self._active = 0
+        # Active tasks per owner, kept only when a per-owner quota is set.
+        self._quota = retention.max_active_per_owner
+        self._active_by_owner: dict[str | None, int] = {}
+        #: Why the store cannot write (None while it can); /health reports it.
+        self.store_error: str | None = None
+        self._retry_due = False
 
         self._expiry = ExpiryQueues(retention)
         self._timers: list[tuple[float, int, int, str, asyncio.Future[object] | None]] = []
@@ -210,6 +225,8 @@ class Actor:
                 self._expiry.push(rec.status, rec.task_id, 0.0)
             else:
                 self._active += 1
+                if self._quota is not None:
+                    self._active_by_owner[rec.owner] = self._active_by_owner.get(rec.owner, 0) + 1
                 if rec.resource_id is not None:
                     self._active_keys[(rec.owner, rec.task_type, rec.resource_id)] = rec.task_id
                 if rec.in_process:
@@ -253,6 +270,9 @@ class Actor:
 
     def _dispatch(self, msg: object, fut: asyncio.Future[object] | None) -> None:
         self._fut = fut  # read by handlers that answer later (Wait)
+        if self.store_error is not None and fut is not None and type(msg) in _WRITES:
+            fut.set_exception(StoreError(f"the store cannot write: {self.store_error}"))
+            return
         try:
             value = self._handlers[type(msg)](msg)
         except (TaskdError, ValueError, TypeError) as exc:
@@ -276,11 +296,24 @@ class Actor:
     async def _flush(self) -> None:
         """Commit the batch, then let its effects out (group commit)."""
         if self._dirty:
-            if self._store.persistent:
+            if not self._persistent:
+                self._dirty.clear()
+            elif self.store_error is None or self._retry_due:
+                self._retry_due = False
                 upserts = [r for r in self._dirty.values() if r is not None]
                 deletes = [i for i, r in self._dirty.items() if r is None]
-                await self._store.write(upserts, deletes)
-            self._dirty.clear()
+                try:
+                    await self._store.write(upserts, deletes)
+                except Exception as exc:
+                    first = self.store_error is None
+                    self._write_failed(exc, refuse=first)
+                    if first:
+                        return
+                else:
+                    if self.store_error is not None:
+                        log.warning("the store writes again: %d change(s) committed", len(upserts))
+                        self.store_error = None
+                    self._dirty.clear()
         replies, self._replies = self._replies, []
         for fut, ok, value in replies:
             if not fut.done():
@@ -288,6 +321,8 @@ class Actor:
                     fut.set_result(value)
                 else:
                     fut.set_exception(value)  # type: ignore[arg-type]
+        if self.store_error is not None:
+            return  # what changed is not committed yet: nobody hears of it until it is
         if self._changed:
             changed, self._changed = self._changed, []
             self._notify(changed)
@@ -299,6 +334,34 @@ class Actor:
             launch, self._launch = self._launch, []
             for runner, msg in launch:
                 runner.task = start_runner(self.post, runner.task_id, msg.coro, msg.context)
+
+    def _write_failed(self, exc: Exception, *, refuse: bool) -> None:
+        """The store could not commit. The first failing batch's callers get
+        ``StoreError`` (503): nothing is acknowledged that is not on disk. The changes
+        stay in memory and pending (``_dirty``), as do their notifications, and are
+        written by a later attempt; until then caller commands that would change a
+        record are refused up front (reads go on), and a timer retries the write."""
+        reason = f"{type(exc).__name__}: {exc}"
+        if self.store_error is None:
+            log.error("the store cannot write; refusing changes until it can: %s", reason)
+        self.store_error = reason
+        self._push_timer(self._now + STORE_RETRY, _RETRY, "")
+        if not refuse:
+            return
+        failed = StoreError(f"the store cannot write: {reason}")
+        replies, self._replies = self._replies, []
+        for fut, ok, value in replies:
+            if not fut.done():
+                fut.set_exception(failed if ok else value)  # type: ignore[arg-type]
+        # Spawns of this batch were refused to their callers: they never run.
+        launch, self._launch = self._launch, []
+        for runner, msg in launch:
+            msg.coro.close()
+            runner.outcome = (TaskStatus.FAILED, None, failed)
+            rec = self._records.get(runner.task_id)
+            if rec is not None and rec.status not in TERMINAL:
+                self._change(rec, TaskStatus.FAILED, error="not started: the store cannot write")
+            self._runners.pop(runner.task_id, None)
 
     def post(self, msg: object) -> None:
         """Queue a fire-and-forget message (runner reports, report_progress)."""
@@ -342,6 +405,9 @@ class Actor:
     def _shut(self) -> None:
         """Fail every pending reply, waiter and handle; end every subscription."""
         self.closed = True
+        if self._dirty and self._persistent:
+            # Never acknowledged (their callers got 503): the store never took them.
+            log.error("closing with %d change(s) the store could not write", len(self._dirty))
         closed = TrackerClosed("the tracker is closed")
         pending = [fut for fut, _, _ in self._replies]
         while not self._mailbox.empty():
@@ -414,6 +480,9 @@ class Actor:
         timers = self._timers
         while timers and timers[0][0] <= now:
             _, _, kind, task_id, fut = heapq.heappop(timers)
+            if kind == _RETRY:
+                self._retry_due = True  # this batch's flush tries the write again
+                continue
             rec = self._records.get(task_id)
             if kind == _WAIT:
                 assert fut is not None
@@ -520,6 +589,8 @@ class Actor:
             self._counts[nkey] = self._counts.get(nkey, 0) + 1
             if new.status in TERMINAL:
                 self._active -= 1
+                if self._quota is not None:
+                    self._active_by_owner[new.owner] -= 1
                 if new.resource_id is not None:
                     key = (new.owner, new.task_type, new.resource_id)
                     if self._active_keys.get(key) == tid:
@@ -601,6 +672,8 @@ class Actor:
             holder = self._active_keys.get((owner, task_type, resource_id))
             if holder is not None:
                 raise TaskConflict(holder, task_type, resource_id)
+        if self._quota is not None and self._active_by_owner.get(owner, 0) >= self._quota:
+            raise QuotaExceeded(owner, self._quota)
         cap = self._retention.max_tasks
         if len(self._records) >= cap:
             if self._active >= cap:
@@ -619,6 +692,8 @@ class Actor:
         self._records[task_id] = rec
         self._index_add(rec)
         self._active += 1
+        if self._quota is not None:
+            self._active_by_owner[owner] = self._active_by_owner.get(owner, 0) + 1
         if resource_id is not None:
             self._active_keys[(owner, task_type, resource_id)] = task_id
         self._dirty[task_id] = rec

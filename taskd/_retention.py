@@ -23,13 +23,17 @@ class Retention:
 
     TTLs count from ``finished_at``; active tasks never expire. When ``max_tasks``
     records exist, each insert evicts the oldest terminal record; if all are active
-    the insert fails with ``TrackerFull``.
+    the insert fails with ``TrackerFull``. ``max_active_per_owner`` bounds each
+    owner's active tasks, so that one owner cannot take every slot.
     """
 
     completed_ttl: float = 86400.0
     failed_ttl: float = 604800.0
     cancelled_ttl: float = 86400.0
     max_tasks: int = 10000
+    #: At most this many active tasks per owner (None: no bound); over it, create and
+    #: spawn raise ``QuotaExceeded`` (HTTP 429).
+    max_active_per_owner: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("completed_ttl", "failed_ttl", "cancelled_ttl"):
@@ -40,6 +44,12 @@ class Retention:
             raise TypeError("Retention.max_tasks must be an int")
         if self.max_tasks < 1:
             raise ValueError("Retention.max_tasks must be at least 1")
+        quota = self.max_active_per_owner
+        if quota is not None:
+            if isinstance(quota, bool) or not isinstance(quota, int):
+                raise TypeError("Retention.max_active_per_owner must be an int or None")
+            if quota < 1:
+                raise ValueError("Retention.max_active_per_owner must be at least 1")
 
     def ttl(self, status: TaskStatus) -> float:
         """The TTL of a terminal status."""

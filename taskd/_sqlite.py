@@ -5,9 +5,13 @@ nobody until that returns, so every change a caller saw acknowledged is committe
 (group commit: one transaction per mailbox batch). All SQLite work runs on one
 dedicated thread, so disk waits never stall the event loop.
 
-A sidecar ``<path>.lock`` file holds an exclusive ``flock`` for as long as the store
-is open: a second server on the same file fails at start instead of corrupting it,
-and the lock dies with the process, even on ``kill -9``.
+The database file itself holds an exclusive ``flock`` for as long as the store is
+open: a second server on the same file — by any path, symlink or hard link — fails at
+start instead of corrupting it, and the lock dies with the process, even on
+``kill -9``. A file that cannot be opened for writing is refused at start. Each commit
+first checks that the file at the path is still the one open; a file deleted or
+replaced while serving makes writes fail (``StoreError``) rather than be acknowledged
+into an unlinked inode. The actor turns write failures into 503s and retries.
 """
 
 from __future__ import annotations
@@ -132,6 +136,7 @@ class SQLiteStore:
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
+        self._identity: tuple[int, int] = (0, 0)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, synchronous={self.synchronous!r})"
@@ -158,14 +163,20 @@ class SQLiteStore:
         path = self.path
         if path.is_dir():
             raise StoreError(f"{path} is a directory, not a database file")
+        # The lock is on the database file itself (its inode), so a second server
+        # reaching it through a symlink or a hard link finds it taken. flock locks do
+        # not interact with the POSIX locks SQLite takes, and this descriptor stays
+        # open until the connection is closed (closing it would drop SQLite's locks).
         try:
-            self._lock_fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            self._lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
             raise StoreError(f"cannot use {path}: {exc.strerror}") from None
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             raise StoreError(f"{path} is in use by another taskd process") from None
+        st = os.fstat(self._lock_fd)
+        self._identity = (st.st_dev, st.st_ino)
         try:
             conn = sqlite3.connect(path, isolation_level=None, check_same_thread=True)
         except sqlite3.Error as exc:
@@ -220,6 +231,15 @@ class SQLiteStore:
     def _write_sync(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> None:
         conn = self._conn
         assert conn is not None
+        # A file deleted or replaced under us would take every commit to an inode
+        # nobody will open again: refuse rather than acknowledge what cannot survive.
+        try:
+            st = os.stat(self.path)
+            same = (st.st_dev, st.st_ino) == self._identity
+        except OSError:
+            same = False
+        if not same:
+            raise StoreError(f"{self.path} was deleted or replaced while in use")
         rows = [_encode(rec) for rec in upserts]
         conn.execute("BEGIN")
         try:
@@ -248,5 +268,5 @@ class SQLiteStore:
             self._conn.close()
             self._conn = None
         if self._lock_fd is not None:
-            os.close(self._lock_fd)  # closing the descriptor releases the flock
+            os.close(self._lock_fd)  # after the connection: releases the flock
             self._lock_fd = None

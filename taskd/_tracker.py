@@ -585,6 +585,13 @@ class Tracker:
         if not subscription.ended and not self._actor.closed:
             self._mailbox.put_nowait((m.Unsubscribe(subscription), None))
 
+    def health(self) -> str | None:
+        """Why the tracker cannot take changes (the store cannot write, or it is not
+        open), or None when it can. Read without a message, so it answers at once."""
+        if self.state is not TrackerState.OPEN:
+            return f"the tracker is {self.state.value}"
+        return self._actor.store_error
+
     async def stats(self) -> dict[str, object]:
         """Counters for metrics: records by (task_type, status), mailbox depth, commands."""
         stats = await self._call(m.Stats())

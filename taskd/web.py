@@ -659,6 +659,9 @@ def _dashboard_handler(state: _State) -> Callable[[web.Request], Awaitable[web.R
 
 
 async def _health(request: web.Request) -> web.Response:
+    reason = _state_of(request).tracker.health()
+    if reason is not None:
+        return error_response(503, "UNAVAILABLE", reason, None, {"Retry-After": RETRY_AFTER})
     return web.json_response({"status": "ok"})
 
 

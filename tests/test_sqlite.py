@@ -14,7 +14,7 @@ import pytest
 import taskd
 from taskd import TaskStatus as S
 
-from .conftest import FakeClock
+from .conftest import FakeClock, eventually
 from .service import Service, cli
 
 API = "/api/v1"
@@ -115,19 +115,34 @@ async def test_second_tracker_on_the_same_file_is_refused(tmp_path: Path) -> Non
                 pass
 
 
-async def test_store_write_failure_stops_the_tracker(tmp_path: Path) -> None:
+async def test_store_write_failure_refuses_writes_then_recovers(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
     t = taskd.Tracker(store=taskd.SQLiteStore(db))
     await t.__aenter__()
-    await t.create("x")
-    conn = t._options.store._conn  # type: ignore[attr-defined]
-    # Make the next commit fail for real: drop the table under the store's feet.
-    t._options.store._executor.submit(conn.execute, "DROP TABLE tasks").result()  # type: ignore[attr-defined]
-    with pytest.raises(taskd.TrackerClosed):
-        await asyncio.wait_for(t.create("y"), 5)  # never acknowledged
-    with pytest.raises(taskd.TrackerClosed):
-        await t.get("anything")
+    kept = await t.create("x")
+    store = t._options.store
+    # Fault injection into the real store (private on purpose): rename the table under
+    # its feet, so that the next commit fails in SQLite itself.
+    run = store._executor.submit  # type: ignore[attr-defined]
+    run(store._conn.execute, "ALTER TABLE tasks RENAME TO hidden").result()  # type: ignore[attr-defined]
+    with pytest.raises(taskd.StoreError):
+        await t.create("y")  # never acknowledged
+    assert t.health() is not None and "no such table" in t.health()  # type: ignore[operator]
+    with pytest.raises(taskd.StoreError):
+        await t.start(kept.task_id)  # refused up front while the store cannot write
+    got = await t.get(kept.task_id)  # reads go on
+    assert got is not None and got.status == "pending"
+    run(store._conn.execute, "ALTER TABLE hidden RENAME TO tasks").result()  # type: ignore[attr-defined]
+
+    async def healthy() -> bool:
+        return t.health() is None and (await t.stats())["records"] >= 1
+
+    await eventually(healthy)
+    started = await t.start(kept.task_id)  # writes resume by themselves
     await t.aclose()
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as again:
+        after = await again.get(kept.task_id)
+    assert after is not None and after.status == started.status == "running"
 
 
 def test_store_options_are_checked() -> None:
