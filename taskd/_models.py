@@ -307,6 +307,25 @@ def parse_statuses(values: Iterable[str | TaskStatus]) -> frozenset[TaskStatus] 
     return frozenset(out) if out else None
 
 
+def check_unicode(text: str, what: str) -> str:
+    """Return ``text`` if it is valid Unicode: no lone UTF-16 surrogate (which a JSON
+    escape such as backslash-u-d800 can carry), so that it can be encoded and stored."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
+    return text
+
+
+def _unicode_json(value: object, what: str) -> str:
+    try:
+        text = json.dumps(value, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{what} is not JSON-serialisable: {exc}") from None
+    return check_unicode(text, what)
+
+
 def check_task_type(task_type: object) -> str:
     """Return ``task_type`` if it is 1–128 chars of ``[A-Za-z0-9_.:-]``."""
     if type(task_type) is str and task_type in _KNOWN_TYPES:
@@ -332,7 +351,7 @@ def check_resource_id(resource_id: object) -> str | None:
         raise ValueError(f"resource_id must be 1-{MAX_RESOURCE_ID_CHARS} characters")
     if _CONTROL_RE.search(resource_id):
         raise ValueError("resource_id must not contain control characters")
-    return resource_id
+    return check_unicode(resource_id, "resource_id")
 
 
 def json_copy(value: object, what: str) -> JSON:
@@ -342,15 +361,13 @@ def json_copy(value: object, what: str) -> JSON:
     the caller keeps no reference into the stored value.
     """
     kind = type(value)
-    if value is None or kind is str or kind is int or kind is bool:
+    if value is None or kind is int or kind is bool:
         return cast(JSON, value)  # immutable and always valid JSON: nothing to copy
+    if kind is str:
+        return check_unicode(cast(str, value), what)
     if kind is float and math.isfinite(cast(float, value)):
         return cast(float, value)
-    try:
-        text = json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{what} is not JSON-serialisable: {exc}") from None
-    copied: JSON = json.loads(text)
+    copied: JSON = json.loads(_unicode_json(value, what))
     return copied
 
 
@@ -364,10 +381,7 @@ def check_metadata(metadata: object) -> Mapping[str, JSON]:
         return EMPTY_METADATA
     if not all(isinstance(k, str) for k in metadata):
         raise TypeError("metadata keys must be strings")
-    try:
-        text = json.dumps(metadata, allow_nan=False, separators=(",", ":"))
-    except (TypeError, ValueError) as exc:
-        raise type(exc)(f"metadata is not JSON-serialisable: {exc}") from None
+    text = _unicode_json(metadata, "metadata")
     if len(text.encode()) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes")
     copied: dict[str, JSON] = json.loads(text)
@@ -394,7 +408,7 @@ def check_message(message: object) -> str | None:
         raise TypeError(f"message must be a str or None, not {type(message).__name__}")
     if len(message) > MAX_MESSAGE_CHARS:
         raise ValueError(f"message must be at most {MAX_MESSAGE_CHARS} characters")
-    return message
+    return check_unicode(message, "message")
 
 
 def check_seconds(value: object, name: str, *, allow_zero: bool = False) -> float | None:

@@ -122,6 +122,8 @@ def redact_error(error: str | BaseException) -> str:
         text = error
     else:
         raise TypeError(f"error must be a str or an exception, not {type(error).__name__}")
+    # A lone surrogate cannot be stored or sent; an exception's text may hold one.
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")
     text = redact(text)
     if len(text) > MAX_ERROR_CHARS:
         text = text[:MAX_ERROR_CHARS] + TRUNCATED

@@ -31,6 +31,7 @@ from ._models import (
     check_resource_id,
     check_seconds,
     check_task_type,
+    check_unicode,
     json_copy,
     parse_statuses,
 )
@@ -322,6 +323,7 @@ class Tracker:
             raise TypeError("callback_url must be a str or None")
         if len(url) > 2048:
             raise ValueError("callback_url must be at most 2048 characters")
+        check_unicode(url, "callback_url")
         if self._webhooks is None:
             raise ValueError(
                 "callback_url is not allowed: no webhooks are configured (the allow-list is empty)"

@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -124,6 +123,13 @@ def _positive(text: str) -> float:
     return value
 
 
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
 def _arg(convert: Callable[[str], T], what: str) -> Callable[[str], T]:
     """An argparse ``type`` with a readable error."""
 
@@ -199,6 +205,44 @@ def _parser() -> argparse.ArgumentParser:
         metavar="S",
         help="a cancelling task whose worker does not confirm in S seconds becomes "
         "cancelled (env TASKD_CANCEL_GRACE)",
+    )
+    serve.add_argument(
+        "--max-active-per-owner",
+        type=_arg(_count, "a count >= 1"),
+        default=_env("TASKD_MAX_ACTIVE_PER_OWNER", _count, None),
+        metavar="N",
+        help="at most N active tasks per owner; more get 429 (env TASKD_MAX_ACTIVE_PER_OWNER)",
+    )
+    serve.add_argument(
+        "--keepalive-timeout",
+        type=_arg(_positive, "a positive number of seconds"),
+        default=_env("TASKD_KEEPALIVE_TIMEOUT", _positive, 75.0),
+        metavar="S",
+        help="close a connection idle for S seconds (env TASKD_KEEPALIVE_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--read-timeout",
+        type=_arg(_positive, "a positive number of seconds"),
+        default=_env("TASKD_READ_TIMEOUT", _positive, 30.0),
+        metavar="S",
+        help="close a connection whose request (headers and body) has not arrived "
+        "S seconds after its first byte (env TASKD_READ_TIMEOUT)",
+    )
+    serve.add_argument(
+        "--cors-origin",
+        action="append",
+        default=_split_env("TASKD_CORS_ORIGINS"),
+        metavar="ORIGIN",
+        help="a foreign origin (https://app.example) allowed to make requests from a "
+        "browser (repeatable; env TASKD_CORS_ORIGINS, comma-separated)",
+    )
+    serve.add_argument(
+        "--allow-host",
+        action="append",
+        default=_split_env("TASKD_ALLOW_HOSTS"),
+        metavar="HOST",
+        help="without tokens, also answer requests with this Host header (loopback "
+        "names and --host are always allowed; repeatable; env TASKD_ALLOW_HOSTS)",
     )
     serve.add_argument(
         "--webhook-secret",
@@ -298,16 +342,20 @@ def _parser() -> argparse.ArgumentParser:
 def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
+    from ._retention import Retention
+    from ._server import ServeRunner, quiet_accept_errors, raise_fd_limit
     from ._sqlite import SQLiteStore
     from ._webhooks import Webhooks, parse_allow_list
-    from .web import bearer_auth, create_app
+    from .web import BrowserGuard, bearer_auth, create_app, is_loopback
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
+    quiet_accept_errors()
+    raise_fd_limit()
     tokens = _tokens(args.token)
-    if not tokens and not _is_loopback(args.host):
+    if not tokens and not is_loopback(args.host):
         log.warning(
             "serving on %s without tokens: anyone who can reach it sees every task", args.host
         )
@@ -331,16 +379,29 @@ def _serve(args: argparse.Namespace) -> int:
             store = SQLiteStore(args.db)
         except TaskdError as exc:
             raise CliError(str(exc), EXIT_START) from None
+    hosts = {h.strip().lower().strip("[]") for v in args.allow_host for h in v.split(",") if h}
+    hosts.add(args.host.lower().strip("[]"))
+    origins = {o.strip().rstrip("/") for v in args.cors_origin for o in v.split(",") if o}
     app = create_app(
         auth=bearer_auth(tokens) if tokens else None,
         store=store,
+        retention=Retention(max_active_per_owner=args.max_active_per_owner),
         demo=args.demo,
         webhooks=webhooks,
         cancel_grace=args.cancel_grace,
+        guard=BrowserGuard(
+            check_host=not tokens, allowed_hosts=frozenset(hosts), cors_origins=frozenset(origins)
+        ),
     )
 
     async def run() -> None:
-        runner = web.AppRunner(app, handle_signals=False, access_log=None)
+        runner = ServeRunner(
+            app,
+            handle_signals=False,
+            access_log=None,
+            keepalive_timeout=args.keepalive_timeout,
+            read_timeout=args.read_timeout,
+        )
         try:
             await runner.setup()
         except TaskdError as exc:
@@ -392,15 +453,6 @@ def _quiet_bad_requests(record: logging.LogRecord) -> bool:
             None,
         )
     return True
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 # --- client commands ---------------------------------------------------------------------

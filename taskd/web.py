@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import hmac
 import inspect
+import ipaddress
 import json
 import logging
 import math
@@ -37,6 +38,7 @@ from ._models import (
     check_resource_id,
     check_seconds,
     check_task_type,
+    check_unicode,
     parse_statuses,
 )
 from ._retention import Retention
@@ -47,6 +49,7 @@ from ._webhooks import Webhooks
 
 __all__ = [
     "AuthCallback",
+    "BrowserGuard",
     "RequestError",
     "accepted",
     "bearer_auth",
@@ -274,6 +277,110 @@ def _error_to_response(request: web.Request, exc: Exception) -> web.StreamRespon
     return error_response(500, "INTERNAL", "internal error")
 
 
+# --- browsers: cross-site requests and DNS rebinding ---------------------------------------
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_CORS_HEADERS: Final = "Authorization, Content-Type, Last-Event-ID"
+
+
+def _host_name(host: str) -> str:
+    """The name part of a ``Host`` header value (``[::1]:8080`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host
+
+
+def is_loopback(name: str) -> bool:
+    """Whether a host name or address is loopback (``localhost`` included)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserGuard:
+    """What the standalone server accepts from browsers.
+
+    ``check_host``: accept only ``Host`` values that are loopback names or addresses,
+    or listed in ``allowed_hosts`` (the server's own ``--host`` among them): a defence
+    against DNS rebinding, for servers that answer anyone who reaches them (no
+    tokens). ``cors_origins``: foreign origins allowed to make unsafe requests (and
+    given CORS headers); any other foreign ``Origin`` — or ``Sec-Fetch-Site:
+    cross-site`` — on a POST, PUT, PATCH or DELETE gets 403 ``PERMISSION_DENIED``.
+    Clients that send no ``Origin`` (curl, the CLI, SDKs) are not affected.
+    """
+
+    check_host: bool = True
+    allowed_hosts: frozenset[str] = frozenset()
+    cors_origins: frozenset[str] = frozenset()
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether a request with this ``Host`` header is answered."""
+        name = _host_name(host)
+        return is_loopback(name) or name in self.allowed_hosts
+
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """The middleware that applies the guard (outermost)."""
+        guard = self
+
+        @web.middleware
+        async def browser_guard(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            if (
+                guard.check_host
+                and request.path != "/health"
+                and not guard.host_allowed(request.host)
+            ):
+                return error_response(
+                    403,
+                    "PERMISSION_DENIED",
+                    "this Host is not allowed (taskd serve --allow-host)",
+                )
+            origin = request.headers.get("Origin")
+            listed = origin is not None and origin in guard.cors_origins
+            if (
+                request.method == "OPTIONS"
+                and origin is not None
+                and listed
+                and "Access-Control-Request-Method" in request.headers
+            ):
+                return web.Response(status=204, headers=guard._cors(origin, preflight=True))
+            if request.method not in _SAFE_METHODS and not listed:
+                own = f"{request.scheme}://{request.host}"
+                cross = request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
+                if cross or (origin is not None and origin.lower() != own.lower()):
+                    return error_response(
+                        403,
+                        "PERMISSION_DENIED",
+                        "cross-site request refused (taskd serve --cors-origin)",
+                    )
+            response = await handler(request)
+            if listed and origin is not None and not response.prepared:
+                response.headers.update(guard._cors(origin, preflight=False))
+            return response
+
+        return browser_guard
+
+    @staticmethod
+    def _cors(origin: str, *, preflight: bool) -> dict[str, str]:
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if preflight:
+            headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE"
+            headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+            headers["Access-Control-Max-Age"] = "600"
+        else:
+            headers["Access-Control-Expose-Headers"] = "Location, Link, Retry-After"
+        return headers
+
+
 # --- auth -------------------------------------------------------------------------------
 
 
@@ -311,7 +418,8 @@ async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, obje
     if not raw.strip():
         return {}
     try:
-        data = json.loads(raw)
+        # Strict UTF-8 first: json.loads(bytes) would let encoded surrogates through.
+        data = json.loads(raw.decode("utf-8"))
     except (ValueError, UnicodeDecodeError) as exc:
         raise _invalid(f"request body is not valid JSON: {exc}") from None
     except RecursionError:
@@ -338,6 +446,11 @@ def _field(
         ok = isinstance(value, kind)
     if not ok:
         raise _invalid(f"field {name!r} must be {_TYPE_NAMES[kind]}", field=name)
+    if kind is str:
+        try:
+            check_unicode(value, f"field {name!r}")  # type: ignore[arg-type]
+        except ValueError as exc:
+            raise _invalid(str(exc), field=name) from None
     return value  # type: ignore[return-value]
 
 
@@ -824,10 +937,17 @@ def create_app(
     demo: bool = False,
     webhooks: Webhooks | None = None,
     sse_ping_interval: float = 15.0,
+    guard: BrowserGuard | None = None,
 ) -> web.Application:
-    """The standalone application: the task API under ``prefix``, ``/health`` and
-    ``/metrics``; with ``demo``, a stream of simulated jobs."""
-    app = web.Application(client_max_size=client_max_size)
+    """The standalone application: the task API under ``prefix``, ``/health``,
+    ``/metrics`` and the dashboard at ``/``; with ``demo``, a stream of simulated
+    jobs. ``guard`` (default: a ``BrowserGuard`` that checks ``Host`` when there is no
+    ``auth``) refuses cross-site writes and, without tokens, foreign ``Host`` values."""
+    if guard is None:
+        guard = BrowserGuard(check_host=auth is None)
+    elif not isinstance(guard, BrowserGuard):
+        raise TypeError("guard must be a taskd.web.BrowserGuard")
+    app = web.Application(client_max_size=client_max_size, middlewares=[guard.middleware()])
     tracker = setup(
         app,
         retention=retention,
@@ -884,6 +1004,14 @@ def bearer_auth(tokens: Mapping[str, str | None]) -> AuthCallback:
 
 async def _metrics_handler(request: web.Request) -> web.Response:
     state = _state_of(request)
+    if state.auth is not None:
+        # With tokens, metrics (which name every owner's task types) need one too.
+        try:
+            await _owner(request, state)
+        except web.HTTPUnauthorized as exc:
+            return error_response(
+                401, "UNAUTHENTICATED", exc.reason, None, {"WWW-Authenticate": "Bearer"}
+            )
     stats = await state.tracker.stats()
     body = _metrics.render(stats, state.http_counts or {})
     return web.Response(body=body, headers={"Content-Type": _metrics.CONTENT_TYPE})
