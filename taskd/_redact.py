@@ -16,7 +16,12 @@ MAX_ERROR_CHARS = 500
 TRUNCATED = "...[truncated]"
 
 # Key names whose value is a secret: the key *is* or *ends with* one of these words.
-_SECRET_KEY = r"(?:password|passwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key)"
+_SECRET_KEY = (
+    r"(?:password|passwd|secret|token|api[_-]?key|apikey|access[_-]?key|private[_-]?key"
+    r"|account[_-]?key|shared[_-]?access[_-]?key)"
+)
+# A value that is only a short number ("Token: 42 tokens used") is a count, not a secret.
+_NOT_A_COUNT = r"(?!\d{1,6}(?![^\s\"',;&}\]]))"
 
 
 def _keep_scheme(match: re.Match[str]) -> str:
@@ -27,25 +32,47 @@ def _keep_scheme(match: re.Match[str]) -> str:
 def _keep_quotes(match: re.Match[str]) -> str:
     value = match.group(2)
     # Quoted values keep their quotes so that redacted JSON stays JSON.
-    quote = value[0] if value[0] in "\"'" else ""
+    if value.startswith('\\"'):
+        quote = '\\"'
+    else:
+        quote = value[0] if value[0] in "\"'" else ""
     return f"{match.group(1)}{quote}{REDACTED}{quote}"
 
 
 _Replacement = str | Callable[[re.Match[str]], str]
 
 _RULES: list[tuple[re.Pattern[str], _Replacement]] = [
-    # PEM private keys, also when cut off before the END line.
+    # PEM and PGP private keys, also when cut off before the END line.
     (
         re.compile(
-            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY-----[\s\S]*?"
-            r"(?:-----END [A-Z0-9 ]*PRIVATE KEY-----|\Z)"
+            r"-----BEGIN [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
+            r"(?:-----END [A-Z0-9 ]*PRIVATE KEY(?: BLOCK)?-----|\Z)"
         ),
         REDACTED,
     ),
-    # scheme://user:password@host — keep the user, drop the password.
+    # scheme://user:password@host — keep the user, drop the password, which may hold
+    # "@" or "#" (the last "@" before the host ends it; a password has no "/").
     (
-        re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*):[^\s/?#@]+@"),
+        re.compile(r"\b([A-Za-z][A-Za-z0-9+.-]*://[^\s:/?#@]*):[^\s/]+@(?=[^\s@/]+(?:[/?#\s]|$))"),
         rf"\1:{REDACTED}@",
+    ),
+    # Slack incoming-webhook URLs: the path is the credential.
+    (
+        re.compile(r"(https://hooks\.slack\.com/(?:services|workflows|triggers)/)[^\s\"'<>]+"),
+        rf"\1{REDACTED}",
+    ),
+    # Cookie headers: every value is a session.
+    (re.compile(r"(?i)\b((?:set-)?cookie\s*:\s*)[^\r\n]+"), rf"\1{REDACTED}"),
+    # Command-line flags: --password X, -token X (the "=" form is a key-value pair).
+    (
+        re.compile(
+            r"(?i)(?<![A-Za-z0-9])(--?[A-Za-z0-9_-]*"
+            + _SECRET_KEY
+            + r")\s+(?!-)"
+            + _NOT_A_COUNT
+            + r"\S+"
+        ),
+        rf"\1 {REDACTED}",
     ),
     # An Authorization header: whatever follows is a credential.
     (
@@ -67,8 +94,12 @@ _RULES: list[tuple[re.Pattern[str], _Replacement]] = [
     # key=value / key: value / "key": "value" where the key ends with a secret word.
     (
         re.compile(
-            r"(?i)(?<![A-Za-z0-9])([\"']?[A-Za-z0-9_.-]*" + _SECRET_KEY + r"[\"']?\s*[:=]\s*)"
-            r"(\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s\"',;&}\]]+)"
+            r"(?i)(?<![A-Za-z0-9])(\\?[\"']?[A-Za-z0-9_.-]*"
+            + _SECRET_KEY
+            + r"\\?[\"']?\s*[:=]\s*)"
+            + _NOT_A_COUNT
+            # a JSON-escaped quoted value (\"...\"), a quoted one, or a bare one
+            + r"(\\\"(?:[^\"\\]|\\[^\"])*\\\"|\"(?:[^\"\\]|\\.)*\"|'[^']*'|[^\s\"',;&}\]]+)"
         ),
         _keep_quotes,
     ),
@@ -78,7 +109,10 @@ _RULES: list[tuple[re.Pattern[str], _Replacement]] = [
     (
         re.compile(
             r"\b(?:"
-            r"sk-(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{16,}"  # OpenAI, Anthropic
+            # OpenAI, Anthropic: a key has a run of 16+ characters without a hyphen,
+            # so that "build-sk-ingest-pipeline-2024" (words) is no key
+            r"(?<![A-Za-z0-9_.-])sk-(?=[A-Za-z0-9_-]*?[A-Za-z0-9_]{16})"
+            r"(?:ant-|proj-|svcacct-|admin-)?[A-Za-z0-9_-]{16,}"
             r"|gh[pousr]_[A-Za-z0-9]{20,}"  # GitHub classic tokens
             r"|github_pat_[A-Za-z0-9_]{20,}"  # GitHub fine-grained
             r"|xox[abposre]-[A-Za-z0-9-]{10,}"  # Slack
@@ -92,7 +126,18 @@ _RULES: list[tuple[re.Pattern[str], _Replacement]] = [
             r"|hf_[A-Za-z0-9]{30,}"  # Hugging Face
             r"|glpat-[A-Za-z0-9_-]{20,}"  # GitLab
             r"|npm_[A-Za-z0-9]{36}"  # npm
+            r"|ya29\.[A-Za-z0-9_-]{20,}"  # Google OAuth access tokens
+            r"|SG\.[A-Za-z0-9_-]{16,}\.[A-Za-z0-9_-]{16,}"  # SendGrid
             r")"
+        ),
+        REDACTED,
+    ),
+    # An AWS secret access key standing alone: 40 base64 characters with upper and
+    # lower case and a digit or symbol (a hex digest has one case only).
+    (
+        re.compile(
+            r"(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+]{0,39}[A-Z])(?=[A-Za-z0-9/+]{0,39}[a-z])"
+            r"(?=[A-Za-z0-9/+]{0,39}[0-9/+])[A-Za-z0-9/+]{40}(?![A-Za-z0-9/+=])"
         ),
         REDACTED,
     ),

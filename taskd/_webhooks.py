@@ -25,13 +25,15 @@ import hmac
 import ipaddress
 import json
 import logging
+import queue
 import random
+import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 from urllib.parse import urlsplit
 
 from ._models import TaskRecord, check_seconds
@@ -193,14 +195,59 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int
         return 0
 
 
+def _loggable(url: str) -> str:
+    """A callback URL for a log line: its query string may carry a token."""
+    base, sep, _ = url.partition("?")
+    return f"{base}?[REDACTED]" if sep else base
+
+
+class _DaemonPool(concurrent.futures.Executor):
+    """A fixed pool of daemon threads. ``ThreadPoolExecutor`` threads are joined at
+    interpreter exit, so one delivery hung on a receiver would hold the process up
+    to its request timeout; a daemon thread does not, and an undelivered webhook is
+    dropped at shutdown anyway (it is logged, and documented as dropped)."""
+
+    def __init__(self, size: int) -> None:
+        self._size = size
+        self._jobs: queue.SimpleQueue[
+            tuple[concurrent.futures.Future[Any], Any, tuple[Any, ...]] | None
+        ] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._closed = False
+
+    def submit(self, fn: Any, /, *args: Any, **kwargs: Any) -> concurrent.futures.Future[Any]:
+        if self._closed:
+            raise RuntimeError("the webhook pool is closed")
+        fut: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        self._jobs.put((fut, fn, args))
+        if len(self._threads) < self._size:
+            thread = threading.Thread(target=self._work, name="taskd-webhook", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        return fut
+
+    def _work(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            fut, fn, args = job
+            if not fut.set_running_or_notify_cancel():
+                continue
+            try:
+                fut.set_result(fn(*args))
+            except BaseException as exc:  # handed to the awaiting task
+                fut.set_exception(exc)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        self._closed = True
+        for _ in self._threads:
+            self._jobs.put(None)
+
+
 class WebhookSender:
-    """Delivers webhooks off the actor: one task per message, a thread pool for I/O."""
+    """Delivers webhooks off the actor: one task per message, daemon threads for I/O."""
 
     def __init__(self, config: Webhooks) -> None:
         self.config = config
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            max_workers=config.max_in_flight, thread_name_prefix="taskd-webhook"
-        )
+        self._pool = _DaemonPool(config.max_in_flight)
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         self.delivered = 0
@@ -239,25 +286,30 @@ class WebhookSender:
                 log.info(
                     "webhook %s to %s answered %s; retry %d in %.1fs",
                     msg_id,
-                    url,
+                    _loggable(url),
                     status or "no response",
                     attempt + 1,
                     delay,
                 )
                 await asyncio.sleep(delay)
         self.failed += 1
-        log.warning("webhook %s to %s failed after %d attempts", msg_id, url, cfg.max_attempts)
+        log.warning(
+            "webhook %s to %s failed after %d attempts", msg_id, _loggable(url), cfg.max_attempts
+        )
 
     async def aclose(self) -> None:
-        """Cancel pending deliveries and retries, and wait for them to unwind."""
+        """Cancel pending deliveries and retries, and wait for them to unwind; the
+        undelivered are dropped (logged with a count)."""
         self._closed = True
         tasks = list(self._tasks)
+        if tasks:
+            log.warning("shutting down: dropping %d undelivered webhook(s)", len(tasks))
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        # Threads still blocked on a hung receiver end at their request timeout.
+        # Threads still blocked on a hung receiver are daemons: they hold up nothing.
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 

@@ -812,8 +812,10 @@ async def _stream(
             await response.send(state.render(rec).decode(), id=str(seq))
         response.stop_streaming()
         await response.wait()
-    except (ConnectionResetError, TimeoutError):
-        pass  # the client went away or stopped reading: its stream simply ends
+    except (ConnectionError, TimeoutError) as exc:
+        # The client went away or stopped reading: its stream simply ends. Not an
+        # error of ours, and a flood of these must not flood the log.
+        log.debug("event stream to %s ended: %r", request.remote, exc)
     finally:
         state.streams.discard(sub)
     return response

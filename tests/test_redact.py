@@ -9,6 +9,23 @@ from taskd._redact import redact_error
 
 # (text, the secret part that must disappear)
 SECRETS = [
+    # found leaking by a hostile probe (docs/reliability.md)
+    ("aws secret wJalrXUtnFEMI/K7MDENG/bPxRfiCYEXAMPLEKEY here", "wJalrXUtnFEMI/K7MDENG"),
+    (
+        "post to https://hooks.slack.com/services/T00000000/B00000000/XXXXXXXXXXXXXXXXXXXXXXXX",
+        "T00000000/B00000000",
+    ),
+    (
+        "-----BEGIN PGP PRIVATE KEY BLOCK-----\nlQOYBF0\n-----END PGP PRIVATE KEY BLOCK-----",
+        "lQOYBF0",
+    ),
+    ("postgres://admin:p@ss#w0rd@db.example.com:5432/x", "ss#w0rd"),
+    ("Cookie: session=abc123; csrftoken=zzz", "abc123"),
+    ("token ya29.a0AfH6SMBx1234567890abcdefghijk", "ya29.a0AfH6SMBx"),
+    ("DefaultEndpointsProtocol=https;AccountName=x;AccountKey=abcdEFGH1234+/==;", "abcdEFGH1234"),
+    ("key SG.abcdefghijklmnopqrstuv.ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789abcdefg", "SG.abcdef"),
+    ("run --password hunter2 --verbose", "hunter2"),
+    ('{\\"password\\": \\"hunter2\\"}', "hunter2"),
     ("OpenAI key sk-proj-abcdefghijklmnopqrstuvwxyz123456", "sk-proj-abcdefghijklmnopqrst"),
     ("key=sk-abcdefghijklmnopqrstuvwxyzABCD", "sk-abcdefghijklmnopqrstuvwxyzABCD"),
     ("anthropic sk-ant-api03-AbCdEfGhIjKlMnOpQrStUvWxYz-0123", "sk-ant-api03-AbCdEf"),
@@ -101,6 +118,12 @@ BENIGN = [
     "index 66147ba0e65ccRNQTKzCTAlL4CIeoiG30gA",
     "2026-11-27T20:15:52.341964Z",
     "error code E501 at line 42",
+    "build-sk-ingest-pipeline-2024",
+    "Token: 42 tokens used",
+    "max_tokens=4096",
+    "sha1 da39a3ee5e6b4b0d3255bfef95601890afd80709",
+    "port: 8080",
+    "https://example.com/a@b",
 ]
 
 
