@@ -42,6 +42,7 @@ from ._models import (
     TERMINAL,
     TRANSITIONS,
     OwnerScope,
+    RawJSON,
     TaskRecord,
     TaskSpec,
     TaskStatus,
@@ -617,7 +618,7 @@ class Actor:
         *,
         progress: float | None = None,
         message: str | None = None,
-        result: JSON = None,
+        result: JSON | RawJSON = None,
         error: str | None = None,
         action: str | None = None,
     ) -> TaskRecord:

@@ -13,7 +13,7 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ._models import JSON, OwnerScope, TaskStatus
+from ._models import JSON, OwnerScope, RawJSON, TaskStatus
 
 if TYPE_CHECKING:
     from ._runner import Outcome
@@ -64,7 +64,7 @@ class Progress:
 @dataclass(frozen=True, slots=True)
 class Complete:
     task_id: str
-    result: JSON
+    result: JSON | RawJSON
     owner: OwnerScope
 
 
@@ -145,7 +145,7 @@ class RunnerFinished:
     #: The coroutine's return value (COMPLETED) as returned, for the handle.
     value: object
     #: Its JSON copy, stored in the record.
-    result: JSON
+    result: JSON | RawJSON
     #: The exception (FAILED), re-raised to whoever awaits the handle.
     exc: BaseException | None
     #: The redacted error text stored in the record.

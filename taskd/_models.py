@@ -120,7 +120,10 @@ class TaskRecord:
 
     The fields are those of the JSON record, except that ``metadata`` and the
     stored-but-never-rendered ``owner``, ``in_process``, ``callback_url`` and
-    ``heartbeat_timeout`` live in ``spec`` (and read through properties).
+    ``heartbeat_timeout`` live in ``spec`` (and read through properties), and that
+    a large ``result`` is held as its compact JSON text (``result_data``, a
+    ``RawJSON``) and decoded when read: parsed JSON of ``[[],[],…]`` costs ~25 times
+    its text in Python objects.
     """
 
     task_id: str
@@ -133,9 +136,15 @@ class TaskRecord:
     finished_at: float | None = None
     progress: float | None = None
     message: str | None = None
-    result: JSON = None
+    result_data: JSON | RawJSON = None
     error: str | None = None
     spec: TaskSpec = DEFAULT_SPEC
+
+    @property
+    def result(self) -> JSON:
+        """The result (``completed`` only), decoded from its text if held as text."""
+        data = self.result_data
+        return data.value() if isinstance(data, RawJSON) else data
 
     @property
     def metadata(self) -> Mapping[str, JSON]:
@@ -177,7 +186,19 @@ class TaskRecord:
         """``updated_at`` as RFC 3339 UTC text."""
         return iso(self.updated_at)
 
-    def to_dict(self) -> dict[str, JSON]:
+    def to_json(self) -> str:
+        """The public JSON object as compact text; a result held as text is spliced
+        in as it is, never decoded."""
+        data = self.result_data
+        if not isinstance(data, RawJSON):
+            return json.dumps(self.to_dict(), separators=(",", ":"))
+        out = self.to_dict(result=False)
+        text = json.dumps(out, separators=(",", ":"))
+        # "result" comes before "error" and "metadata", and no string before it can
+        # hold an unescaped quote: the first occurrence is the top-level field.
+        return text.replace('"result":null', '"result":' + data.text, 1)
+
+    def to_dict(self, *, result: bool = True) -> dict[str, JSON]:
         """The public JSON object of this record (owner and internals left out)."""
         return {
             "task_id": self.task_id,
@@ -192,7 +213,7 @@ class TaskRecord:
             "finished_at": self.finished_at,
             "progress": self.progress,
             "message": self.message,
-            "result": self.result,
+            "result": self.result if result else None,
             "error": self.error,
             "metadata": dict(self.spec.metadata),
         }
@@ -235,7 +256,7 @@ class TaskRecord:
         finished_at: float | None,
         progress: float | None,
         message: str | None,
-        result: JSON,
+        result: JSON | RawJSON,
         error: str | None,
     ) -> TaskRecord:
         """A copy with the mutable-by-transition fields replaced.
@@ -258,6 +279,23 @@ class TaskRecord:
             error,
             self.spec,
         )
+
+
+@dataclass(frozen=True, slots=True)
+class RawJSON:
+    """A JSON value kept as its compact text (``ensure_ascii=False``), valid by
+    construction: decoded only when read."""
+
+    text: str
+
+    def value(self) -> JSON:
+        """The decoded value."""
+        decoded: JSON = json.loads(self.text)
+        return decoded
+
+
+#: Results whose JSON text is longer than this are kept as text (``RawJSON``).
+RAW_RESULT_CHARS = 512
 
 
 def _str(value: object) -> str:
@@ -369,6 +407,14 @@ def json_copy(value: object, what: str) -> JSON:
         return cast(float, value)
     copied: JSON = json.loads(_unicode_json(value, what))
     return copied
+
+
+def store_json(value: object, what: str) -> JSON | RawJSON:
+    """``json_copy`` for a stored result: a large container is kept as its text."""
+    if isinstance(value, dict | list | tuple | Mapping):
+        text = _unicode_json(value, what)
+        return RawJSON(text) if len(text) > RAW_RESULT_CHARS else cast(JSON, json.loads(text))
+    return json_copy(value, what)
 
 
 def check_metadata(metadata: object) -> Mapping[str, JSON]:

@@ -32,10 +32,7 @@ def _keep_scheme(match: re.Match[str]) -> str:
 def _keep_quotes(match: re.Match[str]) -> str:
     value = match.group(2)
     # Quoted values keep their quotes so that redacted JSON stays JSON.
-    if value.startswith('\\"'):
-        quote = '\\"'
-    else:
-        quote = value[0] if value[0] in "\"'" else ""
+    quote = '\\"' if value.startswith('\\"') else (value[0] if value[0] in "\"'" else "")
     return f"{match.group(1)}{quote}{REDACTED}{quote}"
 
 

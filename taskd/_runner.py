@@ -15,7 +15,7 @@ from collections.abc import Callable, Coroutine, Generator
 
 from ._errors import TrackerClosed
 from ._messages import Progress, RunnerFinished
-from ._models import ANY_OWNER, TaskStatus, check_message, check_progress, json_copy
+from ._models import ANY_OWNER, TaskStatus, check_message, check_progress, store_json
 from ._redact import redact_error
 
 __all__ = ["Outcome", "report_progress"]
@@ -108,7 +108,7 @@ async def _run(
         return
     ended.append(True)
     try:
-        result = json_copy(value, "the task's return value")
+        result = store_json(value, "the task's return value")
     except (TypeError, ValueError) as err:
         post(RunnerFinished(task_id, TaskStatus.FAILED, None, None, err, redact_error(err)))
     else:

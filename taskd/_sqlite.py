@@ -28,7 +28,7 @@ from types import MappingProxyType
 from typing import Final
 
 from ._errors import StoreError
-from ._models import DEFAULT_SPEC, TaskRecord, TaskSpec, TaskStatus
+from ._models import DEFAULT_SPEC, JSON, RAW_RESULT_CHARS, RawJSON, TaskRecord, TaskSpec, TaskStatus
 
 __all__ = ["SQLiteStore", "StoreError"]
 
@@ -45,6 +45,21 @@ _Row = tuple[object, ...]
 _UPSERT: Final = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
 
 
+def _result_text(data: JSON | RawJSON) -> str | None:
+    if data is None:
+        return None
+    if isinstance(data, RawJSON):
+        return data.text
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def _result_value(text: object) -> JSON | RawJSON:
+    if not isinstance(text, str):
+        return None
+    # Large results stay text in memory too, as they were before the restart.
+    return RawJSON(text) if len(text) > RAW_RESULT_CHARS else json.loads(text)
+
+
 def _encode(rec: TaskRecord) -> _Row:
     # One column per field: only result and metadata need JSON, and only when set.
     spec = rec.spec
@@ -59,7 +74,7 @@ def _encode(rec: TaskRecord) -> _Row:
         rec.finished_at,
         rec.progress,
         rec.message,
-        None if rec.result is None else json.dumps(rec.result, separators=(",", ":")),
+        _result_text(rec.result_data),
         rec.error,
         json.dumps(dict(spec.metadata), separators=(",", ":")) if spec.metadata else None,
         spec.owner,
@@ -110,7 +125,7 @@ def _decode(row: Sequence[object]) -> TaskRecord:
         finished_at,  # type: ignore[arg-type]
         progress,  # type: ignore[arg-type]
         message,  # type: ignore[arg-type]
-        json.loads(result) if isinstance(result, str) else None,
+        _result_value(result),
         error,  # type: ignore[arg-type]
         spec,
     )

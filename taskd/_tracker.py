@@ -32,8 +32,8 @@ from ._models import (
     check_seconds,
     check_task_type,
     check_unicode,
-    json_copy,
     parse_statuses,
+    store_json,
 )
 from ._redact import redact_error
 from ._retention import Retention
@@ -430,7 +430,7 @@ class Tracker:
         """Mark a running (or cancelling) external task ``completed`` with ``result``."""
         return _as_record(
             await self._call(
-                m.Complete(_check_id(task_id), json_copy(result, "result"), _check_owner(owner))
+                m.Complete(_check_id(task_id), store_json(result, "result"), _check_owner(owner))
             )
         )
 

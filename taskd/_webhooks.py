@@ -23,7 +23,6 @@ import contextlib
 import hashlib
 import hmac
 import ipaddress
-import json
 import logging
 import queue
 import random
@@ -263,7 +262,7 @@ class WebhookSender:
 
     async def _deliver(self, url: str, rec: TaskRecord) -> None:
         cfg = self.config
-        body = json.dumps(rec.to_dict(), separators=(",", ":")).encode()
+        body = rec.to_json().encode()
         msg_id = f"msg_{rec.task_id}_{rec.status.value}"
         loop = asyncio.get_running_loop()
         for attempt in range(cfg.max_attempts):

@@ -20,6 +20,7 @@ import ipaddress
 import json
 import logging
 import math
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
@@ -74,6 +75,8 @@ MAX_BODY: Final = 1024 * 1024
 RETRY_AFTER: Final = "1"
 _JSON: Final = "application/json"
 _RENDER_CACHE_SIZE: Final = 4096
+#: The render cache holds at most this many bytes (a record over 1/8 of it is never kept).
+_RENDER_CACHE_BYTES: Final = 32 * 1024 * 1024
 
 
 # --- state ----------------------------------------------------------------------------
@@ -95,9 +98,9 @@ class _State:
     _base: str | None = None
     #: Open event streams, ended on shutdown so that the server need not wait for them.
     streams: set[Subscription] = field(default_factory=set)
-    # id(record) -> (record, rendered JSON). Records are immutable, so a record's JSON
-    # is rendered once; holding the record keeps its id from being reused.
-    rendered: dict[int, tuple[TaskRecord, bytes]] = field(default_factory=dict)
+    # task_id -> (record, its rendered JSON), oldest first.
+    rendered: OrderedDict[str, tuple[TaskRecord, bytes]] = field(default_factory=OrderedDict)
+    rendered_bytes: int = 0
 
     def api_base(self) -> str:
         """The API's path as mounted (``/svc/api/v1`` inside a sub-application at
@@ -117,15 +120,30 @@ class _State:
         return f"{self.api_base()}/tasks/{task_id}"
 
     def render(self, rec: TaskRecord) -> bytes:
-        hit = self.rendered.get(id(rec))
+        """The record's JSON, rendered once per record version (records are
+        immutable). The cache is keyed by task id, so a task holds one entry, and
+        bounded in bytes, oldest first; a deleted task's entry is dropped."""
+        cache = self.rendered
+        hit = cache.get(rec.task_id)
         if hit is not None and hit[0] is rec:
             return hit[1]
-        body = json.dumps(rec.to_dict(), separators=(",", ":")).encode()
-        cache = self.rendered
-        if len(cache) >= _RENDER_CACHE_SIZE:
-            del cache[next(iter(cache))]  # oldest first: a FIFO is enough here
-        cache[id(rec)] = (rec, body)
+        body = rec.to_json().encode()
+        if hit is not None:
+            del cache[rec.task_id]
+            self.rendered_bytes -= len(hit[1])
+        if len(body) <= _RENDER_CACHE_BYTES // 8:
+            cache[rec.task_id] = (rec, body)
+            self.rendered_bytes += len(body)
+            while self.rendered_bytes > _RENDER_CACHE_BYTES or len(cache) > _RENDER_CACHE_SIZE:
+                _, (_, old) = cache.popitem(last=False)
+                self.rendered_bytes -= len(old)
         return body
+
+    def forget(self, task_id: str) -> None:
+        """Drop a deleted task's rendering."""
+        hit = self.rendered.pop(task_id, None)
+        if hit is not None:
+            self.rendered_bytes -= len(hit[1])
 
 
 _STATE: Final = web.AppKey("taskd_state", _State)
@@ -691,7 +709,9 @@ class _Handlers:
     async def delete_task(self, request: web.Request) -> web.Response:
         state = self.state
         owner = await _owner(request, state)
-        await state.tracker.delete(request.match_info["task_id"], owner=owner)
+        task_id = request.match_info["task_id"]
+        await state.tracker.delete(task_id, owner=owner)
+        state.forget(task_id)
         return web.Response(status=204)
 
     async def task_events(self, request: web.Request) -> web.StreamResponse:
