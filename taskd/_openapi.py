@@ -222,7 +222,11 @@ def _responses(own: dict[str, _Doc], common: dict[str, _Doc]) -> _Doc:
 def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
     """The OpenAPI 3.1 document for routes mounted under ``prefix``."""
     common: dict[str, _Doc] = {
-        "503": _error("Tracker full of active tasks, or shutting down", _RETRY_AFTER),
+        "503": _error(
+            "Tracker full of active tasks, shutting down, or its store cannot write",
+            _RETRY_AFTER,
+        ),
+        "403": _error("A cross-site request, or a Host that is not allowed (taskd serve)"),
     }
     if auth:
         common["401"] = _error("Missing or invalid credentials")
@@ -328,6 +332,10 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
                             "details.task_id names it"
                         ),
                         "413": too_large,
+                        "429": _error(
+                            "RESOURCE_EXHAUSTED: the owner's max_active_per_owner is reached",
+                            _RETRY_AFTER,
+                        ),
                     },
                     common,
                 ),

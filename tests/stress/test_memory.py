@@ -88,7 +88,9 @@ def test_large_results_stay_compact_and_deleted_ones_are_freed(tmp_path: Path) -
             http("GET", f"{s.url}/api/v1/tasks/{tid}")  # rendered, so cached
             assert http("DELETE", f"{s.url}/api/v1/tasks/{tid}")[0] == 204
         after = _rss_mib(s.proc.pid) - start
-    print(f"\n30 results: +{grown:.0f} MiB; health worst {worst[0] * 1000:.0f} ms; end +{after:.0f}")
+    print(
+        f"\n30 results: +{grown:.0f} MiB; health worst {worst[0] * 1000:.0f} ms; end +{after:.0f}"
+    )
     assert grown < 200
     assert worst[0] < 1.0
     assert after < 250
