@@ -7,9 +7,6 @@ from __future__ import annotations
 
 import sys
 
-# bench/http.py would shadow the standard library's http package (urllib, aiohttp).
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    sys.path.pop(0)
 
 import asyncio
 import gc

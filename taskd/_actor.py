@@ -19,9 +19,9 @@ from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-from sortedcontainers import SortedList
+from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
 from . import _messages as m
 from ._errors import (
@@ -52,6 +52,9 @@ from ._runner import Outcome, start_runner
 from ._store import Store
 from ._watch import Subscription
 
+if TYPE_CHECKING:
+    from ._tracker import TrackerStats
+
 log = logging.getLogger("taskd")
 
 MAX_BATCH: Final = 512
@@ -71,9 +74,11 @@ _WRITES: Final = frozenset(
 #: The error of a cancelling task whose worker did not confirm within cancel_grace.
 NOT_ACKNOWLEDGED: Final = "cancel not acknowledged"
 
-_Envelope = tuple[object, "asyncio.Future[object] | None"]
+#: A mailbox item: a message and the future its reply goes to (None: no reply).
+#: The future's type is the message's ``Request[R]``; the mailbox holds all kinds.
+MailboxItem = tuple[object, "asyncio.Future[Any] | None"]
 # A reply waiting for the batch's commit: (future, succeeded, value-or-exception).
-_Reply = tuple["asyncio.Future[object]", bool, object]
+_Reply = tuple["asyncio.Future[Any]", "BaseException | None", object]
 
 
 class _Deferred:
@@ -89,7 +94,7 @@ class _Runner:
     """Actor-side bookkeeping of one spawned coroutine."""
 
     task_id: str
-    done: Outcome
+    done: Outcome[Any]
     task: asyncio.Task[None] | None = None
     timeout: float | None = None
     timed_out: bool = False
@@ -111,7 +116,7 @@ class Actor:
     def __init__(
         self,
         *,
-        mailbox: asyncio.Queue[_Envelope],
+        mailbox: asyncio.Queue[MailboxItem],
         retention: Retention,
         store: Store,
         clock: Callable[[], float],
@@ -147,14 +152,14 @@ class Actor:
         self._retry_due = False
 
         self._expiry = ExpiryQueues(retention)
-        self._timers: list[tuple[float, int, int, str, asyncio.Future[object] | None]] = []
+        self._timers: list[tuple[float, int, int, str, asyncio.Future[Any] | None]] = []
         self._timer_seq = 0
         self._last_beat: dict[str, float] = {}
         self._runners: dict[str, _Runner] = {}
-        self._waiters: dict[str, set[asyncio.Future[object]]] = {}
+        self._waiters: dict[str, set[asyncio.Future[Any]]] = {}
         # The waiters that are long-polls (answered early at shutdown), and whether
         # that has happened (later polls are then answered at once).
-        self._polls: set[asyncio.Future[object]] = set()
+        self._polls: set[asyncio.Future[Any]] = set()
         self._polls_released = False
         self._task_subs: dict[str, list[Subscription]] = {}
         self._global_subs: list[Subscription] = []
@@ -169,7 +174,6 @@ class Actor:
         self._due = math.inf
         self._armed_at = math.inf
         self._wake_handle: asyncio.TimerHandle | None = None
-        self._fut: asyncio.Future[object] | None = None
         self._last_stamp = 0
         # Event ids (SSE) start at this boot's wall-clock instant in microseconds, so
         # that they stay unique and increasing across restarts: the actor emits far
@@ -187,28 +191,29 @@ class Actor:
         self._launch: list[tuple[_Runner, m.Spawn]] = []
         self._settle: list[_Runner] = []
 
-        self._handlers: dict[type, Callable[[object], object]] = {
-            m.Create: self._on_create,  # type: ignore[dict-item]
-            m.Spawn: self._on_spawn,  # type: ignore[dict-item]
-            m.Start: self._on_start,  # type: ignore[dict-item]
-            m.Progress: self._on_progress,  # type: ignore[dict-item]
-            m.Complete: self._on_complete,  # type: ignore[dict-item]
-            m.Fail: self._on_fail,  # type: ignore[dict-item]
-            m.Cancel: self._on_cancel,  # type: ignore[dict-item]
-            m.Delete: self._on_delete,  # type: ignore[dict-item]
-            m.Get: self._on_get,  # type: ignore[dict-item]
-            m.ListTasks: self._on_list,  # type: ignore[dict-item]
-            m.Wait: self._on_wait,  # type: ignore[dict-item]
-            m.Unwait: self._on_unwait,  # type: ignore[dict-item]
-            m.Subscribe: self._on_subscribe,  # type: ignore[dict-item]
-            m.Unsubscribe: self._on_unsubscribe,  # type: ignore[dict-item]
-            m.Stats: self._on_stats,  # type: ignore[dict-item]
-            m.RunnerFinished: self._on_runner_finished,  # type: ignore[dict-item]
-            m.ReleasePolls: self._on_release_polls,  # type: ignore[dict-item]
-            m.Drain: self._on_drain,  # type: ignore[dict-item]
-            m.Abandon: self._on_abandon,  # type: ignore[dict-item]
-            m.Stop: self._on_stop,  # type: ignore[dict-item]
-            m.Tick: self._on_tick,  # type: ignore[dict-item]
+        # One handler per message class; each takes its own message class (Any here:
+        # a registry cannot say "the key's type", the handlers' signatures do).
+        self._handlers: dict[type[Any], Callable[[Any], object]] = {
+            m.Create: self._on_create,
+            m.Spawn: self._on_spawn,
+            m.Start: self._on_start,
+            m.Progress: self._on_progress,
+            m.Complete: self._on_complete,
+            m.Fail: self._on_fail,
+            m.Cancel: self._on_cancel,
+            m.Delete: self._on_delete,
+            m.Get: self._on_get,
+            m.ListTasks: self._on_list,
+            m.Unwait: self._on_unwait,
+            m.Subscribe: self._on_subscribe,
+            m.Unsubscribe: self._on_unsubscribe,
+            m.Stats: self._on_stats,
+            m.RunnerFinished: self._on_runner_finished,
+            m.ReleasePolls: self._on_release_polls,
+            m.Drain: self._on_drain,
+            m.Abandon: self._on_abandon,
+            m.Stop: self._on_stop,
+            m.Tick: self._on_tick,
         }
 
     # --- loading --------------------------------------------------------------------
@@ -269,27 +274,30 @@ class Actor:
                 self._wake_handle.cancel()
             self._shut()
 
-    def _dispatch(self, msg: object, fut: asyncio.Future[object] | None) -> None:
-        self._fut = fut  # read by handlers that answer later (Wait)
+    def _dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
         if self.store_error is not None and fut is not None and type(msg) in _WRITES:
             fut.set_exception(StoreError(f"the store cannot write: {self.store_error}"))
             return
         try:
-            value = self._handlers[type(msg)](msg)
+            value: object
+            if type(msg) is m.Wait:  # answers later, on the future it is given
+                value = self._on_wait(msg, fut)
+            else:
+                value = self._handlers[type(msg)](msg)
         except (TaskdError, ValueError, TypeError) as exc:
             if fut is not None:
-                self._replies.append((fut, False, exc))
+                self._replies.append((fut, exc, None))
             else:
                 log.debug("dropped %s: %s", type(msg).__name__, exc)
         except Exception as exc:
             # A bug in one handler must not take the tracker down: answer and go on.
             log.exception("handler for %s raised", type(msg).__name__)
             if fut is not None:
-                self._replies.append((fut, False, exc))
+                self._replies.append((fut, exc, None))
         else:
             if fut is not None and value is not _DEFERRED:
                 if self._persistent:
-                    self._replies.append((fut, True, value))
+                    self._replies.append((fut, None, value))
                 elif not fut.done():
                     # Nothing to commit first: answer now, skip the reply list.
                     fut.set_result(value)
@@ -316,12 +324,12 @@ class Actor:
                         self.store_error = None
                     self._dirty.clear()
         replies, self._replies = self._replies, []
-        for fut, ok, value in replies:
+        for fut, error, value in replies:
             if not fut.done():
-                if ok:
+                if error is None:
                     fut.set_result(value)
                 else:
-                    fut.set_exception(value)  # type: ignore[arg-type]
+                    fut.set_exception(error)
         if self.store_error is not None:
             return  # what changed is not committed yet: nobody hears of it until it is
         if self._changed:
@@ -351,9 +359,9 @@ class Actor:
             return
         failed = StoreError(f"the store cannot write: {reason}")
         replies, self._replies = self._replies, []
-        for fut, ok, value in replies:
+        for fut, error, _ in replies:
             if not fut.done():
-                fut.set_exception(failed if ok else value)  # type: ignore[arg-type]
+                fut.set_exception(failed if error is None else error)
         # Spawns of this batch were refused to their callers: they never run.
         launch, self._launch = self._launch, []
         for runner, msg in launch:
@@ -463,7 +471,7 @@ class Actor:
             self._mailbox.put_nowait((_TICK, None))
 
     def _push_timer(
-        self, when: float, kind: int, task_id: str, fut: asyncio.Future[object] | None = None
+        self, when: float, kind: int, task_id: str, fut: asyncio.Future[Any] | None = None
     ) -> None:
         self._timer_seq += 1
         heapq.heappush(self._timers, (when, self._timer_seq, kind, task_id, fut))
@@ -492,7 +500,7 @@ class Actor:
                     waiters.discard(fut)
                 self._polls.discard(fut)
                 if not fut.done():
-                    self._replies.append((fut, True, (rec, False)))
+                    self._replies.append((fut, None, (rec, False)))
             elif rec is None or rec.status in TERMINAL:
                 continue
             elif kind == _HEARTBEAT:
@@ -881,16 +889,17 @@ class Actor:
             return reversed(self._records.keys())
         return _merge_desc(list(self._by_status.values()), before)
 
-    def _on_wait(self, msg: m.Wait) -> object:
+    def _on_wait(
+        self, msg: m.Wait, fut: asyncio.Future[Any] | None
+    ) -> tuple[TaskRecord | None, bool] | _Deferred:
         rec = self._visible(msg.task_id, msg.owner)
         if (
             rec.status in TERMINAL
             or msg.timeout == 0
-            or self._fut is None
+            or fut is None
             or (msg.poll and self._polls_released)
         ):
             return (rec, rec.status in TERMINAL)
-        fut = self._fut
         if msg.poll:
             self._polls.add(fut)
         waiters = self._waiters.get(rec.task_id)
@@ -908,7 +917,7 @@ class Actor:
             for fut in waiters & polls:
                 waiters.discard(fut)
                 if not fut.done():
-                    self._replies.append((fut, True, (self._records.get(task_id), False)))
+                    self._replies.append((fut, None, (self._records.get(task_id), False)))
             if not waiters:
                 del self._waiters[task_id]
         return len(polls)
@@ -966,7 +975,7 @@ class Actor:
             if not subs:
                 del self._task_subs[sub.task_id]
 
-    def _on_stats(self, msg: m.Stats) -> dict[str, object]:
+    def _on_stats(self, msg: m.Stats) -> TrackerStats:
         return {
             "counts": {k: v for k, v in self._counts.items() if v},
             "records": len(self._records),

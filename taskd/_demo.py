@@ -8,7 +8,7 @@ import asyncio
 import contextlib
 import random
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 from ._errors import TaskConflict, TaskdError
 from ._models import JSON
@@ -53,7 +53,7 @@ async def _job(kind: str, rng: random.Random) -> dict[str, JSON]:
 async def run_demo(tracker: Tracker, *, interval: float = 0.8, seed: int | None = None) -> None:
     """Spawn simulated jobs until cancelled; every so often cancel a running one."""
     rng = random.Random(seed)
-    running: list[TaskHandle] = []
+    running: list[TaskHandle[Any]] = []
     n = 0
     while True:
         n += 1

@@ -1,8 +1,10 @@
 """The commands the tracker handle sends to the actor: one frozen dataclass each.
 
-Each travels in the mailbox together with the future its reply goes to (``None`` for
-fire-and-forget messages such as runner reports). That pairing is private to the
-handle and the actor; callers never see the queue.
+A command that is answered derives from ``Request[R]``, ``R`` being the type of its
+reply, so ``Tracker._call(msg)`` is typed by the message it sends. Each travels in
+the mailbox together with the future its reply goes to (``None`` for
+fire-and-forget messages such as runner reports); that pairing — the mailbox
+*item* — is private to the handle and the actor, and callers never see the queue.
 """
 
 from __future__ import annotations
@@ -11,19 +13,31 @@ import asyncio
 import contextvars
 from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._models import JSON, OwnerScope, RawJSON, TaskStatus
+from ._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
+    # Page and TrackerStats name replies in the quoted Request[...] bases below.
+    from ._actor import Page  # noqa: F401
     from ._runner import Outcome
+    from ._tracker import TrackerStats  # noqa: F401
     from ._watch import Subscription
+
+R = TypeVar("R", covariant=True)
+
+
+class Request(Generic[R]):
+    """A command answered with an ``R`` on its reply future."""
+
+    __slots__ = ()
+
 
 # --- commands from callers (each answered on its reply future) ---------------------
 
 
 @dataclass(frozen=True, slots=True)
-class Create:
+class Create(Request[TaskRecord]):
     task_type: str
     resource_id: str | None
     metadata: Mapping[str, JSON]
@@ -33,8 +47,8 @@ class Create:
 
 
 @dataclass(frozen=True, slots=True)
-class Spawn:
-    coro: Coroutine[object, object, object]
+class Spawn(Request[TaskRecord]):
+    coro: Coroutine[Any, Any, Any]
     task_type: str
     resource_id: str | None
     metadata: Mapping[str, JSON]
@@ -44,17 +58,17 @@ class Spawn:
     #: The caller's context, so the runner sees the caller's context variables.
     context: contextvars.Context
     #: Set to the coroutine's outcome once the terminal record is committed.
-    done: Outcome
+    done: Outcome[Any]
 
 
 @dataclass(frozen=True, slots=True)
-class Start:
+class Start(Request[TaskRecord]):
     task_id: str
     owner: OwnerScope
 
 
 @dataclass(frozen=True, slots=True)
-class Progress:
+class Progress(Request[TaskRecord]):
     task_id: str
     progress: float | None
     message: str | None
@@ -62,40 +76,40 @@ class Progress:
 
 
 @dataclass(frozen=True, slots=True)
-class Complete:
+class Complete(Request[TaskRecord]):
     task_id: str
     result: JSON | RawJSON
     owner: OwnerScope
 
 
 @dataclass(frozen=True, slots=True)
-class Fail:
+class Fail(Request[TaskRecord]):
     task_id: str
     error: str
     owner: OwnerScope
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel:
+class Cancel(Request[TaskRecord]):
     task_id: str
     reason: str
     owner: OwnerScope
 
 
 @dataclass(frozen=True, slots=True)
-class Delete:
+class Delete(Request[None]):
     task_id: str
     owner: OwnerScope
 
 
 @dataclass(frozen=True, slots=True)
-class Get:
+class Get(Request["TaskRecord | None"]):
     task_id: str
     owner: OwnerScope
 
 
 @dataclass(frozen=True, slots=True)
-class ListTasks:
+class ListTasks(Request["Page"]):
     statuses: frozenset[TaskStatus] | None
     task_type: str | None
     resource_id: str | None
@@ -106,7 +120,7 @@ class ListTasks:
 
 
 @dataclass(frozen=True, slots=True)
-class Wait:
+class Wait(Request["tuple[TaskRecord | None, bool]"]):
     """Answered when the task is terminal, or with its latest record at the deadline."""
 
     task_id: str
@@ -118,7 +132,7 @@ class Wait:
 
 
 @dataclass(frozen=True, slots=True)
-class Subscribe:
+class Subscribe(Request["TaskRecord | None"]):
     """Register a subscription; the reply is the task's current record (or None)."""
 
     subscription: Subscription
@@ -130,7 +144,7 @@ class Unsubscribe:
 
 
 @dataclass(frozen=True, slots=True)
-class Stats:
+class Stats(Request["TrackerStats"]):
     """Counts for metrics: records by status and type, mailbox depth, commands."""
 
 
@@ -153,18 +167,18 @@ class RunnerFinished:
 
 
 @dataclass(frozen=True, slots=True)
-class ReleasePolls:
+class ReleasePolls(Request[int]):
     """Shutdown step 0: answer every pending long-poll with its latest record now, and
     every later one at once, so that a server need not wait for them to time out."""
 
 
 @dataclass(frozen=True, slots=True)
-class Drain:
+class Drain(Request["dict[str, asyncio.Task[None]]"]):
     """Shutdown step 1: stop taking commands; the reply lists the live runners."""
 
 
 @dataclass(frozen=True, slots=True)
-class Abandon:
+class Abandon(Request[None]):
     """Shutdown step 2: record runners that ignored cancellation as cancelled."""
 
     task_ids: tuple[str, ...]
@@ -172,7 +186,7 @@ class Abandon:
 
 
 @dataclass(frozen=True, slots=True)
-class Stop:
+class Stop(Request[None]):
     """Shutdown step 3: commit, fail what still waits, and leave the loop."""
 
 
@@ -181,7 +195,7 @@ class Unwait:
     """A waiter gave up (its caller was cancelled): forget its future."""
 
     task_id: str
-    fut: asyncio.Future[object]
+    fut: asyncio.Future[Any]
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,7 +10,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -25,10 +25,9 @@ __all__ = [
     "TaskStatus",
 ]
 
-#: A JSON value as Python holds it after ``json.loads``.
-JSON: TypeAlias = (
-    bool | int | float | str | list["JSON"] | dict[str, "JSON"] | Mapping[str, "JSON"] | None
-)
+#: A JSON value: what ``json.loads`` gives, and what taskd accepts (any sequence or
+#: mapping of JSON values, so that ``dict[str, list[int]]`` type-checks).
+JSON: TypeAlias = bool | int | float | str | Sequence["JSON"] | Mapping[str, "JSON"] | None
 
 MAX_METADATA_BYTES = 16 * 1024
 MAX_MESSAGE_CHARS = 1024

@@ -1,9 +1,10 @@
 """Running a spawned coroutine: its runner task and ``report_progress``.
 
-The runner is the asyncio task that awaits a spawned coroutine. It tells the actor
-when the coroutine starts and, through a done callback, how it ended; the done
-callback is the one exit path, so even a runner cancelled before its first step
-reports back (and closes the never-started coroutine, which would otherwise warn).
+The runner is the asyncio task that awaits a spawned coroutine (its record is
+``running`` from creation). It reports how the coroutine ended itself, from the
+runner's body; a done callback covers the one case the body cannot, a runner
+cancelled before its first step: it closes the never-started coroutine (which would
+otherwise warn "never awaited") and reports the cancellation.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import asyncio
 import contextlib
 import contextvars
 from collections.abc import Callable, Coroutine, Generator
+from typing import Any, Generic, TypeVar, cast
 
 from ._errors import TrackerClosed
 from ._messages import Progress, RunnerFinished
@@ -22,6 +24,7 @@ __all__ = ["Outcome", "report_progress"]
 
 #: Posts a fire-and-forget message to the actor; raises TrackerClosed once it stopped.
 Post = Callable[[object], None]
+T = TypeVar("T")
 
 
 # (post, task_id) of the spawned task whose runner this context belongs to.
@@ -45,7 +48,7 @@ def report_progress(fraction: float | None, message: str | None = None) -> None:
     post(Progress(task_id, progress, text, ANY_OWNER))
 
 
-class Outcome:
+class Outcome(Generic[T]):
     """How a spawned coroutine ended: set once by the actor, awaited by anyone.
 
     Each awaiter waits on a future of its own, so cancelling one awaiter never
@@ -57,7 +60,7 @@ class Outcome:
 
     def __init__(self) -> None:
         self._status: TaskStatus | None = None
-        self._value: object = None
+        self._value: T | None = None
         self._exc: BaseException | None = None
         self._waiters: list[asyncio.Future[None]] = []
 
@@ -65,7 +68,7 @@ class Outcome:
         """Whether the outcome is known."""
         return self._status is not None
 
-    def set(self, status: TaskStatus, value: object, exc: BaseException | None) -> None:
+    def set(self, status: TaskStatus, value: Any, exc: BaseException | None) -> None:
         """Record the outcome (actor only, after the terminal record is committed)."""
         if self._status is not None:
             return
@@ -75,7 +78,7 @@ class Outcome:
                 waiter.set_result(None)
         self._waiters.clear()
 
-    def __await__(self) -> Generator[object, None, object]:
+    def __await__(self) -> Generator[Any, None, T]:
         if self._status is None:
             waiter = asyncio.get_running_loop().create_future()
             self._waiters.append(waiter)
@@ -85,15 +88,13 @@ class Outcome:
                 if not waiter.done() and waiter in self._waiters:
                     self._waiters.remove(waiter)
         if self._status is TaskStatus.COMPLETED:
-            return self._value
+            return cast(T, self._value)
         if self._exc is not None:
             raise self._exc
         raise asyncio.CancelledError()
 
 
-async def _run(
-    post: Post, task_id: str, coro: Coroutine[object, object, object], ended: list[bool]
-) -> None:
+async def _run(post: Post, task_id: str, coro: Coroutine[Any, Any, Any], ended: list[bool]) -> None:
     try:
         value = await coro
     except asyncio.CancelledError:
@@ -118,7 +119,7 @@ async def _run(
 def start_runner(
     post: Post,
     task_id: str,
-    coro: Coroutine[object, object, object],
+    coro: Coroutine[Any, Any, Any],
     context: contextvars.Context,
 ) -> asyncio.Task[None]:
     """Start the runner task of a spawned coroutine in the caller's context.

@@ -25,7 +25,7 @@ import sqlite3
 from collections.abc import Collection, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Final
+from typing import Any, Final
 
 from ._errors import StoreError
 from ._models import DEFAULT_SPEC, JSON, RAW_RESULT_CHARS, RawJSON, TaskRecord, TaskSpec, TaskStatus
@@ -84,7 +84,8 @@ def _encode(rec: TaskRecord) -> _Row:
     )
 
 
-def _decode(row: Sequence[object]) -> TaskRecord:
+def _decode(row: Sequence[Any]) -> TaskRecord:
+    # A row is what sqlite3 gives: typed by the schema, not by Python.
     (
         task_id,
         task_type,
@@ -109,24 +110,24 @@ def _decode(row: Sequence[object]) -> TaskRecord:
     if meta or owner is not None or in_process or callback_url is not None or heartbeat_timeout:
         spec = TaskSpec(
             MappingProxyType(meta) if meta else DEFAULT_SPEC.metadata,
-            owner,  # type: ignore[arg-type]
+            owner,
             bool(in_process),
-            callback_url,  # type: ignore[arg-type]
-            heartbeat_timeout,  # type: ignore[arg-type]
+            callback_url,
+            heartbeat_timeout,
         )
     return TaskRecord(
-        task_id,  # type: ignore[arg-type]
-        task_type,  # type: ignore[arg-type]
+        task_id,
+        task_type,
         TaskStatus(str(status)),
-        resource_id,  # type: ignore[arg-type]
-        created_at,  # type: ignore[arg-type]
-        updated_at,  # type: ignore[arg-type]
-        started_at,  # type: ignore[arg-type]
-        finished_at,  # type: ignore[arg-type]
-        progress,  # type: ignore[arg-type]
-        message,  # type: ignore[arg-type]
+        resource_id,
+        created_at,
+        updated_at,
+        started_at,
+        finished_at,
+        progress,
+        message,
         _result_value(result),
-        error,  # type: ignore[arg-type]
+        error,
         spec,
     )
 

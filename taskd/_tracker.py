@@ -14,10 +14,10 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, TypeVar
+from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from . import _messages as m
-from ._actor import Actor, Page
+from ._actor import Actor, MailboxItem, Page
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -46,11 +46,28 @@ __all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState"]
 
 log = logging.getLogger("taskd")
 T = TypeVar("T")
+R = TypeVar("R")
 
 MAX_LIMIT: Final = 200
 # After close_timeout, runners are cancelled; this is how long they get to unwind
 # before they are recorded cancelled anyway and left behind (with a log line).
 CANCEL_GRACE: Final = 1.0
+
+
+class TrackerStats(TypedDict, total=False):
+    """What ``Tracker.stats()`` reports (the webhook counters only with webhooks)."""
+
+    #: Records held, by (task_type, status).
+    counts: dict[tuple[str, TaskStatus], int]
+    records: int
+    active: int
+    mailbox_depth: int
+    commands: int
+    runners: int
+    subscriptions: int
+    waiters: int
+    webhooks_delivered: int
+    webhooks_failed: int
 
 
 class TrackerState(enum.Enum):
@@ -69,8 +86,9 @@ class TrackerState(enum.Enum):
 TaskPage = Page
 
 
-class TaskHandle:
-    """What ``spawn`` returns: the task's id, and awaitable for the coroutine's outcome.
+class TaskHandle(Generic[T]):
+    """What ``spawn`` returns: the task's id, and awaitable for the coroutine's outcome
+    (``await handle`` is the coroutine's return value, typed as the coroutine's).
 
     ``await handle`` gives the return value, or re-raises the coroutine's exception
     (``TimeoutError`` if its ``timeout`` ran out, ``CancelledError`` if cancelled),
@@ -79,7 +97,7 @@ class TaskHandle:
 
     __slots__ = ("_done", "_tracker", "record")
 
-    def __init__(self, tracker: Tracker, record: TaskRecord, done: Outcome):
+    def __init__(self, tracker: Tracker, record: TaskRecord, done: Outcome[T]):
         self._tracker = tracker
         self._done = done
         #: The record as it was created (``running``: a spawned task runs from the start).
@@ -98,7 +116,7 @@ class TaskHandle:
         """Ask the tracker to cancel this task (see ``Tracker.cancel``)."""
         return await self._tracker.cancel(self.task_id, reason=reason)
 
-    def __await__(self) -> Generator[object, None, object]:
+    def __await__(self) -> Generator[Any, None, T]:
         return self._done.__await__()
 
     def __repr__(self) -> str:
@@ -129,9 +147,14 @@ def _check_id(task_id: object) -> str:
     return task_id
 
 
-def _check_owner(owner: object, *, allow_any: bool = True) -> OwnerScope:
-    if owner is ANY_OWNER and allow_any:
+def _check_owner(owner: object) -> OwnerScope:
+    if owner is ANY_OWNER:
         return ANY_OWNER
+    return _check_new_owner(owner)
+
+
+def _check_new_owner(owner: object) -> str | None:
+    """The owner of a new task: a str or None (not ANY_OWNER)."""
     if owner is not None and not isinstance(owner, str):
         raise TypeError(f"owner must be a str or None, not {type(owner).__name__}")
     return owner
@@ -182,7 +205,7 @@ class Tracker:
         self._sender: WebhookSender | None = None
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
-        self._mailbox: asyncio.Queue[tuple[object, asyncio.Future[object] | None]] = asyncio.Queue()
+        self._mailbox: asyncio.Queue[MailboxItem] = asyncio.Queue()
         self._actor = Actor(
             mailbox=self._mailbox,
             retention=retention,
@@ -258,7 +281,6 @@ class Tracker:
             runners = await self._send(m.Drain())
         except TrackerClosed:
             runners = {}
-        assert isinstance(runners, dict)
         if runners:
             timeout = self._options.close_timeout
             if timeout > 0:
@@ -287,7 +309,8 @@ class Tracker:
         try:
             await self._actor_task
         except asyncio.CancelledError:
-            if asyncio.current_task() is not None and asyncio.current_task().cancelling():  # type: ignore[union-attr]
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
                 raise
         except Exception:
             log.exception("the actor had died")
@@ -297,7 +320,7 @@ class Tracker:
 
     # --- sending --------------------------------------------------------------------
 
-    def _call(self, msg: object) -> asyncio.Future[object]:
+    def _call(self, msg: m.Request[R]) -> asyncio.Future[R]:
         """Send a command if the tracker is open; the future gets the actor's reply.
 
         Deliberately not a coroutine: callers await the future directly, which saves a
@@ -307,10 +330,10 @@ class Tracker:
             raise TrackerClosed(f"the tracker is {self.state.value}; it takes no commands")
         return self._send(msg)
 
-    def _send(self, msg: object) -> asyncio.Future[object]:
+    def _send(self, msg: m.Request[R]) -> asyncio.Future[R]:
         if self._actor.closed:
             raise TrackerClosed("the tracker is closed")
-        fut: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._mailbox.put_nowait((msg, fut))
         return fut
 
@@ -332,7 +355,7 @@ class Tracker:
 
     async def spawn(
         self,
-        coro: Coroutine[object, object, T],
+        coro: Coroutine[Any, Any, T],
         *,
         task_type: str,
         resource_id: str | None = None,
@@ -340,7 +363,7 @@ class Tracker:
         owner: str | None = None,
         timeout: float | None = None,
         callback_url: str | None = None,
-    ) -> TaskHandle:
+    ) -> TaskHandle[T]:
         """Track and run ``coro`` in the background; returns its handle at once.
 
         The record is ``running`` once the coroutine starts, then ``completed`` with
@@ -353,24 +376,24 @@ class Tracker:
         try:
             if not inspect.iscoroutine(coro):
                 raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
+            done: Outcome[T] = Outcome()
             msg = m.Spawn(
                 coro,
                 check_task_type(task_type),
                 check_resource_id(resource_id),
                 check_metadata(metadata),
-                _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
+                _check_new_owner(owner),
                 self._check_callback(callback_url),
                 check_seconds(timeout, "timeout"),
                 contextvars.copy_context(),
-                Outcome(),
+                done,
             )
             rec = await self._call(msg)
         except BaseException:
             if inspect.iscoroutine(coro):
                 coro.close()  # it will never run; closing it avoids a "never awaited" warning
             raise
-        assert isinstance(rec, TaskRecord)
-        return TaskHandle(self, rec, msg.done)
+        return TaskHandle(self, rec, done)
 
     async def create(
         self,
@@ -391,17 +414,17 @@ class Tracker:
             check_task_type(task_type),
             check_resource_id(resource_id),
             check_metadata(metadata),
-            _check_owner(owner, allow_any=False),  # type: ignore[arg-type]
+            _check_new_owner(owner),
             self._check_callback(callback_url),
             check_seconds(heartbeat_timeout, "heartbeat_timeout"),
         )
-        return _as_record(await self._call(msg))
+        return await self._call(msg)
 
     # --- changing -------------------------------------------------------------------
 
     async def start(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord:
         """Mark an external task ``running`` (from ``pending``)."""
-        return _as_record(await self._call(m.Start(_check_id(task_id), _check_owner(owner))))
+        return await self._call(m.Start(_check_id(task_id), _check_owner(owner)))
 
     async def progress(
         self,
@@ -413,14 +436,12 @@ class Tracker:
     ) -> TaskRecord:
         """Report progress (0.0–1.0) and/or a stage message. The returned record's
         status is ``cancelling`` when cancellation has been requested."""
-        return _as_record(
-            await self._call(
-                m.Progress(
-                    _check_id(task_id),
-                    check_progress(progress),
-                    check_message(message),
-                    _check_owner(owner),
-                )
+        return await self._call(
+            m.Progress(
+                _check_id(task_id),
+                check_progress(progress),
+                check_message(message),
+                _check_owner(owner),
             )
         )
 
@@ -428,18 +449,16 @@ class Tracker:
         self, task_id: str, result: JSON = None, *, owner: OwnerScope = ANY_OWNER
     ) -> TaskRecord:
         """Mark a running (or cancelling) external task ``completed`` with ``result``."""
-        return _as_record(
-            await self._call(
-                m.Complete(_check_id(task_id), store_json(result, "result"), _check_owner(owner))
-            )
+        return await self._call(
+            m.Complete(_check_id(task_id), store_json(result, "result"), _check_owner(owner))
         )
 
     async def fail(
         self, task_id: str, error: str | BaseException, *, owner: OwnerScope = ANY_OWNER
     ) -> TaskRecord:
         """Mark an active external task ``failed``; ``error`` is redacted and truncated."""
-        return _as_record(
-            await self._call(m.Fail(_check_id(task_id), redact_error(error), _check_owner(owner)))
+        return await self._call(
+            m.Fail(_check_id(task_id), redact_error(error), _check_owner(owner))
         )
 
     async def cancel(
@@ -449,10 +468,8 @@ class Tracker:
         cancelled (``cancelling`` until it unwinds); a running external task becomes
         ``cancelling`` until its worker confirms with another ``cancel`` or finishes.
         Raises ``InvalidTransition`` on a terminal task."""
-        return _as_record(
-            await self._call(
-                m.Cancel(_check_id(task_id), redact_error(reason), _check_owner(owner))
-            )
+        return await self._call(
+            m.Cancel(_check_id(task_id), redact_error(reason), _check_owner(owner))
         )
 
     async def delete(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> None:
@@ -468,7 +485,7 @@ class Tracker:
             _check_id(task_id)
         if owner is not ANY_OWNER:
             owner = _check_owner(owner)
-        return await self._call(m.Get(task_id, owner))  # type: ignore[return-value]
+        return await self._call(m.Get(task_id, owner))
 
     async def list(
         self,
@@ -513,9 +530,7 @@ class Tracker:
             limit,
             cursor,
         )
-        page = await self._call(msg)
-        assert isinstance(page, Page)
-        return page
+        return await self._call(msg)
 
     async def wait(
         self, task_id: str, timeout: float | None = None, *, owner: OwnerScope = ANY_OWNER
@@ -554,7 +569,6 @@ class Tracker:
             if not self._actor.closed:
                 self._mailbox.put_nowait((m.Unwait(tid, fut), None))
             raise
-        assert isinstance(reply, tuple)
         rec: TaskRecord | None = reply[0]
         terminal: bool = reply[1]
         if rec is None:
@@ -567,7 +581,7 @@ class Tracker:
         """Yield the task's current record, then each change; ends after the terminal one."""
         sub = Subscription(task_id=_check_id(task_id), owner=_check_owner(owner))
         current = await self._call(m.Subscribe(sub))
-        assert isinstance(current, TaskRecord)
+        assert current is not None  # a per-task subscription answers with its record
         try:
             yield current
             while (item := await sub.next()) is not None:
@@ -594,16 +608,10 @@ class Tracker:
             return f"the tracker is {self.state.value}"
         return self._actor.store_error
 
-    async def stats(self) -> dict[str, object]:
+    async def stats(self) -> TrackerStats:
         """Counters for metrics: records by (task_type, status), mailbox depth, commands."""
-        stats = await self._call(m.Stats())
-        assert isinstance(stats, dict)
+        stats: TrackerStats = await self._call(m.Stats())
         if self._sender is not None:
             stats["webhooks_delivered"] = self._sender.delivered
             stats["webhooks_failed"] = self._sender.failed
         return stats
-
-
-def _as_record(reply: object) -> TaskRecord:
-    assert isinstance(reply, TaskRecord)
-    return reply

@@ -24,7 +24,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
-from typing import Final, TypeVar
+from typing import Any, Final, TypeVar
 from urllib.parse import urlencode
 
 from aiohttp import web
@@ -1044,14 +1044,14 @@ async def _metrics_handler(request: web.Request) -> web.Response:
 
 async def spawn(
     request: web.Request,
-    coro: Coroutine[object, object, T],
+    coro: Coroutine[Any, Any, T],
     *,
     task_type: str,
     resource_id: str | None = None,
     metadata: Mapping[str, JSON] | None = None,
     timeout: float | None = None,
     callback_url: str | None = None,
-) -> TaskHandle:
+) -> TaskHandle[T]:
     """``Tracker.spawn`` for a request handler: the task belongs to the request's owner.
 
     ``TaskConflict`` and other taskd errors raised here are answered with the error
@@ -1076,7 +1076,7 @@ async def spawn(
 
 def accepted(
     request: web.Request,
-    task: TaskHandle | TaskRecord,
+    task: TaskHandle[Any] | TaskRecord,
     result: Mapping[str, JSON] | None = None,
 ) -> web.Response:
     """``202 Accepted`` with ``Location`` (the task's URL) and the success envelope.

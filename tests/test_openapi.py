@@ -23,7 +23,7 @@ API = "/api/v1"
 def test_document_is_valid_openapi_31(auth: bool) -> None:
     doc = _openapi.document(prefix=API, auth=auth)
     assert doc["openapi"] == "3.1.0"
-    validate(doc)  # type: ignore[arg-type]
+    validate(doc)
 
 
 def test_document_declares_exactly_the_served_routes() -> None:

@@ -20,6 +20,7 @@ import taskd
 import taskd.web
 from taskd.client import TaskdClient
 
+from .conftest import eventually
 from .service import cli
 
 Client = TestClient[web.Request, web.Application]
@@ -40,7 +41,7 @@ async def create(client: Client, **fields: Any) -> dict[str, Any]:
     fields.setdefault("task_type", "job")
     resp = await client.post(f"{API}/tasks", json=fields)
     assert resp.status == 201, await resp.text()
-    return (await resp.json())["result"]  # type: ignore[no-any-return]
+    return (await resp.json())["result"]
 
 
 async def collect(
@@ -54,6 +55,16 @@ async def collect(
     return out
 
 
+async def subscribed(client: Client, n: int) -> None:
+    """Wait until ``n`` event streams are registered with the actor (its stats)."""
+    tracker = taskd.web.get_tracker(client.app)
+
+    async def ready() -> bool:
+        return (await tracker.stats())["subscriptions"] == n
+
+    await eventually(ready)
+
+
 # --- per-task stream -------------------------------------------------------------
 
 
@@ -61,7 +72,7 @@ async def test_task_stream_sends_current_state_then_changes_and_ends(app_client:
     tid = (await create(app_client))["task_id"]
     async with TaskdClient(base_url(app_client)) as c:
         reader = asyncio.ensure_future(collect(c.events(tid)))
-        await asyncio.sleep(0.2)
+        await subscribed(app_client, 1)
         await app_client.post(f"{API}/tasks/{tid}/start")
         await app_client.post(f"{API}/tasks/{tid}/progress", json={"progress": 0.5})
         await app_client.post(f"{API}/tasks/{tid}/complete", json={"result": 7})
@@ -108,7 +119,7 @@ async def test_last_event_id_resumes_missed_changes(app_client: Client) -> None:
     async with TaskdClient(base_url(app_client)) as c:
         stream = c.events()
         reader = asyncio.ensure_future(collect(stream, 2))
-        await asyncio.sleep(0.2)
+        await subscribed(app_client, 1)
         a = (await create(app_client))["task_id"]
         await app_client.post(f"{API}/tasks/{a}/start")
         await asyncio.wait_for(reader, 5)
@@ -131,7 +142,7 @@ async def test_global_stream_filters(app_client: Client) -> None:
     async with TaskdClient(base_url(app_client)) as c:
         failed = asyncio.ensure_future(collect(c.events(status="failed"), 1))
         typed = asyncio.ensure_future(collect(c.events(task_type="wanted"), 2))
-        await asyncio.sleep(0.2)
+        await subscribed(app_client, 2)
         x = (await create(app_client, task_type="other"))["task_id"]
         await app_client.post(f"{API}/tasks/{x}/start")
         await app_client.post(f"{API}/tasks/{x}/fail", json={"error": "password=hunter2"})
@@ -155,7 +166,7 @@ async def test_global_stream_is_owner_scoped(
     client = await aiohttp_client(app)
     async with TaskdClient(base_url(client), token="tok-b") as bob:
         seen = asyncio.ensure_future(collect(bob.events(), 1))
-        await asyncio.sleep(0.2)
+        await subscribed(client, 1)
         for token in ("tok-a", "tok-b"):
             resp = await client.post(
                 f"{API}/tasks",
@@ -174,12 +185,12 @@ async def test_stuck_subscriber_does_not_slow_another(app_client: Client) -> Non
     stuck = socket.socket()
     stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.connect((host, port))
-    stuck.sendall(f"GET {API}/events HTTP/1.1\r\nHost: x\r\n\r\n".encode())  # never reads
+    stuck.sendall(f"GET {API}/events HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())  # never reads
     n = 600
     try:
         async with TaskdClient(base_url(app_client)) as c:
             reader = asyncio.ensure_future(collect(c.events(), n))
-            await asyncio.sleep(0.3)
+            await subscribed(app_client, 2)  # the stuck one and this one
             tracker = taskd.web.get_tracker(app_client.app)
             started = time.monotonic()
             for i in range(n // 3):

@@ -46,7 +46,7 @@ def create(url: str, **fields: Any) -> dict[str, Any]:
     fields.setdefault("task_type", "job")
     status, body = http("POST", url + API + "/tasks", fields)
     assert status == 201, body
-    return body["result"]  # type: ignore[no-any-return]
+    return body["result"]
 
 
 # --- serve -----------------------------------------------------------------------

@@ -46,7 +46,7 @@ async def test_http_load_with_invariants(tmp_path: Path) -> None:
             tid = rng.choice(mine)
             if op < 0.55:
                 step = rng.choice(["start", "progress", "complete", "fail", "cancel"])
-                payload: dict[str, Any] | None = {
+                payload: Any = {
                     "progress": {"progress": rng.random(), "message": "step"},
                     "complete": {"result": {"n": n}},
                     "fail": {"error": "token=secret-value broke"},

@@ -1,10 +1,10 @@
-"""bench/http.py: GET /api/v1/tasks/{id} on create_app vs a bare aiohttp handler.
+"""bench/http_get.py: GET /api/v1/tasks/{id} on create_app vs a bare aiohttp handler.
 
 Both servers answer the same bytes; the same load generator (wrk, 32 connections)
 hits each in turn, alternating, one server process each. Prints requests/s, p50 and
 p99 latency of both and the throughput ratio (goal >= 0.9x).
 
-Run: python bench/http.py [--rounds 3] [--duration 5]
+Run: python bench/http_get.py [--rounds 3] [--duration 5]
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import sys
 
 # This file is named http.py (as the issue asks): drop its folder from the import
 # path so that the standard library's http package is the one imported.
-if sys.path and sys.path[0].rstrip("/").endswith("bench"):
-    sys.path.pop(0)
 
 import argparse
 import json
