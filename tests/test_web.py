@@ -464,7 +464,10 @@ async def test_responses_are_rendered_once_per_record(client: Client) -> None:
     tid = (await create(client))["task_id"]
     a = await (await client.get(f"{API}/tasks/{tid}")).read()
     assert json.loads(a)["result"]["task_id"] == tid
-    state = taskd.web._state_of(client.app)
+    # private on purpose: the render cache has no public face
+    from taskd.web._state import _state_of
+
+    state = _state_of(client.app)
     rec = await taskd.web.get_tracker(client.app).get(tid)
     assert rec is not None
     assert state.render(rec) is state.render(rec)  # cached: the very same bytes object

@@ -1,0 +1,293 @@
+"""Wiring: ``setup``, ``create_app``, ``bearer_auth``, and the helpers for an
+application's own handlers (``spawn``, ``accepted``)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import AsyncIterator, Coroutine, Mapping
+from typing import Any, TypedDict, TypeVar, Unpack
+
+from aiohttp import web
+
+from .._models import (
+    JSON,
+    TaskRecord,
+    check_seconds,
+)
+from .._retention import Retention
+from .._store import Store
+from .._tracker import TaskHandle, Tracker
+from .._webhooks import Webhooks
+from ._errors import _make_middleware
+from ._guard import BrowserGuard
+from ._handlers import _dashboard_handler, _Handlers, _health, _metrics_handler, _ok
+from ._state import (
+    _ROUTE_LIST,
+    _STATE,
+    MAX_BODY,
+    MAX_WAIT,
+    AuthCallback,
+    _owner,
+    _State,
+    _state_of,
+)
+
+log = logging.getLogger("taskd.web")
+T = TypeVar("T")
+
+# --- wiring -----------------------------------------------------------------------------
+
+
+def _check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str):
+        raise TypeError("prefix must be a str")
+    if prefix and (not prefix.startswith("/") or prefix.endswith("/")):
+        raise ValueError("prefix must start with '/' and not end with '/' (or be empty)")
+    return prefix
+
+
+class Options(TypedDict, total=False):
+    """The options ``setup`` and ``create_app`` share, all keyword-only (the table in
+    docs/embedding.md gives each one's default and meaning)."""
+
+    retention: Retention | None
+    store: Store | None
+    close_timeout: float
+    cancel_grace: float
+    prefix: str
+    auth: AuthCallback | None
+    max_wait: float
+    webhooks: Webhooks | None
+    sse_ping_interval: float
+
+
+class SetupOptions(Options, total=False):
+    """``setup``'s options: the shared ones, and where to serve the dashboard."""
+
+    dashboard: bool | str
+
+
+class ServeOptions(Options, total=False):
+    """``create_app``'s options: the shared ones, and the standalone server's."""
+
+    client_max_size: int
+    demo: bool
+    guard: BrowserGuard | None
+
+
+def _check_keys(options: Mapping[str, object], allowed: type, where: str) -> None:
+    unknown = set(options) - set(allowed.__annotations__) - set(Options.__annotations__)
+    if unknown:
+        raise TypeError(f"{where}() got unexpected option(s): {', '.join(sorted(unknown))}")
+
+
+def setup(app: web.Application, **options: Unpack[SetupOptions]) -> Tracker:
+    """Install a tracker on ``app`` and register the task routes under ``prefix``.
+
+    The tracker is opened and closed by a ``cleanup_ctx``: on cleanup it stops taking
+    commands, gives running spawned tasks ``close_timeout`` seconds, then cancels them
+    and records them cancelled. ``auth(request)`` returns the caller's owner or raises
+    ``web.HTTPUnauthorized``; each caller sees only its own tasks. ``max_wait`` caps
+    the long-poll ``?wait=`` (60 seconds, the most allowed). ``webhooks`` turns on
+    signed callbacks; ``sse_ping_interval`` paces event-stream keep-alives;
+    ``dashboard=True`` serves the dashboard page at ``/dashboard`` (or at the path
+    given as a string). See ``Options``.
+    """
+    _check_keys(options, SetupOptions, "setup")
+    return _setup(app, options, options.get("dashboard", False), metrics=False)
+
+
+def _setup(
+    app: web.Application, options: Options, dashboard: bool | str, *, metrics: bool
+) -> Tracker:
+    retention = options.get("retention")
+    store = options.get("store")
+    close_timeout = options.get("close_timeout", 5.0)
+    cancel_grace = options.get("cancel_grace", 60.0)
+    prefix = options.get("prefix", "/api/v1")
+    auth = options.get("auth")
+    max_wait = options.get("max_wait", MAX_WAIT)
+    webhooks = options.get("webhooks")
+    sse_ping_interval = options.get("sse_ping_interval", 15.0)
+    if not isinstance(app, web.Application):
+        raise TypeError(f"setup() needs an aiohttp web.Application, not {type(app).__name__}")
+    if _STATE in app:
+        raise RuntimeError("taskd.web.setup() was already called on this application")
+    if auth is not None and not callable(auth):
+        raise TypeError("auth must be callable")
+    wait_cap = check_seconds(max_wait, "max_wait")
+    ping = check_seconds(sse_ping_interval, "sse_ping_interval")
+    if wait_cap is None or ping is None:
+        raise TypeError("max_wait and sse_ping_interval must be numbers of seconds")
+    if wait_cap > MAX_WAIT:
+        raise ValueError(f"max_wait must be <= {MAX_WAIT:g}")
+    tracker = Tracker(
+        retention=retention,
+        store=store,
+        close_timeout=close_timeout,
+        cancel_grace=cancel_grace,
+        webhooks=webhooks,
+    )
+    state = _State(
+        tracker,
+        _check_prefix(prefix),
+        auth,
+        wait_cap,
+        ping,
+        {} if metrics else None,
+    )
+    state.app = app
+    app[_STATE] = state
+
+    async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        async with tracker:
+            yield
+
+    async def end_streams(app: web.Application) -> None:
+        # Runs before the server waits for open requests: event streams and long-polls
+        # would otherwise hold shutdown until their clients hang up or time out.
+        for sub in list(state.streams):
+            sub.end()
+        await tracker.release_polls()
+
+    app.cleanup_ctx.append(lifecycle)
+    app.on_shutdown.append(end_streams)
+    app.middlewares.append(_make_middleware(state))
+    r = app.router
+    p = state.prefix
+    h = _Handlers(state)
+    routes = [
+        r.add_get(p + "/tasks", h.list_tasks, allow_head=False, name=_ROUTE_LIST),
+        r.add_post(p + "/tasks", h.create_task),
+        r.add_get(p + "/tasks/{task_id}", h.get_task, allow_head=False),
+        r.add_delete(p + "/tasks/{task_id}", h.delete_task),
+        r.add_post(p + "/tasks/{task_id}/start", h.start_task),
+        r.add_post(p + "/tasks/{task_id}/progress", h.progress_task),
+        r.add_post(p + "/tasks/{task_id}/complete", h.complete_task),
+        r.add_post(p + "/tasks/{task_id}/fail", h.fail_task),
+        r.add_post(p + "/tasks/{task_id}/cancel", h.cancel_task),
+        r.add_get(p + "/tasks/{task_id}/events", h.task_events, allow_head=False),
+        r.add_get(p + "/events", h.events, allow_head=False),
+        r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False),
+    ]
+    state.resources.update(route.resource for route in routes if route.resource is not None)
+    if dashboard:
+        path = dashboard if isinstance(dashboard, str) else "/dashboard"
+        r.add_get(path, _dashboard_handler(state), allow_head=False)
+    return tracker
+
+
+def create_app(**options: Unpack[ServeOptions]) -> web.Application:
+    """The standalone application: the task API under ``prefix``, ``/health``,
+    ``/metrics`` and the dashboard at ``/``; with ``demo``, a stream of simulated
+    jobs. ``guard`` (default: a ``BrowserGuard`` that checks ``Host`` when there is no
+    ``auth``) refuses cross-site writes and, without tokens, foreign ``Host`` values.
+    See ``ServeOptions``."""
+    _check_keys(options, ServeOptions, "create_app")
+    guard = options.get("guard")
+    if guard is None:
+        guard = BrowserGuard(check_host=options.get("auth") is None)
+    elif not isinstance(guard, BrowserGuard):
+        raise TypeError("guard must be a taskd.web.BrowserGuard")
+    app = web.Application(
+        client_max_size=options.get("client_max_size", MAX_BODY),
+        middlewares=[guard.middleware()],
+    )
+    tracker = _setup(app, options, "/", metrics=True)
+    app.router.add_get("/health", _health, allow_head=False)
+    app.router.add_get("/metrics", _metrics_handler, allow_head=False)
+    if options.get("demo", False):
+
+        async def demo_jobs(app: web.Application) -> AsyncIterator[None]:
+            from .._demo import run_demo
+
+            job = asyncio.get_running_loop().create_task(run_demo(tracker), name="taskd-demo")
+            yield
+            job.cancel()  # cleanup runs this before the tracker's: stop feeding it first
+            with contextlib.suppress(asyncio.CancelledError):
+                await job
+
+        app.cleanup_ctx.append(demo_jobs)
+    return app
+
+
+def bearer_auth(tokens: Mapping[str, str | None]) -> AuthCallback:
+    """An ``auth`` callback for ``Authorization: Bearer <token>``; ``tokens`` maps each
+    token to its owner. Tokens are compared in constant time, all of them every time."""
+    if not tokens:
+        raise ValueError("bearer_auth needs at least one token")
+    table = [(token.encode(), owner or "default") for token, owner in tokens.items()]
+
+    def auth(request: web.Request) -> str:
+        scheme, _, given = request.headers.get("Authorization", "").partition(" ")
+        presented = given.strip().encode()
+        owner: str | None = None
+        for token, who in table:
+            if hmac.compare_digest(token, presented) and scheme.lower() == "bearer":
+                owner = who
+        if owner is None:
+            raise web.HTTPUnauthorized(
+                headers={"WWW-Authenticate": 'Bearer realm="taskd"'}, reason="Unauthorized"
+            )
+        return owner
+
+    return auth
+
+
+# --- helpers for the application's own handlers -----------------------------------------
+
+
+async def spawn(
+    request: web.Request,
+    coro: Coroutine[Any, Any, T],
+    *,
+    task_type: str,
+    resource_id: str | None = None,
+    metadata: Mapping[str, JSON] | None = None,
+    timeout: float | None = None,
+    callback_url: str | None = None,
+) -> TaskHandle[T]:
+    """``Tracker.spawn`` for a request handler: the task belongs to the request's owner.
+
+    ``TaskConflict`` and other taskd errors raised here are answered with the error
+    envelope by the middleware ``setup`` installed.
+    """
+    try:
+        state = _state_of(request)
+        owner = await _owner(request, state)
+    except BaseException:
+        coro.close()
+        raise
+    return await state.tracker.spawn(
+        coro,
+        task_type=task_type,
+        resource_id=resource_id,
+        metadata=metadata,
+        owner=owner,
+        timeout=timeout,
+        callback_url=callback_url,
+    )
+
+
+def accepted(
+    request: web.Request,
+    task: TaskHandle[Any] | TaskRecord,
+    result: Mapping[str, JSON] | None = None,
+) -> web.Response:
+    """``202 Accepted`` with ``Location`` (the task's URL) and the success envelope.
+
+    The envelope's ``result`` is ``result`` plus ``task_id`` when given, else the
+    task's record.
+    """
+    state = _state_of(request)
+    rec = task.record if isinstance(task, TaskHandle) else task
+    headers = {"Location": state.task_url(rec.task_id)}
+    if result is None:
+        return _ok(state.render(rec), 202, headers)
+    payload = dict(result)
+    payload["task_id"] = rec.task_id
+    return _ok(json.dumps(payload, separators=(",", ":")).encode(), 202, headers)

@@ -1,0 +1,119 @@
+"""``BrowserGuard``: what the standalone server accepts from browsers."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Final, TypeVar
+
+from aiohttp import web
+
+from ._errors import error_response
+
+log = logging.getLogger("taskd.web")
+T = TypeVar("T")
+
+# --- browsers: cross-site requests and DNS rebinding ---------------------------------------
+
+_SAFE_METHODS: Final = frozenset({"GET", "HEAD", "OPTIONS"})
+_CORS_HEADERS: Final = "Authorization, Content-Type, Last-Event-ID"
+
+
+def _host_name(host: str) -> str:
+    """The name part of a ``Host`` header value (``[::1]:8080`` -> ``::1``)."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        return host[1:].partition("]")[0]
+    if host.count(":") == 1:
+        return host.partition(":")[0]
+    return host
+
+
+def is_loopback(name: str) -> bool:
+    """Whether a host name or address is loopback (``localhost`` included)."""
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+@dataclass(frozen=True, slots=True)
+class BrowserGuard:
+    """What the standalone server accepts from browsers.
+
+    ``check_host``: accept only ``Host`` values that are loopback names or addresses,
+    or listed in ``allowed_hosts`` (the server's own ``--host`` among them): a defence
+    against DNS rebinding, for servers that answer anyone who reaches them (no
+    tokens). ``cors_origins``: foreign origins allowed to make unsafe requests (and
+    given CORS headers); any other foreign ``Origin`` — or ``Sec-Fetch-Site:
+    cross-site`` — on a POST, PUT, PATCH or DELETE gets 403 ``PERMISSION_DENIED``.
+    Clients that send no ``Origin`` (curl, the CLI, SDKs) are not affected.
+    """
+
+    check_host: bool = True
+    allowed_hosts: frozenset[str] = frozenset()
+    cors_origins: frozenset[str] = frozenset()
+
+    def host_allowed(self, host: str) -> bool:
+        """Whether a request with this ``Host`` header is answered."""
+        name = _host_name(host)
+        return is_loopback(name) or name in self.allowed_hosts
+
+    def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
+        """The middleware that applies the guard (outermost)."""
+        guard = self
+
+        @web.middleware
+        async def browser_guard(
+            request: web.Request,
+            handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        ) -> web.StreamResponse:
+            if (
+                guard.check_host
+                and request.path != "/health"
+                and not guard.host_allowed(request.host)
+            ):
+                return error_response(
+                    403,
+                    "PERMISSION_DENIED",
+                    "this Host is not allowed (taskd serve --allow-host)",
+                )
+            origin = request.headers.get("Origin")
+            listed = origin is not None and origin in guard.cors_origins
+            if (
+                request.method == "OPTIONS"
+                and origin is not None
+                and listed
+                and "Access-Control-Request-Method" in request.headers
+            ):
+                return web.Response(status=204, headers=guard._cors(origin, preflight=True))
+            if request.method not in _SAFE_METHODS and not listed:
+                own = f"{request.scheme}://{request.host}"
+                cross = request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
+                if cross or (origin is not None and origin.lower() != own.lower()):
+                    return error_response(
+                        403,
+                        "PERMISSION_DENIED",
+                        "cross-site request refused (taskd serve --cors-origin)",
+                    )
+            response = await handler(request)
+            if listed and origin is not None and not response.prepared:
+                response.headers.update(guard._cors(origin, preflight=False))
+            return response
+
+        return browser_guard
+
+    @staticmethod
+    def _cors(origin: str, *, preflight: bool) -> dict[str, str]:
+        headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+        if preflight:
+            headers["Access-Control-Allow-Methods"] = "GET, POST, DELETE"
+            headers["Access-Control-Allow-Headers"] = _CORS_HEADERS
+            headers["Access-Control-Max-Age"] = "600"
+        else:
+            headers["Access-Control-Expose-Headers"] = "Location, Link, Retry-After"
+        return headers

@@ -1,0 +1,302 @@
+"""The API's request handlers, the dashboard page, ``/health`` and ``/metrics``."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable, Mapping
+from importlib import resources
+from typing import Final, TypeVar
+from urllib.parse import urlencode
+
+from aiohttp import web
+
+from .. import _metrics, _openapi
+from .._errors import TaskNotFound
+from .._models import (
+    JSON,
+    TaskRecord,
+    TaskStatus,
+)
+from .._tracker import MAX_LIMIT
+from .._watch import Subscription
+from ._errors import _invalid, error_response
+from ._params import (
+    _body,
+    _decode_token,
+    _encode_token,
+    _field,
+    _filter_digest,
+    _filters,
+    _number_query,
+    _one_query,
+)
+from ._sse import _last_event_id, _stream
+from ._state import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
+
+log = logging.getLogger("taskd.web")
+T = TypeVar("T")
+
+# --- rendering --------------------------------------------------------------------------
+
+
+def _ok(
+    payload: bytes, status: int = 200, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.Response(
+        status=status,
+        body=b'{"status":"ok","result":' + payload + b"}",
+        content_type=_JSON,
+        headers=headers,
+    )
+
+
+def _record_response(
+    state: _State, rec: TaskRecord, status: int = 200, headers: dict[str, str] | None = None
+) -> web.Response:
+    if not rec.is_terminal:
+        headers = dict(headers or ())
+        headers["Retry-After"] = RETRY_AFTER
+        headers["Cache-Control"] = "no-store"
+    return _ok(state.render(rec), status, headers)
+
+
+# --- handlers ---------------------------------------------------------------------------
+
+
+_CREATE_FIELDS: Final = frozenset(
+    {"task_type", "resource_id", "metadata", "callback_url", "heartbeat_timeout"}
+)
+
+
+class _Handlers:
+    """The API's request handlers, bound to one application's state (no lookups)."""
+
+    def __init__(self, state: _State) -> None:
+        self.state = state
+
+    async def get_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        # The hottest route (every poll): no coroutine for the owner without auth.
+        owner = None if state.auth is None else await _owner(request, state)
+        task_id = request.match_info["task_id"]
+        wait = _number_query(request, "wait") if request.query_string else None
+        if wait is None:
+            rec = await state.tracker.get(task_id, owner=owner)
+            if rec is None:
+                raise TaskNotFound(task_id)
+        else:
+            if not 0 < wait <= state.max_wait:
+                raise _invalid(
+                    f"wait must be > 0 and <= {state.max_wait:g} seconds", parameter="wait"
+                )
+            rec = await state.tracker.poll(task_id, wait, owner=owner)
+        return _record_response(state, rec)
+
+    async def list_tasks(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        statuses, task_type, resource_id = _filters(request)
+        limit_text = _one_query(request, "limit")
+        limit = 50
+        if limit_text is not None:
+            try:
+                limit = int(limit_text)
+            except ValueError:
+                raise _invalid("limit must be an integer", parameter="limit") from None
+            if not 1 <= limit <= MAX_LIMIT:
+                raise _invalid(f"limit must be between 1 and {MAX_LIMIT}", parameter="limit")
+        digest = _filter_digest(statuses, task_type, resource_id)
+        token = _one_query(request, "page_token")
+        cursor = _decode_token(token, digest) if token else None
+        page = await state.tracker.list_page(
+            status=statuses,
+            task_type=task_type,
+            resource_id=resource_id,
+            limit=limit,
+            owner=owner,
+            cursor=cursor,
+        )
+        next_token = _encode_token(page.next_cursor, digest) if page.next_cursor else None
+        items = b",".join(state.render(r) for r in page.records)
+        body = (
+            b'{"status":"ok","result":['
+            + items
+            + b'],"next_page_token":'
+            + json.dumps(next_token).encode()
+            + b"}"
+        )
+        headers = {}
+        if next_token is not None:
+            query: list[tuple[str, str]] = [
+                (k, v) for k, v in request.query.items() if k != "page_token"
+            ]
+            query.append(("page_token", next_token))
+            headers["Link"] = f'<{request.path}?{urlencode(query)}>; rel="next"'
+        return web.Response(body=body, content_type=_JSON, headers=headers)
+
+    async def create_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, _CREATE_FIELDS)
+        task_type = _field(data, "task_type", str, required=True)
+        assert task_type is not None
+        callback_url = _field(data, "callback_url", str)
+        rec = await state.tracker.create(
+            task_type,
+            resource_id=_field(data, "resource_id", str),
+            metadata=_field(data, "metadata", dict),
+            owner=owner,
+            callback_url=callback_url,
+            heartbeat_timeout=_field(data, "heartbeat_timeout", float),
+        )
+        return _record_response(state, rec, 201, {"Location": state.task_url(rec.task_id)})
+
+    async def start_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        await _body(request, frozenset())
+        rec = await state.tracker.start(request.match_info["task_id"], owner=owner)
+        return _record_response(state, rec)
+
+    async def progress_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, frozenset({"progress", "message"}))
+        rec = await state.tracker.progress(
+            request.match_info["task_id"],
+            _field(data, "progress", float),
+            message=_field(data, "message", str),
+            owner=owner,
+        )
+        return _record_response(state, rec)
+
+    async def complete_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, frozenset({"result"}))
+        result: JSON = data.get("result")  # type: ignore[assignment]  # parsed JSON
+        rec = await state.tracker.complete(request.match_info["task_id"], result, owner=owner)
+        return _record_response(state, rec)
+
+    async def fail_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        data = await _body(request, frozenset({"error"}))
+        error = _field(data, "error", str, required=True)
+        assert error is not None
+        rec = await state.tracker.fail(request.match_info["task_id"], error, owner=owner)
+        return _record_response(state, rec)
+
+    async def cancel_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        await _body(request, frozenset())
+        rec = await state.tracker.cancel(request.match_info["task_id"], owner=owner)
+        return _record_response(state, rec, 202)
+
+    async def delete_task(self, request: web.Request) -> web.Response:
+        state = self.state
+        owner = await _owner(request, state)
+        task_id = request.match_info["task_id"]
+        await state.tracker.delete(task_id, owner=owner)
+        state.forget(task_id)
+        return web.Response(status=204)
+
+    async def task_events(self, request: web.Request) -> web.StreamResponse:
+        """SSE: the task's current state, then one event per change; ends after the
+        terminal one. A reconnect (``Last-Event-ID``) to an ended task gets 204, which
+        tells an ``EventSource`` to stop reconnecting."""
+        state = self.state
+        owner = await _owner(request, state)
+        sub = Subscription(
+            task_id=request.match_info["task_id"],
+            owner=owner,
+            maxsize=SSE_BUFFER,
+            resume_from=_last_event_id(request),
+        )
+        rec = await state.tracker.subscribe(sub)
+        assert rec is not None
+        try:
+            if rec.is_terminal and sub.resumed and not sub.queued:
+                return web.Response(status=204)  # nothing missed: stop reconnecting
+            return await _stream(state, request, sub, None if sub.resumed else rec)
+        finally:
+            state.tracker.unsubscribe(sub)
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """SSE of every change visible to the caller, with the list's filters."""
+        state = self.state
+        owner = await _owner(request, state)
+        statuses, task_type, resource_id = _filters(request)
+        sub = Subscription(
+            owner=owner,
+            statuses=None if statuses is None else frozenset(TaskStatus(s) for s in statuses),
+            task_type=task_type,
+            resource_id=resource_id,
+            maxsize=SSE_BUFFER,
+            resume_from=_last_event_id(request),
+        )
+        await state.tracker.subscribe(sub)
+        try:
+            return await _stream(state, request, sub, None)
+        finally:
+            state.tracker.unsubscribe(sub)
+
+    async def openapi_doc(self, request: web.Request) -> web.Response:
+        state = self.state
+        doc = _openapi.document(
+            prefix=state.api_base(), auth=state.auth is not None, max_wait=state.max_wait
+        )
+        return web.json_response(doc)
+
+
+_DASHBOARD_CSP: Final = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
+
+
+def _dashboard_handler(state: _State) -> Callable[[web.Request], Awaitable[web.Response]]:
+    """The single-page dashboard: one file shipped in the package, no build step, no
+    network fetches but to this API (the CSP says so)."""
+    template = resources.files("taskd").joinpath("static/dashboard.html").read_text("utf-8")
+    pages: dict[str, bytes] = {}
+
+    async def dashboard(request: web.Request) -> web.Response:
+        # The API's mount point is known once the app runs (a sub-app's prefix).
+        base = state.api_base()
+        page = pages.get(base)
+        if page is None:
+            page = pages[base] = template.replace("__TASKD_PREFIX__", base).encode()
+        return web.Response(
+            body=page,
+            content_type="text/html",
+            charset="utf-8",
+            headers={"Content-Security-Policy": _DASHBOARD_CSP, "Cache-Control": "no-cache"},
+        )
+
+    return dashboard
+
+
+async def _health(request: web.Request) -> web.Response:
+    reason = _state_of(request).tracker.health()
+    if reason is not None:
+        return error_response(503, "UNAVAILABLE", reason, None, {"Retry-After": RETRY_AFTER})
+    return web.json_response({"status": "ok"})
+
+
+async def _metrics_handler(request: web.Request) -> web.Response:
+    state = _state_of(request)
+    if state.auth is not None:
+        # With tokens, metrics (which name every owner's task types) need one too.
+        try:
+            await _owner(request, state)
+        except web.HTTPUnauthorized as exc:
+            return error_response(
+                401, "UNAUTHENTICATED", exc.reason, None, {"WWW-Authenticate": "Bearer"}
+            )
+    stats = await state.tracker.stats()
+    body = _metrics.render(stats, state.http_counts or {})
+    return web.Response(body=body, headers={"Content-Type": _metrics.CONTENT_TYPE})

@@ -1,0 +1,151 @@
+"""Where taskd keeps its state in an aiohttp application, and who is asking."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Final, TypeVar
+
+from aiohttp import web
+
+from .._models import (
+    TaskRecord,
+)
+from .._tracker import Tracker
+from .._watch import Subscription
+
+log = logging.getLogger("taskd.web")
+T = TypeVar("T")
+
+
+#: ``auth(request)`` returns the caller's owner string or raises ``HTTPUnauthorized``;
+#: it may be a plain function or a coroutine function.
+AuthCallback = Callable[[web.Request], "str | Awaitable[str]"]
+
+MAX_WAIT: Final = 60.0
+SSE_BUFFER: Final = 256
+SSE_SEND_TIMEOUT: Final = 30.0
+MAX_BODY: Final = 1024 * 1024
+RETRY_AFTER: Final = "1"
+_JSON: Final = "application/json"
+_RENDER_CACHE_SIZE: Final = 4096
+#: The render cache holds at most this many bytes (a record over 1/8 of it is never kept).
+_RENDER_CACHE_BYTES: Final = 32 * 1024 * 1024
+
+
+# --- state ----------------------------------------------------------------------------
+
+
+@dataclass(slots=True)
+class _State:
+    tracker: Tracker
+    prefix: str
+    auth: AuthCallback | None
+    max_wait: float
+    sse_ping_interval: float
+    #: (method, route, status) -> requests served; None unless metrics are exported.
+    http_counts: dict[tuple[str, str, int], int] | None = None
+    #: The application setup() was called on (maybe mounted as a sub-application).
+    app: web.Application | None = None
+    #: The resources of taskd's own routes, for telling them from the host's.
+    resources: set[web.AbstractResource] = field(default_factory=set)
+    _base: str | None = None
+    #: Open event streams, ended on shutdown so that the server need not wait for them.
+    streams: set[Subscription] = field(default_factory=set)
+    # task_id -> (record, its rendered JSON), oldest first.
+    rendered: OrderedDict[str, tuple[TaskRecord, bytes]] = field(default_factory=OrderedDict)
+    rendered_bytes: int = 0
+
+    def api_base(self) -> str:
+        """The API's path as mounted (``/svc/api/v1`` inside a sub-application at
+        ``/svc``): read from the router, which adds a sub-application's prefix to its
+        resources when it is mounted. Computed once the application runs."""
+        if self._base is None:
+            assert self.app is not None
+            url = self.app.router[_ROUTE_LIST].url_for().path
+            base = url[: -len("/tasks")]
+            if not self.app.frozen:
+                return base  # mounting may still change it: do not cache yet
+            self._base = base
+        return self._base
+
+    def task_url(self, task_id: str) -> str:
+        """The task's URL path, as mounted."""
+        return f"{self.api_base()}/tasks/{task_id}"
+
+    def render(self, rec: TaskRecord) -> bytes:
+        """The record's JSON, rendered once per record version (records are
+        immutable). The cache is keyed by task id, so a task holds one entry, and
+        bounded in bytes, oldest first; a deleted task's entry is dropped."""
+        cache = self.rendered
+        hit = cache.get(rec.task_id)
+        if hit is not None and hit[0] is rec:
+            return hit[1]
+        body = rec.to_json().encode()
+        if hit is not None:
+            del cache[rec.task_id]
+            self.rendered_bytes -= len(hit[1])
+        if len(body) <= _RENDER_CACHE_BYTES // 8:
+            cache[rec.task_id] = (rec, body)
+            self.rendered_bytes += len(body)
+            while self.rendered_bytes > _RENDER_CACHE_BYTES or len(cache) > _RENDER_CACHE_SIZE:
+                _, (_, old) = cache.popitem(last=False)
+                self.rendered_bytes -= len(old)
+        return body
+
+    def forget(self, task_id: str) -> None:
+        """Drop a deleted task's rendering."""
+        hit = self.rendered.pop(task_id, None)
+        if hit is not None:
+            self.rendered_bytes -= len(hit[1])
+
+
+_STATE: Final = web.AppKey("taskd_state", _State)
+_ROUTE_LIST: Final = "taskd-tasks"
+_OWNER: Final = web.RequestKey("taskd_owner", object)
+_NO_OWNER: Final = object()
+
+
+def _state_of(obj: web.Request | web.Application) -> _State:
+    mapping = obj.config_dict if isinstance(obj, web.Request) else obj
+    try:
+        return mapping[_STATE]
+    except KeyError:
+        raise RuntimeError(
+            "taskd is not set up on this application: call taskd.web.setup(app) first"
+        ) from None
+
+
+def get_tracker(request_or_app: web.Request | web.Application) -> Tracker:
+    """The tracker ``setup`` installed (found from sub-applications too).
+
+    Raises ``RuntimeError`` if ``setup`` was not called on the application.
+    """
+    return _state_of(request_or_app).tracker
+
+
+# --- auth -------------------------------------------------------------------------------
+
+
+async def _owner(request: web.Request, state: _State | None = None) -> str | None:
+    if state is not None and state.auth is None:
+        return None  # no auth: everything belongs to owner None
+    cached = request.get(_OWNER, _NO_OWNER)
+    if cached is not _NO_OWNER:
+        assert cached is None or isinstance(cached, str)
+        return cached
+    state = _state_of(request)
+    owner: str | None = None
+    if state.auth is not None:
+        result = state.auth(request)
+        if inspect.isawaitable(result):
+            result = await result
+        if not isinstance(result, str):
+            log.error("auth callback returned %r, not a str", type(result).__name__)
+            raise web.HTTPUnauthorized(headers={"WWW-Authenticate": "Bearer"})
+        owner = result
+    request[_OWNER] = owner
+    return owner
