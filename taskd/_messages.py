@@ -19,8 +19,8 @@ from ._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     # Page and TrackerStats name replies in the quoted Request[...] bases below.
-    from ._actor import Page  # noqa: F401
     from ._runner import Outcome
+    from ._state import Page  # noqa: F401
     from ._tracker import TrackerStats  # noqa: F401
     from ._watch import Subscription
 

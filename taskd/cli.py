@@ -343,11 +343,11 @@ def _serve(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from ._retention import Retention
-    from .web._server import ServeRunner, quiet_accept_errors, raise_fd_limit
     from ._sqlite import SQLiteStore
     from ._webhooks import Webhooks, parse_allow_list
     from .web import BrowserGuard, bearer_auth, create_app
     from .web._guard import is_loopback
+    from .web._server import ServeRunner, quiet_accept_errors, raise_fd_limit
 
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,0 +1,414 @@
+"""``TaskState``: the records and everything derived from them, with no asyncio.
+
+Records, the indexes (by status, type, owner, resource), counts by (type, status),
+the active dedup keys and per-owner counts, the eviction order (TTL queues), id
+minting, the change sequence and the transition rules. Commands go in (insert,
+transition, remove, expire, list); changed records come out (``take_changes``),
+for the actor to commit, then publish. Nothing here awaits or schedules: the actor
+owns time (it passes ``now``), timers, waiters, runners and subscribers. A second
+implementation of this interface — on Redis, shared by many processes — is what a
+shared task space needs.
+"""
+
+from __future__ import annotations
+
+import heapq
+import secrets
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+
+from sortedcontainers import SortedList  # type: ignore[import-untyped]
+
+from . import _messages as m
+from ._errors import InvalidTransition, QuotaExceeded, TaskConflict, TaskNotFound, TrackerFull
+from ._models import (
+    ANY_OWNER,
+    DEFAULT_SPEC,
+    JSON,
+    TERMINAL,
+    TRANSITIONS,
+    OwnerScope,
+    RawJSON,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+)
+from ._retention import ExpiryQueues, Retention
+
+__all__ = ["Page", "TaskState"]
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a listing, and the cursor of the next (None at the end)."""
+
+    records: tuple[TaskRecord, ...]
+    next_cursor: str | None
+
+
+class TaskState:
+    """Every record and index of one task space; see the module docstring."""
+
+    def __init__(self, retention: Retention, *, first_seq: int) -> None:
+        self._retention = retention
+        self._records: dict[str, TaskRecord] = {}
+        self._by_status: dict[TaskStatus, SortedList] = {s: SortedList() for s in TaskStatus}
+        self._by_type: dict[str, SortedList] = {}
+        self._by_owner: dict[str, SortedList] = {}
+        # Resource ids are mostly unique: the value is the one task id itself until a
+        # second task shares the resource, then a plain list (sorted by construction,
+        # ids grow). A list or SortedList per key would cost ~80-500 bytes a record.
+        self._by_resource: dict[str, str | list[str]] = {}
+        self._counts: dict[tuple[str, TaskStatus], int] = {}
+        self._active_keys: dict[tuple[str | None, str, str], str] = {}
+        self.active = 0
+        # Active tasks per owner, kept only when a per-owner quota is set.
+        self._quota = retention.max_active_per_owner
+        self._active_by_owner: dict[str | None, int] = {}
+        self._expiry = ExpiryQueues(retention)
+        self._last_stamp = 0
+        #: The sequence number of the latest change (event ids).
+        self.seq = first_seq
+        # Changes since the last take_changes(): latest version per id (None: removed),
+        # and every version in order with its sequence number.
+        self._dirty: dict[str, TaskRecord | None] = {}
+        self._changed: list[tuple[int, TaskRecord]] = []
+
+    # --- reading ----------------------------------------------------------------------
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def get(self, task_id: str) -> TaskRecord | None:
+        """The record, or None."""
+        return self._records.get(task_id)
+
+    def visible(self, task_id: str, owner: OwnerScope) -> TaskRecord:
+        """The record if ``owner`` may see it, else ``TaskNotFound``."""
+        rec = self._records.get(task_id)
+        if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
+            raise TaskNotFound(task_id)
+        return rec
+
+    def counts(self) -> dict[tuple[str, TaskStatus], int]:
+        """Records held by (task_type, status), zero counts left out."""
+        return {k: v for k, v in self._counts.items() if v}
+
+    @property
+    def pending_changes(self) -> list[tuple[int, TaskRecord]]:
+        """Changes not yet taken (for a subscriber joining mid-batch)."""
+        return self._changed
+
+    def take_changes(self) -> tuple[dict[str, TaskRecord | None], list[tuple[int, TaskRecord]]]:
+        """The changes since the last call: what to write, and what to publish."""
+        dirty, changed = self._dirty, self._changed
+        self._dirty, self._changed = {}, []
+        return dirty, changed
+
+    def keep_changes(
+        self, dirty: dict[str, TaskRecord | None], changed: list[tuple[int, TaskRecord]]
+    ) -> None:
+        """Put back changes that could not be committed, ahead of newer ones."""
+        dirty.update(self._dirty)
+        self._dirty = dirty
+        self._changed = changed + self._changed
+
+    # --- loading ------------------------------------------------------------------------
+
+    def load(self, records: Iterable[TaskRecord]) -> list[TaskRecord]:
+        """Rebuild from a store (before anything else); returns the active records."""
+        active: list[TaskRecord] = []
+        for rec in sorted(records, key=lambda r: r.task_id):
+            self._records[rec.task_id] = rec
+            self._index_add(rec)
+            self._last_stamp = max(self._last_stamp, int(rec.task_id[:13], 16))
+            if rec.status in TERMINAL:
+                self._expiry.push(rec.status, rec.task_id, 0.0)
+            else:
+                self._count_active(rec, +1)
+                if rec.resource_id is not None:
+                    self._active_keys[(rec.owner, rec.task_type, rec.resource_id)] = rec.task_id
+                active.append(rec)
+        return active
+
+    # --- changing -------------------------------------------------------------------------
+
+    def insert(
+        self,
+        task_type: str,
+        resource_id: str | None,
+        owner: str | None,
+        now: float,
+        build: Callable[[str, float], TaskRecord],
+    ) -> TaskRecord:
+        """Dedup, check the quota, make room under the cap, then insert a new record."""
+        if resource_id is not None:
+            holder = self._active_keys.get((owner, task_type, resource_id))
+            if holder is not None:
+                raise TaskConflict(holder, task_type, resource_id)
+        if self._quota is not None and self._active_by_owner.get(owner, 0) >= self._quota:
+            raise QuotaExceeded(owner, self._quota)
+        cap = self._retention.max_tasks
+        if len(self._records) >= cap:
+            if self.active >= cap:
+                raise TrackerFull(f"all {cap} task slots hold active tasks")
+            while len(self._records) >= cap:
+                self.remove(self._oldest_terminal())
+            self._expiry.compact(len(self._records) - self.active, self._records.get)
+        stamp = int(now * 1_000_000)
+        if stamp <= self._last_stamp:
+            stamp = self._last_stamp + 1
+        self._last_stamp = stamp
+        # The id starts with its creation instant in fixed-width hex, so ids sort in
+        # creation order (which every index relies on), then carries 128 random bits.
+        task_id = f"{stamp:013x}{secrets.token_urlsafe(16)}"
+        rec = build(task_id, stamp / 1_000_000)
+        self._records[task_id] = rec
+        self._index_add(rec)
+        self._count_active(rec, +1)
+        if resource_id is not None:
+            self._active_keys[(owner, task_type, resource_id)] = task_id
+        self._emit(rec)
+        return rec
+
+    def transition(
+        self,
+        rec: TaskRecord,
+        status: TaskStatus,
+        now: float,
+        *,
+        progress: float | None = None,
+        message: str | None = None,
+        result: JSON | RawJSON = None,
+        error: str | None = None,
+        action: str | None = None,
+    ) -> TaskRecord:
+        """Move ``rec`` to ``status`` if the transition table allows it (the same
+        status: a progress report); ``InvalidTransition`` otherwise."""
+        if rec.status in TERMINAL or (
+            status is not rec.status and status not in TRANSITIONS[rec.status]
+        ):
+            raise InvalidTransition(rec.task_id, rec.status.value, action or status.value)
+        at = now if now > rec.updated_at else rec.updated_at
+        terminal = status in TERMINAL
+        new = rec.evolve(
+            status=status,
+            updated_at=at,
+            started_at=at
+            if status is TaskStatus.RUNNING and rec.started_at is None
+            else rec.started_at,
+            finished_at=at if terminal else None,
+            progress=1.0
+            if status is TaskStatus.COMPLETED
+            else (rec.progress if progress is None else progress),
+            # A completed task's last stage ("halfway") no longer describes it; a failed
+            # or cancelled one keeps it: it says where the work stopped.
+            message=None
+            if status is TaskStatus.COMPLETED
+            else (rec.message if message is None else message),
+            result=result if status is TaskStatus.COMPLETED else None,
+            error=error if status in (TaskStatus.FAILED, TaskStatus.CANCELLED) else None,
+        )
+        tid = new.task_id
+        self._records[tid] = new
+        if rec.status is not new.status:
+            self._by_status[rec.status].remove(tid)
+            self._by_status[new.status].add(tid)
+            okey = (rec.task_type, rec.status)
+            self._counts[okey] -= 1
+            nkey = (new.task_type, new.status)
+            self._counts[nkey] = self._counts.get(nkey, 0) + 1
+            if terminal:
+                self._count_active(new, -1)
+                if new.resource_id is not None:
+                    key = (new.owner, new.task_type, new.resource_id)
+                    if self._active_keys.get(key) == tid:
+                        del self._active_keys[key]
+                self._expiry.push(new.status, tid, at)
+        self._emit(new)
+        return new
+
+    def expires_at(self, rec: TaskRecord) -> float:
+        """When a terminal record expires (TTLs count from ``finished_at``)."""
+        assert rec.finished_at is not None
+        return rec.finished_at + self._retention.ttl(rec.status)
+
+    def remove(self, task_id: str) -> None:
+        """Drop a record (expired, evicted or deleted)."""
+        rec = self._records.pop(task_id)
+        self._index_remove(rec)
+        self._dirty[task_id] = None
+
+    def delete(self, task_id: str, owner: OwnerScope) -> None:
+        """Delete a terminal record; an active one raises ``InvalidTransition``."""
+        rec = self.visible(task_id, owner)
+        if rec.status not in TERMINAL:
+            raise InvalidTransition(rec.task_id, rec.status.value, "delete")
+        self.remove(rec.task_id)
+        self._expiry.compact(len(self._records) - self.active, self._records.get)
+
+    def expire(self, now: float) -> None:
+        """Remove every record whose TTL has run out."""
+        for task_id in self._expiry.pop_due(now, self._records.get):
+            self.remove(task_id)
+
+    def next_expiry(self) -> float | None:
+        """The earliest instant a record expires, or None."""
+        return self._expiry.next_deadline(self._records.get)
+
+    def _emit(self, rec: TaskRecord) -> None:
+        self._dirty[rec.task_id] = rec
+        self.seq += 1
+        self._changed.append((self.seq, rec))
+
+    def _count_active(self, rec: TaskRecord, delta: int) -> None:
+        self.active += delta
+        if self._quota is not None:
+            self._active_by_owner[rec.owner] = self._active_by_owner.get(rec.owner, 0) + delta
+
+    def _oldest_terminal(self) -> str:
+        heads: list[str] = [self._by_status[s][0] for s in TERMINAL if self._by_status[s]]
+        return min(heads)
+
+    # --- indexes --------------------------------------------------------------------------
+
+    def _index_add(self, rec: TaskRecord) -> None:
+        tid = rec.task_id
+        self._by_status[rec.status].add(tid)
+        by_type = self._by_type.get(rec.task_type)
+        if by_type is None:
+            by_type = self._by_type[rec.task_type] = SortedList()
+        by_type.add(tid)
+        if rec.owner is not None:
+            by_owner = self._by_owner.get(rec.owner)
+            if by_owner is None:
+                by_owner = self._by_owner[rec.owner] = SortedList()
+            by_owner.add(tid)
+        if rec.resource_id is not None:
+            ids = self._by_resource.get(rec.resource_id)
+            if ids is None:
+                self._by_resource[rec.resource_id] = tid
+            elif isinstance(ids, str):
+                self._by_resource[rec.resource_id] = sorted((ids, tid))
+            elif ids[-1] < tid:
+                ids.append(tid)
+            else:
+                ids.insert(bisect_left(ids, tid), tid)
+        key = (rec.task_type, rec.status)
+        self._counts[key] = self._counts.get(key, 0) + 1
+
+    def _index_remove(self, rec: TaskRecord) -> None:
+        tid = rec.task_id
+        self._by_status[rec.status].remove(tid)
+        by_type = self._by_type[rec.task_type]
+        by_type.remove(tid)
+        if not by_type:
+            del self._by_type[rec.task_type]
+        if rec.owner is not None:
+            by_owner = self._by_owner[rec.owner]
+            by_owner.remove(tid)
+            if not by_owner:
+                del self._by_owner[rec.owner]
+        if rec.resource_id is not None:
+            ids = self._by_resource[rec.resource_id]
+            if isinstance(ids, str):
+                del self._by_resource[rec.resource_id]
+            else:
+                del ids[bisect_left(ids, tid)]
+                if len(ids) == 1:
+                    self._by_resource[rec.resource_id] = ids[0]
+        key = (rec.task_type, rec.status)
+        self._counts[key] -= 1
+
+    # --- listing --------------------------------------------------------------------------
+
+    def list_page(self, msg: m.ListTasks) -> Page:
+        """One page of records, newest first, from the smallest index that covers a
+        filter; ``msg.before`` is the cursor (ids sort in creation order)."""
+        out: list[TaskRecord] = []
+        records = self._records
+        owner = msg.owner
+        statuses = msg.statuses
+        limit = msg.limit
+        for tid in self._candidates(msg):
+            rec = records[tid]
+            if owner is not ANY_OWNER and rec.owner != owner:
+                continue
+            if statuses is not None and rec.status not in statuses:
+                continue
+            if msg.task_type is not None and rec.task_type != msg.task_type:
+                continue
+            if msg.resource_id is not None and rec.resource_id != msg.resource_id:
+                continue
+            if len(out) == limit:
+                return Page(tuple(out), out[-1].task_id)
+            out.append(rec)
+        return Page(tuple(out), None)
+
+    def _candidates(self, msg: m.ListTasks) -> Iterator[str]:
+        """Ids, newest first, from the smallest index that covers a filter."""
+        before = msg.before
+        options: list[tuple[int, Callable[[], Iterator[str]]]] = []
+        if msg.statuses is not None:
+            lists = [self._by_status[s] for s in msg.statuses]
+            options.append((sum(len(x) for x in lists), lambda: _merge_desc(lists, before)))
+        if msg.task_type is not None:
+            by_type = self._by_type.get(msg.task_type)
+            if by_type is None:
+                return iter(())
+            options.append((len(by_type), lambda: _desc(by_type, before)))
+        if msg.resource_id is not None:
+            found = self._by_resource.get(msg.resource_id)
+            if found is None:
+                return iter(())
+            ids = [found] if isinstance(found, str) else found
+            options.append((len(ids), lambda: _list_desc(ids, before)))
+        if isinstance(msg.owner, str):
+            by_owner = self._by_owner.get(msg.owner)
+            if by_owner is None:
+                return iter(())
+            options.append((len(by_owner), lambda: _desc(by_owner, before)))
+        if options:
+            return min(options, key=lambda o: o[0])[1]()
+        if before is None:
+            return reversed(self._records.keys())
+        return _merge_desc(list(self._by_status.values()), before)
+
+
+def new_spec(
+    metadata: Mapping[str, JSON],
+    owner: str | None,
+    in_process: bool,
+    callback_url: str | None,
+    heartbeat_timeout: float | None,
+) -> TaskSpec:
+    if (
+        not metadata
+        and owner is None
+        and not in_process
+        and callback_url is None
+        and heartbeat_timeout is None
+    ):
+        return DEFAULT_SPEC
+    return TaskSpec(metadata, owner, in_process, callback_url, heartbeat_timeout)
+
+
+def _desc(ids: SortedList, before: str | None) -> Iterator[str]:
+    if before is None:
+        rev: Iterator[str] = reversed(ids)
+        return rev
+    it: Iterator[str] = ids.irange(maximum=before, inclusive=(True, False), reverse=True)
+    return it
+
+
+def _list_desc(ids: list[str], before: str | None) -> Iterator[str]:
+    end = len(ids) if before is None else bisect_left(ids, before)
+    for i in range(end - 1, -1, -1):
+        yield ids[i]
+
+
+def _merge_desc(lists: list[SortedList], before: str | None) -> Iterator[str]:
+    if len(lists) == 1:
+        return _desc(lists[0], before)
+    return heapq.merge(*(_desc(x, before) for x in lists if x), reverse=True)
