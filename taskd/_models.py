@@ -33,6 +33,10 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_MESSAGE_CHARS = 1024
 MAX_RESOURCE_ID_CHARS = 256
 _TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+#: The task_type rule as a JSON Schema pattern (the OpenAPI document uses it).
+TASK_TYPE_PATTERN = f"^{_TASK_TYPE_RE.pattern}$"
+#: The most records one listing page may hold.
+MAX_LIMIT = 200
 # Control characters would corrupt logs and terminal views of resource ids.
 _CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
 # Task types already validated (bounded): valid strings stay valid.
@@ -431,6 +435,15 @@ def check_metadata(metadata: object) -> Mapping[str, JSON]:
         raise ValueError(f"metadata must encode to at most {MAX_METADATA_BYTES} bytes")
     copied: dict[str, JSON] = json.loads(text)
     return MappingProxyType(copied)
+
+
+def check_limit(limit: object) -> int:
+    """Return ``limit`` if it is an int from 1 to ``MAX_LIMIT`` (a listing's page size)."""
+    if isinstance(limit, bool) or not isinstance(limit, int):
+        raise TypeError(f"limit must be an int, not {type(limit).__name__}")
+    if not 1 <= limit <= MAX_LIMIT:
+        raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+    return limit
 
 
 def check_progress(progress: object) -> float | None:

@@ -1,8 +1,10 @@
 """The OpenAPI 3.1 document of the HTTP API, built as plain data (no aiohttp here).
 
-It is generated from the same constants the handlers enforce (limits, statuses,
-field sets), so the document and the behaviour cannot drift apart silently; the
-tests validate it and run schemathesis against a live server.
+It is built from the same constants the handlers enforce — the task_type pattern,
+the page-size cap, statuses, the error table, the configured long-poll cap and body
+limit — so the document and the behaviour cannot drift apart silently; the tests
+validate it and run schemathesis against a live server. (HTTP success codes are
+written per route: they are the contract itself.)
 """
 
 from __future__ import annotations
@@ -10,13 +12,19 @@ from __future__ import annotations
 from typing import Final
 
 from ._errors import ERRORS
-from ._models import MAX_MESSAGE_CHARS, MAX_RESOURCE_ID_CHARS, TaskStatus
+from ._models import (
+    MAX_LIMIT,
+    MAX_MESSAGE_CHARS,
+    MAX_RESOURCE_ID_CHARS,
+    TASK_TYPE_PATTERN,
+    TaskStatus,
+)
 
 __all__ = ["document"]
 
 _STATUSES: Final = [s.value for s in TaskStatus]
 _ERROR_CODES: Final = [e.code for e in ERRORS]
-TASK_TYPE_PATTERN: Final = "^[A-Za-z0-9_.:-]{1,128}$"
+
 
 _Doc = dict[str, object]
 
@@ -219,7 +227,9 @@ def _responses(own: dict[str, _Doc], common: dict[str, _Doc]) -> _Doc:
     return {**own, **common}
 
 
-def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
+def document(
+    *, prefix: str, auth: bool, max_wait: float = 60.0, max_body: int = 1024 * 1024
+) -> _Doc:
     """The OpenAPI 3.1 document for routes mounted under ``prefix``."""
     common: dict[str, _Doc] = {
         "503": _error(
@@ -232,7 +242,7 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
         common["401"] = _error("Missing or invalid credentials")
     bad = _error("Invalid query or body values, or malformed JSON")
     missing = _error("Unknown, expired or evicted task, or another owner's")
-    too_large = _error("Request body over the limit (1 MiB by default)")
+    too_large = _error(f"Request body over the limit ({max_body} bytes here)")
     precondition = _error("The transition is not allowed from the task's current status")
     task_id = {
         "name": "task_id",
@@ -271,7 +281,12 @@ def document(*, prefix: str, auth: bool, max_wait: float = 60.0) -> _Doc:
                     {
                         "name": "limit",
                         "in": "query",
-                        "schema": {"type": "integer", "minimum": 1, "maximum": 200, "default": 50},
+                        "schema": {
+                            "type": "integer",
+                            "minimum": 1,
+                            "maximum": MAX_LIMIT,
+                            "default": 50,
+                        },
                     },
                     {
                         "name": "page_token",

@@ -25,6 +25,7 @@ from ._models import (
     OwnerScope,
     TaskRecord,
     TaskStatus,
+    check_limit,
     check_message,
     check_metadata,
     check_progress,
@@ -48,7 +49,6 @@ log = logging.getLogger("taskd")
 T = TypeVar("T")
 R = TypeVar("R")
 
-MAX_LIMIT: Final = 200
 # After close_timeout, runners are cancelled; this is how long they get to unwind
 # before they are recorded cancelled anyway and left behind (with a log line).
 CANCEL_GRACE: Final = 1.0
@@ -514,10 +514,7 @@ class Tracker:
     ) -> TaskPage:
         """Like ``list``, one page at a time: pass the previous page's ``next_cursor``
         as ``cursor`` for the next one. Pages stay exact while tasks are created."""
-        if isinstance(limit, bool) or not isinstance(limit, int):
-            raise TypeError(f"limit must be an int, not {type(limit).__name__}")
-        if not 1 <= limit <= MAX_LIMIT:
-            raise ValueError(f"limit must be between 1 and {MAX_LIMIT}, got {limit}")
+        check_limit(limit)
         if task_type is not None:
             check_task_type(task_type)
         if cursor is not None and not isinstance(cursor, str):
@@ -578,7 +575,11 @@ class Tracker:
     async def watch(
         self, task_id: str, *, owner: OwnerScope = ANY_OWNER
     ) -> AsyncIterator[TaskRecord]:
-        """Yield the task's current record, then each change; ends after the terminal one."""
+        """Yield the task's current record, then each change; ends after the terminal one.
+
+        An async generator: to leave it early, close it (``async with
+        contextlib.aclosing(tracker.watch(task_id)) as changes: ...``), which drops the
+        subscription at once rather than when the generator is collected."""
         sub = Subscription(task_id=_check_id(task_id), owner=_check_owner(owner))
         current = await self._call(m.Subscribe(sub))
         assert current is not None  # a per-task subscription answers with its record

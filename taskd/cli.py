@@ -339,123 +339,6 @@ def _parser() -> argparse.ArgumentParser:
 # --- serve -------------------------------------------------------------------------------
 
 
-def _serve(args: argparse.Namespace) -> int:
-    from aiohttp import web
-
-    from ._retention import Retention
-    from ._sqlite import SQLiteStore
-    from ._webhooks import Webhooks, parse_allow_list
-    from .web import BrowserGuard, bearer_auth, create_app
-    from .web._guard import is_loopback
-    from .web._server import ServeRunner, quiet_accept_errors, raise_fd_limit
-
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
-    quiet_accept_errors()
-    raise_fd_limit()
-    tokens = _tokens(args.token)
-    if not tokens and not is_loopback(args.host):
-        log.warning(
-            "serving on %s without tokens: anyone who can reach it sees every task", args.host
-        )
-    webhooks = None
-    try:
-        allow = parse_allow_list(args.webhook_allow)
-        if args.webhook_secret:
-            webhooks = Webhooks(secret=args.webhook_secret, allow=allow)
-        elif allow:
-            raise ValueError("--webhook-allow needs --webhook-secret (or TASKD_WEBHOOK_SECRET)")
-    except ValueError as exc:
-        raise CliError(str(exc), EXIT_START) from None
-    if webhooks is not None and not webhooks.secret.startswith("whsec_"):
-        log.warning(
-            "the webhook secret is not of the form whsec_<base64>: receivers must use its "
-            "raw UTF-8 bytes as the key (Standard Webhooks libraries expect whsec_<base64>)"
-        )
-    store = None
-    if args.db:
-        try:
-            store = SQLiteStore(args.db)
-        except TaskdError as exc:
-            raise CliError(str(exc), EXIT_START) from None
-    hosts = {h.strip().lower().strip("[]") for v in args.allow_host for h in v.split(",") if h}
-    hosts.add(args.host.lower().strip("[]"))
-    origins = {o.strip().rstrip("/") for v in args.cors_origin for o in v.split(",") if o}
-    app = create_app(
-        auth=bearer_auth(tokens) if tokens else None,
-        store=store,
-        retention=Retention(max_active_per_owner=args.max_active_per_owner),
-        demo=args.demo,
-        webhooks=webhooks,
-        cancel_grace=args.cancel_grace,
-        guard=BrowserGuard(
-            check_host=not tokens, allowed_hosts=frozenset(hosts), cors_origins=frozenset(origins)
-        ),
-    )
-
-    async def run() -> None:
-        runner = ServeRunner(
-            app,
-            handle_signals=False,
-            access_log=None,
-            keepalive_timeout=args.keepalive_timeout,
-            read_timeout=args.read_timeout,
-        )
-        try:
-            await runner.setup()
-        except TaskdError as exc:
-            raise CliError(str(exc), EXIT_START) from None
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            site = web.TCPSite(runner, args.host, args.port)
-            try:
-                await site.start()
-            except OSError as exc:
-                raise CliError(
-                    f"cannot listen on {args.host}:{args.port}: {exc.strerror}", EXIT_START
-                ) from None
-            host = f"[{args.host}]" if ":" in args.host else args.host
-            log.info(
-                "taskd %s serving on http://%s:%d (%s%s%s)",
-                __version__,
-                host,
-                args.port,
-                f"db {args.db}" if args.db else "in memory",
-                ", token auth" if tokens else "",
-                ", demo jobs" if args.demo else "",
-            )
-            await stop.wait()
-            log.info("stopping: finishing running tasks")
-        finally:
-            await runner.cleanup()
-        log.info("stopped")
-
-    asyncio.run(run())
-    return EXIT_OK
-
-
-def _quiet_bad_requests(record: logging.LogRecord) -> bool:
-    """A malformed request from a client is the client's problem: aiohttp answers it
-    400 and would log a traceback at ERROR; log one line at INFO instead."""
-    from aiohttp.http_exceptions import HttpProcessingError
-
-    exc = record.exc_info[1] if record.exc_info else None
-    if isinstance(exc, HttpProcessingError) and exc.code < 500:
-        record.levelno, record.levelname = logging.INFO, "INFO"
-        record.msg, record.args, record.exc_info, record.exc_text = (
-            "bad request from a client: %s",
-            (" ".join(str(exc.message).split())[:200],),
-            None,
-            None,
-        )
-    return True
-
-
 # --- client commands ---------------------------------------------------------------------
 
 
@@ -710,7 +593,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
         url = getattr(args, "url", url)
         if args.command == "serve":
-            return _serve(args)
+            from ._serve import serve
+
+            return serve(args)
         try:
             return asyncio.run(_client_command(args))
         except KeyboardInterrupt:

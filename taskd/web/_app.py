@@ -76,6 +76,8 @@ class ServeOptions(Options, total=False):
 
     client_max_size: int
     demo: bool
+    #: Seed of the demo's random jobs (tests use one, for a repeatable run).
+    demo_seed: int | None
     guard: BrowserGuard | None
 
 
@@ -198,6 +200,7 @@ def create_app(**options: Unpack[ServeOptions]) -> web.Application:
         middlewares=[guard.middleware()],
     )
     tracker = _setup(app, options, "/", metrics=True)
+    _state_of(app).max_body = options.get("client_max_size", MAX_BODY)
     app.router.add_get("/health", _health, allow_head=False)
     app.router.add_get("/metrics", _metrics_handler, allow_head=False)
     if options.get("demo", False):
@@ -205,7 +208,9 @@ def create_app(**options: Unpack[ServeOptions]) -> web.Application:
         async def demo_jobs(app: web.Application) -> AsyncIterator[None]:
             from .._demo import run_demo
 
-            job = asyncio.get_running_loop().create_task(run_demo(tracker), name="taskd-demo")
+            job = asyncio.get_running_loop().create_task(
+                run_demo(tracker, seed=options.get("demo_seed")), name="taskd-demo"
+            )
             yield
             job.cancel()  # cleanup runs this before the tracker's: stop feeding it first
             with contextlib.suppress(asyncio.CancelledError):

@@ -112,7 +112,8 @@ def _make_middleware(state: _State) -> Callable[..., Awaitable[web.StreamRespons
 
 
 class _ClientGone(Exception):
-    """The client disconnected before its request was read: answer nothing."""
+    """The client disconnected before its body was read: answered 400 (which it will
+    most likely never read), so that the handler stops there."""
 
 
 def _error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:

@@ -17,8 +17,8 @@ from .._models import (
     JSON,
     TaskRecord,
     TaskStatus,
+    check_limit,
 )
-from .._tracker import MAX_LIMIT
 from .._watch import Subscription
 from ._errors import _invalid, error_response
 from ._params import (
@@ -104,8 +104,10 @@ class _Handlers:
                 limit = int(limit_text)
             except ValueError:
                 raise _invalid("limit must be an integer", parameter="limit") from None
-            if not 1 <= limit <= MAX_LIMIT:
-                raise _invalid(f"limit must be between 1 and {MAX_LIMIT}", parameter="limit")
+            try:
+                check_limit(limit)
+            except ValueError as exc:
+                raise _invalid(str(exc), parameter="limit") from None
         digest = _filter_digest(statuses, task_type, resource_id)
         token = _one_query(request, "page_token")
         cursor = _decode_token(token, digest) if token else None
@@ -246,7 +248,10 @@ class _Handlers:
     async def openapi_doc(self, request: web.Request) -> web.Response:
         state = self.state
         doc = _openapi.document(
-            prefix=state.api_base(), auth=state.auth is not None, max_wait=state.max_wait
+            prefix=state.api_base(),
+            auth=state.auth is not None,
+            max_wait=state.max_wait,
+            max_body=state.max_body,
         )
         return web.json_response(doc)
 

@@ -48,6 +48,8 @@ class _State:
     sse_ping_interval: float
     #: (method, route, status) -> requests served; None unless metrics are exported.
     http_counts: dict[tuple[str, str, int], int] | None = None
+    #: The request body limit, for the OpenAPI document (aiohttp's default: 1 MiB).
+    max_body: int = MAX_BODY
     #: The application setup() was called on (maybe mounted as a sub-application).
     app: web.Application | None = None
     #: The resources of taskd's own routes, for telling them from the host's.
