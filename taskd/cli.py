@@ -198,13 +198,21 @@ def _parser() -> argparse.ArgumentParser:
         "'default' (env TASKD_TOKENS, comma-separated)",
     )
     serve.add_argument("--demo", action="store_true", help="also run simulated jobs")
-    serve.add_argument(
+
+    def seconds(flag: str, env: str, default: float, text: str) -> None:
+        serve.add_argument(
+            flag,
+            type=_arg(_positive, "a positive number of seconds"),
+            default=_env(env, _positive, default),
+            metavar="S",
+            help=f"{text} (env {env})",
+        )
+
+    seconds(
         "--cancel-grace",
-        type=_arg(_positive, "a positive number of seconds"),
-        default=_env("TASKD_CANCEL_GRACE", _positive, 60.0),
-        metavar="S",
-        help="a cancelling task whose worker does not confirm in S seconds becomes "
-        "cancelled (env TASKD_CANCEL_GRACE)",
+        "TASKD_CANCEL_GRACE",
+        60.0,
+        "a cancelling task whose worker does not confirm in S seconds becomes cancelled",
     )
     serve.add_argument(
         "--max-active-per-owner",
@@ -213,20 +221,18 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="at most N active tasks per owner; more get 429 (env TASKD_MAX_ACTIVE_PER_OWNER)",
     )
-    serve.add_argument(
+    seconds(
         "--keepalive-timeout",
-        type=_arg(_positive, "a positive number of seconds"),
-        default=_env("TASKD_KEEPALIVE_TIMEOUT", _positive, 75.0),
-        metavar="S",
-        help="close a connection idle for S seconds (env TASKD_KEEPALIVE_TIMEOUT)",
+        "TASKD_KEEPALIVE_TIMEOUT",
+        75.0,
+        "close a connection idle for S seconds",
     )
-    serve.add_argument(
+    seconds(
         "--read-timeout",
-        type=_arg(_positive, "a positive number of seconds"),
-        default=_env("TASKD_READ_TIMEOUT", _positive, 30.0),
-        metavar="S",
-        help="close a connection whose request (headers and body) has not arrived "
-        "S seconds after its first byte (env TASKD_READ_TIMEOUT)",
+        "TASKD_READ_TIMEOUT",
+        30.0,
+        "close a connection whose request (headers and body) has not arrived S seconds "
+        "after its first byte",
     )
     serve.add_argument(
         "--cors-origin",

@@ -39,3 +39,12 @@ async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0
     async with asyncio.timeout(timeout):
         while not await check():  # noqa: ASYNC110 - polling an observable, bounded
             await asyncio.sleep(0.01)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The suites in tests/stress and tests/model are stress suites: CI runs them all;
+    the fast loop skips them with ``python -m pytest -m "not stress"``."""
+    for item in items:
+        parts = item.path.parts
+        if "stress" in parts or "model" in parts:
+            item.add_marker(pytest.mark.stress)
