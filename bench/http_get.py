@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import sys
 
-# This file is named http.py (as the issue asks): drop its folder from the import
-# path so that the standard library's http package is the one imported.
-
 import argparse
 import json
 import re
