@@ -31,7 +31,8 @@ def test_document_declares_exactly_the_served_routes() -> None:
     served: set[tuple[str, str]] = set()
     for route in app.router.routes():
         path = route.resource.canonical if route.resource is not None else ""
-        if path.startswith(API):
+        # "*" routes only answer 405 (with Allow) for undeclared methods
+        if path.startswith(API) and route.method != "*":
             served.add((route.method.lower(), path))
     doc = _openapi.document(prefix=API, auth=False)
     declared = {

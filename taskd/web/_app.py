@@ -22,7 +22,7 @@ from .._retention import Retention
 from .._store import Store
 from .._tracker import TaskHandle, Tracker
 from .._webhooks import Webhooks
-from ._errors import _make_middleware
+from ._errors import Handler, enveloped, make_middleware, method_not_allowed
 from ._guard import BrowserGuard
 from ._handlers import _dashboard_handler, _Handlers, _health, _metrics_handler, _ok
 from ._state import (
@@ -158,25 +158,30 @@ def _setup(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
-    app.middlewares.append(_make_middleware(state))
+    app.middlewares.append(make_middleware(state, standalone=metrics))
     r = app.router
     p = state.prefix
     h = _Handlers(state)
-    routes = [
-        r.add_get(p + "/tasks", h.list_tasks, allow_head=False, name=_ROUTE_LIST),
-        r.add_post(p + "/tasks", h.create_task),
-        r.add_get(p + "/tasks/{task_id}", h.get_task, allow_head=False),
-        r.add_delete(p + "/tasks/{task_id}", h.delete_task),
-        r.add_post(p + "/tasks/{task_id}/start", h.start_task),
-        r.add_post(p + "/tasks/{task_id}/progress", h.progress_task),
-        r.add_post(p + "/tasks/{task_id}/complete", h.complete_task),
-        r.add_post(p + "/tasks/{task_id}/fail", h.fail_task),
-        r.add_post(p + "/tasks/{task_id}/cancel", h.cancel_task),
-        r.add_get(p + "/tasks/{task_id}/events", h.task_events, allow_head=False),
-        r.add_get(p + "/events", h.events, allow_head=False),
-        r.add_get(p + "/openapi.json", h.openapi_doc, allow_head=False),
+    table: list[tuple[str, dict[str, Handler]]] = [
+        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task}),
+        (p + "/tasks/{task_id}", {"GET": h.get_task, "DELETE": h.delete_task}),
+        (p + "/tasks/{task_id}/start", {"POST": h.start_task}),
+        (p + "/tasks/{task_id}/progress", {"POST": h.progress_task}),
+        (p + "/tasks/{task_id}/complete", {"POST": h.complete_task}),
+        (p + "/tasks/{task_id}/fail", {"POST": h.fail_task}),
+        (p + "/tasks/{task_id}/cancel", {"POST": h.cancel_task}),
+        (p + "/tasks/{task_id}/events", {"GET": h.task_events}),
+        (p + "/events", {"GET": h.events}),
+        (p + "/openapi.json", {"GET": h.openapi_doc}),
     ]
-    state.resources.update(route.resource for route in routes if route.resource is not None)
+    for path, methods in table:
+        name = _ROUTE_LIST if path == p + "/tasks" else None
+        resource = r.add_resource(path, name=name)
+        for method, handler in methods.items():
+            resource.add_route(method, enveloped(handler))
+        # Any other method: 405 with Allow, in the envelope (a "*" route goes last).
+        resource.add_route("*", method_not_allowed(methods))
+        state.resources.add(resource)
     if dashboard:
         path = dashboard if isinstance(dashboard, str) else "/dashboard"
         r.add_get(path, _dashboard_handler(state), allow_head=False)
@@ -258,8 +263,9 @@ async def spawn(
 ) -> TaskHandle[T]:
     """``Tracker.spawn`` for a request handler: the task belongs to the request's owner.
 
-    ``TaskConflict`` and other taskd errors raised here are answered with the error
-    envelope by the middleware ``setup`` installed.
+    ``TaskConflict`` and other taskd errors raised here may be caught by the handler;
+    if they are not, the middleware ``setup`` installed answers them with the error
+    envelope (it answers taskd's own exceptions only).
     """
     try:
         state = _state_of(request)

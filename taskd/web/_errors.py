@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
 from aiohttp import web
@@ -14,7 +14,7 @@ from .._errors import CODE_FOR_STATUS, TaskdError
 from .._models import (
     JSON,
 )
-from ._state import _JSON, _STATE, RETRY_AFTER, _State
+from ._state import _JSON, RETRY_AFTER, _State
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")
@@ -69,35 +69,61 @@ def _from_taskd_error(exc: TaskdError) -> RequestError:
     return RequestError(exc.http_status, exc.code, str(exc), exc.error_details(), headers)
 
 
-def _in_api(request: web.Request) -> bool:
-    """Whether the request is for taskd's own routes. Judged by the route the request
-    matched (its resource is one setup() registered), or, for a path that matched no
-    route or no method, by the API's mount point as the router resolves it, which
-    includes the prefix of a sub-application."""
-    state = request.config_dict.get(_STATE)
-    if state is None:
-        return False
-    resource = request.match_info.route.resource
-    if resource is not None:
-        return resource in state.resources
-    base = state.api_base()
-    path = request.path
-    return path == base or path.startswith(base + "/")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def _make_middleware(state: _State) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The one middleware: errors to envelopes, and per-route request counts when the
-    app exports metrics (the standalone app)."""
+def enveloped(handler: Handler) -> Handler:
+    """Wrap one of taskd's own route handlers: every error it raises is answered with
+    the envelope (the error table), never a 500 page or a traceback. taskd's routes
+    are wrapped one by one, so a host application's routes are never judged."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return _error_to_response(request, exc, in_api=True)
+
+    return wrapped
+
+
+def method_not_allowed(allowed: Iterable[str]) -> Handler:
+    """The handler of a taskd path for the methods it does not declare: 405 with
+    ``Allow``, in the envelope (registered last on the path, as a ``*`` route)."""
+    allow = ", ".join(sorted(allowed))
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        return error_response(
+            405,
+            "METHOD_NOT_ALLOWED",
+            f"method {request.method} is not allowed here; allowed: {allow}",
+            None,
+            {"Allow": allow},
+        )
+
+    return handler
+
+
+def make_middleware(
+    state: _State, *, standalone: bool
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware ``setup`` installs. On a host application it touches only
+    taskd's own exceptions (``TaskConflict`` from ``taskd.web.spawn`` in the host's
+    handler, say), answered with the envelope; everything else of the host's passes
+    untouched — taskd's routes are enveloped by their own wrappers. On the standalone
+    application, whose routes are all taskd's, it also envelopes what the router
+    answers (unknown paths) and counts requests per route for ``/metrics``."""
     counts = state.http_counts
 
     @web.middleware
-    async def taskd_middleware(
-        request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
+    async def taskd_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         try:
             response = await handler(request)
+        except TaskdError as exc:
+            response = _error_to_response(request, exc, in_api=True)
         except Exception as exc:
-            response = _error_to_response(request, exc)
+            if not standalone:
+                raise
+            response = _error_to_response(request, exc, in_api=True)
         if counts is not None:
             route = request.match_info.route.resource
             key = (
@@ -116,10 +142,8 @@ class _ClientGone(Exception):
     most likely never read), so that the handler stops there."""
 
 
-def _error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
-    """Answer an error under the API prefix with the envelope; taskd's own errors raised
-    from the application's handlers (``taskd.web.spawn``) get it too. Anything else
-    outside the prefix is re-raised for aiohttp to handle as usual."""
+def _error_to_response(request: web.Request, exc: Exception, *, in_api: bool) -> web.StreamResponse:
+    """Answer an error of taskd's routes with the envelope."""
     if isinstance(exc, RequestError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
     if isinstance(exc, _ClientGone):
@@ -128,14 +152,14 @@ def _error_to_response(request: web.Request, exc: Exception) -> web.StreamRespon
         err = _from_taskd_error(exc)
         return error_response(err.status, err.code, err.message, err.details, err.headers)
     if isinstance(exc, web.HTTPException):
-        if exc.status < 400 or not _in_api(request):
+        if exc.status < 400 or not in_api:
             raise exc
         code = CODE_FOR_STATUS.get(
             exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL"
         )
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return error_response(exc.status, code, exc.reason, None, headers)
-    if not _in_api(request):
+    if not in_api:
         raise exc
     if isinstance(exc, ValueError | TypeError):
         # The tracker's argument checks: the request carried a bad value.
