@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -90,6 +91,14 @@ class Service:
     def __exit__(self, *exc: object) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.stop()
+
+    # In async tests: start and stop in a thread, so that waiting for the server (or
+    # for it to exit) never blocks the test's event loop.
+    async def __aenter__(self) -> Service:
+        return await asyncio.to_thread(self.start)
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.to_thread(self.__exit__, *exc)
 
 
 def cli(

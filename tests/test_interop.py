@@ -149,7 +149,7 @@ async def test_app_runner_cleanup_answers_pending_long_polls() -> None:
 
 
 async def test_serve_exits_promptly_with_a_thousand_long_polls(tmp_path: Path) -> None:
-    with Service(tmp_path, "--log-level", "WARNING") as s:
+    async with Service(tmp_path, "--log-level", "WARNING") as s:
         tid = http("POST", s.url + "/api/v1/tasks", {"task_type": "t"})[1]["result"]["task_id"]
         connector = aiohttp.TCPConnector(limit=0)
         async with aiohttp.ClientSession(connector=connector) as session:
@@ -173,7 +173,7 @@ async def test_serve_exits_promptly_with_a_thousand_long_polls(tmp_path: Path) -
             assert s.proc is not None
             code = await asyncio.to_thread(s.proc.wait, 30)
             elapsed = time.monotonic() - start
-            s.stop()  # closes its log
+            await asyncio.to_thread(s.stop)  # closes its log
     assert statuses == [200] * 1000
     assert code == 0
     # close_timeout is 5 s: the exit must not wait for the polls' 60 s.
@@ -203,7 +203,7 @@ async def _first_event(session: aiohttp.ClientSession, url: str, last: str | Non
 async def test_event_ids_stay_unique_across_restarts(tmp_path: Path) -> None:
     db = str(tmp_path / "t.db")
     async with aiohttp.ClientSession() as session:
-        with Service(tmp_path, "--db", db) as s:
+        async with Service(tmp_path, "--db", db) as s:
             ids = [
                 http("POST", s.url + "/api/v1/tasks", {"task_type": "t"})[1]["result"]["task_id"]
                 for _ in range(5)
@@ -214,7 +214,7 @@ async def test_event_ids_stay_unique_across_restarts(tmp_path: Path) -> None:
                 session, f"{s.url}/api/v1/tasks/{target}/events", None
             )
             assert rec["status"] == "running"
-        with Service(tmp_path, "--db", db, port=s.port) as s2:
+        async with Service(tmp_path, "--db", db, port=s.port) as s2:
             # a global subscriber makes the new process keep its replay buffer
             glob = asyncio.ensure_future(_first_event(session, f"{s2.url}/api/v1/events", None))
 
@@ -355,7 +355,7 @@ def test_exceptions_rebuild_from_code_and_details(exc: taskd.TaskdError) -> None
 
 
 async def test_client_raises_what_the_server_raised(tmp_path: Path) -> None:
-    with Service(tmp_path) as s:
+    async with Service(tmp_path) as s:
         async with TaskdClient(s.url) as client:
             rec = await client.create("commit", resource_id="s1")
             with pytest.raises(taskd.TaskConflict) as conflict:
@@ -370,7 +370,7 @@ async def test_client_raises_what_the_server_raised(tmp_path: Path) -> None:
             with pytest.raises(ApiError) as bad:
                 await client.list(limit=0)
             assert isinstance(bad.value, taskd.TaskdError) and bad.value.code == "INVALID_ARGUMENT"
-        out = cli("cancel", rec.task_id, "--url", s.url)
+        out = await asyncio.to_thread(cli, "cancel", rec.task_id, "--url", s.url)
     assert out.returncode == 3
     assert out.stderr.strip() == (
         f"taskd: cannot cancel task '{rec.task_id}': it is cancelled [FAILED_PRECONDITION]"

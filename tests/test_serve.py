@@ -284,19 +284,19 @@ async def test_client_methods(service: Service) -> None:
 
 async def test_client_wait_survives_a_server_restart(tmp_path: Path) -> None:
     db = tmp_path / "tasks.db"
-    s = Service(tmp_path, "--db", str(db)).start()
+    s = await asyncio.to_thread(Service(tmp_path, "--db", str(db)).start)
     async with TaskdClient(s.url) as client:
         rec = await client.create("job")
         await client.start(rec.task_id)
         waiter = asyncio.ensure_future(client.wait(rec.task_id, timeout=60, poll_wait=2))
         await asyncio.sleep(0.5)
-        assert s.stop(signal.SIGKILL) != 0  # the server dies mid long-poll
+        assert await asyncio.to_thread(s.stop, signal.SIGKILL) != 0  # the server dies mid long-poll
         await asyncio.sleep(1.0)
         assert not waiter.done()
-        again = Service(tmp_path, "--db", str(db), port=s.port).start()
+        again = await asyncio.to_thread(Service(tmp_path, "--db", str(db), port=s.port).start)
         try:
             await client.complete(rec.task_id, "after restart")
             final = await asyncio.wait_for(waiter, 30)
             assert final.status.value == "completed" and final.result == "after restart"
         finally:
-            again.stop()
+            await asyncio.to_thread(again.stop)

@@ -200,7 +200,7 @@ _RANK = {"pending": 0, "running": 1, "completed": 2, "failed": 2, "cancelled": 2
 
 async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
     db = tmp_path / "tasks.db"
-    s = Service(tmp_path, "--db", str(db)).start()
+    s = await asyncio.to_thread(Service(tmp_path, "--db", str(db)).start)
     acked: dict[str, dict[str, Any]] = {}  # task_id -> latest acknowledged record
     stop = asyncio.Event()
 
@@ -233,18 +233,17 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
         await asyncio.sleep(0.5)
         stop.set()
         await asyncio.gather(*workers)
-    s.stop()
+    await asyncio.to_thread(s.stop)
     assert len(acked) > 50
-    with Service(tmp_path, "--db", str(db)) as again:
-        async with aiohttp.ClientSession() as session:
-            for task_id, rec in acked.items():
-                async with session.get(f"{again.url}{API}/tasks/{task_id}") as resp:
-                    assert resp.status == 200, task_id
-                    now = (await resp.json())["result"]
-                assert _RANK[now["status"]] >= _RANK[rec["status"]], (rec, now)
-                assert now["updated_at"] >= rec["updated_at"]
-                if rec["status"] == "completed":
-                    assert now == rec  # terminal: exactly as acknowledged
+    async with Service(tmp_path, "--db", str(db)) as again, aiohttp.ClientSession() as session:
+        for task_id, rec in acked.items():
+            async with session.get(f"{again.url}{API}/tasks/{task_id}") as resp:
+                assert resp.status == 200, task_id
+                now = (await resp.json())["result"]
+            assert _RANK[now["status"]] >= _RANK[rec["status"]], (rec, now)
+            assert now["updated_at"] >= rec["updated_at"]
+            if rec["status"] == "completed":
+                assert now == rec  # terminal: exactly as acknowledged
 
 
 def test_restart_after_demo_kill_fails_running_jobs_as_interrupted(tmp_path: Path) -> None:

@@ -20,7 +20,7 @@ API = "/api/v1"
 
 async def test_sigterm_under_load_exits_cleanly_with_records_final(tmp_path: Path) -> None:
     db = tmp_path / "tasks.db"
-    s = Service(tmp_path, "--db", str(db), "--demo").start()
+    s = await asyncio.to_thread(Service(tmp_path, "--db", str(db), "--demo").start)
     acked: dict[str, dict[str, Any]] = {}
     stop = asyncio.Event()
 
@@ -52,13 +52,12 @@ async def test_sigterm_under_load_exits_cleanly_with_records_final(tmp_path: Pat
     assert code == 0
     assert elapsed < 5.0 + 1.0 + 3.0  # close_timeout + cancel grace + start-up slack
     assert "taskd: stopped" in s.log() and "Traceback" not in s.log()
-    with Service(tmp_path, "--db", str(db)) as again:
-        async with aiohttp.ClientSession() as http:
-            async with http.get(f"{again.url}{API}/tasks?status=running,pending&limit=200") as r:
-                active = (await r.json())["result"]
-            # external tasks keep their state; every in-process one was finished
-            assert all(rec["task_type"] == "ext" for rec in active)
-            for tid, rec in acked.items():
-                async with http.get(f"{again.url}{API}/tasks/{tid}") as r:
-                    assert r.status == 200
-                    assert (await r.json())["result"] == rec
+    async with Service(tmp_path, "--db", str(db)) as again, aiohttp.ClientSession() as http:
+        async with http.get(f"{again.url}{API}/tasks?status=running,pending&limit=200") as r:
+            active = (await r.json())["result"]
+        # external tasks keep their state; every in-process one was finished
+        assert all(rec["task_type"] == "ext" for rec in active)
+        for tid, rec in acked.items():
+            async with http.get(f"{again.url}{API}/tasks/{tid}") as r:
+                assert r.status == 200
+                assert (await r.json())["result"] == rec

@@ -21,7 +21,7 @@ DURATION = 20.0
 
 
 async def test_http_load_with_invariants(tmp_path: Path) -> None:
-    s = Service(tmp_path).start()
+    s = await asyncio.to_thread(Service(tmp_path).start)
     acked: dict[str, dict[str, Any]] = {}
     statuses: list[int] = []
     health_ms: list[float] = []
@@ -97,7 +97,7 @@ async def test_http_load_with_invariants(tmp_path: Path) -> None:
                 if now["error"]:
                     assert "secret-value" not in now["error"]
     finally:
-        assert s.stop() == 0
+        assert await asyncio.to_thread(s.stop) == 0
     health_ms.sort()
     print(
         f"\n{len(statuses)} requests, {len(acked)} tasks, 0 5xx; /health p50 "
