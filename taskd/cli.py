@@ -234,21 +234,29 @@ def _parser() -> argparse.ArgumentParser:
         "close a connection whose request (headers and body) has not arrived S seconds "
         "after its first byte",
     )
-    serve.add_argument(
+    def many(flag: str, env: str, metavar: str, text: str) -> None:
+        # One or more values per flag, the flag repeatable, the env comma-separated.
+        serve.add_argument(
+            flag,
+            action="extend",
+            nargs="+",
+            default=_split_env(env),
+            metavar=metavar,
+            help=f"{text} (repeatable; env {env}, comma-separated)",
+        )
+
+    many(
         "--cors-origin",
-        action="append",
-        default=_split_env("TASKD_CORS_ORIGINS"),
-        metavar="ORIGIN",
-        help="a foreign origin (https://app.example) allowed to make requests from a "
-        "browser (repeatable; env TASKD_CORS_ORIGINS, comma-separated)",
+        "TASKD_CORS_ORIGINS",
+        "ORIGIN",
+        "a foreign origin (https://app.example) allowed to make requests from a browser",
     )
-    serve.add_argument(
+    many(
         "--allow-host",
-        action="append",
-        default=_split_env("TASKD_ALLOW_HOSTS"),
-        metavar="HOST",
-        help="without tokens, also answer requests with this Host header (loopback "
-        "names and --host are always allowed; repeatable; env TASKD_ALLOW_HOSTS)",
+        "TASKD_ALLOW_HOSTS",
+        "HOST",
+        "without tokens, also answer requests with this Host header (loopback names and "
+        "--host are always allowed)",
     )
     serve.add_argument(
         "--webhook-secret",
@@ -257,7 +265,8 @@ def _parser() -> argparse.ArgumentParser:
     )
     serve.add_argument(
         "--webhook-allow",
-        action="append",
+        action="extend",
+        nargs="+",
         default=_split_env("TASKD_WEBHOOK_ALLOW"),
         metavar="HOST[:PORT]",
         help="allow callback_url targets on this host; [IPv6]:PORT for IPv6 (repeatable; "

@@ -107,7 +107,12 @@ async def test_quota_in_the_python_api() -> None:
 @pytest.fixture
 def open_server(tmp_path: Path) -> Iterator[Service]:
     with Service(
-        tmp_path, "--cors-origin", "https://app.example", "--allow-host", "tasks.lan"
+        tmp_path,
+        "--cors-origin",
+        "https://other.example",
+        "https://app.example",  # several values to one flag, as --token takes them
+        "--allow-host",
+        "tasks.lan",
     ) as s:
         yield s
 
