@@ -27,14 +27,14 @@ from ._hub import Hub
 from ._models import ACTIVE, ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
 from ._retention import Retention
 from ._runner import Outcome, start_runner
-from ._state import Page, TaskState, new_spec
+from ._state import TaskState, new_spec
 from ._store import Store
 from ._timers import Kind, Timers
 
 if TYPE_CHECKING:
     from ._tracker import TrackerStats
 
-__all__ = ["Actor", "MailboxItem", "Page"]
+__all__ = ["Actor", "MailboxItem"]
 
 log = logging.getLogger("taskd")
 

@@ -301,6 +301,14 @@ class RawJSON:
 RAW_RESULT_CHARS = 512
 
 
+def result_from_text(text: str) -> JSON | RawJSON:
+    """A stored result from its JSON text: kept as text when large, else decoded."""
+    if len(text) > RAW_RESULT_CHARS:
+        return RawJSON(text)
+    decoded: JSON = json.loads(text)
+    return decoded
+
+
 def _str(value: object) -> str:
     if not isinstance(value, str):
         raise TypeError(f"expected a string, got {type(value).__name__}")
@@ -415,8 +423,7 @@ def json_copy(value: object, what: str) -> JSON:
 def store_json(value: object, what: str) -> JSON | RawJSON:
     """``json_copy`` for a stored result: a large container is kept as its text."""
     if isinstance(value, dict | list | tuple | Mapping):
-        text = _unicode_json(value, what)
-        return RawJSON(text) if len(text) > RAW_RESULT_CHARS else cast(JSON, json.loads(text))
+        return result_from_text(_unicode_json(value, what))
     return json_copy(value, what)
 
 

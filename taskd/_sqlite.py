@@ -28,7 +28,15 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from ._errors import StoreError
-from ._models import DEFAULT_SPEC, JSON, RAW_RESULT_CHARS, RawJSON, TaskRecord, TaskSpec, TaskStatus
+from ._models import (
+    DEFAULT_SPEC,
+    JSON,
+    RawJSON,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+    result_from_text,
+)
 
 __all__ = ["SQLiteStore", "StoreError"]
 
@@ -51,13 +59,6 @@ def _result_text(data: JSON | RawJSON) -> str | None:
     if isinstance(data, RawJSON):
         return data.text
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-
-
-def _result_value(text: object) -> JSON | RawJSON:
-    if not isinstance(text, str):
-        return None
-    # Large results stay text in memory too, as they were before the restart.
-    return RawJSON(text) if len(text) > RAW_RESULT_CHARS else json.loads(text)
 
 
 def _encode(rec: TaskRecord) -> _Row:
@@ -126,7 +127,8 @@ def _decode(row: Sequence[Any]) -> TaskRecord:
         finished_at,
         progress,
         message,
-        _result_value(result),
+        # Large results stay text in memory too, as they were before the restart.
+        result_from_text(result) if isinstance(result, str) else None,
         error,
         spec,
     )

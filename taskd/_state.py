@@ -106,14 +106,6 @@ class TaskState:
         self._dirty, self._changed = {}, []
         return dirty, changed
 
-    def keep_changes(
-        self, dirty: dict[str, TaskRecord | None], changed: list[tuple[int, TaskRecord]]
-    ) -> None:
-        """Put back changes that could not be committed, ahead of newer ones."""
-        dirty.update(self._dirty)
-        self._dirty = dirty
-        self._changed = changed + self._changed
-
     # --- loading ------------------------------------------------------------------------
 
     def load(self, records: Iterable[TaskRecord]) -> list[TaskRecord]:

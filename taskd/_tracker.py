@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from . import _messages as m
-from ._actor import Actor, MailboxItem, Page
+from ._actor import Actor, MailboxItem
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -39,6 +39,7 @@ from ._models import (
 from ._redact import redact_error
 from ._retention import Retention
 from ._runner import Outcome
+from ._state import Page
 from ._store import MemoryStore, Store
 from ._watch import Subscription
 from ._webhooks import Webhooks, WebhookSender

@@ -188,14 +188,23 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("TASKD_DB") or None,
         help="SQLite file: durable tasks (env TASKD_DB)",
     )
-    serve.add_argument(
+
+    def many(flag: str, env: str, metavar: str, text: str) -> None:
+        # One or more values per flag, the flag repeatable, the env comma-separated.
+        serve.add_argument(
+            flag,
+            action="extend",
+            nargs="+",
+            default=_split_env(env),
+            metavar=metavar,
+            help=f"{text} (repeatable; env {env}, comma-separated)",
+        )
+
+    many(
         "--token",
-        action="extend",
-        nargs="+",
-        default=_split_env("TASKD_TOKENS"),
-        metavar="[OWNER=]TOKEN",
-        help="turn on bearer-token auth (repeatable); a bare token belongs to owner "
-        "'default' (env TASKD_TOKENS, comma-separated)",
+        "TASKD_TOKENS",
+        "[OWNER=]TOKEN",
+        "turn on bearer-token auth; a bare token belongs to owner 'default'",
     )
     serve.add_argument("--demo", action="store_true", help="also run simulated jobs")
 
@@ -234,16 +243,6 @@ def _parser() -> argparse.ArgumentParser:
         "close a connection whose request (headers and body) has not arrived S seconds "
         "after its first byte",
     )
-    def many(flag: str, env: str, metavar: str, text: str) -> None:
-        # One or more values per flag, the flag repeatable, the env comma-separated.
-        serve.add_argument(
-            flag,
-            action="extend",
-            nargs="+",
-            default=_split_env(env),
-            metavar=metavar,
-            help=f"{text} (repeatable; env {env}, comma-separated)",
-        )
 
     many(
         "--cors-origin",

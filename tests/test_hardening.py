@@ -333,10 +333,12 @@ def test_hung_webhook_receiver_does_not_hold_up_exit(tmp_path: Path) -> None:
             {"task_type": "t", "callback_url": f"http://127.0.0.1:{port}/hook?token=abc"},
         )[1]["result"]["task_id"]
         http("POST", f"{s.url}{API}/tasks/{tid}/cancel")
-        time.sleep(0.5)  # let the delivery reach the receiver and hang there
+        hung.settimeout(10)
+        conn, _ = hung.accept()  # the delivery has reached the receiver: now it hangs
         started = time.monotonic()
         code = s.stop(signal.SIGTERM)
         elapsed = time.monotonic() - started
+    conn.close()
     hung.close()
     assert code == 0
     assert elapsed < 5.0 + 2.0

@@ -176,8 +176,8 @@ async def test_serve_exits_promptly_with_a_thousand_long_polls(tmp_path: Path) -
             await asyncio.to_thread(s.stop)  # closes its log
     assert statuses == [200] * 1000
     assert code == 0
-    # close_timeout is 5 s: the exit must not wait for the polls' 60 s.
-    assert elapsed < 6.0, elapsed
+    # close_timeout is 5 s; the promise is close_timeout + 2 s, not the polls' 60 s.
+    assert elapsed < 7.0, elapsed
 
 
 # --- 3. event ids across restarts -------------------------------------------------------
@@ -326,11 +326,28 @@ async def test_close_timeout_zero_cancels_at_once() -> None:
 # --- 7. one error table -------------------------------------------------------------------
 
 
-def test_error_table_is_what_the_openapi_document_lists() -> None:
+def test_error_table_holds_the_documented_codes_and_the_openapi_document_lists_them() -> None:
+    documented = {  # docs/http-api.md
+        "INVALID_ARGUMENT": 400,
+        "UNAUTHENTICATED": 401,
+        "PERMISSION_DENIED": 403,
+        "NOT_FOUND": 404,
+        "CONFLICT": 409,
+        "FAILED_PRECONDITION": 409,
+        "PAYLOAD_TOO_LARGE": 413,
+        "RESOURCE_EXHAUSTED": 429,
+        "UNAVAILABLE": 503,
+    }
+    table = {e.code: e.http_status for e in _errors.ERRORS}
+    assert documented.items() <= table.items()
+    assert {c for c, e in _errors.BY_CODE.items() if e.retry_after} == {
+        "RESOURCE_EXHAUSTED",
+        "UNAVAILABLE",
+    }
     doc = taskd._openapi.document(prefix="/api/v1", auth=True)
     schemas: Any = doc["components"]
     enum = schemas["schemas"]["ErrorEnvelope"]["properties"]["error"]["properties"]["code"]
-    assert enum["enum"] == [e.code for e in _errors.ERRORS]
+    assert set(enum["enum"]) == set(table)
 
 
 @pytest.mark.parametrize(

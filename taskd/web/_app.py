@@ -183,7 +183,6 @@ def _setup(
             resource.add_route(method, handler if metrics else enveloped(handler))
         # Any other method: 405 with Allow, in the envelope (a "*" route goes last).
         resource.add_route("*", method_not_allowed(methods))
-        state.resources.add(resource)
     if dashboard:
         path = dashboard if isinstance(dashboard, str) else "/dashboard"
         r.add_get(path, _dashboard_handler(state), allow_head=False)

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 from aiohttp import web
 
-from .._errors import CODE_FOR_STATUS, TaskdError
+from .._errors import BY_CODE, CODE_FOR_STATUS, TaskdError
 from .._models import (
     JSON,
 )
@@ -65,7 +65,7 @@ def error_response(
 
 
 def _from_taskd_error(exc: TaskdError) -> RequestError:
-    headers = {"Retry-After": RETRY_AFTER} if exc.http_status in (429, 503) else None
+    headers = {"Retry-After": RETRY_AFTER} if BY_CODE[exc.code].retry_after else None
     return RequestError(exc.http_status, exc.code, str(exc), exc.error_details(), headers)
 
 
@@ -81,7 +81,7 @@ def enveloped(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except Exception as exc:
-            return _error_to_response(request, exc, in_api=True)
+            return _error_to_response(request, exc)
 
     return wrapped
 
@@ -119,11 +119,11 @@ def make_middleware(
         try:
             response = await handler(request)
         except TaskdError as exc:
-            response = _error_to_response(request, exc, in_api=True)
+            response = _error_to_response(request, exc)
         except Exception as exc:
             if not standalone:
                 raise
-            response = _error_to_response(request, exc, in_api=True)
+            response = _error_to_response(request, exc)
         if counts is not None:
             route = request.match_info.route.resource
             key = (
@@ -142,7 +142,7 @@ class _ClientGone(Exception):
     most likely never read), so that the handler stops there."""
 
 
-def _error_to_response(request: web.Request, exc: Exception, *, in_api: bool) -> web.StreamResponse:
+def _error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     """Answer an error of taskd's routes with the envelope."""
     if isinstance(exc, RequestError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
@@ -152,15 +152,13 @@ def _error_to_response(request: web.Request, exc: Exception, *, in_api: bool) ->
         err = _from_taskd_error(exc)
         return error_response(err.status, err.code, err.message, err.details, err.headers)
     if isinstance(exc, web.HTTPException):
-        if exc.status < 400 or not in_api:
-            raise exc
+        if exc.status < 400:
+            raise exc  # a redirect or a success raised as an exception: aiohttp's
         code = CODE_FOR_STATUS.get(
             exc.status, "INVALID_ARGUMENT" if exc.status < 500 else "INTERNAL"
         )
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "WWW-Authenticate")}
         return error_response(exc.status, code, exc.reason, None, headers)
-    if not in_api:
-        raise exc
     if isinstance(exc, ValueError | TypeError):
         # The tracker's argument checks: the request carried a bad value.
         return error_response(400, "INVALID_ARGUMENT", str(exc))

@@ -52,8 +52,6 @@ class _State:
     max_body: int = MAX_BODY
     #: The application setup() was called on (maybe mounted as a sub-application).
     app: web.Application | None = None
-    #: The resources of taskd's own routes, for telling them from the host's.
-    resources: set[web.AbstractResource] = field(default_factory=set)
     _base: str | None = None
     #: Open event streams, ended on shutdown so that the server need not wait for them.
     streams: set[Subscription] = field(default_factory=set)
