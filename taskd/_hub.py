@@ -77,6 +77,11 @@ class Hub:
                 sub.push(n, rec)
         sub.resumed = True
 
+    def prime(self, entries: Iterable[tuple[int, TaskRecord]]) -> None:
+        """Start the replay ring now, with ``entries`` (a shared task space: the
+        latest changes of every process, so a client may resume on any of them)."""
+        self._recent = deque(entries, maxlen=RECENT_EVENTS)
+
     def unsubscribe(self, sub: Subscription) -> None:
         """Drop ``sub`` (and end it)."""
         sub.end()

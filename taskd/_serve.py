@@ -6,11 +6,20 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
+import subprocess
+import sys
+import time
+from urllib.parse import urlsplit, urlunsplit
 
 from . import __version__
 from ._errors import TaskdError
+from ._redis import check_prefix, check_redis_url
 from .cli import EXIT_OK, EXIT_START, CliError, _env, _tokens
+
+#: Set in each worker process of ``--workers N`` to its index (0 runs the demo).
+_WORKER_ENV = "TASKD_WORKER_INDEX"
 
 __all__ = ["serve"]
 
@@ -54,6 +63,19 @@ def serve(args: argparse.Namespace) -> int:
             "raw UTF-8 bytes as the key (Standard Webhooks libraries expect whsec_<base64>)"
         )
     store = None
+    if args.db and args.redis:
+        raise CliError(
+            "--db and --redis are exclusive: with --redis, Redis holds the tasks", EXIT_START
+        )
+    if args.redis:
+        try:
+            check_redis_url(args.redis)
+            check_prefix(args.redis_prefix)
+        except ValueError as exc:
+            raise CliError(str(exc), EXIT_START) from None
+    worker = os.environ.get(_WORKER_ENV)
+    if args.workers > 1:
+        return _supervise(args)
     if args.db:
         try:
             store = SQLiteStore(args.db)
@@ -66,10 +88,12 @@ def serve(args: argparse.Namespace) -> int:
         auth=bearer_auth(tokens) if tokens else None,
         store=store,
         retention=Retention(max_active_per_owner=args.max_active_per_owner),
-        demo=args.demo,
+        demo=args.demo and worker in (None, "0"),
         demo_seed=_env("TASKD_DEMO_SEED", int, None),
         webhooks=webhooks,
         cancel_grace=args.cancel_grace,
+        redis=args.redis,
+        redis_prefix=args.redis_prefix,
         guard=BrowserGuard(
             check_host=not tokens, allowed_hosts=frozenset(hosts), cors_origins=frozenset(origins)
         ),
@@ -92,7 +116,9 @@ def serve(args: argparse.Namespace) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
         try:
-            site = web.TCPSite(runner, args.host, args.port)
+            # Workers of one `--workers N` share the port: the kernel spreads
+            # connections over them.
+            site = web.TCPSite(runner, args.host, args.port, reuse_port=worker is not None)
             try:
                 await site.start()
             except OSError as exc:
@@ -105,7 +131,11 @@ def serve(args: argparse.Namespace) -> int:
                 __version__,
                 host,
                 args.port,
-                f"db {args.db}" if args.db else "in memory",
+                f"db {args.db}"
+                if args.db
+                else f"redis {_safe_url(args.redis)} prefix {args.redis_prefix!r}"
+                if args.redis
+                else "in memory",
                 ", token auth" if tokens else "",
                 ", demo jobs" if args.demo else "",
             )
@@ -134,3 +164,81 @@ def _quiet_bad_requests(record: logging.LogRecord) -> bool:
             None,
         )
     return True
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password, for the log."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)[1]
+    user = f"{parts.username}:***@" if parts.username else ":***@"
+    return urlunsplit(parts._replace(netloc=user + netloc))
+
+
+def _child_argv(argv: list[str]) -> list[str]:
+    """The command line minus ``--workers``: each worker is one process."""
+    out: list[str] = []
+    skip = False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--workers":
+            skip = True
+        elif not arg.startswith("--workers="):
+            out.append(arg)
+    return out
+
+
+def _supervise(args: argparse.Namespace) -> int:
+    """``--workers N``: run N copies of this command on one port (SO_REUSEPORT) and
+    stop them together. A worker that dies is started again; one that cannot start
+    stops them all (exit 1)."""
+    logging.basicConfig(
+        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not args.redis:
+        raise CliError(
+            "--workers needs --redis: separate processes share tasks only through Redis",
+            EXIT_START,
+        )
+    if args.port == 0:
+        raise CliError("--workers needs a fixed --port (not 0)", EXIT_START)
+    argv = [sys.executable, "-m", "taskd", *_child_argv(list(args.argv))]
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+
+    def start(index: int) -> subprocess.Popen[bytes]:
+        env = dict(os.environ, **{_WORKER_ENV: str(index), "TASKD_WORKERS": "1"})
+        return subprocess.Popen(argv, env=env)
+
+    procs = {i: start(i) for i in range(args.workers)}
+    started = {i: time.monotonic() for i in procs}
+    log.info("taskd %s: %d workers on port %d", __version__, args.workers, args.port)
+    status = EXIT_OK
+    while not stopping:
+        time.sleep(0.1)
+        for i, proc in list(procs.items()):
+            code = proc.poll()
+            if code is None or stopping:
+                continue
+            if code == EXIT_START and time.monotonic() - started[i] < 10:
+                log.error("worker %d could not start; stopping", i)
+                status = EXIT_START
+                stopping = True
+                break
+            log.warning("worker %d exited with %s; starting it again", i, code)
+            procs[i] = start(i)
+            started[i] = time.monotonic()
+    for proc in procs.values():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs.values():
+        proc.wait()
+    return status

@@ -27,6 +27,8 @@ class Kind(enum.IntEnum):
     WAIT = 2
     GRACE = 3
     RETRY = 4
+    #: The shared task space's sweep of deadlines (Redis mode).
+    SWEEP = 5
 
 
 _Entry = tuple[float, int, Kind, str, "asyncio.Future[Any] | None"]

@@ -18,6 +18,7 @@ from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from . import _messages as m
 from ._actor import Actor, MailboxItem
+from ._shared import SharedActor
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -170,7 +171,9 @@ class Tracker:
     ``cancel_grace`` (seconds a ``cancelling`` task may go unconfirmed before it is
     recorded ``cancelled`` with ``"cancel not acknowledged"``), ``webhooks`` (a
     ``Webhooks``: signed callbacks on terminal transitions) and ``clock`` (wall-clock
-    source, for tests). Methods called before entry, after close, or once the actor has died
+    source, for tests). ``redis`` (a ``redis://`` URL) puts the task space in Redis,
+    shared by every tracker given the same URL and ``redis_prefix`` (default
+    ``"taskd:"``), in any process or host; it excludes ``store``. Methods called before entry, after close, or once the actor has died
     raise ``TrackerClosed`` at once.
     """
 
@@ -183,11 +186,14 @@ class Tracker:
         cancel_grace: float = 60.0,
         webhooks: Webhooks | None = None,
         clock: Callable[[], float] = time.time,
+        redis: str | None = None,
+        redis_prefix: str = "taskd:",
     ) -> None:
         if retention is None:
             retention = Retention()
         elif not isinstance(retention, Retention):
             raise TypeError(f"retention must be a taskd.Retention, not {type(retention).__name__}")
+        explicit_store = store is not None
         if store is None:
             store = MemoryStore()
         elif not isinstance(store, Store):
@@ -207,13 +213,28 @@ class Tracker:
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
         self._mailbox: asyncio.Queue[MailboxItem] = asyncio.Queue()
-        self._actor = Actor(
-            mailbox=self._mailbox,
-            retention=retention,
-            store=store,
-            clock=clock,
-            cancel_grace=grace,
-        )
+        self._actor: Actor
+        if redis is not None:
+            from ._redis import check_prefix, check_redis_url
+
+            if explicit_store:
+                raise ValueError("store and redis are exclusive: Redis holds the records")
+            self._actor = SharedActor(
+                mailbox=self._mailbox,
+                retention=retention,
+                clock=clock,
+                cancel_grace=grace,
+                url=check_redis_url(redis),
+                prefix=check_prefix(redis_prefix),
+            )
+        else:
+            self._actor = Actor(
+                mailbox=self._mailbox,
+                retention=retention,
+                store=store,
+                clock=clock,
+                cancel_grace=grace,
+            )
         self._actor_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
 
@@ -234,11 +255,16 @@ class Tracker:
     async def __aenter__(self) -> Tracker:
         if self._state is not TrackerState.NEW:
             raise RuntimeError(f"a Tracker can be entered once; this one is {self.state.value}")
-        records = await self._options.store.open()
-        self._actor.load(records)
+        actor = self._actor
         if self._webhooks is not None:
             self._sender = WebhookSender(self._webhooks)
-            self._actor.on_terminal = self._sender.submit
+        if isinstance(actor, SharedActor):
+            await actor.open()
+            actor.sender = self._sender
+        else:
+            actor.load(await self._options.store.open())
+            if self._sender is not None:
+                actor.on_terminal = self._sender.submit
         self._actor_task = asyncio.get_running_loop().create_task(
             self._actor.run(), name="taskd-actor"
         )

@@ -30,7 +30,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
@@ -252,15 +252,24 @@ class WebhookSender:
         self.delivered = 0
         self.failed = 0
 
-    def submit(self, rec: TaskRecord) -> None:
-        """Start delivering one terminal record (called by the actor; never blocks)."""
+    def submit(self, rec: TaskRecord, done: Callable[[], object] | None = None) -> None:
+        """Start delivering one terminal record (called by the actor; never blocks).
+        ``done`` is called once delivery ended, delivered or given up (not if shutdown
+        cut it short: a shared outbox then hands the entry to another process)."""
         if self._closed or rec.callback_url is None:
             return
-        task = asyncio.get_running_loop().create_task(self._deliver(rec.callback_url, rec))
+        task = asyncio.get_running_loop().create_task(self._deliver(rec.callback_url, rec, done))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _deliver(self, url: str, rec: TaskRecord) -> None:
+    async def _deliver(
+        self, url: str, rec: TaskRecord, done: Callable[[], object] | None = None
+    ) -> None:
+        await self._attempts(url, rec)
+        if done is not None:
+            done()
+
+    async def _attempts(self, url: str, rec: TaskRecord) -> None:
         cfg = self.config
         body = rec.to_json().encode()
         msg_id = f"msg_{rec.task_id}_{rec.status.value}"

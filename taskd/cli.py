@@ -188,6 +188,27 @@ def _parser() -> argparse.ArgumentParser:
         default=os.environ.get("TASKD_DB") or None,
         help="SQLite file: durable tasks (env TASKD_DB)",
     )
+    serve.add_argument(
+        "--redis",
+        default=os.environ.get("TASKD_REDIS") or None,
+        metavar="URL",
+        help="redis://HOST:PORT/DB: one task space shared by every process given it "
+        "(env TASKD_REDIS)",
+    )
+    serve.add_argument(
+        "--redis-prefix",
+        default=os.environ.get("TASKD_REDIS_PREFIX") or "taskd:",
+        metavar="P",
+        help="key prefix in Redis: deployments with different prefixes share one Redis "
+        "(env TASKD_REDIS_PREFIX)",
+    )
+    serve.add_argument(
+        "--workers",
+        type=_arg(_count, "a count >= 1"),
+        default=_env("TASKD_WORKERS", _count, 1),
+        metavar="N",
+        help="run N processes on one port (SO_REUSEPORT); needs --redis (env TASKD_WORKERS)",
+    )
 
     def many(flag: str, env: str, metavar: str, text: str) -> None:
         # One or more values per flag, the flag repeatable, the env comma-separated.
@@ -605,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     url = DEFAULT_URL
     try:
         args = _parser().parse_args(argv)
+        args.argv = list(sys.argv[1:] if argv is None else argv)
         url = getattr(args, "url", url)
         if args.command == "serve":
             from ._serve import serve

@@ -1,11 +1,14 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 
 import pytest
 
 import taskd
+
+from .redis_server import RedisServer
 
 
 class FakeClock:
@@ -48,3 +51,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         parts = item.path.parts
         if "stress" in parts or "model" in parts:
             item.add_marker(pytest.mark.stress)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session; each test takes its own key prefix."""
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(params=["memory", "redis"])
+def engine(request: pytest.FixtureRequest) -> dict[str, str]:
+    """Options that pick the engine (``Tracker`` and ``create_app`` take them): in
+    memory, or a shared task space on a real Redis under a fresh prefix."""
+    if request.param == "memory":
+        return {}
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return {"redis": server.url, "redis_prefix": f"test-{uuid.uuid4().hex[:12]}:"}

@@ -29,8 +29,12 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 
 
 @pytest.fixture
-async def app_client(aiohttp_client: Callable[..., Awaitable[Client]]) -> Client:
-    return await aiohttp_client(taskd.web.create_app(sse_ping_interval=0.2, close_timeout=0.2))
+async def app_client(
+    aiohttp_client: Callable[..., Awaitable[Client]], engine: dict[str, str]
+) -> Client:
+    return await aiohttp_client(
+        taskd.web.create_app(sse_ping_interval=0.2, close_timeout=0.2, **engine)
+    )
 
 
 def base_url(client: Client) -> str:
@@ -265,11 +269,11 @@ def verify(secret: str, headers: Any, body: bytes) -> bool:
 
 
 async def test_webhook_retried_then_delivered_and_signed(
-    aiohttp_client: Callable[..., Awaitable[Client]], receivers: Any
+    aiohttp_client: Callable[..., Awaitable[Client]], receivers: Any, engine: dict[str, str]
 ) -> None:
     rx = await receivers(fail_first=2)
     hooks = taskd.Webhooks(secret=SECRET, allow=(rx.netloc,), first_retry=0.1)
-    client = await aiohttp_client(taskd.web.create_app(webhooks=hooks))
+    client = await aiohttp_client(taskd.web.create_app(webhooks=hooks, **engine))
     tid = (await create(client, callback_url=rx.url))["task_id"]
     await client.post(f"{API}/tasks/{tid}/start")
     await client.post(f"{API}/tasks/{tid}/complete", json={"result": {"ok": 1}})
@@ -297,10 +301,10 @@ async def test_webhook_retried_then_delivered_and_signed(
     assert t1 - t0 < 5 and (t2 - t1) > (t1 - t0) * 0.9
 
 
-async def test_webhook_for_spawned_task(receivers: Any) -> None:
+async def test_webhook_for_spawned_task(receivers: Any, engine: dict[str, str]) -> None:
     rx = await receivers()
     hooks = taskd.Webhooks(secret="plain-secret", allow=(rx.netloc,))
-    async with taskd.Tracker(webhooks=hooks) as t:
+    async with taskd.Tracker(webhooks=hooks, **engine) as t:  # type: ignore[arg-type]
 
         async def work() -> int:
             raise RuntimeError("api_key=abc123 rejected")

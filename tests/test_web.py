@@ -21,8 +21,8 @@ API = "/api/v1"
 
 
 @pytest.fixture
-async def client(aiohttp_client: MakeClient) -> Client:
-    return await aiohttp_client(taskd.web.create_app(close_timeout=0.2))
+async def client(aiohttp_client: MakeClient, engine: dict[str, str]) -> Client:
+    return await aiohttp_client(taskd.web.create_app(close_timeout=0.2, **engine))
 
 
 async def ok(resp: Any, status: int = 200) -> Any:
@@ -321,8 +321,8 @@ def bearer_auth(request: web.Request) -> str:
 
 
 @pytest.fixture
-async def auth_client(aiohttp_client: MakeClient) -> Client:
-    return await aiohttp_client(taskd.web.create_app(auth=bearer_auth))
+async def auth_client(aiohttp_client: MakeClient, engine: dict[str, str]) -> Client:
+    return await aiohttp_client(taskd.web.create_app(auth=bearer_auth, **engine))
 
 
 def as_(token: str | None) -> dict[str, str]:

@@ -63,6 +63,9 @@ class Options(TypedDict, total=False):
     max_wait: float
     webhooks: Webhooks | None
     sse_ping_interval: float
+    #: A redis:// URL: the task space lives in Redis, shared by every process using it.
+    redis: str | None
+    redis_prefix: str
 
 
 class SetupOptions(Options, total=False):
@@ -133,6 +136,8 @@ def _setup(
         close_timeout=close_timeout,
         cancel_grace=cancel_grace,
         webhooks=webhooks,
+        redis=options.get("redis"),
+        redis_prefix=options.get("redis_prefix", "taskd:"),
     )
     state = _State(
         tracker,

@@ -5,10 +5,12 @@ filters, cap and TTL, and that nothing active is ever evicted or expired)."""
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
@@ -17,6 +19,7 @@ import taskd
 from taskd import TaskStatus as S
 
 from ..conftest import FakeClock
+from ..redis_server import RedisServer
 
 T = TypeVar("T")
 CAP = 6
@@ -50,9 +53,12 @@ class TrackerModel(RuleBasedStateMachine):
             cancelled_ttl=TTL[S.CANCELLED],
             max_tasks=CAP,
         )
-        self.tracker = taskd.Tracker(retention=retention, clock=self.clock)
+        self.tracker = taskd.Tracker(retention=retention, clock=self.clock, **self.engine())
         self.run(self.tracker.__aenter__())
         self.model: dict[str, ModelTask] = {}  # insertion order = creation order
+
+    def engine(self) -> dict[str, str]:
+        return {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
         return self.loop.run_until_complete(coro)
@@ -225,3 +231,27 @@ TrackerModel.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_tracker_model = TrackerModel.TestCase
+
+REDIS: list[str] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _redis_url(redis_server: RedisServer) -> None:
+    REDIS[:] = [redis_server.url]
+
+
+class RedisTrackerModel(TrackerModel):
+    """The same model, against a shared task space on a real Redis (a fresh key
+    prefix per example; time still comes from the fake clock: the caller's)."""
+
+    def engine(self) -> dict[str, str]:
+        return {"redis": REDIS[0], "redis_prefix": f"model-{uuid.uuid4().hex}:"}
+
+
+RedisTrackerModel.TestCase.settings = settings(
+    max_examples=100,
+    stateful_step_count=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
+test_tracker_model_on_redis = RedisTrackerModel.TestCase

@@ -1,0 +1,478 @@
+#!lua name=@NAME@
+-- taskd's shared task space: every command is one call of this function, atomic.
+-- KEYS[1] is the deployment's key base ("{prefix}"): every key starts with it, so a
+-- deployment lives in one Redis Cluster slot. ARGV[1] is the command, ARGV[2] the
+-- caller's clock (seconds, as text), ARGV[3] the same in whole microseconds; the
+-- rest depends on the command. Records are hashes of text fields, never decoded
+-- here: times and numbers are compared as numbers but stored as the caller sent them.
+-- The transition table below is generated from taskd._models.TRANSITIONS.
+
+local TRANS = @TRANSITIONS@
+local TERMINAL = {completed = true, failed = true, cancelled = true}
+local ACTIVE = {pending = true, running = true, cancelling = true}
+local FIELDS = {'id', 'ty', 'st', 'rs', 'ca', 'ua', 'sa', 'fa', 'pg', 'ms', 'rz', 'er',
+                'md', 'ow', 'cb', 'hb', 'ip', 'pr', 'sq'}
+local WALK_BOUND = 10000
+local CHUNK = 256
+local SWEEP_BOUND = 256
+
+local B, NOW, NOW_US, CFG
+
+local function k(s) return B .. s end
+local function num(x) return string.format('%.17g', x) end
+
+local function getrec(id)
+  local flat = redis.call('HGETALL', k('t:' .. id))
+  if #flat == 0 then return nil end
+  local r = {}
+  for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
+  return r
+end
+
+local function flatten(r)
+  local out = {}
+  for _, f in ipairs(FIELDS) do
+    local v = r[f]
+    if v ~= nil then out[#out + 1] = f; out[#out + 1] = v end
+  end
+  return out
+end
+
+local function save(r)
+  local key = k('t:' .. r.id)
+  redis.call('DEL', key)
+  redis.call('HSET', key, unpack(flatten(r)))
+end
+
+local function visible(r, scope)
+  if r == nil then return false end
+  if scope == '*' then return true end
+  if scope == '-' then return r.ow == nil end
+  return r.ow == string.sub(scope, 2)
+end
+
+local function owner_key(r)
+  if r.ow == nil then return '-' end
+  return 's' .. r.ow
+end
+
+local function dedup_key(ow, ty, rs)
+  -- length-prefixed owner: no owner string can make two keys collide
+  local o = ow or ''
+  local tag = ow and 's' or '-'
+  return tag .. #o .. ':' .. o .. ty .. '\n' .. rs
+end
+
+local function count(ty, st, delta)
+  local f = ty .. '\n' .. st
+  if redis.call('HINCRBY', k('n'), f, delta) <= 0 then redis.call('HDEL', k('n'), f) end
+end
+
+local function active(r, delta)
+  redis.call('INCRBY', k('active'), delta)
+  local ok = owner_key(r)
+  if redis.call('HINCRBY', k('ao'), ok, delta) <= 0 then redis.call('HDEL', k('ao'), ok) end
+end
+
+local function index(r, cmd)
+  local id = r.id
+  if cmd == 'ZADD' then
+    redis.call('ZADD', k('all'), 0, id)
+    redis.call('ZADD', k('s:' .. r.st), 0, id)
+    redis.call('ZADD', k('y:' .. r.ty), 0, id)
+    if r.ow then redis.call('ZADD', k('o:' .. r.ow), 0, id) end
+    if r.rs then redis.call('ZADD', k('r:' .. r.rs), 0, id) end
+    count(r.ty, r.st, 1)
+  else
+    redis.call('ZREM', k('all'), id)
+    redis.call('ZREM', k('s:' .. r.st), id)
+    redis.call('ZREM', k('y:' .. r.ty), id)
+    if r.ow then redis.call('ZREM', k('o:' .. r.ow), id) end
+    if r.rs then redis.call('ZREM', k('r:' .. r.rs), id) end
+    count(r.ty, r.st, -1)
+  end
+end
+
+local function emit(r)
+  local seqkey = k('seq')
+  if redis.call('EXISTS', seqkey) == 0 then
+    -- a new task space: event ids start at this instant (in microseconds), so they
+    -- stay above any id a client kept from an earlier space under this prefix
+    redis.call('SET', seqkey, NOW_US)
+    redis.call('SET', k('epoch'), NOW_US)
+  end
+  local sq = string.format('%d', redis.call('INCR', seqkey))
+  r.sq = sq
+  save(r)
+  redis.call('XADD', k('x'), 'MAXLEN', '~', CFG.stream_len, sq .. '-0', unpack(flatten(r)))
+  return r
+end
+
+local function remove(r)
+  index(r, 'ZREM')
+  redis.call('DEL', k('t:' .. r.id))
+  redis.call('ZREM', k('exp'), r.id)
+  redis.call('ZREM', k('hb'), r.id)
+  redis.call('ZREM', k('gr'), r.id)
+  if ACTIVE[r.st] then
+    active(r, -1)
+    if r.rs and redis.call('HGET', k('dk'), dedup_key(r.ow, r.ty, r.rs)) == r.id then
+      redis.call('HDEL', k('dk'), dedup_key(r.ow, r.ty, r.rs))
+    end
+  end
+end
+
+local function err(...) return {'err', ...} end
+
+-- Move r to status if the table allows it (the same status: a progress report).
+-- Returns the new record, or nil and an error reply.
+local function change(r, status, o)
+  if TERMINAL[r.st] or (status ~= r.st and not TRANS[r.st][status]) then
+    return nil, err('invalid', r.id, r.st, o.action or status)
+  end
+  local at = NOW
+  if tonumber(NOW) <= tonumber(r.ua) then at = r.ua end
+  local old = r.st
+  r.st = status
+  r.ua = at
+  if status == 'running' and r.sa == nil then r.sa = at end
+  if TERMINAL[status] then r.fa = at else r.fa = nil end
+  if status == 'completed' then
+    r.pg = '1.0'; r.ms = nil; r.rz = o.result
+  else
+    if o.progress then r.pg = o.progress end
+    if o.message then r.ms = o.message end
+    r.rz = nil
+  end
+  if status == 'failed' or status == 'cancelled' then r.er = o.error else r.er = nil end
+  if old ~= status then
+    redis.call('ZREM', k('s:' .. old), r.id)
+    redis.call('ZADD', k('s:' .. status), 0, r.id)
+    count(r.ty, old, -1)
+    count(r.ty, status, 1)
+    if TERMINAL[status] then
+      active(r, -1)
+      if r.rs then
+        local dk = dedup_key(r.ow, r.ty, r.rs)
+        if redis.call('HGET', k('dk'), dk) == r.id then redis.call('HDEL', k('dk'), dk) end
+      end
+      redis.call('ZADD', k('exp'), num(tonumber(at) + tonumber(CFG['ttl_' .. status])), r.id)
+      redis.call('ZREM', k('hb'), r.id)
+      redis.call('ZREM', k('gr'), r.id)
+      if r.pr then redis.call('SREM', k('runs:' .. r.pr), r.id) end
+    elseif status == 'cancelling' then
+      redis.call('ZADD', k('gr'), num(tonumber(at) + tonumber(CFG.grace)), r.id)
+    end
+  end
+  emit(r)
+  if TERMINAL[status] and r.cb then
+    redis.call('XADD', k('ob'), 'MAXLEN', '~', 100000, '*', unpack(flatten(r)))
+  end
+  return r
+end
+
+local function reply(r, e)
+  if r == nil then return e end
+  return {'rec', flatten(r)}
+end
+
+local function beat(r)
+  if r.hb then redis.call('ZADD', k('hb'), num(tonumber(NOW) + tonumber(r.hb)), r.id) end
+end
+
+local function oldest_terminal()
+  local best = nil
+  for st, _ in pairs(TERMINAL) do
+    local head = redis.call('ZRANGE', k('s:' .. st), 0, 0)[1]
+    if head and (best == nil or head < best) then best = head end
+  end
+  return best
+end
+
+-- create / spawn: a = {scope-or-owner, type, resource, metadata, callback, heartbeat,
+-- random, process (spawn only)}
+local function insert(a, spawn)
+  local owner = a[1]
+  local ow = nil
+  if owner ~= '-' then ow = string.sub(owner, 2) end
+  local ty, rs = a[2], a[3]
+  if rs == '' then rs = nil end
+  if rs then
+    local holder = redis.call('HGET', k('dk'), dedup_key(ow, ty, rs))
+    if holder then return err('conflict', holder, ty, rs) end
+  end
+  local quota = tonumber(CFG.quota)
+  if quota and (tonumber(redis.call('HGET', k('ao'), owner)) or 0) >= quota then
+    return err('quota', CFG.quota)
+  end
+  local cap = tonumber(CFG.max_tasks)
+  if redis.call('ZCARD', k('all')) >= cap then
+    if (tonumber(redis.call('GET', k('active'))) or 0) >= cap then
+      return err('full', CFG.max_tasks)
+    end
+    while redis.call('ZCARD', k('all')) >= cap do
+      remove(getrec(oldest_terminal()))
+    end
+  end
+  local stamp = tonumber(NOW_US)
+  local last = tonumber(redis.call('GET', k('stamp'))) or 0
+  if stamp <= last then stamp = last + 1 end
+  redis.call('SET', k('stamp'), string.format('%d', stamp))
+  -- ids start with their creation instant in fixed-width hex: they sort in creation
+  -- order, across every process, which is what the indexes and page cursors rely on
+  local id = string.format('%013x', stamp) .. a[7]
+  local at = string.format('%d.%06d', math.floor(stamp / 1000000), stamp % 1000000)
+  local r = {id = id, ty = ty, st = 'pending', rs = rs, ca = at, ua = at, ow = ow}
+  if a[4] ~= '' then r.md = a[4] end
+  if a[5] ~= '' then r.cb = a[5] end
+  if a[6] ~= '' then r.hb = a[6] end
+  if spawn then
+    r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[8]
+    redis.call('SADD', k('runs:' .. a[8]), id)
+    redis.call('SADD', k('procs'), a[8])
+  end
+  index(r, 'ZADD')
+  active(r, 1)
+  if rs then redis.call('HSET', k('dk'), dedup_key(ow, ty, rs), id) end
+  if r.hb then redis.call('ZADD', k('hb'), num(tonumber(at) + tonumber(r.hb)), id) end
+  emit(r)
+  return reply(r)
+end
+
+local function lookup(id, scope)
+  local r = getrec(id)
+  if not visible(r, scope) then return nil, err('not_found', id) end
+  return r
+end
+
+local function external(r, action)
+  if r.ip and not TERMINAL[r.st] then
+    return err('invalid', r.id, 'run by the tracker itself', action)
+  end
+end
+
+local OPS = {}
+
+OPS.create = function(a) return insert(a, false) end
+OPS.spawn = function(a) return insert(a, true) end
+
+OPS.get = function(a)
+  local r = getrec(a[1])
+  if not visible(r, a[2]) then return {'none'} end
+  return reply(r)
+end
+
+OPS.start = function(a)
+  local r, e = lookup(a[1], a[2])
+  if r == nil then return e end
+  e = external(r, 'start')
+  if e then return e end
+  if r.st ~= 'pending' then return err('invalid', r.id, r.st, 'start') end
+  beat(r)
+  return reply(change(r, 'running', {action = 'start'}))
+end
+
+OPS.progress = function(a)
+  local r, e = lookup(a[1], a[2])
+  if r == nil then return e end
+  if not ACTIVE[r.st] then return err('invalid', r.id, r.st, 'report progress on') end
+  beat(r)
+  local o = {}
+  if a[3] ~= '' then o.progress = a[3] end
+  if a[4] ~= '\0' then o.message = a[4] end
+  return reply(change(r, r.st, o))
+end
+
+OPS.complete = function(a)
+  local r, e = lookup(a[1], a[2])
+  if r == nil then return e end
+  e = external(r, 'complete')
+  if e then return e end
+  return reply(change(r, 'completed', {result = a[3], action = 'complete'}))
+end
+
+OPS.fail = function(a)
+  local r, e = lookup(a[1], a[2])
+  if r == nil then return e end
+  e = external(r, 'fail')
+  if e then return e end
+  return reply(change(r, 'failed', {error = a[3], action = 'fail'}))
+end
+
+OPS.cancel = function(a)
+  local r, e = lookup(a[1], a[2])
+  if r == nil then return e end
+  if TERMINAL[r.st] then return err('invalid', r.id, r.st, 'cancel') end
+  if r.ip then
+    -- the process that runs it hears of cancelling on its change stream and cancels
+    -- the coroutine; the record turns cancelled once that has unwound
+    if r.st == 'cancelling' then return reply(r) end
+    return reply(change(r, 'cancelling', {action = 'cancel'}))
+  end
+  if r.st == 'running' then return reply(change(r, 'cancelling', {action = 'cancel'})) end
+  return reply(change(r, 'cancelled', {error = a[3]}))
+end
+
+-- a spawned coroutine's runner ran out of time: cancelling while it unwinds
+OPS.timeout = function(a)
+  local r = getrec(a[1])
+  if r == nil or r.pr ~= a[2] or r.st ~= 'running' then return {'none'} end
+  return reply(change(r, 'cancelling', {}))
+end
+
+-- a spawned coroutine ended on process a[2]: a[3] outcome, a[4] result, a[5] error.
+-- Only the process that runs it may record it, and only while it is active: a process
+-- that was declared lost cannot write over what was recorded since.
+OPS.ended = function(a)
+  local r = getrec(a[1])
+  if r == nil then return {'none'} end
+  if r.pr ~= a[2] or TERMINAL[r.st] then return {'was', flatten(r)} end
+  local o = {}
+  if a[3] == 'completed' then o.result = a[4] else o.error = a[5] end
+  return reply(change(r, a[3], o))
+end
+
+OPS.delete = function(a)
+  local r, e = lookup(a[1], a[2])
+  if r == nil then return e end
+  if not TERMINAL[r.st] then return err('invalid', r.id, r.st, 'delete') end
+  remove(r)
+  return {'ok'}
+end
+
+OPS.stats = function(a)
+  return {'stats', redis.call('HGETALL', k('n')), redis.call('ZCARD', k('all')),
+          redis.call('GET', k('active')) or '0'}
+end
+
+-- where change events stand: {epoch, latest sequence number}
+OPS.head = function(a)
+  return {'head', redis.call('GET', k('epoch')) or '0', redis.call('GET', k('seq')) or '0'}
+end
+
+local function first_score(key)
+  local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
+  return head[2]
+end
+
+-- Fire what is due: TTL expiry, heartbeat timeouts, cancel grace, lost processes.
+-- Every deadline is re-checked against the record, so each fires once whichever
+-- process gets there first. Returns the earliest deadline left ('' if none).
+OPS.sweep = function(a)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('exp'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
+    redis.call('ZREM', k('exp'), id)
+    local r = getrec(id)
+    if r and TERMINAL[r.st] then remove(r) end
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('hb'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
+    redis.call('ZREM', k('hb'), id)
+    local r = getrec(id)
+    if r and ACTIVE[r.st] then change(r, 'failed', {error = 'heartbeat timeout'}) end
+  end
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('gr'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
+    redis.call('ZREM', k('gr'), id)
+    local r = getrec(id)
+    if r and r.st == 'cancelling' then
+      local due = tonumber(r.ua) + tonumber(CFG.grace)
+      if due > tonumber(NOW) then
+        redis.call('ZADD', k('gr'), num(due), id)  -- it reported since
+      else
+        change(r, 'cancelled', {error = 'cancel not acknowledged'})
+      end
+    end
+  end
+  for _, p in ipairs(redis.call('SMEMBERS', k('procs'))) do
+    if redis.call('EXISTS', k('alive:' .. p)) == 0 then
+      for _, id in ipairs(redis.call('SMEMBERS', k('runs:' .. p))) do
+        local r = getrec(id)
+        if r and ACTIVE[r.st] and r.pr == p then
+          change(r, 'failed', {error = 'interrupted: process lost'})
+        end
+      end
+      redis.call('DEL', k('runs:' .. p))
+      redis.call('SREM', k('procs'), p)
+    end
+  end
+  local best = nil
+  for _, key in ipairs({k('exp'), k('hb'), k('gr')}) do
+    local s = first_score(key)
+    if s and (best == nil or tonumber(s) < tonumber(best)) then best = s end
+  end
+  return {'sweep', best or ''}
+end
+
+-- One page, newest first: a = {scope, statuses (comma-separated or ''), type, resource,
+-- limit, before}. Walks the smallest index that covers a filter, at most WALK_BOUND
+-- ids per call: a page that hits the bound ends early with a cursor to go on from.
+OPS.list = function(a)
+  local scope, ty, rs = a[1], a[3], a[4]
+  local limit = tonumber(a[5])
+  local before = a[6]
+  local statuses = nil
+  local options = {}
+  if a[2] ~= '' then
+    statuses = {}
+    local keys, size = {}, 0
+    for st in string.gmatch(a[2], '[^,]+') do
+      statuses[st] = true
+      keys[#keys + 1] = k('s:' .. st)
+      size = size + redis.call('ZCARD', k('s:' .. st))
+    end
+    options[#options + 1] = {size, keys}
+  end
+  if ty ~= '' then
+    options[#options + 1] = {redis.call('ZCARD', k('y:' .. ty)), {k('y:' .. ty)}}
+  else ty = nil end
+  if rs ~= '' then
+    options[#options + 1] = {redis.call('ZCARD', k('r:' .. rs)), {k('r:' .. rs)}}
+  else rs = nil end
+  if string.sub(scope, 1, 1) == 's' then
+    local key = k('o:' .. string.sub(scope, 2))
+    options[#options + 1] = {redis.call('ZCARD', key), {key}}
+  end
+  local keys = {k('all')}
+  local best = nil
+  for _, o in ipairs(options) do
+    if best == nil or o[1] < best then best = o[1]; keys = o[2] end
+  end
+  local out = {}
+  local cursor = before
+  local examined = 0
+  while true do
+    local max = '+'
+    if cursor ~= '' then max = '(' .. cursor end
+    local merged, safe = {}, nil
+    for _, key in ipairs(keys) do
+      local ids = redis.call('ZREVRANGEBYLEX', key, max, '-', 'LIMIT', 0, CHUNK)
+      for _, id in ipairs(ids) do merged[#merged + 1] = id end
+      if #ids == CHUNK and (safe == nil or ids[#ids] > safe) then safe = ids[#ids] end
+    end
+    if #merged == 0 then return {'page', out, ''} end
+    table.sort(merged, function(x, y) return x > y end)
+    for _, id in ipairs(merged) do
+      if safe and id < safe then break end
+      cursor = id
+      examined = examined + 1
+      local r = getrec(id)
+      if r and visible(r, scope) and (statuses == nil or statuses[r.st])
+          and (ty == nil or r.ty == ty) and (rs == nil or r.rs == rs) then
+        if #out == limit then return {'page', out, out[#out][2]} end
+        out[#out + 1] = flatten(r)
+      end
+      if examined >= WALK_BOUND then return {'page', out, cursor} end
+    end
+    if safe == nil then return {'page', out, ''} end
+  end
+end
+
+redis.register_function('@NAME@', function(keys, argv)
+  B = keys[1]
+  NOW = argv[2]
+  NOW_US = argv[3]
+  CFG = cjson.decode(argv[4])
+  local op = OPS[argv[1]]
+  if op == nil then return redis.error_reply('taskd: unknown command ' .. argv[1]) end
+  local a = {}
+  for i = 5, #argv do a[#a + 1] = argv[i] end
+  return op(a)
+end)

@@ -1,0 +1,258 @@
+"""``RedisSpace``: one task space shared by many processes, held in Redis.
+
+Redis is the serial owner of shared state, as the actor is of local state: every
+command is one call of a server-side function (``_redis.lua``, loaded with
+``FUNCTION LOAD``), atomic, with the transition table generated from
+``_models.TRANSITIONS``. A process's actor sends each mailbox batch as one pipeline
+(group commit). This module is the wire: the function's text, the connection, and
+the codec between ``TaskRecord`` and the record hash. ``_shared.SharedActor`` is the
+actor that uses it.
+
+Keys all start with ``{prefix}``: one hash tag, so one deployment lives in one Redis
+Cluster slot (see docs/scale-out.md for the layout).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from importlib import resources
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any, Final
+
+from ._errors import (
+    InvalidTransition,
+    QuotaExceeded,
+    StoreError,
+    TaskConflict,
+    TaskdError,
+    TaskNotFound,
+    TrackerFull,
+)
+from ._models import (
+    ANY_OWNER,
+    DEFAULT_SPEC,
+    JSON,
+    TRANSITIONS,
+    OwnerScope,
+    RawJSON,
+    TaskRecord,
+    TaskSpec,
+    TaskStatus,
+    result_from_text,
+)
+from ._retention import Retention
+
+if TYPE_CHECKING:
+    import redis.asyncio
+
+__all__ = ["RedisSpace", "check_redis_url", "decode_record"]
+
+#: Seconds a Redis call may take before the batch fails with 503.
+SOCKET_TIMEOUT: Final = 2.0
+#: Entries the change stream keeps (``MAXLEN ~``): how far back a reader can fall.
+STREAM_LEN: Final = 10_000
+
+#: One server-side command: (name, arguments).
+Command = tuple[str, Sequence[str]]
+
+
+def _library() -> tuple[str, str]:
+    text = resources.files("taskd").joinpath("_redis.lua").read_text(encoding="utf-8")
+    table = ", ".join(
+        f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}"
+        for src, dsts in TRANSITIONS.items()
+    )
+    text = text.replace("@TRANSITIONS@", "{" + table + "}")
+    # The name carries the code's digest, so that two taskd versions sharing one Redis
+    # each call their own function.
+    name = "taskd_" + hashlib.sha1(text.encode()).hexdigest()[:12]
+    return name, text.replace("@NAME@", name)
+
+
+FUNCTION, LIBRARY = _library()
+
+
+def check_redis_url(url: object) -> str:
+    """A ``redis://``, ``rediss://`` or ``unix://`` URL, else ``ValueError``."""
+    if not isinstance(url, str):
+        raise TypeError(f"redis must be a URL string, not {type(url).__name__}")
+    if not url.startswith(("redis://", "rediss://", "unix://")):
+        raise ValueError(f"redis must be a redis://, rediss:// or unix:// URL, not {url!r}")
+    return url
+
+
+def check_prefix(prefix: object) -> str:
+    """A key prefix: non-empty text without braces (it becomes the hash tag)."""
+    if not isinstance(prefix, str):
+        raise TypeError(f"redis_prefix must be a str, not {type(prefix).__name__}")
+    if not prefix or "{" in prefix or "}" in prefix or len(prefix) > 200:
+        raise ValueError("redis_prefix must be 1-200 characters without braces")
+    return prefix
+
+
+def scope(owner: OwnerScope) -> str:
+    """An owner scope as the function takes it: ``*`` any, ``-`` none, ``s…`` one."""
+    if owner is ANY_OWNER:
+        return "*"
+    return "-" if owner is None else "s" + owner
+
+
+def opt(value: str | None) -> str:
+    return "" if value is None else value
+
+
+def seconds(value: float) -> str:
+    return repr(float(value))
+
+
+def result_text(data: JSON | RawJSON) -> str:
+    if data is None:
+        return ""
+    if isinstance(data, RawJSON):
+        return data.text
+    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+
+
+def _float(value: str | None) -> float | None:
+    return None if value is None else float(value)
+
+
+def decode_record(flat: Sequence[str]) -> tuple[TaskRecord, int]:
+    """A record hash (as a flat field/value list) as a record, and its sequence number."""
+    it = iter(flat)
+    f: dict[str, str] = dict(zip(it, it, strict=True))
+    md, ow, cb, hb = f.get("md"), f.get("ow"), f.get("cb"), f.get("hb")
+    ip = "ip" in f
+    if md is None and ow is None and cb is None and hb is None and not ip:
+        spec = DEFAULT_SPEC
+    else:
+        metadata: Mapping[str, JSON] = (
+            MappingProxyType(json.loads(md)) if md else MappingProxyType({})
+        )
+        spec = TaskSpec(metadata, ow, ip, cb, _float(hb))
+    rz = f.get("rz")
+    rec = TaskRecord(
+        f["id"],
+        f["ty"],
+        TaskStatus(f["st"]),
+        f.get("rs"),
+        float(f["ca"]),
+        float(f["ua"]),
+        _float(f.get("sa")),
+        _float(f.get("fa")),
+        _float(f.get("pg")),
+        f.get("ms"),
+        None if rz is None else result_from_text(rz),
+        f.get("er"),
+        spec,
+    )
+    return rec, int(f.get("sq", "0"))
+
+
+def raise_error(reply: Sequence[Any]) -> None:
+    """Raise what an ``{'err', …}`` reply of the function means."""
+    kind = reply[1]
+    if kind == "not_found":
+        raise TaskNotFound(reply[2])
+    if kind == "invalid":
+        raise InvalidTransition(reply[2], reply[3], reply[4])
+    if kind == "conflict":
+        raise TaskConflict(reply[2], reply[3], reply[4])
+    if kind == "quota":
+        raise QuotaExceeded(None, int(reply[2]))
+    if kind == "full":
+        raise TrackerFull(f"all {reply[2]} task slots hold active tasks")
+    raise TaskdError(f"unexpected reply from the shared store: {reply!r}")
+
+
+class RedisSpace:
+    """The connection to one deployment's keys, and the calls the actor makes."""
+
+    def __init__(self, url: str, prefix: str, retention: Retention, cancel_grace: float) -> None:
+        try:
+            import redis.asyncio as aioredis
+            from redis.backoff import NoBackoff
+            from redis.retry import Retry
+        except ImportError:  # pragma: no cover - depends on the installation
+            raise RuntimeError(
+                "a shared task space needs the redis package: pip install 'taskd[redis]'"
+            ) from None
+        self.url = url
+        self.prefix = prefix
+        self.base = "{" + prefix + "}"
+        quota = retention.max_active_per_owner
+        # Every process sends its own settings with each call: a deployment's processes
+        # must run with the same retention (docs/scale-out.md).
+        self._config = json.dumps(
+            {
+                "max_tasks": str(retention.max_tasks),
+                "quota": None if quota is None else str(quota),
+                "ttl_completed": seconds(retention.completed_ttl),
+                "ttl_failed": seconds(retention.failed_ttl),
+                "ttl_cancelled": seconds(retention.cancelled_ttl),
+                "grace": seconds(cancel_grace),
+                "stream_len": str(STREAM_LEN),
+            }
+        )
+
+        def client(timeout: float | None) -> redis.asyncio.Redis:
+            # No retries inside redis-py: a failed call becomes a 503 at once and the
+            # actor decides when to try again.
+            return aioredis.Redis.from_url(
+                url,
+                decode_responses=True,
+                socket_timeout=timeout,
+                socket_connect_timeout=SOCKET_TIMEOUT,
+                retry=Retry(NoBackoff(), 0),
+                health_check_interval=0,
+            )
+
+        self.redis = client(SOCKET_TIMEOUT)
+        #: For blocking reads (XREAD BLOCK): a connection of its own, longer timeout.
+        self.reader = client(SOCKET_TIMEOUT + 2.0)
+
+    def key(self, suffix: str) -> str:
+        """One of the deployment's keys."""
+        return self.base + suffix
+
+    async def load_function(self) -> None:
+        """Load (or replace) the server-side function."""
+        await self.redis.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY)
+
+    async def call(self, commands: Sequence[Command], now: float) -> list[Any]:
+        """Run one batch of commands as one pipeline; a reply per command (an
+        exception object where one failed). Connection failures raise ``StoreError``."""
+        from redis.exceptions import RedisError, ResponseError
+
+        now_s = repr(now)
+        now_us = str(math.floor(now * 1_000_000))
+        for attempt in (0, 1):
+            pipe = self.redis.pipeline(transaction=False)
+            for name, args in commands:
+                pipe.execute_command(
+                    "FCALL", FUNCTION, 1, self.base, name, now_s, now_us, self._config, *args
+                )
+            try:
+                replies: list[Any] = await pipe.execute(raise_on_error=False)
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
+            missing = any(
+                isinstance(r, ResponseError) and "Function not found" in str(r) for r in replies
+            )
+            if not missing or attempt:
+                return replies
+            # Redis restarted without persistence, or was flushed: load it and go again
+            # (a command that failed for this did nothing).
+            try:
+                await self.load_function()
+            except (RedisError, OSError) as exc:
+                raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
+        raise AssertionError("unreachable")
+
+    async def aclose(self) -> None:
+        """Close both connections."""
+        await self.redis.aclose()
+        await self.reader.aclose()

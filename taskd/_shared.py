@@ -1,0 +1,759 @@
+"""``SharedActor``: a process's actor when the task space lives in Redis.
+
+Redis owns the records (``_redis``); each process keeps an actor that owns what is
+local to it: the runners of the coroutines it spawned, its waiters (long-polls,
+``wait``), its subscriptions, and one reader of the change stream. The loop is the
+in-memory actor's: take a batch from the mailbox, turn every command that touches
+records into one server-side call, send the batch as one pipeline, then answer.
+
+Changes reach this process only through the change stream, whoever made them: the
+reader posts each entry to the mailbox, and the actor wakes waiters and feeds
+subscriptions from it, and cancels or settles its own runners when another process
+cancelled them or declared them lost. Deadlines (TTL expiry, heartbeat timeouts,
+cancel grace, lost processes) are swept by whichever process gets there first; the
+function re-checks each against its record, so each fires once.
+
+When Redis cannot be reached, the batch's callers get ``StoreError`` (503 with
+Retry-After) and, for a short back-off, so does every command that needs Redis;
+reports from this process's own runners are kept and sent again, so an outcome is
+never lost. Liveness: a key with a PX expiry per process, renewed every second by a
+task of its own; a process whose key lapsed is lost, and its running coroutines'
+records fail ("interrupted: process lost").
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from . import _messages as m
+from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred, _Runner
+from ._errors import StoreError, TaskdError, TaskNotFound
+from ._hub import RECENT_EVENTS, Hub
+from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
+from ._redis import SOCKET_TIMEOUT, Command, RedisSpace, decode_record, opt, raise_error, result_text, scope
+from ._retention import Retention
+from ._runner import start_runner
+from ._store import MemoryStore
+from ._timers import Kind
+
+if TYPE_CHECKING:
+    from ._tracker import TrackerStats
+    from ._webhooks import WebhookSender
+
+__all__ = ["SharedActor"]
+
+log = logging.getLogger("taskd")
+
+#: Liveness: a process's key lives this long (ms) and is renewed every BEAT seconds.
+LIVENESS_MS: Final = 5000
+BEAT: Final = 1.0
+#: After Redis failed, commands are refused at once for this long before a retry.
+BACKOFF: Final = 0.5
+#: Outbox entries a dead or stuck process held are taken over after this long (ms).
+CLAIM_IDLE_MS: Final = 30_000
+_GROUP: Final = "webhooks"
+_INTERNAL: Final = (m.RunnerFinished, m.Abandon)
+#: Messages that need Redis (refused at once while it is unreachable).
+_REMOTE: Final = frozenset(
+    {
+        m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete,
+        m.Get, m.ListTasks, m.Wait, m.Subscribe, m.Stats, m.RunnerFinished, m.Abandon,
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """Entries of the change stream, from the reader: (sequence number, record)."""
+
+    entries: tuple[tuple[int, TaskRecord], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The reader lost entries (Redis was away, or it fell behind the stream's length)."""
+
+
+@dataclass(slots=True)
+class _Op:
+    command: Command
+    done: Callable[[Any], None]
+    fut: asyncio.Future[Any] | None = None
+    #: The message, if it must be sent again after a failure (runner reports).
+    retry: object = None
+
+
+class SharedActor(Actor):
+    """A process's actor over a shared task space in Redis; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        mailbox: asyncio.Queue[MailboxItem],
+        retention: Retention,
+        clock: Callable[[], float],
+        cancel_grace: float,
+        url: str,
+        prefix: str,
+    ) -> None:
+        super().__init__(
+            mailbox=mailbox,
+            retention=retention,
+            store=MemoryStore(),
+            clock=clock,
+            cancel_grace=cancel_grace,
+        )
+        self.space = RedisSpace(url, prefix, retention, cancel_grace)
+        self._retention = retention
+        #: This process's name in the task space (liveness key, runner ownership).
+        self.proc = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        #: Set by the tracker when webhooks are configured: the outbox's consumer.
+        self.sender: WebhookSender | None = None
+        self._ops: list[_Op] = []
+        self._applied = 0  # sequence number of the latest change fanned out here
+        self._down_until = 0.0
+        self._held: list[object] = []  # runner reports to send again
+        self._acks: list[str] = []
+        self._background: list[asyncio.Task[None]] = []
+        # The reply future of the message being dispatched (handlers take only the
+        # message; a call they queue answers this future).
+        self._current: asyncio.Future[Any] | None = None
+        # When the next sweep is due (inf while one is in flight).
+        self._sweep_due = math.inf
+        self._handlers.update(
+            {
+                m.Create: self._on_create,
+                m.Spawn: self._on_spawn,
+                m.Start: self._on_start,
+                m.Progress: self._on_progress,
+                m.Complete: self._on_complete,
+                m.Fail: self._on_fail,
+                m.Cancel: self._on_cancel,
+                m.Delete: self._on_delete,
+                m.Get: self._on_get,
+                m.ListTasks: self._on_list,
+                m.Subscribe: self._on_subscribe,
+                m.Stats: self._on_stats,
+                m.RunnerFinished: self._on_runner_finished,
+                m.Abandon: self._on_abandon,
+                Changes: self._on_changes,
+                Resync: self._on_resync,
+            }
+        )
+
+    # --- opening and the loop ---------------------------------------------------------
+
+    async def open(self) -> None:
+        """Connect, load the function, announce this process, and find where the
+        change stream stands. Raises ``StoreError`` if Redis cannot be reached."""
+        from redis.exceptions import RedisError
+
+        space = self.space
+        try:
+            await space.load_function()
+            await self._beat()
+            head = await space.call([("head", ())], self._tick())
+            epoch, seq = int(head[0][1]), int(head[0][2])
+            recent = await space.redis.xrevrange(space.key("x"), count=RECENT_EVENTS)
+        except (RedisError, OSError) as exc:
+            await space.aclose()
+            raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
+        except StoreError:
+            await space.aclose()
+            raise
+        # Event ids are global: an id below the space's first one is from an earlier
+        # space (a flushed Redis); the replay ring starts with the latest entries.
+        self.boot_seq = epoch
+        self._hub = Hub(epoch)
+        self._hub.prime(
+            [decode_entry(eid, fields) for eid, fields in reversed(recent) if fields]
+        )
+        self._applied = seq
+        self._sweep_at(self._now)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._background = [
+            loop.create_task(self._read_changes(), name="taskd-changes"),
+            loop.create_task(self._keep_alive(), name="taskd-liveness"),
+        ]
+        if self.sender is not None:
+            self._background.append(loop.create_task(self._outbox(), name="taskd-outbox"))
+        self._timers.arm()
+        try:
+            await super().run()
+        finally:
+            for task in self._background:
+                task.cancel()
+            # redis-py can swallow a cancellation that races a socket timeout; the
+            # loops check for that (_cancelled), and this wait is bounded regardless.
+            await asyncio.wait(self._background, timeout=SOCKET_TIMEOUT + 3.0)
+            with contextlib.suppress(Exception):
+                # A clean exit: nothing of ours runs any more.
+                await self.space.redis.delete(self.space.key("alive:" + self.proc))
+            await self.space.aclose()
+
+    def _dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
+        if self._now < self._down_until and type(msg) in _REMOTE:
+            if fut is not None:
+                fut.set_exception(StoreError(f"the shared store cannot be reached: {self.store_error}"))
+            elif isinstance(msg, _INTERNAL):
+                self._held.append(msg)
+            return
+        self._current = fut
+        super()._dispatch(msg, fut)
+
+    def _send(
+        self,
+        name: str,
+        args: Sequence[str],
+        done: Callable[[Any], object],
+        fut: asyncio.Future[Any] | None,
+        retry: object = None,
+    ) -> _Deferred:
+        """Queue one server-side call for this batch; ``done`` gets its reply and
+        returns the caller's answer (raising answers with the exception)."""
+        self._ops.append(_Op((name, args), done, fut, retry))
+        return _DEFERRED
+
+    async def _flush(self) -> None:
+        if self._held and self._now >= self._down_until:
+            held, self._held = self._held, []
+            for msg in held:
+                self._dispatch(msg, None)
+        ops, self._ops = self._ops, []
+        if ops:
+            try:
+                replies = await self.space.call([op.command for op in ops], self._now)
+            except StoreError as exc:
+                self._went_down(exc, ops)
+            else:
+                if self.store_error is not None:
+                    log.warning("the shared store (Redis) answers again")
+                    self.store_error = None
+                for op, reply in zip(ops, replies, strict=True):
+                    self._answer(op, reply)
+        replies_, self._replies = self._replies, []
+        for fut, error, value in replies_:
+            if not fut.done():
+                if error is None:
+                    fut.set_result(value)
+                else:
+                    fut.set_exception(error)
+        if self._settle:
+            settle, self._settle = self._settle, []
+            for runner in settle:
+                if runner.settle_with is not None:
+                    runner.outcome.set(*runner.settle_with)
+        if self._launch:
+            launch, self._launch = self._launch, []
+            for runner, msg in launch:
+                runner.task = start_runner(self.post, runner.task_id, msg.coro, msg.context)
+
+    def _answer(self, op: _Op, reply: Any) -> None:
+        fut = op.fut
+        try:
+            if isinstance(reply, Exception):
+                raise reply
+            if isinstance(reply, list) and reply and reply[0] == "err":
+                raise_error(reply)
+            value = op.done(reply)
+        except (TaskdError, ValueError, TypeError) as exc:
+            if fut is not None:
+                if not fut.done():
+                    fut.set_exception(exc)
+            else:
+                log.debug("dropped %s: %s", op.command[0], exc)
+        except Exception as exc:
+            log.exception("the shared store's %s failed", op.command[0])
+            if fut is not None and not fut.done():
+                fut.set_exception(exc)
+        else:
+            if fut is not None and value is not _DEFERRED and not fut.done():
+                fut.set_result(value)
+
+    def _went_down(self, exc: StoreError, ops: list[_Op]) -> None:
+        reason = str(exc)
+        if self.store_error is None:
+            log.error("%s; refusing commands until it answers", reason)
+        self.store_error = reason
+        self._down_until = self._now + BACKOFF
+        self._timers.push(self._down_until, Kind.RETRY, "")
+        if self._sweep_due == math.inf:  # the sweep in flight failed
+            self._sweep_at(self._down_until)
+        for op in ops:
+            if op.fut is not None and not op.fut.done():
+                op.fut.set_exception(exc)
+            elif op.retry is not None:
+                self._held.append(op.retry)
+
+    def _fire_timers(self) -> None:
+        now = self._now
+        for kind, task_id, fut in self._timers.pop_due(now):
+            if kind is Kind.SWEEP:
+                if now >= self._sweep_due:  # else a stale entry: a later one is set
+                    self._sweep_due = math.inf  # one sweep in flight at a time
+                    self._send("sweep", (), self._swept, None)
+            elif kind is Kind.WAIT:
+                assert fut is not None
+                waiters = self._waiters.get(task_id)
+                if waiters is not None:
+                    waiters.discard(fut)
+                self._polls.discard(fut)
+                if not fut.done():
+                    self._send("get", (task_id, "*"), _latest, fut)
+            elif kind is Kind.TIMEOUT:
+                runner = self._runners.get(task_id)
+                if runner is not None and runner.task is not None and not runner.timed_out:
+                    runner.timed_out = True
+                    runner.task.cancel()
+                    self._send("timeout", (task_id, self.proc), _ignore, None)
+        self._timers.reset_due(None)
+
+    def _swept(self, reply: list[str]) -> None:
+        nxt = self._now + BEAT
+        if reply[1]:
+            nxt = min(nxt, float(reply[1]))
+        self._sweep_at(nxt)
+
+    def _sweep_at(self, when: float) -> None:
+        if when < self._sweep_due:
+            self._sweep_due = when
+            self._timers.push(when, Kind.SWEEP, "")
+
+    def _note(self, rec: TaskRecord) -> None:
+        """Sweep no later than the deadline this change set (the sweep timer covers
+        deadlines other processes set)."""
+        if rec.status in TERMINAL:
+            assert rec.finished_at is not None
+            when = rec.finished_at + self._retention.ttl(rec.status)
+        elif rec.status is TaskStatus.CANCELLING:
+            when = rec.updated_at + self._cancel_grace
+        elif rec.heartbeat_timeout is not None:
+            when = rec.updated_at + rec.heartbeat_timeout
+        else:
+            return
+        self._sweep_at(when)
+
+    # --- background tasks --------------------------------------------------------------
+
+    async def _beat(self) -> None:
+        space = self.space
+        pipe = space.redis.pipeline(transaction=False)
+        pipe.set(space.key("alive:" + self.proc), "1", px=LIVENESS_MS)
+        pipe.sadd(space.key("procs"), self.proc)
+        await pipe.execute()
+
+    async def _keep_alive(self) -> None:
+        while True:
+            await asyncio.sleep(BEAT)
+            try:
+                await self._beat()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _cancelled()
+                log.debug("liveness beat failed: %s", exc)
+
+    async def _read_changes(self) -> None:
+        """Read the change stream from where this process stands, post it to the
+        mailbox in order. After a failure, ask for a resync (Celery #5919's lesson:
+        what changed while the connection was down must be re-read)."""
+        space = self.space
+        key = space.key("x")
+        last = self._applied
+        broken = False
+        while True:
+            try:
+                resp = await space.reader.xread({key: f"{last}-0"}, count=512, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _cancelled()
+                if not broken:
+                    log.warning("the change stream cannot be read: %s", exc)
+                broken = True
+                await asyncio.sleep(0.2)
+                continue
+            if broken:
+                broken = False
+                self.post(Resync())
+            if not resp:
+                continue
+            entries = [decode_entry(eid, fields) for eid, fields in resp[0][1] if fields]
+            if not entries:
+                continue
+            if last and entries[0][0] > last + 1:
+                log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
+                self.post(Resync())
+            last = entries[-1][0]
+            self.post(Changes(tuple(entries)))
+
+    async def _outbox(self) -> None:
+        """Consume the webhook outbox (a consumer group: each entry goes to one live
+        process; one a dead process held is claimed after CLAIM_IDLE_MS)."""
+        from redis.exceptions import ResponseError
+
+        assert self.sender is not None
+        sender = self.sender
+        space = self.space
+        r = space.reader
+        key = space.key("ob")
+        loop = asyncio.get_running_loop()
+        claim_at = 0.0
+        while True:
+            try:
+                with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                    await space.redis.xgroup_create(key, _GROUP, id="0", mkstream=True)
+                while True:
+                    if self._acks:
+                        acks, self._acks = self._acks, []
+                        await space.redis.xack(key, _GROUP, *acks)
+                        await space.redis.xdel(key, *acks)
+                    entries: list[tuple[str, dict[str, str]]] = []
+                    if loop.time() >= claim_at:
+                        claim_at = loop.time() + 10.0
+                        claimed = await space.redis.xautoclaim(
+                            key, _GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
+                        )
+                        entries.extend(claimed[1])
+                    resp = await r.xreadgroup(_GROUP, self.proc, {key: ">"}, count=32, block=1000)
+                    if resp:
+                        entries.extend(resp[0][1])
+                    for eid, fields in entries:
+                        if not fields:
+                            self._acks.append(eid)
+                            continue
+                        rec = decode_entry("0-0", fields)[1]
+                        sender.submit(rec, done=lambda eid=eid: self._acks.append(eid))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _cancelled()
+                log.debug("webhook outbox: %s", exc)
+                await asyncio.sleep(0.5)
+
+    # --- fan-out -------------------------------------------------------------------------
+
+    def _on_terminal(self, rec: TaskRecord) -> None:
+        # Webhooks go through the outbox, not from here: one delivery per change,
+        # whichever process made it.
+        waiters = self._waiters.pop(rec.task_id, None)
+        if waiters:
+            if self._polls:
+                self._polls.difference_update(waiters)
+            for w in waiters:
+                if not w.done():
+                    w.set_result((rec, True))
+
+    def _on_changes(self, msg: Changes) -> None:
+        fresh = [e for e in msg.entries if e[0] > self._applied]
+        if not fresh:
+            return
+        self._applied = fresh[-1][0]
+        self._hub.publish(fresh, self._on_terminal)
+        runners = self._runners
+        if not runners:
+            return
+        for _, rec in fresh:
+            runner = runners.get(rec.task_id)
+            if runner is None:
+                continue
+            task = runner.task
+            if rec.status is TaskStatus.CANCELLING and task is not None and not task.done():
+                task.cancel()  # a cancel from any process reaches the coroutine here
+            elif rec.status in TERMINAL:
+                # Recorded by someone else (cancel grace, or this process was declared
+                # lost while paused): the record stands; the coroutine stops.
+                del runners[rec.task_id]
+                if task is not None and not task.done():
+                    task.cancel()
+                if rec.status is TaskStatus.CANCELLED:
+                    runner.outcome.set(TaskStatus.CANCELLED, None, None)
+                else:
+                    runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"))
+
+    def _on_resync(self, msg: Resync) -> None:
+        # Waiters may have missed their terminal change: read each task again.
+        for task_id in list(self._waiters):
+            self._send("get", (task_id, "*"), self._resynced, None)
+        # Event streams may have missed changes: end them; clients resume with
+        # Last-Event-ID and get the current state.
+        self._hub.close()
+
+    def _resynced(self, reply: list[Any]) -> None:
+        if reply[0] == "rec":
+            rec = decode_record(reply[1])[0]
+            if rec.status in TERMINAL:
+                self._on_terminal(rec)
+
+    # --- handlers ----------------------------------------------------------------------
+
+    def _record(self, reply: list[Any]) -> TaskRecord:
+        rec = decode_record(reply[1])[0]
+        self._note(rec)
+        return rec
+
+    def _on_create(self, msg: m.Create) -> _Deferred:
+        fut = self._current
+        args = (
+            "-" if msg.owner is None else "s" + msg.owner,
+            msg.task_type,
+            opt(msg.resource_id),
+            _metadata(msg.metadata),
+            opt(msg.callback_url),
+            "" if msg.heartbeat_timeout is None else repr(float(msg.heartbeat_timeout)),
+            secrets.token_urlsafe(16),
+        )
+        return self._send("create", args, self._record, fut)
+
+    def _on_spawn(self, msg: m.Spawn) -> _Deferred:
+        fut = self._current
+        args = (
+            "-" if msg.owner is None else "s" + msg.owner,
+            msg.task_type,
+            opt(msg.resource_id),
+            _metadata(msg.metadata),
+            opt(msg.callback_url),
+            "",
+            secrets.token_urlsafe(16),
+            self.proc,
+        )
+
+        def done(reply: list[Any]) -> TaskRecord:
+            rec = decode_record(reply[1])[0]
+            runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
+            self._runners[rec.task_id] = runner
+            self._launch.append((runner, msg))
+            if msg.timeout is not None:
+                self._timers.push(self._now + msg.timeout, Kind.TIMEOUT, rec.task_id)
+            return rec
+
+        return self._send("spawn", args, done, fut)
+
+    def _on_start(self, msg: m.Start) -> _Deferred:
+        return self._send("start", (msg.task_id, scope(msg.owner)), self._record, self._current)
+
+    def _on_progress(self, msg: m.Progress) -> _Deferred:
+        args = (
+            msg.task_id,
+            scope(msg.owner),
+            "" if msg.progress is None else repr(float(msg.progress)),
+            "\0" if msg.message is None else msg.message,
+        )
+        return self._send("progress", args, self._record, self._current)
+
+    def _on_complete(self, msg: m.Complete) -> _Deferred:
+        args = (msg.task_id, scope(msg.owner), result_text(msg.result))
+        return self._send("complete", args, self._record, self._current)
+
+    def _on_fail(self, msg: m.Fail) -> _Deferred:
+        return self._send(
+            "fail", (msg.task_id, scope(msg.owner), msg.error), self._record, self._current
+        )
+
+    def _on_cancel(self, msg: m.Cancel) -> _Deferred:
+        return self._send(
+            "cancel", (msg.task_id, scope(msg.owner), msg.reason), self._record, self._current
+        )
+
+    def _on_delete(self, msg: m.Delete) -> _Deferred:
+        return self._send("delete", (msg.task_id, scope(msg.owner)), _ignore, self._current)
+
+    def _on_get(self, msg: m.Get) -> _Deferred:
+        return self._send("get", (msg.task_id, scope(msg.owner)), _maybe, self._current)
+
+    def _on_list(self, msg: m.ListTasks) -> _Deferred:
+        from ._state import Page
+
+        args = (
+            scope(msg.owner),
+            "" if msg.statuses is None else ",".join(sorted(s.value for s in msg.statuses)),
+            opt(msg.task_type),
+            opt(msg.resource_id),
+            str(msg.limit),
+            opt(msg.before),
+        )
+
+        def done(reply: list[Any]) -> Page:
+            records = tuple(decode_record(flat)[0] for flat in reply[1])
+            return Page(records, reply[2] or None)
+
+        return self._send("list", args, done, self._current)
+
+    def _on_wait(
+        self, msg: m.Wait, fut: asyncio.Future[Any] | None
+    ) -> tuple[TaskRecord | None, bool] | _Deferred:
+        def done(reply: list[Any]) -> object:
+            if reply[0] != "rec":
+                raise TaskNotFound(msg.task_id)
+            rec = decode_record(reply[1])[0]
+            if (
+                rec.status in TERMINAL
+                or msg.timeout == 0
+                or fut is None
+                or (msg.poll and self._polls_released)
+            ):
+                return (rec, rec.status in TERMINAL)
+            if msg.poll:
+                self._polls.add(fut)
+            self._waiters.setdefault(rec.task_id, set()).add(fut)
+            if msg.timeout is not None:
+                self._timers.push(self._now + msg.timeout, Kind.WAIT, rec.task_id, fut)
+            return _DEFERRED
+
+        return self._send("get", (msg.task_id, scope(msg.owner)), done, fut)
+
+    def _on_release_polls(self, msg: m.ReleasePolls) -> int:
+        self._polls_released = True
+        polls, self._polls = self._polls, set()
+        for task_id, waiters in list(self._waiters.items()):
+            for fut in waiters & polls:
+                waiters.discard(fut)
+                if not fut.done():
+                    self._send("get", (task_id, "*"), _latest, fut)
+            if not waiters:
+                del self._waiters[task_id]
+        return len(polls)
+
+    def _on_subscribe(self, msg: m.Subscribe) -> TaskRecord | None | _Deferred:
+        sub = msg.subscription
+        if sub.task_id is None:
+            # Everything up to the latest change fanned out here is before it.
+            self._hub.subscribe(sub, None, self._applied, ())
+            return None
+
+        def done(reply: list[Any]) -> TaskRecord:
+            if reply[0] != "rec":
+                raise TaskNotFound(sub.task_id or "")
+            rec, seq = decode_record(reply[1])
+            self._hub.subscribe(sub, rec, max(seq, self._applied), ())
+            return rec
+
+        return self._send("get", (sub.task_id, scope(sub.owner)), done, self._current)
+
+    def _on_stats(self, msg: m.Stats) -> _Deferred:
+        def done(reply: list[Any]) -> TrackerStats:
+            flat = reply[1]
+            counts: dict[tuple[str, TaskStatus], int] = {}
+            for i in range(0, len(flat), 2):
+                task_type, _, status = flat[i].partition("\n")
+                counts[(task_type, TaskStatus(status))] = int(flat[i + 1])
+            return {
+                "counts": counts,
+                "records": int(reply[2]),
+                "active": int(reply[3]),
+                "mailbox_depth": self._mailbox.qsize(),
+                "commands": self.commands,
+                "runners": len(self._runners),
+                "subscriptions": len(self._hub),
+                "waiters": sum(map(len, self._waiters.values())),
+            }
+
+        return self._send("stats", (), done, self._current)
+
+    def _on_runner_finished(self, msg: m.RunnerFinished) -> None:
+        runner = self._runners.get(msg.task_id)
+        if runner is None:
+            return
+        if msg.outcome is TaskStatus.COMPLETED:
+            outcome = "completed"
+            settle: tuple[TaskStatus, object, BaseException | None] = (
+                TaskStatus.COMPLETED,
+                msg.value,
+                None,
+            )
+            error = ""
+        elif msg.outcome is TaskStatus.FAILED:
+            outcome, settle, error = "failed", (TaskStatus.FAILED, None, msg.exc), msg.error or ""
+        elif runner.timed_out:
+            text = f"timeout: did not finish within {runner.timeout:g} seconds"
+            outcome, settle, error = "failed", (TaskStatus.FAILED, None, TimeoutError(text)), text
+        else:
+            reason = "cancelled: tracker shutting down" if self._draining else "cancelled"
+            outcome, settle, error = "cancelled", (TaskStatus.CANCELLED, None, None), reason
+        args = (msg.task_id, self.proc, outcome, result_text(msg.result), error)
+        self._send("ended", args, lambda reply: self._ended(runner, settle, reply), None, msg)
+
+    def _ended(
+        self,
+        runner: _Runner,
+        settle: tuple[TaskStatus, object, BaseException | None],
+        reply: list[Any],
+    ) -> None:
+        self._runners.pop(runner.task_id, None)
+        if reply[0] == "rec":
+            self._note(decode_record(reply[1])[0])
+            runner.outcome.set(*settle)
+        elif reply[0] == "was":
+            # Already recorded (cancelled before it ran, or declared lost): the record
+            # stands, and the handle says what it says.
+            rec = decode_record(reply[1])[0]
+            if rec.status is TaskStatus.COMPLETED:
+                runner.outcome.set(*settle)
+            elif rec.status is TaskStatus.CANCELLED:
+                runner.outcome.set(TaskStatus.CANCELLED, None, None)
+            else:
+                runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"))
+        else:
+            runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
+
+    def _on_abandon(self, msg: m.Abandon) -> None:
+        for task_id in msg.task_ids:
+            runner = self._runners.get(task_id)
+            if runner is None:
+                continue
+            settle = (TaskStatus.CANCELLED, None, None)
+            args = (task_id, self.proc, "cancelled", "", msg.reason)
+            self._send("ended", args, lambda reply, r=runner: self._ended(r, settle, reply), None)
+
+    def _shut(self) -> None:
+        ops, self._ops = self._ops, []
+        for op in ops:
+            if op.fut is not None:
+                self._replies.append((op.fut, None, None))
+        super()._shut()
+
+
+def _cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop and a library swallowed it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def decode_entry(entry_id: str, fields: Mapping[str, str]) -> tuple[int, TaskRecord]:
+    """A change stream entry: its sequence number (the id's first part), its record."""
+    flat = [x for pair in fields.items() for x in pair]
+    return int(entry_id.partition("-")[0]), decode_record(flat)[0]
+
+
+def _metadata(metadata: Mapping[str, JSON]) -> str:
+    if not metadata:
+        return ""
+    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, default=dict)
+
+
+def _latest(reply: list[Any]) -> tuple[TaskRecord | None, bool]:
+    """A long-poll that ran out: the latest record, not terminal (or gone)."""
+    if reply[0] != "rec":
+        return (None, False)
+    return (decode_record(reply[1])[0], False)
+
+
+def _maybe(reply: list[Any]) -> TaskRecord | None:
+    return decode_record(reply[1])[0] if reply[0] == "rec" else None
+
+
+def _ignore(reply: list[Any]) -> None:
+    return None
