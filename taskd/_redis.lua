@@ -288,7 +288,9 @@ OPS.complete = function(a)
   if r == nil then return e end
   e = external(r, 'complete')
   if e then return e end
-  return reply(change(r, 'completed', {result = a[3], action = 'complete'}))
+  local result = nil
+  if a[3] ~= '' then result = a[3] end
+  return reply(change(r, 'completed', {result = result, action = 'complete'}))
 end
 
 OPS.fail = function(a)
@@ -328,7 +330,7 @@ OPS.ended = function(a)
   if r == nil then return {'none'} end
   if r.pr ~= a[2] or TERMINAL[r.st] then return {'was', flatten(r)} end
   local o = {}
-  if a[3] == 'completed' then o.result = a[4] else o.error = a[5] end
+  if a[3] ~= 'completed' then o.error = a[5] elseif a[4] ~= '' then o.result = a[4] end
   return reply(change(r, a[3], o))
 end
 
