@@ -9,9 +9,6 @@ batched by the actor's group commit. Runs are alternated, best of REPEATS.
 
 from __future__ import annotations
 
-import sys
-
-
 import asyncio
 import gc
 import sys

@@ -9,14 +9,13 @@ Run: python bench/http_get.py [--rounds 3] [--duration 5]
 
 from __future__ import annotations
 
-import sys
-
 import argparse
 import json
 import re
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path

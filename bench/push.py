@@ -10,9 +10,6 @@ this process (one event loop, like a fan-out proxy would be). Each change is a
 
 from __future__ import annotations
 
-import sys
-
-
 import argparse
 import asyncio
 import json
@@ -21,6 +18,7 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 

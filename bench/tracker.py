@@ -5,9 +5,6 @@ Run: python bench/tracker.py   (prints one line per figure, with the ratio and g
 
 from __future__ import annotations
 
-import sys
-
-
 import asyncio
 import gc
 import statistics

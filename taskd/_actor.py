@@ -201,7 +201,8 @@ class Actor:
             self._shut()
 
     def _dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
-        if self.store_error is not None and self._persistent and fut is not None and type(msg) in _WRITES:
+        refuse = self.store_error is not None and self._persistent
+        if refuse and fut is not None and type(msg) in _WRITES:
             fut.set_exception(StoreError(f"the store cannot write: {self.store_error}"))
             return
         try:

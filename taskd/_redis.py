@@ -1,10 +1,10 @@
 """``RedisSpace``: one task space shared by many processes, held in Redis.
 
 Redis is the serial owner of shared state, as the actor is of local state: every
-command is one call of a server-side function (``_redis.lua``, loaded with
-``FUNCTION LOAD``), atomic, with the transition table generated from
+command is one call of a server-side Lua script (``_redis.lua``, run with
+``EVALSHA``), atomic, with the transition table generated from
 ``_models.TRANSITIONS``. A process's actor sends each mailbox batch as one pipeline
-(group commit). This module is the wire: the function's text, the connection, and
+(group commit). This module is the wire: the script's text, the connection, and
 the codec between ``TaskRecord`` and the record hash. ``_shared.SharedActor`` is the
 actor that uses it.
 
@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from ._errors import (
     InvalidTransition,
@@ -59,20 +59,19 @@ STREAM_LEN: Final = 10_000
 Command = tuple[str, Sequence[str]]
 
 
-def _library() -> tuple[str, str]:
+def _script() -> str:
     text = resources.files("taskd").joinpath("_redis.lua").read_text(encoding="utf-8")
     table = ", ".join(
         f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}"
         for src, dsts in TRANSITIONS.items()
     )
-    text = text.replace("@TRANSITIONS@", "{" + table + "}")
-    # The name carries the code's digest, so that two taskd versions sharing one Redis
-    # each call their own function.
-    name = "taskd_" + hashlib.sha1(text.encode()).hexdigest()[:12]
-    return name, text.replace("@NAME@", name)
+    return text.replace("@TRANSITIONS@", "{" + table + "}")
 
 
-FUNCTION, LIBRARY = _library()
+#: The script, and its SHA1 (EVALSHA's name for it: two taskd versions sharing one
+#: Redis each call their own).
+SCRIPT = _script()
+SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
 
 
 def check_redis_url(url: object) -> str:
@@ -120,10 +119,10 @@ def _float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def decode_record(flat: Sequence[str]) -> tuple[TaskRecord, int]:
-    """A record hash (as a flat field/value list) as a record, and its sequence number."""
-    it = iter(flat)
-    f: dict[str, str] = dict(zip(it, it, strict=True))
+def decode_record(text: str) -> tuple[TaskRecord, int]:
+    """A record as the script sends it (a JSON object of text fields), and the
+    sequence number of its latest change."""
+    f: dict[str, str] = json.loads(text)
     md, ow, cb, hb = f.get("md"), f.get("ow"), f.get("cb"), f.get("hb")
     ip = "ip" in f
     if md is None and ow is None and cb is None and hb is None and not ip:
@@ -152,7 +151,7 @@ def decode_record(flat: Sequence[str]) -> tuple[TaskRecord, int]:
     return rec, int(f.get("sq", "0"))
 
 
-def raise_error(reply: Sequence[Any]) -> None:
+def raise_error(reply: Sequence[Any]) -> NoReturn:
     """Raise what an ``{'err', …}`` reply of the function means."""
     kind = reply[1]
     if kind == "not_found":
@@ -218,14 +217,14 @@ class RedisSpace:
         """One of the deployment's keys."""
         return self.base + suffix
 
-    async def load_function(self) -> None:
-        """Load (or replace) the server-side function."""
-        await self.redis.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY)
+    async def load_script(self) -> None:
+        """Load the server-side script (idempotent)."""
+        await self.redis.script_load(SCRIPT)
 
     async def call(self, commands: Sequence[Command], now: float) -> list[Any]:
         """Run one batch of commands as one pipeline; a reply per command (an
         exception object where one failed). Connection failures raise ``StoreError``."""
-        from redis.exceptions import RedisError, ResponseError
+        from redis.exceptions import NoScriptError, RedisError
 
         now_s = repr(now)
         now_us = str(math.floor(now * 1_000_000))
@@ -233,21 +232,19 @@ class RedisSpace:
             pipe = self.redis.pipeline(transaction=False)
             for name, args in commands:
                 pipe.execute_command(
-                    "FCALL", FUNCTION, 1, self.base, name, now_s, now_us, self._config, *args
+                    "EVALSHA", SHA, 1, self.base, name, now_s, now_us, self._config, *args
                 )
             try:
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:
                 raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
-            missing = any(
-                isinstance(r, ResponseError) and "Function not found" in str(r) for r in replies
-            )
+            missing = any(isinstance(r, NoScriptError) for r in replies)
             if not missing or attempt:
                 return replies
-            # Redis restarted without persistence, or was flushed: load it and go again
-            # (a command that failed for this did nothing).
+            # Redis restarted (scripts are not persisted) or was flushed: load it and go
+            # again (a command that failed for this did nothing).
             try:
-                await self.load_function()
+                await self.load_script()
             except (RedisError, OSError) as exc:
                 raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
         raise AssertionError("unreachable")

@@ -80,9 +80,30 @@ class ExpiryQueues:
             TaskStatus.CANCELLED: deque(),
         }
 
-    def push(self, status: TaskStatus, task_id: str, finished_at: float) -> float:
+    def push(
+        self,
+        status: TaskStatus,
+        task_id: str,
+        finished_at: float,
+        lookup: Callable[[str], TaskRecord | None] | None = None,
+    ) -> float:
         """Queue a record that just reached a terminal status; return its expiry."""
-        self._queues[status].append(task_id)
+        queue = self._queues[status]
+        if queue and lookup is not None:
+            # Records finish in the order they change, except that ids minted in one
+            # clock instant are a microsecond apart and a record's times never go
+            # below its creation: a record may finish a few microseconds "before" the
+            # one changed just ahead of it. Keep the queue in finishing order.
+            i = len(queue)
+            while i:
+                rec = lookup(queue[i - 1])
+                if rec is None or rec.finished_at is None or rec.finished_at <= finished_at:
+                    break
+                i -= 1
+            if i < len(queue):
+                queue.insert(i, task_id)
+                return finished_at + self._retention.ttl(status)
+        queue.append(task_id)
         return finished_at + self._retention.ttl(status)
 
     def next_deadline(self, lookup: Callable[[str], TaskRecord | None]) -> float | None:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -40,7 +41,16 @@ from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred, _Runner
 from ._errors import StoreError, TaskdError, TaskNotFound
 from ._hub import RECENT_EVENTS, Hub
 from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
-from ._redis import SOCKET_TIMEOUT, Command, RedisSpace, decode_record, opt, raise_error, result_text, scope
+from ._redis import (
+    SOCKET_TIMEOUT,
+    Command,
+    RedisSpace,
+    decode_record,
+    opt,
+    raise_error,
+    result_text,
+    scope,
+)
 from ._retention import Retention
 from ._runner import start_runner
 from ._store import MemoryStore
@@ -62,12 +72,30 @@ BACKOFF: Final = 0.5
 #: Outbox entries a dead or stuck process held are taken over after this long (ms).
 CLAIM_IDLE_MS: Final = 30_000
 _GROUP: Final = "webhooks"
+_CANCELLED: Final[tuple[TaskStatus, object, BaseException | None]] = (
+    TaskStatus.CANCELLED,
+    None,
+    None,
+)
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
 #: Messages that need Redis (refused at once while it is unreachable).
 _REMOTE: Final = frozenset(
     {
-        m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete,
-        m.Get, m.ListTasks, m.Wait, m.Subscribe, m.Stats, m.RunnerFinished, m.Abandon,
+        m.Create,
+        m.Spawn,
+        m.Start,
+        m.Progress,
+        m.Complete,
+        m.Fail,
+        m.Cancel,
+        m.Delete,
+        m.Get,
+        m.ListTasks,
+        m.Wait,
+        m.Subscribe,
+        m.Stats,
+        m.RunnerFinished,
+        m.Abandon,
     }
 )
 
@@ -87,7 +115,7 @@ class Resync:
 @dataclass(slots=True)
 class _Op:
     command: Command
-    done: Callable[[Any], None]
+    done: Callable[[Any], object]
     fut: asyncio.Future[Any] | None = None
     #: The message, if it must be sent again after a failure (runner reports).
     retry: object = None
@@ -132,20 +160,20 @@ class SharedActor(Actor):
         self._sweep_due = math.inf
         self._handlers.update(
             {
-                m.Create: self._on_create,
-                m.Spawn: self._on_spawn,
-                m.Start: self._on_start,
-                m.Progress: self._on_progress,
-                m.Complete: self._on_complete,
-                m.Fail: self._on_fail,
-                m.Cancel: self._on_cancel,
-                m.Delete: self._on_delete,
-                m.Get: self._on_get,
+                m.Create: self._remote_create,
+                m.Spawn: self._remote_spawn,
+                m.Start: self._remote_start,
+                m.Progress: self._remote_progress,
+                m.Complete: self._remote_complete,
+                m.Fail: self._remote_fail,
+                m.Cancel: self._remote_cancel,
+                m.Delete: self._remote_delete,
+                m.Get: self._remote_get,
                 m.ListTasks: self._on_list,
-                m.Subscribe: self._on_subscribe,
-                m.Stats: self._on_stats,
-                m.RunnerFinished: self._on_runner_finished,
-                m.Abandon: self._on_abandon,
+                m.Subscribe: self._remote_subscribe,
+                m.Stats: self._remote_stats,
+                m.RunnerFinished: self._remote_runner_finished,
+                m.Abandon: self._remote_abandon,
                 Changes: self._on_changes,
                 Resync: self._on_resync,
             }
@@ -160,11 +188,11 @@ class SharedActor(Actor):
 
         space = self.space
         try:
-            await space.load_function()
-            await self._beat()
+            await space.load_script()
+            await self._announce()
             head = await space.call([("head", ())], self._tick())
             epoch, seq = int(head[0][1]), int(head[0][2])
-            recent = await space.redis.xrevrange(space.key("x"), count=RECENT_EVENTS)
+            recent: Any = await space.redis.xrevrange(space.key("x"), count=RECENT_EVENTS)
         except (RedisError, OSError) as exc:
             await space.aclose()
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
@@ -176,7 +204,11 @@ class SharedActor(Actor):
         self.boot_seq = epoch
         self._hub = Hub(epoch)
         self._hub.prime(
-            [decode_entry(eid, fields) for eid, fields in reversed(recent) if fields]
+            [
+                decode_entry(eid, fields)
+                for eid, fields in reversed(recent)
+                if fields and "r" in fields
+            ]
         )
         self._applied = seq
         self._sweep_at(self._now)
@@ -206,7 +238,8 @@ class SharedActor(Actor):
     def _dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
         if self._now < self._down_until and type(msg) in _REMOTE:
             if fut is not None:
-                fut.set_exception(StoreError(f"the shared store cannot be reached: {self.store_error}"))
+                reason = self.store_error or "unknown"
+                fut.set_exception(StoreError(f"the shared store cannot be reached: {reason}"))
             elif isinstance(msg, _INTERNAL):
                 self._held.append(msg)
             return
@@ -264,7 +297,9 @@ class SharedActor(Actor):
         fut = op.fut
         try:
             if isinstance(reply, Exception):
-                raise reply
+                # A command Redis refused (out of memory, read-only replica, …): the
+                # store cannot take it, which is a 503, never a 500.
+                raise StoreError(f"the shared store (Redis) refused a command: {reply}")
             if isinstance(reply, list) and reply and reply[0] == "err":
                 raise_error(reply)
             value = op.done(reply)
@@ -347,7 +382,7 @@ class SharedActor(Actor):
 
     # --- background tasks --------------------------------------------------------------
 
-    async def _beat(self) -> None:
+    async def _announce(self) -> None:
         space = self.space
         pipe = space.redis.pipeline(transaction=False)
         pipe.set(space.key("alive:" + self.proc), "1", px=LIVENESS_MS)
@@ -358,7 +393,7 @@ class SharedActor(Actor):
         while True:
             await asyncio.sleep(BEAT)
             try:
-                await self._beat()
+                await self._announce()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -375,7 +410,7 @@ class SharedActor(Actor):
         broken = False
         while True:
             try:
-                resp = await space.reader.xread({key: f"{last}-0"}, count=512, block=1000)
+                resp: Any = await space.reader.xread({key: f"{last}-0"}, count=512, block=1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -390,7 +425,9 @@ class SharedActor(Actor):
                 self.post(Resync())
             if not resp:
                 continue
-            entries = [decode_entry(eid, fields) for eid, fields in resp[0][1] if fields]
+            entries = [
+                decode_entry(eid, fields) for eid, fields in resp[0][1] if fields and "r" in fields
+            ]
             if not entries:
                 continue
             if last and entries[0][0] > last + 1:
@@ -423,19 +460,21 @@ class SharedActor(Actor):
                     entries: list[tuple[str, dict[str, str]]] = []
                     if loop.time() >= claim_at:
                         claim_at = loop.time() + 10.0
-                        claimed = await space.redis.xautoclaim(
+                        claimed: Any = await space.redis.xautoclaim(
                             key, _GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
                         )
                         entries.extend(claimed[1])
-                    resp = await r.xreadgroup(_GROUP, self.proc, {key: ">"}, count=32, block=1000)
-                    if resp:
-                        entries.extend(resp[0][1])
+                    resp2: Any = await r.xreadgroup(
+                        _GROUP, self.proc, {key: ">"}, count=32, block=1000
+                    )
+                    if resp2:
+                        entries.extend(resp2[0][1])
                     for eid, fields in entries:
                         if not fields:
                             self._acks.append(eid)
                             continue
                         rec = decode_entry("0-0", fields)[1]
-                        sender.submit(rec, done=lambda eid=eid: self._acks.append(eid))
+                        sender.submit(rec, done=functools.partial(self._acks.append, eid))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -504,7 +543,7 @@ class SharedActor(Actor):
         self._note(rec)
         return rec
 
-    def _on_create(self, msg: m.Create) -> _Deferred:
+    def _remote_create(self, msg: m.Create) -> _Deferred:
         fut = self._current
         args = (
             "-" if msg.owner is None else "s" + msg.owner,
@@ -517,7 +556,7 @@ class SharedActor(Actor):
         )
         return self._send("create", args, self._record, fut)
 
-    def _on_spawn(self, msg: m.Spawn) -> _Deferred:
+    def _remote_spawn(self, msg: m.Spawn) -> _Deferred:
         fut = self._current
         args = (
             "-" if msg.owner is None else "s" + msg.owner,
@@ -541,10 +580,10 @@ class SharedActor(Actor):
 
         return self._send("spawn", args, done, fut)
 
-    def _on_start(self, msg: m.Start) -> _Deferred:
+    def _remote_start(self, msg: m.Start) -> _Deferred:
         return self._send("start", (msg.task_id, scope(msg.owner)), self._record, self._current)
 
-    def _on_progress(self, msg: m.Progress) -> _Deferred:
+    def _remote_progress(self, msg: m.Progress) -> _Deferred:
         args = (
             msg.task_id,
             scope(msg.owner),
@@ -553,24 +592,24 @@ class SharedActor(Actor):
         )
         return self._send("progress", args, self._record, self._current)
 
-    def _on_complete(self, msg: m.Complete) -> _Deferred:
+    def _remote_complete(self, msg: m.Complete) -> _Deferred:
         args = (msg.task_id, scope(msg.owner), result_text(msg.result))
         return self._send("complete", args, self._record, self._current)
 
-    def _on_fail(self, msg: m.Fail) -> _Deferred:
+    def _remote_fail(self, msg: m.Fail) -> _Deferred:
         return self._send(
             "fail", (msg.task_id, scope(msg.owner), msg.error), self._record, self._current
         )
 
-    def _on_cancel(self, msg: m.Cancel) -> _Deferred:
+    def _remote_cancel(self, msg: m.Cancel) -> _Deferred:
         return self._send(
             "cancel", (msg.task_id, scope(msg.owner), msg.reason), self._record, self._current
         )
 
-    def _on_delete(self, msg: m.Delete) -> _Deferred:
+    def _remote_delete(self, msg: m.Delete) -> _Deferred:
         return self._send("delete", (msg.task_id, scope(msg.owner)), _ignore, self._current)
 
-    def _on_get(self, msg: m.Get) -> _Deferred:
+    def _remote_get(self, msg: m.Get) -> _Deferred:
         return self._send("get", (msg.task_id, scope(msg.owner)), _maybe, self._current)
 
     def _on_list(self, msg: m.ListTasks) -> _Deferred:
@@ -586,7 +625,7 @@ class SharedActor(Actor):
         )
 
         def done(reply: list[Any]) -> Page:
-            records = tuple(decode_record(flat)[0] for flat in reply[1])
+            records = tuple(decode_record(text)[0] for text in reply[1])
             return Page(records, reply[2] or None)
 
         return self._send("list", args, done, self._current)
@@ -626,7 +665,7 @@ class SharedActor(Actor):
                 del self._waiters[task_id]
         return len(polls)
 
-    def _on_subscribe(self, msg: m.Subscribe) -> TaskRecord | None | _Deferred:
+    def _remote_subscribe(self, msg: m.Subscribe) -> TaskRecord | _Deferred | None:
         sub = msg.subscription
         if sub.task_id is None:
             # Everything up to the latest change fanned out here is before it.
@@ -642,7 +681,7 @@ class SharedActor(Actor):
 
         return self._send("get", (sub.task_id, scope(sub.owner)), done, self._current)
 
-    def _on_stats(self, msg: m.Stats) -> _Deferred:
+    def _remote_stats(self, msg: m.Stats) -> _Deferred:
         def done(reply: list[Any]) -> TrackerStats:
             flat = reply[1]
             counts: dict[tuple[str, TaskStatus], int] = {}
@@ -662,7 +701,7 @@ class SharedActor(Actor):
 
         return self._send("stats", (), done, self._current)
 
-    def _on_runner_finished(self, msg: m.RunnerFinished) -> None:
+    def _remote_runner_finished(self, msg: m.RunnerFinished) -> None:
         runner = self._runners.get(msg.task_id)
         if runner is None:
             return
@@ -708,14 +747,13 @@ class SharedActor(Actor):
         else:
             runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
 
-    def _on_abandon(self, msg: m.Abandon) -> None:
+    def _remote_abandon(self, msg: m.Abandon) -> None:
         for task_id in msg.task_ids:
             runner = self._runners.get(task_id)
             if runner is None:
                 continue
-            settle = (TaskStatus.CANCELLED, None, None)
             args = (task_id, self.proc, "cancelled", "", msg.reason)
-            self._send("ended", args, lambda reply, r=runner: self._ended(r, settle, reply), None)
+            self._send("ended", args, functools.partial(self._ended, runner, _CANCELLED), None)
 
     def _shut(self) -> None:
         ops, self._ops = self._ops, []
@@ -734,8 +772,7 @@ def _cancelled() -> None:
 
 def decode_entry(entry_id: str, fields: Mapping[str, str]) -> tuple[int, TaskRecord]:
     """A change stream entry: its sequence number (the id's first part), its record."""
-    flat = [x for pair in fields.items() for x in pair]
-    return int(entry_id.partition("-")[0]), decode_record(flat)[0]
+    return int(entry_id.partition("-")[0]), decode_record(fields["r"])[0]
 
 
 def _metadata(metadata: Mapping[str, JSON]) -> str:

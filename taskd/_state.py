@@ -217,7 +217,7 @@ class TaskState:
                     key = (new.owner, new.task_type, new.resource_id)
                     if self._active_keys.get(key) == tid:
                         del self._active_keys[key]
-                self._expiry.push(new.status, tid, at)
+                self._expiry.push(new.status, tid, at, self._records.get)
         self._emit(new)
         return new
 

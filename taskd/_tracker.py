@@ -18,7 +18,6 @@ from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from . import _messages as m
 from ._actor import Actor, MailboxItem
-from ._shared import SharedActor
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -40,6 +39,7 @@ from ._models import (
 from ._redact import redact_error
 from ._retention import Retention
 from ._runner import Outcome
+from ._shared import SharedActor
 from ._state import Page
 from ._store import MemoryStore, Store
 from ._watch import Subscription
@@ -173,7 +173,8 @@ class Tracker:
     ``Webhooks``: signed callbacks on terminal transitions) and ``clock`` (wall-clock
     source, for tests). ``redis`` (a ``redis://`` URL) puts the task space in Redis,
     shared by every tracker given the same URL and ``redis_prefix`` (default
-    ``"taskd:"``), in any process or host; it excludes ``store``. Methods called before entry, after close, or once the actor has died
+    ``"taskd:"``), in any process or host; it excludes ``store``. Methods called
+    before entry, after close, or once the actor has died
     raise ``TrackerClosed`` at once.
     """
 

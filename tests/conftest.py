@@ -3,6 +3,7 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import TypedDict
 
 import pytest
 
@@ -61,8 +62,15 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+class Engine(TypedDict, total=False):
+    """The options that choose an engine (``Tracker`` and ``create_app`` take both)."""
+
+    redis: str
+    redis_prefix: str
+
+
 @pytest.fixture(params=["memory", "redis"])
-def engine(request: pytest.FixtureRequest) -> dict[str, str]:
+def engine(request: pytest.FixtureRequest) -> Engine:
     """Options that pick the engine (``Tracker`` and ``create_app`` take them): in
     memory, or a shared task space on a real Redis under a fresh prefix."""
     if request.param == "memory":

@@ -31,13 +31,17 @@ async def stats(request: web.Request) -> web.Response:
     return web.json_response({"runners": s["runners"]})
 
 
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
 def main() -> None:
     port, url, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     app = web.Application()
     taskd.web.setup(app, redis=url, redis_prefix=prefix, close_timeout=0.5)
     app.router.add_post("/spawn", spawn)
     app.router.add_get("/runners", stats)
-    app.router.add_get("/health", lambda r: web.json_response({"status": "ok"}))
+    app.router.add_get("/health", health)
     web.run_app(app, host="127.0.0.1", port=port, print=None)
 
 

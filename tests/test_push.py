@@ -20,7 +20,7 @@ import taskd
 import taskd.web
 from taskd.client import TaskdClient
 
-from .conftest import eventually
+from .conftest import Engine, eventually
 from .service import cli
 
 Client = TestClient[web.Request, web.Application]
@@ -29,9 +29,7 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 
 
 @pytest.fixture
-async def app_client(
-    aiohttp_client: Callable[..., Awaitable[Client]], engine: dict[str, str]
-) -> Client:
+async def app_client(aiohttp_client: Callable[..., Awaitable[Client]], engine: Engine) -> Client:
     return await aiohttp_client(
         taskd.web.create_app(sse_ping_interval=0.2, close_timeout=0.2, **engine)
     )
@@ -269,7 +267,7 @@ def verify(secret: str, headers: Any, body: bytes) -> bool:
 
 
 async def test_webhook_retried_then_delivered_and_signed(
-    aiohttp_client: Callable[..., Awaitable[Client]], receivers: Any, engine: dict[str, str]
+    aiohttp_client: Callable[..., Awaitable[Client]], receivers: Any, engine: Engine
 ) -> None:
     rx = await receivers(fail_first=2)
     hooks = taskd.Webhooks(secret=SECRET, allow=(rx.netloc,), first_retry=0.1)
@@ -301,10 +299,10 @@ async def test_webhook_retried_then_delivered_and_signed(
     assert t1 - t0 < 5 and (t2 - t1) > (t1 - t0) * 0.9
 
 
-async def test_webhook_for_spawned_task(receivers: Any, engine: dict[str, str]) -> None:
+async def test_webhook_for_spawned_task(receivers: Any, engine: Engine) -> None:
     rx = await receivers()
     hooks = taskd.Webhooks(secret="plain-secret", allow=(rx.netloc,))
-    async with taskd.Tracker(webhooks=hooks, **engine) as t:  # type: ignore[arg-type]
+    async with taskd.Tracker(webhooks=hooks, **engine) as t:
 
         async def work() -> int:
             raise RuntimeError("api_key=abc123 rejected")

@@ -15,13 +15,15 @@ from aiohttp.test_utils import TestClient
 import taskd
 import taskd.web
 
+from .conftest import Engine
+
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 API = "/api/v1"
 
 
 @pytest.fixture
-async def client(aiohttp_client: MakeClient, engine: dict[str, str]) -> Client:
+async def client(aiohttp_client: MakeClient, engine: Engine) -> Client:
     return await aiohttp_client(taskd.web.create_app(close_timeout=0.2, **engine))
 
 
@@ -321,7 +323,7 @@ def bearer_auth(request: web.Request) -> str:
 
 
 @pytest.fixture
-async def auth_client(aiohttp_client: MakeClient, engine: dict[str, str]) -> Client:
+async def auth_client(aiohttp_client: MakeClient, engine: Engine) -> Client:
     return await aiohttp_client(taskd.web.create_app(auth=bearer_auth, **engine))
 
 

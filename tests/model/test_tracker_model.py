@@ -18,7 +18,7 @@ from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
 import taskd
 from taskd import TaskStatus as S
 
-from ..conftest import FakeClock
+from ..conftest import Engine, FakeClock
 from ..redis_server import RedisServer
 
 T = TypeVar("T")
@@ -57,7 +57,7 @@ class TrackerModel(RuleBasedStateMachine):
         self.run(self.tracker.__aenter__())
         self.model: dict[str, ModelTask] = {}  # insertion order = creation order
 
-    def engine(self) -> dict[str, str]:
+    def engine(self) -> Engine:
         return {}
 
     def run(self, coro: Coroutine[Any, Any, T]) -> T:
@@ -244,7 +244,7 @@ class RedisTrackerModel(TrackerModel):
     """The same model, against a shared task space on a real Redis (a fresh key
     prefix per example; time still comes from the fake clock: the caller's)."""
 
-    def engine(self) -> dict[str, str]:
+    def engine(self) -> Engine:
         return {"redis": REDIS[0], "redis_prefix": f"model-{uuid.uuid4().hex}:"}
 
 

@@ -1,0 +1,213 @@
+"""bench/redis.py: the CPU cost of a request with a shared task space on Redis.
+
+Run: python bench/redis.py   (needs Debian's redis-server; prints a table and ratios)
+
+One fixed mix of HTTP requests is sent to real ``taskd serve`` processes, in three
+set-ups measured in the same run: (a) one in-memory process, (b) one process on a
+Redis, (c) two processes on one Redis (requests alternate between them; each task's
+long-poll is parked on the process that did not create it). The figure is CPU
+microseconds per request: utime + stime, from /proc, of every taskd process and of
+redis-server, over the run (the load generator's own CPU is not counted). Redis's
+own accounting (``INFO commandstats``) gives the µs of Redis CPU per request, hence
+the request rate one Redis core can carry.
+
+The mix, per task (6 requests): create, start, get, a long-poll (``?wait=5``) that a
+complete on another connection ends, and a list of the newest 20.
+Goals: (c)/(b) <= 1.15 (coordination cost does not grow with processes) and
+(b)/(a) <= 2.0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import aiohttp
+
+TASKS = 1500
+CONCURRENCY = 16
+REQUESTS_PER_TASK = 6
+API = "/api/v1"
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def cpu_seconds(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS  # utime, stime
+
+
+def wait_up(url: str, proc: subprocess.Popen[bytes]) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited {proc.returncode}")
+        try:
+            urllib.request.urlopen(url + "/health", timeout=1).read()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def serve(*flags: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "taskd", "serve", "--port", str(port), "--log-level", "WARNING",
+         *flags],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_up(url, proc)
+    return proc, url
+
+
+async def drive(urls: list[str]) -> int:
+    """Run the mix for TASKS tasks; returns the number of requests sent."""
+    sent = 0
+    conn = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=conn) as http:
+
+        async def req(method: str, url: str, **kw: object) -> dict[str, object]:
+            nonlocal sent
+            sent += 1
+            async with http.request(method, url, **kw) as resp:  # type: ignore[arg-type]
+                assert resp.status < 300, await resp.text()
+                return await resp.json()  # type: ignore[no-any-return]
+
+        async def one(i: int) -> None:
+            a = urls[i % len(urls)]
+            b = urls[(i + 1) % len(urls)]
+            body = await req("POST", f"{a}{API}/tasks", json={"task_type": f"t{i % 4}"})
+            tid = body["result"]["task_id"]  # type: ignore[index]
+            await req("POST", f"{b}{API}/tasks/{tid}/start")
+            await req("GET", f"{a}{API}/tasks/{tid}")
+            poll = asyncio.ensure_future(req("GET", f"{b}{API}/tasks/{tid}?wait=5"))
+            await asyncio.sleep(0.002)  # let the poll park (it is answered either way)
+            await req("POST", f"{a}{API}/tasks/{tid}/complete", json={"result": i})
+            await poll
+            await req("GET", f"{b}{API}/tasks?limit=20")
+
+        queue = iter(range(TASKS))
+
+        async def lane() -> None:
+            for i in queue:
+                await one(i)
+
+        await asyncio.gather(*(lane() for _ in range(CONCURRENCY)))
+    return sent
+
+
+def redis_usec(port: int) -> int:
+    out = subprocess.run(
+        ["redis-cli", "-p", str(port), "INFO", "commandstats"], capture_output=True, text=True
+    ).stdout
+    return sum(int(m) for m in re.findall(r"usec=(\d+)", out))
+
+
+def measure(
+    procs: list[subprocess.Popen[bytes]], urls: list[str], redis: int | None
+) -> dict[str, float]:
+    pids = [p.pid for p in procs]
+    if redis is not None:
+        subprocess.run(["redis-cli", "-p", str(redis), "CONFIG", "RESETSTAT"], capture_output=True)
+        rpid = int(
+            subprocess.run(
+                ["redis-cli", "-p", str(redis), "INFO", "server"], capture_output=True, text=True
+            )
+            .stdout.split("process_id:")[1]
+            .split()[0]
+        )
+        pids.append(rpid)
+    before = [cpu_seconds(p) for p in pids]
+    t0 = time.perf_counter()
+    n = asyncio.run(drive(urls))
+    wall = time.perf_counter() - t0
+    after = [cpu_seconds(p) for p in pids]
+    out = {
+        "requests": n,
+        "cpu_us": sum(a - b for a, b in zip(after, before, strict=True)) / n * 1e6,
+        "rate": n / wall,
+    }
+    if redis is not None:
+        out["redis_cpu_us"] = (after[-1] - before[-1]) / n * 1e6
+        out["redis_cmd_us"] = redis_usec(redis) / n
+    return out
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        rport = free_port()
+        redis = subprocess.Popen(
+            ["redis-server", "--port", str(rport), "--bind", "127.0.0.1", "--dir", tmp,
+             "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL,
+        )  # fmt: skip
+        time.sleep(0.3)
+        url = f"redis://127.0.0.1:{rport}/0"
+        results: dict[str, list[dict[str, float]]] = {"a": [], "b": [], "c": []}
+        try:
+            for _ in range(2):  # alternate set-ups, keep the best of each
+                for name in ("a", "b", "c"):
+                    if name == "a":
+                        procs = [serve()]
+                    else:
+                        space = ["--redis", url, "--redis-prefix", f"bench-{uuid.uuid4().hex[:8]}:"]
+                        procs = [serve(*space) for _ in range(1 if name == "b" else 2)]
+                    try:
+                        results[name].append(
+                            measure(
+                                [p for p, _ in procs],
+                                [u for _, u in procs],
+                                None if name == "a" else rport,
+                            )
+                        )
+                    finally:
+                        for p, _ in procs:
+                            p.terminate()
+                            p.wait()
+        finally:
+            redis.terminate()
+            redis.wait()
+    best = {k: min(v, key=lambda r: r["cpu_us"]) for k, v in results.items()}
+    labels = {
+        "a": "(a) 1 process, memory",
+        "b": "(b) 1 process + Redis",
+        "c": "(c) 2 processes + Redis",
+    }
+    print(f"{TASKS} tasks x {REQUESTS_PER_TASK} requests, {CONCURRENCY} at a time; best of 2")
+    print(
+        f"{'set-up':28} {'CPU us/request':>15} {'req/s':>8} {'Redis CPU us/req':>17} {'Redis cmd us/req':>17}"
+    )
+    for k, r in best.items():
+        rc = f"{r['redis_cpu_us']:.1f}" if "redis_cpu_us" in r else "-"
+        cmd = f"{r['redis_cmd_us']:.1f}" if "redis_cmd_us" in r else "-"
+        print(f"{labels[k]:28} {r['cpu_us']:15.1f} {r['rate']:8.0f} {rc:>17} {cmd:>17}")
+    print(f"(c)/(b) = {best['c']['cpu_us'] / best['b']['cpu_us']:.2f}   (goal <= 1.15)")
+    print(f"(b)/(a) = {best['b']['cpu_us'] / best['a']['cpu_us']:.2f}   (goal <= 2.0)")
+    per_req = best["c"]["redis_cpu_us"]
+    print(
+        f"one Redis core carries ~{1e6 / per_req:,.0f} requests/s of this mix "
+        f"({per_req:.1f} us of redis-server CPU per request; "
+        f"{best['c']['redis_cmd_us']:.1f} us inside commands)"
+    )
+
+
+if __name__ == "__main__":
+    main()
