@@ -77,10 +77,20 @@ class Hub:
                 sub.push(n, rec)
         sub.resumed = True
 
-    def prime(self, entries: Iterable[tuple[int, TaskRecord]]) -> None:
-        """Start the replay ring now, with ``entries`` (a shared task space: the
-        latest changes of every process, so a client may resume on any of them)."""
-        self._recent = deque(entries, maxlen=RECENT_EVENTS)
+    def shared(self) -> None:
+        """Keep no replay ring: in a shared task space, changes to replay are read
+        from the change stream when a client resumes (``subscribe``'s ``pending``),
+        so any process can resume any id."""
+        self._recent = deque(maxlen=0)
+
+    def follows(self, task_id: str) -> bool:
+        """Whether a per-task subscription follows this task."""
+        return task_id in self._task_subs
+
+    @property
+    def follows_all(self) -> bool:
+        """Whether any subscription follows every task (that matches its filter)."""
+        return bool(self._global_subs)
 
     def unsubscribe(self, sub: Subscription) -> None:
         """Drop ``sub`` (and end it)."""

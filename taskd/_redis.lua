@@ -103,7 +103,9 @@ local function emit(r)
   local sq = string.format('%d', redis.call('INCR', seqkey))
   r.sq = sq
   save(r)
-  redis.call('XADD', k('x'), 'MAXLEN', '~', CFG.stream_len, sq .. '-0', 'r', cjson.encode(r))
+  -- id and status beside the record: a reader decodes only what it has a use for
+  redis.call('XADD', k('x'), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
+             'i', r.id, 's', r.st, 'r', cjson.encode(r))
   return r
 end
 

@@ -55,7 +55,8 @@ SOCKET_TIMEOUT: Final = 2.0
 #: Entries the change stream keeps (``MAXLEN ~``): how far back a reader can fall.
 STREAM_LEN: Final = 10_000
 
-#: One server-side command: (name, arguments).
+#: One server-side command: (name, arguments); an upper-case name is a plain Redis
+#: command, any other a command of the script.
 Command = tuple[str, Sequence[str]]
 
 
@@ -151,6 +152,29 @@ def decode_record(text: str) -> tuple[TaskRecord, int]:
     return rec, int(f.get("sq", "0"))
 
 
+class Decoder:
+    """Decodes records, and hands back the same object for the same record version:
+    a page of 20 records, re-read every poll, is then decoded and rendered to JSON once
+    (the web layer's render cache is keyed by the record object)."""
+
+    __slots__ = ("_cache",)
+
+    #: Record versions remembered (a dict cleared when full: cheap, and bounded).
+    SIZE: Final = 8192
+
+    def __init__(self) -> None:
+        self._cache: dict[str, tuple[TaskRecord, int]] = {}
+
+    def __call__(self, text: str) -> tuple[TaskRecord, int]:
+        hit = self._cache.get(text)
+        if hit is not None:
+            return hit
+        if len(self._cache) >= self.SIZE:
+            self._cache.clear()
+        decoded = self._cache[text] = decode_record(text)
+        return decoded
+
+
 def raise_error(reply: Sequence[Any]) -> NoReturn:
     """Raise what an ``{'err', …}`` reply of the function means."""
     kind = reply[1]
@@ -182,6 +206,7 @@ class RedisSpace:
         self.url = url
         self.prefix = prefix
         self.base = "{" + prefix + "}"
+        self.decode = Decoder()
         quota = retention.max_active_per_owner
         # Every process sends its own settings with each call: a deployment's processes
         # must run with the same retention (docs/scale-out.md).
@@ -231,9 +256,12 @@ class RedisSpace:
         for attempt in (0, 1):
             pipe = self.redis.pipeline(transaction=False)
             for name, args in commands:
-                pipe.execute_command(
-                    "EVALSHA", SHA, 1, self.base, name, now_s, now_us, self._config, *args
-                )
+                if name.isupper():  # a plain Redis command (a read)
+                    pipe.execute_command(name, *args)
+                else:
+                    pipe.execute_command(
+                        "EVALSHA", SHA, 1, self.base, name, now_s, now_us, self._config, *args
+                    )
             try:
                 replies: list[Any] = await pipe.execute(raise_on_error=False)
             except (RedisError, OSError) as exc:

@@ -45,7 +45,6 @@ from ._redis import (
     SOCKET_TIMEOUT,
     Command,
     RedisSpace,
-    decode_record,
     opt,
     raise_error,
     result_text,
@@ -78,6 +77,7 @@ _CANCELLED: Final[tuple[TaskStatus, object, BaseException | None]] = (
     None,
 )
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
+_TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
 #: Messages that need Redis (refused at once while it is unreachable).
 _REMOTE: Final = frozenset(
     {
@@ -100,11 +100,15 @@ _REMOTE: Final = frozenset(
 )
 
 
+#: A change stream entry as read: (sequence number, task id, status, record JSON).
+RawChange = tuple[int, str, str, str]
+
+
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """Entries of the change stream, from the reader: (sequence number, record)."""
+    """Entries of the change stream, from the reader, not decoded yet."""
 
-    entries: tuple[tuple[int, TaskRecord], ...]
+    entries: tuple[RawChange, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,7 +196,6 @@ class SharedActor(Actor):
             await self._announce()
             head = await space.call([("head", ())], self._tick())
             epoch, seq = int(head[0][1]), int(head[0][2])
-            recent: Any = await space.redis.xrevrange(space.key("x"), count=RECENT_EVENTS)
         except (RedisError, OSError) as exc:
             await space.aclose()
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
@@ -200,16 +203,10 @@ class SharedActor(Actor):
             await space.aclose()
             raise
         # Event ids are global: an id below the space's first one is from an earlier
-        # space (a flushed Redis); the replay ring starts with the latest entries.
+        # space (a flushed Redis). Replays are read from the stream, not kept here.
         self.boot_seq = epoch
         self._hub = Hub(epoch)
-        self._hub.prime(
-            [
-                decode_entry(eid, fields)
-                for eid, fields in reversed(recent)
-                if fields and "r" in fields
-            ]
-        )
+        self._hub.shared()
         self._applied = seq
         self._sweep_at(self._now)
 
@@ -346,7 +343,7 @@ class SharedActor(Actor):
                     waiters.discard(fut)
                 self._polls.discard(fut)
                 if not fut.done():
-                    self._send("get", (task_id, "*"), _latest, fut)
+                    self._send("get", (task_id, "*"), self._latest, fut)
             elif kind is Kind.TIMEOUT:
                 runner = self._runners.get(task_id)
                 if runner is not None and runner.task is not None and not runner.timed_out:
@@ -426,7 +423,9 @@ class SharedActor(Actor):
             if not resp:
                 continue
             entries = [
-                decode_entry(eid, fields) for eid, fields in resp[0][1] if fields and "r" in fields
+                (int(eid.partition("-")[0]), f["i"], f["s"], f["r"])
+                for eid, f in resp[0][1]
+                if f and "r" in f
             ]
             if not entries:
                 continue
@@ -473,7 +472,7 @@ class SharedActor(Actor):
                         if not fields:
                             self._acks.append(eid)
                             continue
-                        rec = decode_entry("0-0", fields)[1]
+                        rec = self.decode_entry("0-0", fields)[1]
                         sender.submit(rec, done=functools.partial(self._acks.append, eid))
             except asyncio.CancelledError:
                 raise
@@ -496,12 +495,28 @@ class SharedActor(Actor):
                     w.set_result((rec, True))
 
     def _on_changes(self, msg: Changes) -> None:
-        fresh = [e for e in msg.entries if e[0] > self._applied]
+        # Decode only the changes someone here follows: every process reads every
+        # change, and most concern nobody in it.
+        hub = self._hub
+        waiters = self._waiters
+        runners = self._runners
+        everything = hub.follows_all
+        decode = self.space.decode
+        fresh: list[tuple[int, TaskRecord]] = []
+        for seq, task_id, status, text in msg.entries:
+            if seq <= self._applied:
+                continue
+            self._applied = seq
+            if (
+                everything
+                or task_id in runners
+                or hub.follows(task_id)
+                or (task_id in waiters and status in _TERMINAL_TEXT)
+            ):
+                fresh.append((seq, decode(text)[0]))
         if not fresh:
             return
-        self._applied = fresh[-1][0]
-        self._hub.publish(fresh, self._on_terminal)
-        runners = self._runners
+        hub.publish(fresh, self._on_terminal)
         if not runners:
             return
         for _, rec in fresh:
@@ -532,14 +547,14 @@ class SharedActor(Actor):
 
     def _resynced(self, reply: list[Any]) -> None:
         if reply[0] == "rec":
-            rec = decode_record(reply[1])[0]
+            rec = self.space.decode(reply[1])[0]
             if rec.status in TERMINAL:
                 self._on_terminal(rec)
 
     # --- handlers ----------------------------------------------------------------------
 
     def _record(self, reply: list[Any]) -> TaskRecord:
-        rec = decode_record(reply[1])[0]
+        rec = self.space.decode(reply[1])[0]
         self._note(rec)
         return rec
 
@@ -570,7 +585,7 @@ class SharedActor(Actor):
         )
 
         def done(reply: list[Any]) -> TaskRecord:
-            rec = decode_record(reply[1])[0]
+            rec = self.space.decode(reply[1])[0]
             runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
             self._runners[rec.task_id] = runner
             self._launch.append((runner, msg))
@@ -610,7 +625,7 @@ class SharedActor(Actor):
         return self._send("delete", (msg.task_id, scope(msg.owner)), _ignore, self._current)
 
     def _remote_get(self, msg: m.Get) -> _Deferred:
-        return self._send("get", (msg.task_id, scope(msg.owner)), _maybe, self._current)
+        return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, self._current)
 
     def _on_list(self, msg: m.ListTasks) -> _Deferred:
         from ._state import Page
@@ -625,7 +640,7 @@ class SharedActor(Actor):
         )
 
         def done(reply: list[Any]) -> Page:
-            records = tuple(decode_record(text)[0] for text in reply[1])
+            records = tuple(self.space.decode(text)[0] for text in reply[1])
             return Page(records, reply[2] or None)
 
         return self._send("list", args, done, self._current)
@@ -636,7 +651,7 @@ class SharedActor(Actor):
         def done(reply: list[Any]) -> object:
             if reply[0] != "rec":
                 raise TaskNotFound(msg.task_id)
-            rec = decode_record(reply[1])[0]
+            rec = self.space.decode(reply[1])[0]
             if (
                 rec.status in TERMINAL
                 or msg.timeout == 0
@@ -660,13 +675,34 @@ class SharedActor(Actor):
             for fut in waiters & polls:
                 waiters.discard(fut)
                 if not fut.done():
-                    self._send("get", (task_id, "*"), _latest, fut)
+                    self._send("get", (task_id, "*"), self._latest, fut)
             if not waiters:
                 del self._waiters[task_id]
         return len(polls)
 
     def _remote_subscribe(self, msg: m.Subscribe) -> TaskRecord | _Deferred | None:
         sub = msg.subscription
+        fut = self._current
+        replay: list[tuple[int, TaskRecord]] = []
+        head = [self._applied]  # changes up to here are in the reply or the replay
+        after = sub.resume_from
+        if after is not None and after >= self.boot_seq:
+            # What the client missed, from the stream: any process can resume any id.
+            limit = RECENT_EVENTS + 1
+            args = (self.space.key("x"), f"{after + 1}-0", "+", "COUNT", str(limit))
+
+            def missed(reply: list[Any]) -> None:
+                entries = [self.decode_entry(eid, f) for eid, f in reply if f and "r" in f]
+                if entries:
+                    head[0] = max(head[0], entries[-1][0])
+                if len(reply) < limit:  # else too many to replay: the current state
+                    replay.extend(entries)
+                if sub.task_id is None:
+                    self._hub.subscribe(sub, None, head[0], replay)
+
+            self._send("XRANGE", args, missed, None if sub.task_id else fut)
+            if sub.task_id is None:
+                return _DEFERRED
         if sub.task_id is None:
             # Everything up to the latest change fanned out here is before it.
             self._hub.subscribe(sub, None, self._applied, ())
@@ -675,11 +711,11 @@ class SharedActor(Actor):
         def done(reply: list[Any]) -> TaskRecord:
             if reply[0] != "rec":
                 raise TaskNotFound(sub.task_id or "")
-            rec, seq = decode_record(reply[1])
-            self._hub.subscribe(sub, rec, max(seq, self._applied), ())
+            rec, seq = self.space.decode(reply[1])
+            self._hub.subscribe(sub, rec, max(seq, head[0]), replay)
             return rec
 
-        return self._send("get", (sub.task_id, scope(sub.owner)), done, self._current)
+        return self._send("get", (sub.task_id, scope(sub.owner)), done, fut)
 
     def _remote_stats(self, msg: m.Stats) -> _Deferred:
         def done(reply: list[Any]) -> TrackerStats:
@@ -732,12 +768,12 @@ class SharedActor(Actor):
     ) -> None:
         self._runners.pop(runner.task_id, None)
         if reply[0] == "rec":
-            self._note(decode_record(reply[1])[0])
+            self._note(self.space.decode(reply[1])[0])
             runner.outcome.set(*settle)
         elif reply[0] == "was":
             # Already recorded (cancelled before it ran, or declared lost): the record
             # stands, and the handle says what it says.
-            rec = decode_record(reply[1])[0]
+            rec = self.space.decode(reply[1])[0]
             if rec.status is TaskStatus.COMPLETED:
                 runner.outcome.set(*settle)
             elif rec.status is TaskStatus.CANCELLED:
@@ -755,6 +791,19 @@ class SharedActor(Actor):
             args = (task_id, self.proc, "cancelled", "", msg.reason)
             self._send("ended", args, functools.partial(self._ended, runner, _CANCELLED), None)
 
+    def decode_entry(self, entry_id: str, fields: Mapping[str, str]) -> tuple[int, TaskRecord]:
+        """A change stream entry: its sequence number (the id's first part), its record."""
+        return int(entry_id.partition("-")[0]), self.space.decode(fields["r"])[0]
+
+    def _latest(self, reply: list[Any]) -> tuple[TaskRecord | None, bool]:
+        """A long-poll that ran out: the latest record, not terminal (or gone)."""
+        if reply[0] != "rec":
+            return (None, False)
+        return (self.space.decode(reply[1])[0], False)
+
+    def _maybe(self, reply: list[Any]) -> TaskRecord | None:
+        return self.space.decode(reply[1])[0] if reply[0] == "rec" else None
+
     def _shut(self) -> None:
         ops, self._ops = self._ops, []
         for op in ops:
@@ -770,26 +819,10 @@ def _cancelled() -> None:
         raise asyncio.CancelledError
 
 
-def decode_entry(entry_id: str, fields: Mapping[str, str]) -> tuple[int, TaskRecord]:
-    """A change stream entry: its sequence number (the id's first part), its record."""
-    return int(entry_id.partition("-")[0]), decode_record(fields["r"])[0]
-
-
 def _metadata(metadata: Mapping[str, JSON]) -> str:
     if not metadata:
         return ""
     return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, default=dict)
-
-
-def _latest(reply: list[Any]) -> tuple[TaskRecord | None, bool]:
-    """A long-poll that ran out: the latest record, not terminal (or gone)."""
-    if reply[0] != "rec":
-        return (None, False)
-    return (decode_record(reply[1])[0], False)
-
-
-def _maybe(reply: list[Any]) -> TaskRecord | None:
-    return decode_record(reply[1])[0] if reply[0] == "rec" else None
 
 
 def _ignore(reply: list[Any]) -> None:
