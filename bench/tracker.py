@@ -102,6 +102,36 @@ async def spawn_concurrent(n: int = 20000, callers: int = 100) -> tuple[float, f
     return result
 
 
+async def fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
+    """Each caller spawns its share at once, then awaits them all (a server starting
+    many background jobs at once)."""
+    per = n // callers
+    sched = aiojobs.Scheduler(limit=None, pending_limit=0)
+    async with taskd.Tracker(retention=taskd.Retention(max_tasks=200_000)) as t:
+
+        async def one_ours() -> None:
+            handles = [await t.spawn(noop(), task_type="bench") for _ in range(per)]
+            for h in handles:
+                await h
+
+        async def one_theirs() -> None:
+            jobs = [await sched.spawn(noop()) for _ in range(per)]
+            for job in jobs:
+                await job.wait()
+
+        async def ours() -> int:
+            await asyncio.gather(*(one_ours() for _ in range(callers)))
+            return per * callers
+
+        async def theirs() -> int:
+            await asyncio.gather(*(one_theirs() for _ in range(callers)))
+            return per * callers
+
+        result = await compare(ours, theirs)
+    await sched.close()
+    return result
+
+
 async def get_concurrent(n: int = 50000, callers: int = 100) -> tuple[float, float]:
     per = n // callers
     seed = SeedTracker()
@@ -221,6 +251,10 @@ async def main() -> None:
     line("spawn+await, 1 caller (vs aiojobs)", ours, base, "ops/s", ">= 0.5x", ours / base)
     ours, base = await spawn_concurrent()
     line("spawn+await, 100 callers (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
+    ours, base = await fan_out()
+    line("fan-out: 1 caller spawns 20k, awaits all", ours, base, "ops/s", ">= 0.5x", ours / base)
+    ours, base = await fan_out(callers=100)
+    line("fan-out: 100 callers x 200 (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
     ours, base = await get_concurrent()
     line("get, 100 callers (vs seed)", ours, base, "ops/s", ">= 3x", ours / base)
     ours, base = await create_dedup()

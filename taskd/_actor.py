@@ -275,9 +275,12 @@ class Actor:
                 if runner.settle_with is not None:
                     runner.outcome.set(*runner.settle_with)
         if self._launch:
-            launch, self._launch = self._launch, []
-            for runner, msg in launch:
-                runner.task = start_runner(self.post, runner.task_id, msg.coro, msg.context)
+            self._start_runners()
+
+    def _start_runners(self) -> None:
+        launch, self._launch = self._launch, []
+        for runner, msg in launch:
+            runner.task = start_runner(self.post, runner.task_id, msg.coro, msg.context)
 
     def _write_failed(self, exc: Exception, *, refuse: bool) -> None:
         """The store could not commit. The first failing batch's callers get
@@ -335,9 +338,12 @@ class Actor:
         closed = TrackerClosed("the tracker is closed")
         pending = [fut for fut, _, _ in self._replies]
         while not self._mailbox.empty():
-            _, fut = self._mailbox.get_nowait()
+            msg, fut = self._mailbox.get_nowait()
             if fut is not None:
                 pending.append(fut)
+            elif type(msg) is m.Spawn:  # a fast-path spawn: its handle waits on done
+                msg.coro.close()
+                msg.done.set(TaskStatus.FAILED, None, closed)
         for waiters in self._waiters.values():
             pending.extend(waiters)
         for runner in self._runners.values():
@@ -466,6 +472,8 @@ class Actor:
         return rec
 
     def _on_spawn(self, msg: m.Spawn) -> TaskRecord:
+        if msg.minted is not None:
+            return self._spawn_minted(msg, msg.minted)
         spec = new_spec(msg.metadata, msg.owner, True, msg.callback_url, None)
 
         def build(task_id: str, at: float) -> TaskRecord:
@@ -483,6 +491,42 @@ class Actor:
         if msg.timeout is not None:
             self._timers.push(self._now + msg.timeout, Kind.TIMEOUT, rec.task_id)
         return rec
+
+    def _spawn_minted(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
+        try:
+            self._state.insert_minted(rec)
+        except TaskdError as exc:
+            # admits() said there was room; if that ever fails to hold, the handle the
+            # caller already has gets the refusal and the coroutine never runs.
+            msg.coro.close()
+            msg.done.set(TaskStatus.FAILED, None, exc)
+            raise
+        runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
+        self._runners[rec.task_id] = runner
+        self._launch.append((runner, msg))
+        if msg.timeout is not None:
+            self._timers.push(self._now + msg.timeout, Kind.TIMEOUT, rec.task_id)
+        return rec
+
+    # --- the spawn fast path (called by the tracker, on the actor's thread) -----------
+
+    def admits(self) -> bool:
+        """Whether a spawn without resource_id may skip the reply: nothing to commit
+        first (no persistent store), no per-owner quota, and room under the cap even
+        if every message still in the mailbox inserts a task. Read between the
+        actor's batches (one thread): the counts are the committed state."""
+        state = self._state
+        return (
+            not self._persistent
+            and not self._draining
+            and not self.closed
+            and state.quota is None
+            and state.active + self._mailbox.qsize() < state.cap
+        )
+
+    def mint(self, now: float) -> tuple[str, float]:
+        """A new task id, from the state's one sequence (for the fast path)."""
+        return self._state.mint(now)
 
     def _beat(self, task_id: str) -> None:
         if task_id in self._last_beat:
@@ -647,6 +691,10 @@ class Actor:
 
     def _on_drain(self, msg: m.Drain) -> dict[str, asyncio.Task[None]]:
         self._draining = True
+        if self._launch and not self._persistent:
+            # Spawns of this very batch (the fast path: their callers already hold
+            # handles) start now, so that shutdown waits for them like the others.
+            self._start_runners()
         self._on_release_polls(m.ReleasePolls())
         return {tid: r.task for tid, r in self._runners.items() if r.task is not None}
 

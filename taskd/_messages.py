@@ -59,6 +59,9 @@ class Spawn(Request[TaskRecord]):
     context: contextvars.Context
     #: Set to the coroutine's outcome once the terminal record is committed.
     done: Outcome[Any]
+    #: The record, when the caller built it (the fast path: nothing to answer; see
+    #: ``Actor.admits``), else None and the actor builds it and replies.
+    minted: TaskRecord | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -183,6 +183,10 @@ class SharedActor(Actor):
             }
         )
 
+    def admits(self) -> bool:
+        """Never: Redis checks the cap and mints ids (no spawn skips the reply)."""
+        return False
+
     # --- opening and the loop ---------------------------------------------------------
 
     async def open(self) -> None:

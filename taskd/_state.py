@@ -80,6 +80,16 @@ class TaskState:
     def __len__(self) -> int:
         return len(self._records)
 
+    @property
+    def cap(self) -> int:
+        """``max_tasks``: the most records held."""
+        return self._retention.max_tasks
+
+    @property
+    def quota(self) -> int | None:
+        """``max_active_per_owner`` (None: no quota)."""
+        return self._quota
+
     def get(self, task_id: str) -> TaskRecord | None:
         """The record, or None."""
         return self._records.get(task_id)
@@ -141,6 +151,33 @@ class TaskState:
                 raise TaskConflict(holder, task_type, resource_id)
         if self._quota is not None and self._active_by_owner.get(owner, 0) >= self._quota:
             raise QuotaExceeded(owner, self._quota)
+        self._make_room()
+        task_id, at = self.mint(now)
+        rec = build(task_id, at)
+        self._add(rec)
+        return rec
+
+    def mint(self, now: float) -> tuple[str, float]:
+        """A new id and its creation instant (``now``, or a microsecond past the last).
+
+        The tracker also calls this for a spawn it answers itself (same thread, no
+        await between): one sequence of ids either way."""
+        stamp = int(now * 1_000_000)
+        if stamp <= self._last_stamp:
+            stamp = self._last_stamp + 1
+        self._last_stamp = stamp
+        # The id starts with its creation instant in fixed-width hex, so ids sort in
+        # creation order (which every index relies on), then carries 128 random bits.
+        return f"{stamp:013x}{secrets.token_urlsafe(16)}", stamp / 1_000_000
+
+    def insert_minted(self, rec: TaskRecord) -> TaskRecord:
+        """Insert a record the tracker built (a spawn without resource_id, no quota,
+        admitted against the cap): make room under the cap, then insert."""
+        self._make_room()
+        self._add(rec)
+        return rec
+
+    def _make_room(self) -> None:
         cap = self._retention.max_tasks
         if len(self._records) >= cap:
             if self.active >= cap:
@@ -148,21 +185,16 @@ class TaskState:
             while len(self._records) >= cap:
                 self.remove(self._oldest_terminal())
             self._expiry.compact(len(self._records) - self.active, self._records.get)
-        stamp = int(now * 1_000_000)
-        if stamp <= self._last_stamp:
-            stamp = self._last_stamp + 1
-        self._last_stamp = stamp
-        # The id starts with its creation instant in fixed-width hex, so ids sort in
-        # creation order (which every index relies on), then carries 128 random bits.
-        task_id = f"{stamp:013x}{secrets.token_urlsafe(16)}"
-        rec = build(task_id, stamp / 1_000_000)
+
+    def _add(self, rec: TaskRecord) -> None:
+        task_id = rec.task_id
+        resource_id = rec.resource_id
         self._records[task_id] = rec
         self._index_add(rec)
         self._count_active(rec, +1)
         if resource_id is not None:
-            self._active_keys[(owner, task_type, resource_id)] = task_id
+            self._active_keys[(rec.owner, rec.task_type, resource_id)] = task_id
         self._emit(rec)
-        return rec
 
     def transition(
         self,

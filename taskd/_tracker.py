@@ -40,7 +40,7 @@ from ._redact import redact_error
 from ._retention import Retention
 from ._runner import Outcome
 from ._shared import SharedActor
-from ._state import Page
+from ._state import Page, new_spec
 from ._store import MemoryStore, Store
 from ._watch import Subscription
 from ._webhooks import Webhooks, WebhookSender
@@ -210,6 +210,7 @@ class Tracker:
         if webhooks is not None and not isinstance(webhooks, Webhooks):
             raise TypeError("webhooks must be a taskd.Webhooks")
         self._webhooks = webhooks
+        self._clock = clock
         self._sender: WebhookSender | None = None
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
@@ -405,14 +406,38 @@ class Tracker:
             if not inspect.iscoroutine(coro):
                 raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
             done: Outcome[T] = Outcome()
+            task_type = check_task_type(task_type)
+            resource_id = check_resource_id(resource_id)
+            metadata = check_metadata(metadata)
+            owner = _check_new_owner(owner)
+            callback_url = self._check_callback(callback_url)
+            seconds = check_seconds(timeout, "timeout")
+            actor = self._actor
+            if resource_id is None and self._state is TrackerState.OPEN and actor.admits():
+                # The fast path: no dedup to answer, nothing to commit, and room under
+                # the cap whatever the mailbox holds, so the caller builds the record
+                # (from the actor's one id sequence) and nothing needs to be awaited.
+                # The message is in the mailbox before this returns: any later command
+                # of this caller sees the task.
+                task_id, at = actor.mint(self._clock())
+                spec = new_spec(metadata, owner, True, callback_url, None)
+                rec = TaskRecord(
+                    task_id, task_type, TaskStatus.RUNNING, None, at, at, at, spec=spec
+                )
+                ctx = contextvars.copy_context()
+                msg = m.Spawn(
+                    coro, task_type, None, metadata, owner, callback_url, seconds, ctx, done, rec
+                )
+                self._mailbox.put_nowait((msg, None))
+                return TaskHandle(self, rec, done)
             msg = m.Spawn(
                 coro,
-                check_task_type(task_type),
-                check_resource_id(resource_id),
-                check_metadata(metadata),
-                _check_new_owner(owner),
-                self._check_callback(callback_url),
-                check_seconds(timeout, "timeout"),
+                task_type,
+                resource_id,
+                metadata,
+                owner,
+                callback_url,
+                seconds,
                 contextvars.copy_context(),
                 done,
             )

@@ -620,3 +620,55 @@ async def test_results_are_copied_on_the_way_in(tracker: taskd.Tracker) -> None:
     payload["items"].append(3)
     assert done.result == {"items": [1, 2]}
     assert (await tracker.get(rec.task_id)) is done  # same object: no copy on read
+
+
+async def test_fast_spawn_is_visible_at_once_and_admitted_against_the_cap() -> None:
+    """A spawn without resource_id (in memory, no quota) returns without a round trip
+    to the actor; the task is still visible to the caller's next command, ids keep
+    creation order with created tasks, and the cap still refuses (docs/architecture.md)."""
+
+    async def sleeper() -> str:
+        await asyncio.sleep(30)
+        return "late"
+
+    retention = taskd.Retention(max_tasks=3)
+    async with taskd.Tracker(retention=retention, close_timeout=0) as t:
+        first = await t.create("ext")
+        handles = [await t.spawn(sleeper(), task_type="bg") for _ in range(2)]
+        # The caller built these records; the actor had no turn yet, and the mailbox
+        # holds both spawns.
+        assert (await t.stats())["mailbox_depth"] == 0  # answered after both
+        assert [h.record.status for h in handles] == [S.RUNNING, S.RUNNING]
+        got = await t.get(handles[1].task_id)
+        assert got is not None and got.status is S.RUNNING and got.in_process
+        page = await t.list_page(limit=10)
+        assert [r.task_id for r in page.records] == [
+            handles[1].task_id,
+            handles[0].task_id,
+            first.task_id,
+        ]
+        # Three active tasks fill the cap: the next spawn is refused, not handed out.
+        coro = sleeper()
+        with pytest.raises(taskd.TrackerFull):
+            await t.spawn(coro, task_type="bg")
+        assert coro.cr_frame is None  # closed, never ran
+        await t.cancel(handles[0].task_id)
+        with pytest.raises(asyncio.CancelledError):
+            await handles[0]
+
+
+async def test_fast_spawns_queued_when_the_actor_dies_fail_their_handles() -> None:
+    t = taskd.Tracker()
+    await t.__aenter__()
+
+    async def work() -> int:
+        return 1
+
+    handle = await t.spawn(work(), task_type="x")  # queued, not yet handled
+    t._actor._shut()  # the actor's last act when its loop dies
+    with pytest.raises(taskd.TrackerClosed):
+        await handle
+    assert t._actor_task is not None
+    t._actor_task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await t._actor_task
