@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 
 import pytest
@@ -651,7 +652,7 @@ async def test_fast_spawn_is_visible_at_once_and_admitted_against_the_cap() -> N
         coro = sleeper()
         with pytest.raises(taskd.TrackerFull):
             await t.spawn(coro, task_type="bg")
-        assert coro.cr_frame is None  # closed, never ran
+        assert inspect.getcoroutinestate(coro) == inspect.CORO_CLOSED  # never ran
         await t.cancel(handles[0].task_id)
         with pytest.raises(asyncio.CancelledError):
             await handles[0]
