@@ -235,6 +235,8 @@ class RedisSpace:
             )
 
         self.redis = client(SOCKET_TIMEOUT)
+        # The actor's own connection for its batches (see _pipeline).
+        self._conn: Any = None
         #: For blocking reads (XREAD BLOCK): a connection of its own, longer timeout.
         self.reader = client(SOCKET_TIMEOUT + 2.0)
 
@@ -253,18 +255,17 @@ class RedisSpace:
 
         now_s = repr(now)
         now_us = str(math.floor(now * 1_000_000))
+        packed = [
+            (name, *args)
+            if name.isupper()  # a plain Redis command (a read)
+            else ("EVALSHA", SHA, 1, self.base, name, now_s, now_us, self._config, *args)
+            for name, args in commands
+        ]
         for attempt in (0, 1):
-            pipe = self.redis.pipeline(transaction=False)
-            for name, args in commands:
-                if name.isupper():  # a plain Redis command (a read)
-                    pipe.execute_command(name, *args)
-                else:
-                    pipe.execute_command(
-                        "EVALSHA", SHA, 1, self.base, name, now_s, now_us, self._config, *args
-                    )
             try:
-                replies: list[Any] = await pipe.execute(raise_on_error=False)
+                replies = await self._pipeline(packed)
             except (RedisError, OSError) as exc:
+                await self._drop()
                 raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
             missing = any(isinstance(r, NoScriptError) for r in replies)
             if not missing or attempt:
@@ -277,7 +278,36 @@ class RedisSpace:
                 raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
         raise AssertionError("unreachable")
 
+    async def _pipeline(self, packed: list[tuple[object, ...]]) -> list[Any]:
+        """Send every command, then read every reply, on the actor's own connection.
+
+        redis-py's ``Pipeline`` does the same with ~100 µs more CPU per batch (its
+        command stack, response callbacks and pool lock); the actor is this
+        connection's only user, one batch at a time, so none of that is needed."""
+        from redis.exceptions import ResponseError
+
+        conn = self._conn
+        if conn is None:
+            pool = self.redis.connection_pool
+            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        await conn.send_packed_command(conn.pack_commands(packed), check_health=False)
+        replies: list[Any] = []
+        for _ in packed:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:  # this command's error reply; read on
+                replies.append(exc)
+        return replies
+
+    async def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # A reply may be half read: the connection cannot be reused.
+            await conn.disconnect()
+            await self.redis.connection_pool.release(conn)
+
     async def aclose(self) -> None:
         """Close both connections."""
+        await self._drop()
         await self.redis.aclose()
         await self.reader.aclose()

@@ -696,7 +696,7 @@ class SharedActor(Actor):
             args = (self.space.key("x"), f"{after + 1}-0", "+", "COUNT", str(limit))
 
             def missed(reply: list[Any]) -> None:
-                entries = [self.decode_entry(eid, f) for eid, f in reply if f and "r" in f]
+                entries = [self.decode_entry(eid, _fields(f)) for eid, f in reply if f and "r" in f]
                 if entries:
                     head[0] = max(head[0], entries[-1][0])
                 if len(reply) < limit:  # else too many to replay: the current state
@@ -821,6 +821,14 @@ def _cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+def _fields(raw: Mapping[str, str] | list[str]) -> Mapping[str, str]:
+    """A stream entry's fields, whether the reply came as a map or a flat list."""
+    if isinstance(raw, list):
+        it = iter(raw)
+        return dict(zip(it, it, strict=True))
+    return raw
 
 
 def _metadata(metadata: Mapping[str, JSON]) -> str:
