@@ -35,6 +35,7 @@ import aiohttp
 TASKS = 1500
 CONCURRENCY = 16
 REQUESTS_PER_TASK = 6
+REPEATS = 3
 API = "/api/v1"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -163,7 +164,7 @@ def main() -> None:
         url = f"redis://127.0.0.1:{rport}/0"
         results: dict[str, list[dict[str, float]]] = {"a": [], "b": [], "c": []}
         try:
-            for _ in range(2):  # alternate set-ups, keep the best of each
+            for _ in range(REPEATS):  # alternate set-ups, keep the best of each
                 for name in ("a", "b", "c"):
                     if name == "a":
                         procs = [serve()]
@@ -191,7 +192,9 @@ def main() -> None:
         "b": "(b) 1 process + Redis",
         "c": "(c) 2 processes + Redis",
     }
-    print(f"{TASKS} tasks x {REQUESTS_PER_TASK} requests, {CONCURRENCY} at a time; best of 2")
+    print(
+        f"{TASKS} tasks x {REQUESTS_PER_TASK} requests, {CONCURRENCY} at a time; best of {REPEATS}"
+    )
     print(
         f"{'set-up':28} {'CPU us/request':>15} {'req/s':>8} {'Redis CPU us/req':>17} {'Redis cmd us/req':>17}"
     )
