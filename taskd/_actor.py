@@ -485,6 +485,10 @@ class Actor:
             )
 
         rec = self._state.insert(msg.task_type, msg.resource_id, msg.owner, self._now, build)
+        return self._add_runner(msg, rec)
+
+    def _add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
+        """Book the runner of a spawned record; it starts once the batch is committed."""
         runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
         self._runners[rec.task_id] = runner
         self._launch.append((runner, msg))
@@ -501,12 +505,7 @@ class Actor:
             msg.coro.close()
             msg.done.set(TaskStatus.FAILED, None, exc)
             raise
-        runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
-        self._runners[rec.task_id] = runner
-        self._launch.append((runner, msg))
-        if msg.timeout is not None:
-            self._timers.push(self._now + msg.timeout, Kind.TIMEOUT, rec.task_id)
-        return rec
+        return self._add_runner(msg, rec)
 
     # --- the spawn fast path (called by the tracker, on the actor's thread) -----------
 
@@ -602,7 +601,13 @@ class Actor:
     def _on_wait(
         self, msg: m.Wait, fut: asyncio.Future[Any] | None
     ) -> tuple[TaskRecord | None, bool] | _Deferred:
-        rec = self._state.visible(msg.task_id, msg.owner)
+        return self._wait_on(msg, fut, self._state.visible(msg.task_id, msg.owner))
+
+    def _wait_on(
+        self, msg: m.Wait, fut: asyncio.Future[Any] | None, rec: TaskRecord
+    ) -> tuple[TaskRecord | None, bool] | _Deferred:
+        """Answer a wait now (terminal, no wait asked, or polls released), or park
+        ``fut`` until the task ends or the wait's deadline."""
         if (
             rec.status in TERMINAL
             or msg.timeout == 0

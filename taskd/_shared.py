@@ -564,38 +564,16 @@ class SharedActor(Actor):
 
     def _remote_create(self, msg: m.Create) -> _Deferred:
         fut = self._current
-        args = (
-            "-" if msg.owner is None else "s" + msg.owner,
-            msg.task_type,
-            opt(msg.resource_id),
-            _metadata(msg.metadata),
-            opt(msg.callback_url),
-            "" if msg.heartbeat_timeout is None else repr(float(msg.heartbeat_timeout)),
-            secrets.token_urlsafe(16),
-        )
+        hb = msg.heartbeat_timeout
+        args = _insert_args(msg, "" if hb is None else repr(float(hb)))
         return self._send("create", args, self._record, fut)
 
     def _remote_spawn(self, msg: m.Spawn) -> _Deferred:
         fut = self._current
-        args = (
-            "-" if msg.owner is None else "s" + msg.owner,
-            msg.task_type,
-            opt(msg.resource_id),
-            _metadata(msg.metadata),
-            opt(msg.callback_url),
-            "",
-            secrets.token_urlsafe(16),
-            self.proc,
-        )
+        args = (*_insert_args(msg, ""), self.proc)
 
         def done(reply: list[Any]) -> TaskRecord:
-            rec = self.space.decode(reply[1])[0]
-            runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
-            self._runners[rec.task_id] = runner
-            self._launch.append((runner, msg))
-            if msg.timeout is not None:
-                self._timers.push(self._now + msg.timeout, Kind.TIMEOUT, rec.task_id)
-            return rec
+            return self._add_runner(msg, self.space.decode(reply[1])[0])
 
         return self._send("spawn", args, done, fut)
 
@@ -655,20 +633,7 @@ class SharedActor(Actor):
         def done(reply: list[Any]) -> object:
             if reply[0] != "rec":
                 raise TaskNotFound(msg.task_id)
-            rec = self.space.decode(reply[1])[0]
-            if (
-                rec.status in TERMINAL
-                or msg.timeout == 0
-                or fut is None
-                or (msg.poll and self._polls_released)
-            ):
-                return (rec, rec.status in TERMINAL)
-            if msg.poll:
-                self._polls.add(fut)
-            self._waiters.setdefault(rec.task_id, set()).add(fut)
-            if msg.timeout is not None:
-                self._timers.push(self._now + msg.timeout, Kind.WAIT, rec.task_id, fut)
-            return _DEFERRED
+            return self._wait_on(msg, fut, self.space.decode(reply[1])[0])
 
         return self._send("get", (msg.task_id, scope(msg.owner)), done, fut)
 
@@ -829,6 +794,20 @@ def _fields(raw: Mapping[str, str] | list[str]) -> Mapping[str, str]:
         it = iter(raw)
         return dict(zip(it, it, strict=True))
     return raw
+
+
+def _insert_args(msg: m.Create | m.Spawn, heartbeat: str) -> tuple[str, ...]:
+    """The script's arguments for a new record (owner, type, resource, metadata,
+    callback, heartbeat, the id's random part)."""
+    return (
+        "-" if msg.owner is None else "s" + msg.owner,
+        msg.task_type,
+        opt(msg.resource_id),
+        _metadata(msg.metadata),
+        opt(msg.callback_url),
+        heartbeat,
+        secrets.token_urlsafe(16),
+    )
 
 
 def _metadata(metadata: Mapping[str, JSON]) -> str:
