@@ -258,6 +258,14 @@ class Actor:
                     if self.store_error is not None:
                         log.warning("the store writes again: %d change(s) committed", len(upserts))
                         self.store_error = None
+        self._send_replies()
+        if self.store_error is not None:
+            return  # what changed is not committed yet: nobody hears of it until it is
+        if changed:
+            self._hub.publish(changed, self._on_terminal)
+        self._after_commit()
+
+    def _send_replies(self) -> None:
         replies, self._replies = self._replies, []
         for fut, error, value in replies:
             if not fut.done():
@@ -265,10 +273,9 @@ class Actor:
                     fut.set_result(value)
                 else:
                     fut.set_exception(error)
-        if self.store_error is not None:
-            return  # what changed is not committed yet: nobody hears of it until it is
-        if changed:
-            self._hub.publish(changed, self._on_terminal)
+
+    def _after_commit(self) -> None:
+        """Settle the outcomes of runners whose record is terminal, start new ones."""
         if self._settle:
             settle, self._settle = self._settle, []
             for runner in settle:

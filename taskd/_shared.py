@@ -51,7 +51,6 @@ from ._redis import (
     scope,
 )
 from ._retention import Retention
-from ._runner import start_runner
 from ._store import MemoryStore
 from ._timers import Kind
 
@@ -277,22 +276,8 @@ class SharedActor(Actor):
                     self.store_error = None
                 for op, reply in zip(ops, replies, strict=True):
                     self._answer(op, reply)
-        replies_, self._replies = self._replies, []
-        for fut, error, value in replies_:
-            if not fut.done():
-                if error is None:
-                    fut.set_result(value)
-                else:
-                    fut.set_exception(error)
-        if self._settle:
-            settle, self._settle = self._settle, []
-            for runner in settle:
-                if runner.settle_with is not None:
-                    runner.outcome.set(*runner.settle_with)
-        if self._launch:
-            launch, self._launch = self._launch, []
-            for runner, msg in launch:
-                runner.task = start_runner(self.post, runner.task_id, msg.coro, msg.context)
+        self._send_replies()
+        self._after_commit()
 
     def _answer(self, op: _Op, reply: Any) -> None:
         fut = op.fut
