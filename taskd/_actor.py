@@ -387,11 +387,7 @@ class Actor:
             rec = state.get(task_id)
             if kind is Kind.WAIT:
                 assert fut is not None
-                waiters = self._waiters.get(task_id)
-                if waiters is not None:
-                    waiters.discard(fut)
-                self._polls.discard(fut)
-                if not fut.done():
+                if self._unpark(task_id, fut):
                     self._replies.append((fut, None, (rec, False)))
             elif rec is None or rec.status in TERMINAL:
                 continue
@@ -631,6 +627,14 @@ class Actor:
         if msg.timeout is not None:
             self._timers.push(self._now + msg.timeout, Kind.WAIT, rec.task_id, fut)
         return _DEFERRED
+
+    def _unpark(self, task_id: str, fut: asyncio.Future[Any]) -> bool:
+        """A wait's deadline passed: forget its future; True if it still needs an answer."""
+        waiters = self._waiters.get(task_id)
+        if waiters is not None:
+            waiters.discard(fut)
+        self._polls.discard(fut)
+        return not fut.done()
 
     def _on_release_polls(self, msg: m.ReleasePolls) -> int:
         self._polls_released = True

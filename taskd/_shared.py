@@ -327,11 +327,7 @@ class SharedActor(Actor):
                     self._send("sweep", (), self._swept, None)
             elif kind is Kind.WAIT:
                 assert fut is not None
-                waiters = self._waiters.get(task_id)
-                if waiters is not None:
-                    waiters.discard(fut)
-                self._polls.discard(fut)
-                if not fut.done():
+                if self._unpark(task_id, fut):
                     self._send("get", (task_id, "*"), self._latest, fut)
             elif kind is Kind.TIMEOUT:
                 runner = self._runners.get(task_id)
