@@ -327,6 +327,10 @@ class Actor:
         """A terminal record was committed: wake its waiters, send its webhook."""
         if rec.spec.callback_url is not None and self.on_terminal is not None:
             self.on_terminal(rec)
+        self._wake_waiters(rec)
+
+    def _wake_waiters(self, rec: TaskRecord) -> None:
+        """Answer everyone waiting for this (terminal) record."""
         waiters = self._waiters.pop(rec.task_id, None)
         if waiters:
             if self._polls:

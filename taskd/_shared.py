@@ -468,17 +468,6 @@ class SharedActor(Actor):
 
     # --- fan-out -------------------------------------------------------------------------
 
-    def _on_terminal(self, rec: TaskRecord) -> None:
-        # Webhooks go through the outbox, not from here: one delivery per change,
-        # whichever process made it.
-        waiters = self._waiters.pop(rec.task_id, None)
-        if waiters:
-            if self._polls:
-                self._polls.difference_update(waiters)
-            for w in waiters:
-                if not w.done():
-                    w.set_result((rec, True))
-
     def _on_changes(self, msg: Changes) -> None:
         # Decode only the changes someone here follows: every process reads every
         # change, and most concern nobody in it.
@@ -501,7 +490,9 @@ class SharedActor(Actor):
                 fresh.append((seq, decode(text)[0]))
         if not fresh:
             return
-        hub.publish(fresh, self._on_terminal)
+        # Webhooks go through the outbox, not from here: one delivery per change,
+        # whichever process made it.
+        hub.publish(fresh, self._wake_waiters)
         if not runners:
             return
         for _, rec in fresh:
@@ -534,7 +525,7 @@ class SharedActor(Actor):
         if reply[0] == "rec":
             rec = self.space.decode(reply[1])[0]
             if rec.status in TERMINAL:
-                self._on_terminal(rec)
+                self._wake_waiters(rec)
 
     # --- handlers ----------------------------------------------------------------------
 
