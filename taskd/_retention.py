@@ -8,6 +8,7 @@ all records.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -70,7 +71,7 @@ class ExpiryQueues:
     it reaches the head; ``compact`` bounds that garbage when it outgrows the live set.
     """
 
-    __slots__ = ("_queues", "_retention")
+    __slots__ = ("_latest", "_queues", "_retention")
 
     def __init__(self, retention: Retention) -> None:
         self._retention = retention
@@ -79,31 +80,33 @@ class ExpiryQueues:
             TaskStatus.FAILED: deque(),
             TaskStatus.CANCELLED: deque(),
         }
+        # The latest finishing instant queued per status (queues stay in that order).
+        self._latest: dict[TaskStatus, float] = dict.fromkeys(self._queues, -math.inf)
 
     def push(
         self,
         status: TaskStatus,
         task_id: str,
         finished_at: float,
-        lookup: Callable[[str], TaskRecord | None] | None = None,
+        lookup: Callable[[str], TaskRecord | None],
     ) -> float:
         """Queue a record that just reached a terminal status; return its expiry."""
         queue = self._queues[status]
-        if queue and lookup is not None:
-            # Records finish in the order they change, except that ids minted in one
-            # clock instant are a microsecond apart and a record's times never go
-            # below its creation: a record may finish a few microseconds "before" the
-            # one changed just ahead of it. Keep the queue in finishing order.
+        if finished_at >= self._latest[status]:
+            self._latest[status] = finished_at
+            queue.append(task_id)  # the common case: records finish in order
+        else:
+            # Ids minted in one clock instant are a microsecond apart and a record's
+            # times never go below its creation, so a record may finish a few
+            # microseconds "before" one changed just ahead of it: insert it in
+            # finishing order (it walks back over those few).
             i = len(queue)
             while i:
                 rec = lookup(queue[i - 1])
                 if rec is None or rec.finished_at is None or rec.finished_at <= finished_at:
                     break
                 i -= 1
-            if i < len(queue):
-                queue.insert(i, task_id)
-                return finished_at + self._retention.ttl(status)
-        queue.append(task_id)
+            queue.insert(i, task_id)
         return finished_at + self._retention.ttl(status)
 
     def next_deadline(self, lookup: Callable[[str], TaskRecord | None]) -> float | None:

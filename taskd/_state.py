@@ -121,17 +121,21 @@ class TaskState:
     def load(self, records: Iterable[TaskRecord]) -> list[TaskRecord]:
         """Rebuild from a store (before anything else); returns the active records."""
         active: list[TaskRecord] = []
+        finished: list[TaskRecord] = []
         for rec in sorted(records, key=lambda r: r.task_id):
             self._records[rec.task_id] = rec
             self._index_add(rec)
             self._last_stamp = max(self._last_stamp, int(rec.task_id[:13], 16))
             if rec.status in TERMINAL:
-                self._expiry.push(rec.status, rec.task_id, 0.0)
+                finished.append(rec)
             else:
                 self._count_active(rec, +1)
                 if rec.resource_id is not None:
                     self._active_keys[(rec.owner, rec.task_type, rec.resource_id)] = rec.task_id
                 active.append(rec)
+        # The expiry queues are in finishing order, which is not creation order.
+        for rec in sorted(finished, key=lambda r: r.finished_at or 0.0):
+            self._expiry.push(rec.status, rec.task_id, rec.finished_at or 0.0, self._records.get)
         return active
 
     # --- changing -------------------------------------------------------------------------
