@@ -94,7 +94,7 @@ def check_prefix(prefix: object) -> str:
 
 
 def scope(owner: OwnerScope) -> str:
-    """An owner scope as the function takes it: ``*`` any, ``-`` none, ``s…`` one."""
+    """An owner scope as the script takes it: ``*`` any, ``-`` none, ``s…`` one."""
     if owner is ANY_OWNER:
         return "*"
     return "-" if owner is None else "s" + owner
@@ -176,7 +176,7 @@ class Decoder:
 
 
 def raise_error(reply: Sequence[Any]) -> NoReturn:
-    """Raise what an ``{'err', …}`` reply of the function means."""
+    """Raise what an ``{'err', …}`` reply of the script means."""
     kind = reply[1]
     if kind == "not_found":
         raise TaskNotFound(reply[2])

@@ -11,7 +11,7 @@ reader posts each entry to the mailbox, and the actor wakes waiters and feeds
 subscriptions from it, and cancels or settles its own runners when another process
 cancelled them or declared them lost. Deadlines (TTL expiry, heartbeat timeouts,
 cancel grace, lost processes) are swept by whichever process gets there first; the
-function re-checks each against its record, so each fires once.
+script re-checks each against its record, so each fires once.
 
 When Redis cannot be reached, the batch's callers get ``StoreError`` (503 with
 Retry-After) and, for a short back-off, so does every command that needs Redis;
@@ -189,7 +189,7 @@ class SharedActor(Actor):
     # --- opening and the loop ---------------------------------------------------------
 
     async def open(self) -> None:
-        """Connect, load the function, announce this process, and find where the
+        """Connect, load the script, announce this process, and find where the
         change stream stands. Raises ``StoreError`` if Redis cannot be reached."""
         from redis.exceptions import RedisError
 
@@ -198,13 +198,10 @@ class SharedActor(Actor):
             await space.load_script()
             await self._announce()
             head = await space.call([("head", ())], self._tick())
-            epoch, seq = int(head[0][1]), int(head[0][2])
-        except (RedisError, OSError) as exc:
+        except (RedisError, OSError, StoreError) as exc:
             await space.aclose()
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
-        except StoreError:
-            await space.aclose()
-            raise
+        epoch, seq = int(head[0][1]), int(head[0][2])
         # Event ids are global: an id below the space's first one is from an earlier
         # space (a flushed Redis). Replays are read from the stream, not kept here.
         self.boot_seq = epoch

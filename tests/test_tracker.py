@@ -636,9 +636,7 @@ async def test_fast_spawn_is_visible_at_once_and_admitted_against_the_cap() -> N
     async with taskd.Tracker(retention=retention, close_timeout=0) as t:
         first = await t.create("ext")
         handles = [await t.spawn(sleeper(), task_type="bg") for _ in range(2)]
-        # The caller built these records; the actor had no turn yet, and the mailbox
-        # holds both spawns.
-        assert (await t.stats())["mailbox_depth"] == 0  # answered after both
+        # The caller built these records, before the actor had its turn.
         assert [h.record.status for h in handles] == [S.RUNNING, S.RUNNING]
         got = await t.get(handles[1].task_id)
         assert got is not None and got.status is S.RUNNING and got.in_process
