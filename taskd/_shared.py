@@ -172,7 +172,7 @@ class SharedActor(Actor):
                 m.Cancel: self._remote_cancel,
                 m.Delete: self._remote_delete,
                 m.Get: self._remote_get,
-                m.ListTasks: self._on_list,
+                m.ListTasks: self._remote_list,
                 m.Subscribe: self._remote_subscribe,
                 m.Stats: self._remote_stats,
                 m.RunnerFinished: self._remote_runner_finished,
@@ -306,6 +306,7 @@ class SharedActor(Actor):
             log.error("%s; refusing commands until it answers", reason)
         self.store_error = reason
         self._down_until = self._now + BACKOFF
+        # Wakes the loop when the back-off ends, so that held runner reports go out.
         self._timers.push(self._down_until, Kind.RETRY, "")
         if self._sweep_due == math.inf:  # the sweep in flight failed
             self._sweep_at(self._down_until)
@@ -578,7 +579,7 @@ class SharedActor(Actor):
     def _remote_get(self, msg: m.Get) -> _Deferred:
         return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, self._current)
 
-    def _on_list(self, msg: m.ListTasks) -> _Deferred:
+    def _remote_list(self, msg: m.ListTasks) -> _Deferred:
         from ._state import Page
 
         args = (

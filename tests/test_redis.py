@@ -26,7 +26,6 @@ from .redis_server import RedisServer
 from .service import Service, free_port
 
 API = "/api/v1"
-pytestmark = pytest.mark.filterwarnings("ignore::ResourceWarning")
 
 
 def prefix() -> str:
