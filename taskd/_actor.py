@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _messages as m
@@ -26,7 +25,7 @@ from ._errors import InvalidTransition, StoreError, TaskdError, TrackerClosed
 from ._hub import Hub
 from ._models import ACTIVE, ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
 from ._retention import Retention
-from ._runner import Outcome, start_runner
+from ._runner import Runner
 from ._state import TaskState, new_spec
 from ._store import Store
 from ._timers import Kind, Timers
@@ -61,19 +60,6 @@ class _Deferred:
 
 _DEFERRED: Final = _Deferred()
 _TICK: Final = m.Tick()
-
-
-@dataclass(slots=True)
-class _Runner:
-    """Actor-side bookkeeping of one spawned coroutine."""
-
-    task_id: str
-    outcome: Outcome[Any]
-    task: asyncio.Task[None] | None = None
-    timeout: float | None = None
-    timed_out: bool = False
-    #: How to settle ``outcome`` once the record is terminal: (status, value, exc).
-    settle_with: tuple[TaskStatus, object, BaseException | None] | None = None
 
 
 class Actor:
@@ -111,7 +97,7 @@ class Actor:
         self._timers = Timers(clock, self._wake)
         self._now = 0.0
         self._last_beat: dict[str, float] = {}
-        self._runners: dict[str, _Runner] = {}
+        self._runners: dict[str, Runner] = {}
         self._waiters: dict[str, set[asyncio.Future[Any]]] = {}
         # The waiters that are long-polls (answered early at shutdown), and whether
         # that has happened (later polls are then answered at once).
@@ -122,8 +108,8 @@ class Actor:
 
         # Per-batch effects, applied after the commit.
         self._replies: list[_Reply] = []
-        self._launch: list[tuple[_Runner, m.Spawn]] = []
-        self._settle: list[_Runner] = []
+        self._launch: list[Runner] = []
+        self._settle: list[Runner] = []
         # Changes taken from the state but not committed yet (the store failed).
         self._unwritten: tuple[dict[str, TaskRecord | None], list[tuple[int, TaskRecord]]] = (
             {},
@@ -286,8 +272,8 @@ class Actor:
 
     def _start_runners(self) -> None:
         launch, self._launch = self._launch, []
-        for runner, msg in launch:
-            runner.task = start_runner(self.post, runner.task_id, msg.coro, msg.context)
+        for runner in launch:
+            runner.start()
 
     def _write_failed(self, exc: Exception, *, refuse: bool) -> None:
         """The store could not commit. The first failing batch's callers get
@@ -309,8 +295,8 @@ class Actor:
                 fut.set_exception(failed if error is None else error)
         # Spawns of this batch were refused to their callers: they never run.
         launch, self._launch = self._launch, []
-        for runner, msg in launch:
-            msg.coro.close()
+        for runner in launch:
+            runner.close()
             runner.settle_with = (TaskStatus.FAILED, None, failed)
             rec = self._state.get(runner.task_id)
             if rec is not None and rec.status not in TERMINAL:
@@ -496,9 +482,9 @@ class Actor:
 
     def _add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
         """Book the runner of a spawned record; it starts once the batch is committed."""
-        runner = _Runner(rec.task_id, msg.done, timeout=msg.timeout)
+        runner = Runner(self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout)
         self._runners[rec.task_id] = runner
-        self._launch.append((runner, msg))
+        self._launch.append(runner)
         if msg.timeout is not None:
             self._timers.push(self._now + msg.timeout, Kind.TIMEOUT, rec.task_id)
         return rec
@@ -583,11 +569,8 @@ class Actor:
             # Spawned in this same batch and not launched yet: it never starts.
             runner.settle_with = (TaskStatus.CANCELLED, None, None)
             new = self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
-            for pair in self._launch:
-                if pair[0] is runner:
-                    self._launch.remove(pair)
-                    pair[1].coro.close()
-                    break
+            self._launch.remove(runner)
+            runner.close()
             del self._runners[rec.task_id]
             return new
         # Spawned and running: cancelling until the coroutine has unwound.

@@ -11,10 +11,12 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import TypeAlias, cast
+
+import msgspec
 
 __all__ = [
     "ACTIVE",
@@ -95,8 +97,7 @@ def iso(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-@dataclass(frozen=True, slots=True)
-class TaskSpec:
+class TaskSpec(msgspec.Struct, frozen=True, gc=False):
     """What a task was created with and never changes.
 
     Every version of a record shares one ``TaskSpec`` (most share the default one), so
@@ -104,7 +105,7 @@ class TaskSpec:
     a single pointer for them.
     """
 
-    metadata: Mapping[str, JSON] = field(default_factory=lambda: EMPTY_METADATA)
+    metadata: Mapping[str, JSON] = EMPTY_METADATA
     #: Who created it (``None`` without auth); stored, never rendered.
     owner: str | None = None
     #: True when the tracker itself runs the work (``spawn``); such tasks cannot
@@ -117,8 +118,7 @@ class TaskSpec:
 DEFAULT_SPEC = TaskSpec()
 
 
-@dataclass(frozen=True, slots=True)
-class TaskRecord:
+class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     """One tracked task, immutable: every change produces a new record.
 
     The fields are those of the JSON record, except that ``metadata`` and the

@@ -20,14 +20,16 @@ from ._messages import Progress, RunnerFinished
 from ._models import ANY_OWNER, TaskStatus, check_message, check_progress, store_json
 from ._redact import redact_error
 
-__all__ = ["Outcome", "report_progress"]
+__all__ = ["Outcome", "Runner", "report_progress"]
 
 #: Posts a fire-and-forget message to the actor; raises TrackerClosed once it stopped.
 Post = Callable[[object], None]
 T = TypeVar("T")
 
 
-# (post, task_id) of the spawned task whose runner this context belongs to.
+# (post, task_id) of the spawned task whose runner this context belongs to. Not the
+# runner itself: the runner holds its task, which holds this context (a cycle only
+# the cyclic collector would free).
 _current: contextvars.ContextVar[tuple[Post, str]] = contextvars.ContextVar("taskd_current_task")
 
 
@@ -62,7 +64,8 @@ class Outcome(Generic[T]):
         self._status: TaskStatus | None = None
         self._value: T | None = None
         self._exc: BaseException | None = None
-        self._waiters: list[asyncio.Future[None]] = []
+        # Made on the first await: most outcomes are awaited by one caller or none.
+        self._waiters: list[asyncio.Future[None]] | None = None
 
     def done(self) -> bool:
         """Whether the outcome is known."""
@@ -73,19 +76,22 @@ class Outcome(Generic[T]):
         if self._status is not None:
             return
         self._status, self._value, self._exc = status, value, exc
-        for waiter in self._waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-        self._waiters.clear()
+        waiters, self._waiters = self._waiters, None
+        if waiters:
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
 
     def __await__(self) -> Generator[Any, None, T]:
         if self._status is None:
             waiter = asyncio.get_running_loop().create_future()
+            if self._waiters is None:
+                self._waiters = []
             self._waiters.append(waiter)
             try:
                 yield from waiter
             finally:
-                if not waiter.done() and waiter in self._waiters:
+                if not waiter.done() and self._waiters and waiter in self._waiters:
                     self._waiters.remove(waiter)
         if self._status is TaskStatus.COMPLETED:
             return cast(T, self._value)
@@ -94,51 +100,85 @@ class Outcome(Generic[T]):
         raise asyncio.CancelledError()
 
 
-async def _run(post: Post, task_id: str, coro: Coroutine[Any, Any, Any], ended: list[bool]) -> None:
-    try:
-        value = await coro
-    except asyncio.CancelledError:
-        ended.append(True)
-        post(RunnerFinished(task_id, TaskStatus.CANCELLED, None, None, None, None))
-        raise
-    except BaseException as exc:
-        ended.append(True)
-        post(RunnerFinished(task_id, TaskStatus.FAILED, None, None, exc, redact_error(exc)))
-        if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt, SystemExit: recorded, and still propagated
-        return
-    ended.append(True)
-    try:
-        result = store_json(value, "the task's return value")
-    except (TypeError, ValueError) as err:
-        post(RunnerFinished(task_id, TaskStatus.FAILED, None, None, err, redact_error(err)))
-    else:
-        post(RunnerFinished(task_id, TaskStatus.COMPLETED, value, result, None, None))
+class Runner:
+    """One spawned coroutine: the actor's bookkeeping of it, and its task's done
+    callback, which reports how the coroutine ended.
 
-
-def start_runner(
-    post: Post,
-    task_id: str,
-    coro: Coroutine[Any, Any, Any],
-    context: contextvars.Context,
-) -> asyncio.Task[None]:
-    """Start the runner task of a spawned coroutine in the caller's context.
-
-    The runner reports its own end (no extra hop through a done callback); the done
-    callback only covers a runner cancelled before its first step, whose body never
-    ran: it closes the coroutine (which would otherwise warn "never awaited") and
-    reports the cancellation.
+    The coroutine is the task's own (no wrapping coroutine), and one object per
+    spawn holds what a closure and its cells would: fan-outs keep thousands alive
+    at once, and every object they hold lengthens the cyclic collector's walks.
+    A task cancelled before its first step needs no special case: asyncio throws
+    the cancellation into the coroutine, which closes it without a "never awaited"
+    warning.
     """
-    context.run(_current.set, (post, task_id))
-    ended: list[bool] = []
-    task = asyncio.get_running_loop().create_task(_run(post, task_id, coro, ended), context=context)
 
-    def done(t: asyncio.Task[None]) -> None:
-        if not ended:
-            coro.close()
-            # If the actor is gone, shutdown has already recorded this task.
-            with contextlib.suppress(TrackerClosed):
-                post(RunnerFinished(task_id, TaskStatus.CANCELLED, None, None, None, None))
+    __slots__ = (
+        "context",
+        "coro",
+        "outcome",
+        "post",
+        "settle_with",
+        "task",
+        "task_id",
+        "timed_out",
+        "timeout",
+    )
 
-    task.add_done_callback(done)
-    return task
+    def __init__(
+        self,
+        post: Post,
+        task_id: str,
+        coro: Coroutine[Any, Any, Any],
+        context: contextvars.Context,
+        outcome: Outcome[Any],
+        timeout: float | None,
+    ) -> None:
+        self.post = post
+        self.task_id = task_id
+        self.coro: Coroutine[Any, Any, Any] | None = coro
+        self.context: contextvars.Context | None = context
+        self.outcome = outcome
+        self.timeout = timeout
+        self.task: asyncio.Task[Any] | None = None
+        self.timed_out = False
+        #: How to settle ``outcome`` once the record is terminal: (status, value, exc).
+        self.settle_with: tuple[TaskStatus, object, BaseException | None] | None = None
+
+    def start(self) -> None:
+        """Start the coroutine's task in the caller's context."""
+        context = cast(contextvars.Context, self.context)
+        coro = cast("Coroutine[Any, Any, Any]", self.coro)
+        self.coro = self.context = None
+        context.run(_current.set, (self.post, self.task_id))
+        self.task = task = asyncio.get_running_loop().create_task(coro, context=context)
+        task.add_done_callback(self)
+
+    def close(self) -> None:
+        """Never started (cancelled in its spawn's batch, or refused): close the
+        coroutine, which would otherwise warn "never awaited"."""
+        if self.coro is not None:
+            self.coro.close()
+            self.coro = self.context = None
+
+    def __call__(self, task: asyncio.Task[Any]) -> None:
+        """The task is done: tell the actor how (unless the actor is gone, in which
+        case shutdown has already recorded this task)."""
+        task_id = self.task_id
+        if task.cancelled():
+            end = RunnerFinished(task_id, TaskStatus.CANCELLED, None, None, None, None)
+        else:
+            exc = task.exception()
+            if exc is not None:
+                end = RunnerFinished(task_id, TaskStatus.FAILED, None, None, exc, redact_error(exc))
+            else:
+                value = task.result()
+                try:
+                    result = store_json(value, "the task's return value")
+                except (TypeError, ValueError) as err:
+                    end = RunnerFinished(
+                        task_id, TaskStatus.FAILED, None, None, err, redact_error(err)
+                    )
+                else:
+                    end = RunnerFinished(task_id, TaskStatus.COMPLETED, value, result, None, None)
+        with contextlib.suppress(TrackerClosed):
+            self.post(end)

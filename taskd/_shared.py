@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _messages as m
-from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred, _Runner
+from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred
 from ._errors import StoreError, TaskdError, TaskNotFound
 from ._hub import RECENT_EVENTS, Hub
 from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
@@ -51,6 +51,7 @@ from ._redis import (
     scope,
 )
 from ._retention import Retention
+from ._runner import Runner
 from ._store import MemoryStore
 from ._timers import Kind
 
@@ -701,7 +702,7 @@ class SharedActor(Actor):
 
     def _ended(
         self,
-        runner: _Runner,
+        runner: Runner,
         settle: tuple[TaskStatus, object, BaseException | None],
         reply: list[Any],
     ) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import dataclasses
+import gc
 import json
 
 import pytest
@@ -43,11 +43,14 @@ def test_status_is_a_str_enum_with_spec_values() -> None:
     assert S("failed") == "failed"
 
 
-def test_record_is_frozen_and_slotted() -> None:
+def test_record_is_frozen_slotted_and_untracked_by_gc() -> None:
     rec = taskd.TaskRecord("t1", "x", S.PENDING, None, 1.0, 1.0)
-    with pytest.raises(dataclasses.FrozenInstanceError):
+    with pytest.raises(AttributeError):
         rec.status = S.RUNNING  # type: ignore[misc]
     assert not hasattr(rec, "__dict__")
+    # Held by the thousand, records stay out of the cyclic collector's walks.
+    assert not gc.is_tracked(rec)
+    assert not gc.is_tracked(taskd.TaskSpec(owner="a"))
 
 
 def test_to_dict_has_every_spec_field_and_no_owner() -> None:
