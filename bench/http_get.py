@@ -1,10 +1,15 @@
-"""bench/http_get.py: GET /api/v1/tasks/{id} on create_app vs a bare aiohttp handler.
+"""bench/http_get.py: GET /api/v1/tasks/{id} on taskd vs a bare aiohttp handler.
 
 Both servers answer the same bytes; the same load generator (wrk, 32 connections)
-hits each in turn, alternating, one server process each. Prints requests/s, p50 and
-p99 latency of both and the throughput ratio (goal >= 0.9x).
+hits each in turn, alternating, one server process each, on the same event loop.
+Prints requests/s, p50 and p99 latency of both and the throughput ratio (goal >= 0.9x).
 
-Run: python bench/http_get.py [--rounds 3] [--duration 5]
+``--target serve`` (the default) runs ``taskd serve`` itself, as users do;
+``--target create_app`` runs ``taskd.web.create_app()`` under ``web.run_app``.
+``--loop uvloop`` runs both servers on uvloop (``taskd serve --loop uvloop``).
+
+Run: python bench/http_get.py [--target serve|create_app] [--loop asyncio|uvloop]
+                              [--rounds 3] [--duration 5]
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def serve(kind: str, port: int, body_file: str) -> None:
+def serve(kind: str, port: int, body_file: str, loop: str) -> None:
     sys.path.insert(0, str(ROOT))
     from aiohttp import web
 
@@ -48,7 +53,19 @@ def serve(kind: str, port: int, body_file: str) -> None:
             return web.Response(body=payload, content_type="application/json")
 
         app.router.add_get("/api/v1/tasks/{task_id}", handler)
-    web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
+    if loop == "uvloop":
+        import uvloop
+
+        web.run_app(
+            app,
+            host="127.0.0.1",
+            port=port,
+            print=None,
+            access_log=None,
+            loop=uvloop.new_event_loop(),
+        )
+    else:
+        web.run_app(app, host="127.0.0.1", port=port, print=None, access_log=None)
 
 
 def free_port() -> int:
@@ -67,11 +84,37 @@ def wait_up(url: str) -> None:
     raise RuntimeError(f"server at {url} did not come up")
 
 
-def start(kind: str, port: int, body_file: Path) -> subprocess.Popen[bytes]:
-    return subprocess.Popen(
-        [sys.executable, __file__, "--serve", kind, str(port), str(body_file)],
-        stdout=subprocess.DEVNULL,
+def start(kind: str, port: int, body_file: Path, loop: str) -> subprocess.Popen[bytes]:
+    if kind == "serve":
+        argv = ["-m", "taskd", "serve", "--port", str(port), "--loop", loop]
+        argv += ["--log-level", "WARNING"]
+    else:
+        argv = [__file__, "--serve", kind, str(port), str(body_file), loop]
+    return subprocess.Popen([sys.executable, *argv], stdout=subprocess.DEVNULL, cwd=ROOT)
+
+
+def post(url: str, body: dict[str, object]) -> dict[str, object]:
+    req = urllib.request.Request(
+        url, json.dumps(body).encode(), {"Content-Type": "application/json"}, method="POST"
     )
+    with urllib.request.urlopen(req) as resp:
+        out: dict[str, object] = json.loads(resp.read())
+        return out
+
+
+def seed_over_http(base: str) -> str:
+    """The task the bench reads, made through the API (taskd serve)."""
+    rec = post(
+        f"{base}/api/v1/tasks",
+        {"task_type": "bench", "resource_id": "r1", "metadata": {"by": "bench"}},
+    )
+    task_id = str(rec["result"]["task_id"])  # type: ignore[index]
+    post(f"{base}/api/v1/tasks/{task_id}/start", {})
+    post(
+        f"{base}/api/v1/tasks/{task_id}/complete",
+        {"result": {"docs": 120, "items": ["a", "b", "c"]}},
+    )
+    return task_id
 
 
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3}
@@ -98,6 +141,8 @@ def wrk(url: str, duration: int) -> tuple[float, float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
+    parser.add_argument("--target", choices=["serve", "create_app"], default="serve")
+    parser.add_argument("--loop", choices=["asyncio", "uvloop"], default="asyncio")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5)
     args = parser.parse_args()
@@ -107,15 +152,18 @@ def main() -> None:
     tmp.mkdir()
     id_file, body_file = tmp / "id", tmp / "body"
     tport, bport = free_port(), free_port()
-    tproc = start("taskd", tport, id_file)
+    tproc = start("taskd" if args.target == "create_app" else "serve", tport, id_file, args.loop)
     try:
         wait_up(f"http://127.0.0.1:{tport}/health")
-        task_id = id_file.read_text()
+        if args.target == "serve":
+            task_id = seed_over_http(f"http://127.0.0.1:{tport}")
+        else:
+            task_id = id_file.read_text()
         turl = f"http://127.0.0.1:{tport}/api/v1/tasks/{task_id}"
         body = urllib.request.urlopen(turl).read()
         assert json.loads(body)["result"]["status"] == "completed"
         body_file.write_bytes(body)
-        bproc = start("bare", bport, body_file)
+        bproc = start("bare", bport, body_file, args.loop)
         try:
             burl = f"http://127.0.0.1:{bport}/api/v1/tasks/{task_id}"
             wait_up(burl)
@@ -135,7 +183,8 @@ def main() -> None:
     o = max(ours)
     b = max(bare)
     print(f"{'GET /api/v1/tasks/{id}':<32} {'req/s':>10} {'p50 ms':>8} {'p99 ms':>8}")
-    print(f"{'taskd create_app':<32} {o[0]:>10,.0f} {o[1]:>8.2f} {o[2]:>8.2f}")
+    label = "taskd serve" if args.target == "serve" else "taskd create_app"
+    print(f"{label + ' (' + args.loop + ')':<32} {o[0]:>10,.0f} {o[1]:>8.2f} {o[2]:>8.2f}")
     print(f"{'bare aiohttp handler':<32} {b[0]:>10,.0f} {b[1]:>8.2f} {b[2]:>8.2f}")
     print(
         f"throughput ratio {o[0] / b[0]:.2f}x  (goal >= 0.9x; best of {args.rounds} alternated rounds, wrk -t1 -c32)"
@@ -144,6 +193,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
-        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4])
+        serve(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
     else:
         main()

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from . import __version__
@@ -48,6 +49,7 @@ def serve(args: argparse.Namespace) -> int:
         log.warning(
             "serving on %s without tokens: anyone who can reach it sees every task", args.host
         )
+    loop_factory = _loop_factory(args.loop)
     webhooks = None
     try:
         allow = parse_allow_list(args.webhook_allow)
@@ -145,8 +147,23 @@ def serve(args: argparse.Namespace) -> int:
             await runner.cleanup()
         log.info("stopped")
 
-    asyncio.run(run())
+    with asyncio.Runner(loop_factory=loop_factory) as loop_runner:
+        loop_runner.run(run())
     return EXIT_OK
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The event loop ``--loop`` names: None for asyncio's own."""
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop
+    except ImportError:
+        raise CliError(
+            "--loop uvloop needs the uvloop package: pip install 'taskd[uvloop]'", EXIT_START
+        ) from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _quiet_bad_requests(record: logging.LogRecord) -> bool:

@@ -293,6 +293,12 @@ def _parser() -> argparse.ArgumentParser:
         "env TASKD_WEBHOOK_ALLOW, comma-separated)",
     )
     serve.add_argument(
+        "--loop",
+        default=os.environ.get("TASKD_LOOP") or "asyncio",
+        choices=["asyncio", "uvloop"],
+        help="event loop: uvloop needs the taskd[uvloop] extra (env TASKD_LOOP)",
+    )
+    serve.add_argument(
         "--log-level",
         default=os.environ.get("TASKD_LOG_LEVEL") or "INFO",
         choices=["DEBUG", "INFO", "WARNING", "ERROR"],

