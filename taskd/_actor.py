@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _messages as m
+from ._counters import TaskCounters
 from ._errors import InvalidTransition, StoreError, TaskdError, TrackerClosed
 from ._hub import Hub
 from ._models import ACTIVE, ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
@@ -81,6 +82,8 @@ class Actor:
         self._cancel_grace = cancel_grace
         self.closed = False
         self.commands = 0
+        #: What /metrics and the dashboard's chart count (transitions, as committed).
+        self.counters = TaskCounters()
         #: Called with each terminal record that has a callback_url, after its commit.
         self.on_terminal: Callable[[TaskRecord], None] | None = None
         #: Why the store cannot write (None while it can); /health reports it.
@@ -436,6 +439,7 @@ class Actor:
         )
         if rec.status is not new.status:
             tid = new.task_id
+            self.counters.on_change(rec.status, new)
             if new.status in TERMINAL:
                 self._last_beat.pop(tid, None)
                 expires = self._state.expires_at(new)
@@ -483,6 +487,7 @@ class Actor:
     def _add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
         """Book the runner of a spawned record; it starts once the batch is committed."""
         runner = Runner(self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout)
+        self.counters.on_started(rec)  # running from its creation: it waited 0 s
         self._runners[rec.task_id] = runner
         self._launch.append(runner)
         if msg.timeout is not None:
@@ -663,6 +668,7 @@ class Actor:
             "runners": len(self._runners),
             "subscriptions": len(self._hub),
             "waiters": sum(map(len, self._waiters.values())),
+            "finished": self.counters.snapshot(),
         }
 
     def _on_runner_finished(self, msg: m.RunnerFinished) -> None:

@@ -549,7 +549,14 @@ class SharedActor(Actor):
         return self._send("spawn", args, done, fut)
 
     def _remote_start(self, msg: m.Start) -> _Deferred:
-        return self._send("start", (msg.task_id, scope(msg.owner)), self._record, self._current)
+        return self._send("start", (msg.task_id, scope(msg.owner)), self._moved, self._current)
+
+    def _moved(self, reply: list[Any]) -> TaskRecord:
+        """The reply to a transition this process made (start, complete, fail,
+        cancel): counted here, by the process that made it."""
+        rec = self._record(reply)
+        self.counters.on_change(None, rec)
+        return rec
 
     def _remote_progress(self, msg: m.Progress) -> _Deferred:
         args = (
@@ -562,16 +569,16 @@ class SharedActor(Actor):
 
     def _remote_complete(self, msg: m.Complete) -> _Deferred:
         args = (msg.task_id, scope(msg.owner), result_text(msg.result))
-        return self._send("complete", args, self._record, self._current)
+        return self._send("complete", args, self._moved, self._current)
 
     def _remote_fail(self, msg: m.Fail) -> _Deferred:
         return self._send(
-            "fail", (msg.task_id, scope(msg.owner), msg.error), self._record, self._current
+            "fail", (msg.task_id, scope(msg.owner), msg.error), self._moved, self._current
         )
 
     def _remote_cancel(self, msg: m.Cancel) -> _Deferred:
         return self._send(
-            "cancel", (msg.task_id, scope(msg.owner), msg.reason), self._record, self._current
+            "cancel", (msg.task_id, scope(msg.owner), msg.reason), self._moved, self._current
         )
 
     def _remote_delete(self, msg: m.Delete) -> _Deferred:
@@ -673,6 +680,7 @@ class SharedActor(Actor):
                 "runners": len(self._runners),
                 "subscriptions": len(self._hub),
                 "waiters": sum(map(len, self._waiters.values())),
+                "finished": self.counters.snapshot(),
             }
 
         return self._send("stats", (), done, self._current)
@@ -708,7 +716,9 @@ class SharedActor(Actor):
     ) -> None:
         self._runners.pop(runner.task_id, None)
         if reply[0] == "rec":
-            self._note(self.space.decode(reply[1])[0])
+            rec = self.space.decode(reply[1])[0]
+            self._note(rec)
+            self.counters.on_finished(rec)
             runner.outcome.set(*settle)
         elif reply[0] == "was":
             # Already recorded (cancelled before it ran, or declared lost): the record

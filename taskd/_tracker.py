@@ -18,6 +18,7 @@ from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from . import _messages as m
 from ._actor import Actor, MailboxItem
+from ._counters import TaskCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -70,6 +71,9 @@ class TrackerStats(TypedDict, total=False):
     waiters: int
     webhooks_delivered: int
     webhooks_failed: int
+    #: Tasks finished, run and wait times, and the last hour per minute, as this
+    #: process counted them (``TaskCounters``: docs/operations.md).
+    finished: TaskCounters
 
 
 class TrackerState(enum.Enum):

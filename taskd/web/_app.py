@@ -146,6 +146,7 @@ def _setup(
         wait_cap,
         ping,
         {} if metrics else None,
+        {} if metrics else None,
     )
     state.app = app
     app[_STATE] = state

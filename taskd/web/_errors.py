@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import TypeVar
 
 from aiohttp import web
 
+from .._counters import HTTP_BUCKETS, Histogram
 from .._errors import BY_CODE, CODE_FOR_STATUS, TaskdError
 from .._models import (
     JSON,
@@ -113,9 +115,12 @@ def make_middleware(
     application, whose routes are all taskd's, it also envelopes what the router
     answers (unknown paths) and counts requests per route for ``/metrics``."""
     counts = state.http_counts
+    durations = state.http_durations
+    clock = time.perf_counter
 
     @web.middleware
     async def taskd_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        began = clock()
         try:
             response = await handler(request)
         except TaskdError as exc:
@@ -124,14 +129,16 @@ def make_middleware(
             if not standalone:
                 raise
             response = _error_to_response(request, exc)
-        if counts is not None:
+        if counts is not None and durations is not None:
             route = request.match_info.route.resource
-            key = (
-                request.method,
-                route.canonical if route is not None else "(unmatched)",
-                response.status,
-            )
+            method = request.method
+            name = route.canonical if route is not None else "(unmatched)"
+            key = (method, name, response.status)
             counts[key] = counts.get(key, 0) + 1
+            hist = durations.get((method, name))
+            if hist is None:
+                hist = durations[(method, name)] = Histogram(HTTP_BUCKETS)
+            hist.observe(clock() - began)
         return response
 
     return taskd_middleware

@@ -303,5 +303,10 @@ async def _metrics_handler(request: web.Request) -> web.Response:
                 401, "UNAUTHENTICATED", exc.reason, None, {"WWW-Authenticate": "Bearer"}
             )
     stats = await state.tracker.stats()
-    body = _metrics.render(stats, state.http_counts or {})
-    return web.Response(body=body, headers={"Content-Type": _metrics.CONTENT_TYPE})
+    body, content_type = _metrics.render(
+        stats,
+        state.http_counts or {},
+        state.http_durations or {},
+        accept=request.headers.get("Accept", ""),
+    )
+    return web.Response(body=body, headers={"Content-Type": content_type})

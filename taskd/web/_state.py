@@ -11,6 +11,7 @@ from typing import Final, TypeVar
 
 from aiohttp import web
 
+from .._counters import Histogram
 from .._models import (
     TaskRecord,
 )
@@ -48,6 +49,8 @@ class _State:
     sse_ping_interval: float
     #: (method, route, status) -> requests served; None unless metrics are exported.
     http_counts: dict[tuple[str, str, int], int] | None = None
+    #: (method, route) -> request durations, kept alongside ``http_counts``.
+    http_durations: dict[tuple[str, str], Histogram] | None = None
     #: The request body limit, for the OpenAPI document (aiohttp's default: 1 MiB).
     max_body: int = MAX_BODY
     #: The application setup() was called on (maybe mounted as a sub-application).
