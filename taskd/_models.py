@@ -175,6 +175,22 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         return self.spec.heartbeat_timeout
 
     @property
+    def history(self) -> tuple[tuple[TaskStatus, float], ...]:
+        """The statuses this task passed through, oldest first, with the instant it
+        entered each: ``pending`` at creation (tasks run elsewhere; a spawned task
+        is ``running`` from its creation), ``running`` when started, the terminal
+        status when finished. Bounded (at most three entries) and free: every
+        instant is one of the record's own fields (docs/http-api.md)."""
+        out: list[tuple[TaskStatus, float]] = []
+        if not self.spec.in_process:
+            out.append((TaskStatus.PENDING, self.created_at))
+        if self.started_at is not None:
+            out.append((TaskStatus.RUNNING, self.started_at))
+        if self.finished_at is not None:
+            out.append((self.status, self.finished_at))
+        return tuple(out)
+
+    @property
     def is_terminal(self) -> bool:
         """True once the task reached ``completed``, ``failed`` or ``cancelled``."""
         return self.status in TERMINAL
@@ -219,6 +235,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             "result": self.result if result else None,
             "error": self.error,
             "metadata": dict(self.spec.metadata),
+            "history": [{"status": status.value, "at": at} for status, at in self.history],
         }
 
     @classmethod

@@ -54,6 +54,19 @@ _RECORD_FIELDS: Final[_Doc] = {
     "result": {},
     "error": {"type": ["string", "null"]},
     "metadata": {"type": "object"},
+    "history": {
+        "type": "array",
+        "maxItems": 3,
+        "items": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["status", "at"],
+            "properties": {
+                "status": {"type": "string", "enum": _STATUSES},
+                "at": {"type": "number"},
+            },
+        },
+    },
 }
 
 
@@ -136,6 +149,33 @@ def _schemas() -> _Doc:
             "properties": {"error": {"type": "string"}},
         },
         "Empty": {"type": "object", "additionalProperties": False, "maxProperties": 0},
+        "StatsEnvelope": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["status", "result"],
+            "properties": {
+                "status": {"const": "ok"},
+                "result": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["active", "records", "finished_per_minute"],
+                    "properties": {
+                        "active": {"type": "integer", "minimum": 0},
+                        "records": {"type": "integer", "minimum": 0},
+                        "finished_per_minute": {
+                            "type": "array",
+                            "maxItems": 60,
+                            "items": {
+                                "type": "array",
+                                "minItems": 4,
+                                "maxItems": 4,
+                                "items": {"type": "integer", "minimum": 0},
+                            },
+                        },
+                    },
+                },
+            },
+        },
     }
 
 
@@ -444,6 +484,23 @@ def document(
                 "parameters": [*_list_filters(), _LAST_EVENT_ID],
                 "responses": _responses(
                     {"200": _sse("One event per change, filtered"), "400": bad}, common
+                ),
+            }
+        },
+        f"{prefix}/stats": {
+            "get": {
+                "summary": "Counts for the dashboard: tasks finished per minute, last hour",
+                "operationId": "stats",
+                "responses": _responses(
+                    {
+                        "200": {
+                            "description": "Active tasks, records held, and the last 60 "
+                            "minutes oldest first: [minute start (Unix s), completed, "
+                            "failed, cancelled]",
+                            "content": {"application/json": {"schema": _ref("StatsEnvelope")}},
+                        }
+                    },
+                    common,
                 ),
             }
         },

@@ -141,6 +141,35 @@ def test_failed_task_shows_its_error(page: Page, demo: Service) -> None:
     expect(panel).to_be_hidden()
 
 
+def test_chart_history_and_duration_explain_what_happened(page: Page, demo: Service) -> None:
+    """The chart draws the server's per-minute counters (docs/dashboard.md); a
+    finished row shows how long it ran; its panel lists the statuses it went through."""
+    page.select_option("#f-status", "failed")
+    page.click("button[type=submit]")
+    failed = page.locator('#rows tr[data-status="failed"]').first
+    expect(failed).to_be_visible(timeout=40_000)
+    task_id = failed.get_attribute("data-id")
+    rec = api(f"{demo.url}/api/v1/tasks/{task_id}")["result"]
+    assert re.fullmatch(r"\d+\.\d+s", failed.locator("td.duration").inner_text().strip())
+    failed.click()
+    steps = page.locator('#detail dd[data-field="history"] li')
+    expect(steps).to_have_count(len(rec["history"]))
+    assert [steps.nth(i).get_attribute("data-status") for i in range(steps.count())] == [
+        h["status"] for h in rec["history"]
+    ]
+    assert rec["history"][-1] == {"status": "failed", "at": rec["finished_at"]}
+    page.keyboard.press("Escape")
+    # The chart shows at least this failure, as the server counts it.
+    page.evaluate("loadChart()")
+    bad = page.locator("#chart rect.bad")
+    expect(bad.first).to_be_attached(timeout=15_000)
+    drawn = sum(int(bad.nth(i).get_attribute("data-count") or 0) for i in range(bad.count()))
+    stats = api(f"{demo.url}/api/v1/stats")["result"]
+    counted = sum(row[2] for row in stats["finished_per_minute"])
+    assert 1 <= drawn <= counted  # the page drew an earlier snapshot of a rising count
+    assert int(page.locator("#chart-bad").inner_text()) == drawn
+
+
 def test_keyboard_and_narrow_screen(browser: Browser, demo: Service, tmp_path: Path) -> None:
     context = browser.new_context(viewport={"width": 390, "height": 800})
     pg = context.new_page()

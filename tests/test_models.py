@@ -72,8 +72,27 @@ def test_to_dict_has_every_spec_field_and_no_owner() -> None:
         "result",
         "error",
         "metadata",
+        "history",
     }
     assert d["created_at_iso"] == "1970-01-01T00:00:01.500000Z"
     assert d["updated_at_iso"] == "1970-01-01T00:00:02.250000Z"
     assert d["status"] == "pending"
     assert "alice" not in json.dumps(d)
+
+
+def test_history_lists_each_status_entered_with_its_instant() -> None:
+    created = taskd.TaskRecord("t1", "x", S.PENDING, None, 1.0, 1.0)
+    assert created.history == ((S.PENDING, 1.0),)
+    failed = taskd.TaskRecord("t1", "x", S.FAILED, None, 1.0, 4.0, 2.0, 4.0, error="boom")
+    assert failed.history == ((S.PENDING, 1.0), (S.RUNNING, 2.0), (S.FAILED, 4.0))
+    # cancelled while pending: never started
+    dropped = taskd.TaskRecord("t1", "x", S.CANCELLED, None, 1.0, 3.0, None, 3.0)
+    assert dropped.to_dict()["history"] == [
+        {"status": "pending", "at": 1.0},
+        {"status": "cancelled", "at": 3.0},
+    ]
+    # spawned: running from its creation, no pending stage
+    spawned = taskd.TaskRecord(
+        "t1", "x", S.COMPLETED, None, 5.0, 6.0, 5.0, 6.0, spec=taskd.TaskSpec(in_process=True)
+    )
+    assert [s for s, _ in spawned.history] == [S.RUNNING, S.COMPLETED]

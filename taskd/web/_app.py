@@ -178,6 +178,7 @@ def _setup(
         (p + "/tasks/{task_id}/cancel", {"POST": h.cancel_task}),
         (p + "/tasks/{task_id}/events", {"GET": h.task_events}),
         (p + "/events", {"GET": h.events}),
+        (p + "/stats", {"GET": h.stats}),
         (p + "/openapi.json", {"GET": h.openapi_doc}),
     ]
     for path, methods in table:

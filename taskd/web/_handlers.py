@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Final, TypeVar
@@ -244,6 +245,20 @@ class _Handlers:
             return await _stream(state, request, sub, None)
         finally:
             state.tracker.unsubscribe(sub)
+
+    async def stats(self, request: web.Request) -> web.Response:
+        """Counts for the dashboard: active tasks, records held, and tasks finished
+        per minute over the last hour (this process's counters)."""
+        state = self.state
+        await _owner(request, state)  # with tokens, one is needed (as for /metrics)
+        stats = await state.tracker.stats()
+        counters = stats.get("finished")
+        body = {
+            "active": stats.get("active", 0),
+            "records": stats.get("records", 0),
+            "finished_per_minute": [] if counters is None else counters.per_minute(time.time()),
+        }
+        return _ok(json.dumps(body, separators=(",", ":")).encode())
 
     async def openapi_doc(self, request: web.Request) -> web.Response:
         state = self.state
