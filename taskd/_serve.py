@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import os
 import signal
@@ -12,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime
 from urllib.parse import urlsplit, urlunsplit
 
 from . import __version__
@@ -38,9 +40,7 @@ def serve(args: argparse.Namespace) -> int:
     from .web._guard import is_loopback
     from .web._server import ServeRunner, quiet_accept_errors, raise_fd_limit
 
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args)
     logging.getLogger("aiohttp.server").addFilter(_quiet_bad_requests)
     quiet_accept_errors()
     raise_fd_limit()
@@ -152,6 +152,35 @@ def serve(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+class JsonFormatter(logging.Formatter):
+    """``--log-format json``: one JSON object per line (time, level, logger, message,
+    and ``task_id`` where the record names one), for log pipelines."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The record as one line of JSON."""
+        out: dict[str, object] = {
+            "time": datetime.fromtimestamp(record.created, UTC).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        task_id = getattr(record, "task_id", None)
+        if task_id is not None:
+            out["task_id"] = task_id
+        if record.exc_info:
+            out["exc_info"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def _configure_logging(args: argparse.Namespace) -> None:
+    handler = logging.StreamHandler()
+    if args.log_format == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=args.log_level, handlers=[handler])
+
+
 def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
     """The event loop ``--loop`` names: None for asyncio's own."""
     if name == "asyncio":
@@ -211,9 +240,7 @@ def _supervise(args: argparse.Namespace) -> int:
     """``--workers N``: run N copies of this command on one port (SO_REUSEPORT) and
     stop them together. A worker that dies is started again; one that cannot start
     stops them all (exit 1)."""
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    _configure_logging(args)
     if not args.redis:
         raise CliError(
             "--workers needs --redis: separate processes share tasks only through Redis",

@@ -298,11 +298,16 @@ class WebhookSender:
                     status or "no response",
                     attempt + 1,
                     delay,
+                    extra={"task_id": rec.task_id},
                 )
                 await asyncio.sleep(delay)
         self.failed += 1
         log.warning(
-            "webhook %s to %s failed after %d attempts", msg_id, _loggable(url), cfg.max_attempts
+            "webhook %s to %s failed after %d attempts",
+            msg_id,
+            _loggable(url),
+            cfg.max_attempts,
+            extra={"task_id": rec.task_id},
         )
 
     async def aclose(self) -> None:

@@ -293,6 +293,12 @@ def _parser() -> argparse.ArgumentParser:
         "env TASKD_WEBHOOK_ALLOW, comma-separated)",
     )
     serve.add_argument(
+        "--log-format",
+        default=os.environ.get("TASKD_LOG_FORMAT") or "text",
+        choices=["text", "json"],
+        help="text for people, json (one object per line) for log pipelines (env TASKD_LOG_FORMAT)",
+    )
+    serve.add_argument(
         "--loop",
         default=os.environ.get("TASKD_LOOP") or "asyncio",
         choices=["asyncio", "uvloop"],
