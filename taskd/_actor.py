@@ -24,7 +24,16 @@ from . import _messages as m
 from ._counters import TaskCounters
 from ._errors import InvalidTransition, StoreError, TaskdError, TrackerClosed
 from ._hub import Hub
-from ._models import ACTIVE, ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
+from ._models import (
+    ACTIVE,
+    ANY_OWNER,
+    JSON,
+    TERMINAL,
+    OwnerScope,
+    RawJSON,
+    TaskRecord,
+    TaskStatus,
+)
 from ._retention import Retention
 from ._runner import Runner
 from ._state import TaskState, new_spec
@@ -520,6 +529,27 @@ class Actor:
             and state.quota is None
             and state.active + self._mailbox.qsize() < state.cap
         )
+
+    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
+        """The read fast path: the record as a ``Get`` would answer it now, or
+        ``_DEFERRED`` when only the actor may answer (called by the tracker, between
+        the actor's batches).
+
+        Sound only when the answer cannot differ from the actor's: no persistent store
+        (a batch never suspends half-committed), an empty mailbox (every command sent
+        before this one, fire-and-forget ones included, has been applied), and no timer
+        due (the actor would expire records first)."""
+        if (
+            self._persistent
+            or self.closed
+            or not self._mailbox.empty()
+            or self._clock() >= self._timers.due
+        ):
+            return _DEFERRED
+        rec = self._state.get(task_id)
+        if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
+            return None
+        return rec
 
     def mint(self, now: float) -> tuple[str, float]:
         """A new task id, from the state's one sequence (for the fast path)."""

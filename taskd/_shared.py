@@ -40,7 +40,7 @@ from . import _messages as m
 from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred
 from ._errors import StoreError, TaskdError, TaskNotFound
 from ._hub import RECENT_EVENTS, Hub
-from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
+from ._models import JSON, TERMINAL, OwnerScope, TaskRecord, TaskStatus
 from ._redis import (
     SOCKET_TIMEOUT,
     Command,
@@ -186,6 +186,10 @@ class SharedActor(Actor):
     def admits(self) -> bool:
         """Never: Redis checks the cap and mints ids (no spawn skips the reply)."""
         return False
+
+    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
+        """Never: the records are in Redis (every read asks it)."""
+        return _DEFERRED
 
     # --- opening and the loop ---------------------------------------------------------
 

@@ -17,7 +17,7 @@ from types import TracebackType
 from typing import Any, Final, Generic, TypedDict, TypeVar
 
 from . import _messages as m
-from ._actor import Actor, MailboxItem
+from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred
 from ._counters import TaskCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
@@ -542,6 +542,16 @@ class Tracker:
             _check_id(task_id)
         if owner is not ANY_OWNER:
             owner = _check_owner(owner)
+        actor = self._actor
+        if self._state is TrackerState.OPEN and actor.peek(task_id, owner) is not _DEFERRED:
+            # The read fast path (docs/architecture.md): nothing is queued for the
+            # actor, so the state is what it would answer from. Still a suspension
+            # point, as every call is, so that a loop of gets cannot starve the loop.
+            await asyncio.sleep(0)
+            if self._state is TrackerState.OPEN:
+                rec = actor.peek(task_id, owner)
+                if not isinstance(rec, _Deferred):
+                    return rec
         return await self._call(m.Get(task_id, owner))
 
     async def list(

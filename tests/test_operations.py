@@ -78,7 +78,7 @@ def test_openmetrics_when_the_scraper_asks(busy: Service) -> None:
     ctype, text = scrape(busy.url, "application/openmetrics-text; version=1.0.0,text/plain;q=0.5")
     assert ctype.startswith("application/openmetrics-text")
     assert text.endswith("# EOF\n")
-    names = {f.name for f in openmetrics_families(text)}
+    names = {f.name for f in openmetrics_families(text)}  # type: ignore[no-untyped-call]
     assert {"taskd_tasks_finished", "taskd_task_run_seconds", "taskd_http_requests"} <= names
     ctype, _ = scrape(busy.url)
     assert ctype.startswith("text/plain")

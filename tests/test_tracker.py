@@ -408,17 +408,17 @@ async def test_failed_command_answers_its_caller_and_loop_goes_on(
         await tracker.start("missing")
     # An unexpected bug in one handler: that caller gets the error, others go on.
     actor = tracker._actor
-    original = actor._handlers[m.Get]
+    original = actor._handlers[m.Stats]
 
     def broken(msg: object) -> object:
         raise RuntimeError("handler bug")
 
-    actor._handlers[m.Get] = broken
+    actor._handlers[m.Stats] = broken
     try:
         with pytest.raises(RuntimeError, match="handler bug"):
-            await tracker.get("x")
+            await tracker.stats()
     finally:
-        actor._handlers[m.Get] = original
+        actor._handlers[m.Stats] = original
     rec = await tracker.create("x")
     assert (await tracker.get(rec.task_id)) == rec
 
@@ -671,3 +671,58 @@ async def test_fast_spawns_queued_when_the_actor_dies_fail_their_handles() -> No
     t._actor_task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await t._actor_task
+
+
+# --- the read fast path (docs/architecture.md) ------------------------------------
+
+
+async def test_get_never_answers_a_record_past_its_ttl(clock: FakeClock) -> None:
+    """A get with nothing queued for the actor reads the state directly; once a
+    deadline has passed it leaves the answer to the actor, which expires first."""
+    async with taskd.Tracker(clock=clock, retention=taskd.Retention(completed_ttl=5)) as t:
+        rec = await t.create("x")
+        await t.start(rec.task_id)
+        await t.complete(rec.task_id, None)
+        assert (await t.get(rec.task_id)) is not None
+        clock.advance(5.5)
+        assert (await t.get(rec.task_id)) is None
+        assert (await t.stats())["records"] == 0
+
+
+async def test_get_sees_every_command_sent_before_it(tracker: taskd.Tracker) -> None:
+    """Fire-and-forget messages still queued (a fast-path spawn, a runner's end)
+    send the get through the actor, behind them."""
+
+    async def work() -> int:
+        return 7
+
+    handle = await tracker.spawn(work(), task_type="x")
+    got = await tracker.get(handle.task_id)  # the Spawn message is still queued
+    assert got is not None and got.task_id == handle.task_id
+    assert await handle == 7
+    got = await tracker.get(handle.task_id)
+    assert got is not None and got.status is S.COMPLETED
+
+
+async def test_a_loop_of_gets_lets_other_tasks_run(tracker: taskd.Tracker) -> None:
+    """get is a suspension point even when it reads directly: a caller polling in a
+    tight loop does not starve the task it waits for."""
+    rec = await tracker.create("x")
+    await tracker.start(rec.task_id)
+
+    async def worker() -> None:
+        for _ in range(3):  # a few steps of its own before it reports
+            await asyncio.sleep(0)
+        await tracker.complete(rec.task_id, None)
+
+    job = asyncio.get_running_loop().create_task(worker())
+    polls = 0
+    while polls < 10_000:  # a starved worker would never get there
+        polls += 1
+        got = await tracker.get(rec.task_id)
+        if got is not None and got.status is S.COMPLETED:
+            break
+    else:
+        raise AssertionError("the worker never ran while the caller polled")
+    assert polls > 1
+    await job
