@@ -23,7 +23,7 @@ from .._store import Store
 from .._tracker import TaskHandle, Tracker
 from .._webhooks import Webhooks
 from ._errors import Handler, enveloped, make_middleware, method_not_allowed
-from ._guard import BrowserGuard
+from ._guard import BrowserGuard, Screen
 from ._handlers import _dashboard_handler, _Handlers, _health, _metrics_handler, _ok
 from ._state import (
     _ROUTE_LIST,
@@ -107,7 +107,12 @@ def setup(app: web.Application, **options: Unpack[SetupOptions]) -> Tracker:
 
 
 def _setup(
-    app: web.Application, options: Options, dashboard: bool | str, *, metrics: bool
+    app: web.Application,
+    options: Options,
+    dashboard: bool | str,
+    *,
+    metrics: bool,
+    screen: Screen | None = None,
 ) -> Tracker:
     retention = options.get("retention")
     store = options.get("store")
@@ -164,7 +169,7 @@ def _setup(
 
     app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
-    app.middlewares.append(make_middleware(state, standalone=metrics))
+    app.middlewares.append(make_middleware(state, standalone=metrics, screen=screen))
     r = app.router
     p = state.prefix
     h = _Handlers(state)
@@ -208,11 +213,10 @@ def create_app(**options: Unpack[ServeOptions]) -> web.Application:
         guard = BrowserGuard(check_host=options.get("auth") is None)
     elif not isinstance(guard, BrowserGuard):
         raise TypeError("guard must be a taskd.web.BrowserGuard")
-    app = web.Application(
-        client_max_size=options.get("client_max_size", MAX_BODY),
-        middlewares=[guard.middleware()],
-    )
-    tracker = _setup(app, options, "/", metrics=True)
+    app = web.Application(client_max_size=options.get("client_max_size", MAX_BODY))
+    # One middleware applies the guard (first) and taskd's envelopes and counts: each
+    # middleware is a coroutine frame on every request of the hottest route.
+    tracker = _setup(app, options, "/", metrics=True, screen=guard.screen())
     _state_of(app).max_body = options.get("client_max_size", MAX_BODY)
     app.router.add_get("/health", _health, allow_head=False)
     app.router.add_get("/metrics", _metrics_handler, allow_head=False)

@@ -7,7 +7,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from aiohttp import web
 
@@ -17,6 +17,9 @@ from .._models import (
     JSON,
 )
 from ._state import _JSON, RETRY_AFTER, _State
+
+if TYPE_CHECKING:
+    from ._guard import Screen
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")
@@ -106,20 +109,26 @@ def method_not_allowed(allowed: Iterable[str]) -> Handler:
 
 
 def make_middleware(
-    state: _State, *, standalone: bool
+    state: _State, *, standalone: bool, screen: Screen | None = None
 ) -> Callable[..., Awaitable[web.StreamResponse]]:
     """The middleware ``setup`` installs. On a host application it touches only
     taskd's own exceptions (``TaskConflict`` from ``taskd.web.spawn`` in the host's
     handler, say), answered with the envelope; everything else of the host's passes
     untouched — taskd's routes are enveloped by their own wrappers. On the standalone
     application, whose routes are all taskd's, it also envelopes what the router
-    answers (unknown paths) and counts requests per route for ``/metrics``."""
+    answers (unknown paths) and counts requests per route for ``/metrics``; with a
+    ``screen`` (the browser guard's checks) it applies that first, as the outermost
+    middleware would (its refusals are neither enveloped again nor counted)."""
     counts = state.http_counts
     durations = state.http_durations
     clock = time.perf_counter
 
     @web.middleware
     async def taskd_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if screen is not None:
+            refused = screen.before(request)
+            if refused is not None:
+                return refused
         began = clock()
         try:
             response = await handler(request)
@@ -139,6 +148,8 @@ def make_middleware(
             if hist is None:
                 hist = durations[(method, name)] = Histogram(HTTP_BUCKETS)
             hist.observe(clock() - began)
+        if screen is not None:
+            screen.after(request, response)
         return response
 
     return taskd_middleware

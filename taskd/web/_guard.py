@@ -66,59 +66,26 @@ class BrowserGuard:
 
     def middleware(self) -> Callable[..., Awaitable[web.StreamResponse]]:
         """The middleware that applies the guard (outermost)."""
-        guard = self
-        # Host header -> allowed, for the few values a server sees (bounded): parsing
-        # an address on every request would cost the hottest route ~5% of its rate.
-        hosts: dict[str, bool] = {}
-
-        def host_ok(host: str) -> bool:
-            ok = hosts.get(host)
-            if ok is None:
-                ok = guard.host_allowed(host)
-                if len(hosts) < 256:
-                    hosts[host] = ok
-            return ok
+        screen = self.screen()
 
         @web.middleware
         async def browser_guard(
             request: web.Request,
             handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
         ) -> web.StreamResponse:
-            headers = request.headers
-            if (
-                guard.check_host
-                and not host_ok(headers.get("Host", ""))
-                and request.path != "/health"
-            ):
-                return error_response(
-                    403,
-                    "PERMISSION_DENIED",
-                    "this Host is not allowed (taskd serve --allow-host)",
-                )
-            origin = headers.get("Origin")
-            listed = origin is not None and origin in guard.cors_origins
-            if (
-                request.method == "OPTIONS"
-                and origin is not None
-                and listed
-                and "Access-Control-Request-Method" in request.headers
-            ):
-                return web.Response(status=204, headers=guard._cors(origin, preflight=True))
-            if request.method not in _SAFE_METHODS and not listed:
-                own = f"{request.scheme}://{request.host}"
-                cross = request.headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
-                if cross or (origin is not None and origin.lower() != own.lower()):
-                    return error_response(
-                        403,
-                        "PERMISSION_DENIED",
-                        "cross-site request refused (taskd serve --cors-origin)",
-                    )
+            refused = screen.before(request)
+            if refused is not None:
+                return refused
             response = await handler(request)
-            if listed and origin is not None and not response.prepared:
-                response.headers.update(guard._cors(origin, preflight=False))
+            screen.after(request, response)
             return response
 
         return browser_guard
+
+    def screen(self) -> Screen:
+        """The guard's checks as two plain calls, for a middleware that applies it
+        along with other work (the standalone app's one middleware)."""
+        return Screen(self)
 
     @staticmethod
     def _cors(origin: str, *, preflight: bool) -> dict[str, str]:
@@ -130,3 +97,64 @@ class BrowserGuard:
         else:
             headers["Access-Control-Expose-Headers"] = "Location, Link, Retry-After"
         return headers
+
+
+class Screen:
+    """One guard's checks: ``before`` a request (a refusal, or None to go on) and
+    ``after`` it (CORS headers on the answer to a listed origin)."""
+
+    __slots__ = ("_guard", "_hosts")
+
+    def __init__(self, guard: BrowserGuard) -> None:
+        self._guard = guard
+        # Host header -> allowed, for the few values a server sees (bounded): parsing
+        # an address on every request would cost the hottest route ~5% of its rate.
+        self._hosts: dict[str, bool] = {}
+
+    def _host_ok(self, host: str) -> bool:
+        ok = self._hosts.get(host)
+        if ok is None:
+            ok = self._guard.host_allowed(host)
+            if len(self._hosts) < 256:
+                self._hosts[host] = ok
+        return ok
+
+    def before(self, request: web.Request) -> web.StreamResponse | None:
+        """A refusal (403, or the answer to a CORS preflight), or None to go on."""
+        guard = self._guard
+        headers = request.headers
+        if (
+            guard.check_host
+            and not self._host_ok(headers.get("Host", ""))
+            and request.path != "/health"
+        ):
+            return error_response(
+                403,
+                "PERMISSION_DENIED",
+                "this Host is not allowed (taskd serve --allow-host)",
+            )
+        origin = headers.get("Origin")
+        listed = origin is not None and origin in guard.cors_origins
+        if (
+            request.method == "OPTIONS"
+            and origin is not None
+            and listed
+            and "Access-Control-Request-Method" in headers
+        ):
+            return web.Response(status=204, headers=guard._cors(origin, preflight=True))
+        if request.method not in _SAFE_METHODS and not listed:
+            own = f"{request.scheme}://{request.host}"
+            cross = headers.get("Sec-Fetch-Site", "").lower() == "cross-site"
+            if cross or (origin is not None and origin.lower() != own.lower()):
+                return error_response(
+                    403,
+                    "PERMISSION_DENIED",
+                    "cross-site request refused (taskd serve --cors-origin)",
+                )
+        return None
+
+    def after(self, request: web.Request, response: web.StreamResponse) -> None:
+        """Add the CORS headers a listed origin's answer carries."""
+        origin = request.headers.get("Origin")
+        if origin is not None and origin in self._guard.cors_origins and not response.prepared:
+            response.headers.update(self._guard._cors(origin, preflight=False))

@@ -13,6 +13,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import _metrics, _openapi
+from .._actor import _Deferred
 from .._errors import TaskNotFound
 from .._models import (
     JSON,
@@ -83,7 +84,9 @@ class _Handlers:
         task_id = request.match_info["task_id"]
         wait = _number_query(request, "wait") if request.query_string else None
         if wait is None:
-            rec = await state.tracker.get(task_id, owner=owner)
+            tracker = state.tracker
+            now = tracker.peek(task_id, owner)
+            rec = await tracker.get(task_id, owner=owner) if isinstance(now, _Deferred) else now
             if rec is None:
                 raise TaskNotFound(task_id)
         else:
