@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from . import _messages as m
@@ -70,26 +69,6 @@ class _Deferred:
 
 
 _DEFERRED: Final = _Deferred()
-
-
-class _Written:
-    """Posted when the write in flight ends (persistent stores)."""
-
-
-_WRITTEN: Final = _Written()
-
-
-@dataclass(slots=True)
-class _Effects:
-    """What one write covers and lets out once it has committed."""
-
-    dirty: dict[str, TaskRecord | None]
-    changed: list[tuple[int, TaskRecord]]
-    replies: list[_Reply]
-    settle: list[Runner]
-    launch: list[Runner]
-
-
 _TICK: Final = m.Tick()
 
 
@@ -143,8 +122,6 @@ class Actor:
         self._replies: list[_Reply] = []
         self._launch: list[Runner] = []
         self._settle: list[Runner] = []
-        # The write in flight (persistent stores) and the effects it will let out.
-        self._writing: tuple[asyncio.Task[None], _Effects] | None = None
         # Changes taken from the state but not committed yet (the store failed).
         self._unwritten: tuple[dict[str, TaskRecord | None], list[tuple[int, TaskRecord]]] = (
             {},
@@ -174,7 +151,6 @@ class Actor:
             m.Abandon: self._on_abandon,
             m.Stop: self._on_stop,
             m.Tick: self._on_tick,
-            _Written: self._on_written,
         }
 
     # --- loading --------------------------------------------------------------------
@@ -218,17 +194,7 @@ class Actor:
                 self.commands += len(batch)
                 await self._flush()
                 timers.arm()
-            # Stopping: wait for the write in flight and for the one after it (what
-            # the last batches changed), so that nothing acknowledged is lost.
-            while self._writing is not None:
-                task = self._writing[0]
-                await asyncio.wait([task])
-                self._on_written(_WRITTEN)
-                if self._writing is None and self.store_error is None:
-                    self._begin_write()
         finally:
-            if self._writing is not None:
-                self._writing[0].cancel()
             timers.cancel()
             self._shut()
 
@@ -262,92 +228,40 @@ class Actor:
                     fut.set_result(value)
 
     async def _flush(self) -> None:
-        """Commit the batch, then let its effects out (group commit).
-
-        With a persistent store the commit is pipelined: the write runs on the store's
-        thread while the actor handles the next batches, whose effects (replies,
-        notifications, runner starts) wait for the write after it. Writes are one at
-        a time and in order, and nothing is let out before the write that covers it
-        has committed."""
-        if not self._persistent:
-            _, changed = self._state.take_changes()
-            self._send_replies()
-            if changed:
-                self._hub.publish(changed, self._on_terminal)
-            self._after_commit()
-        elif self._writing is None:
-            self._begin_write()
-
-    def _begin_write(self) -> None:
-        """Start writing what the batches since the last write changed (if the store
-        takes writes), taking their effects along; or let the effects out now if
-        nothing needs writing."""
+        """Commit the batch, then let its effects out (group commit)."""
         dirty, changed = self._state.take_changes()
         if self._unwritten[0] or self._unwritten[1]:
             old_dirty, old_changed = self._unwritten
             old_dirty.update(dirty)
             dirty, changed = old_dirty, old_changed + changed
             self._unwritten = ({}, [])
-        if dirty and self.store_error is not None and not self._retry_due:
-            self._unwritten = (dirty, changed)  # wait for the retry timer
-            self._send_replies()  # reads go on; changes are refused up front meanwhile
-            return
-        if not dirty:
-            self._send_replies()
-            if self.store_error is None:
-                if changed:
-                    self._hub.publish(changed, self._on_terminal)
-                self._after_commit()
-            return
-        self._retry_due = False
-        upserts = [r for r in dirty.values() if r is not None]
-        deletes = [i for i, r in dirty.items() if r is None]
-        effects = _Effects(dirty, changed, self._replies, self._settle, self._launch)
-        self._replies, self._settle, self._launch = [], [], []
-        task = asyncio.get_running_loop().create_task(self._store.write(upserts, deletes))
-        self._writing = (task, effects)
-        # The loop waits on its mailbox: the write's end is a message like any other.
-        task.add_done_callback(lambda _: self._mailbox.put_nowait((_WRITTEN, None)))
-
-    def _on_written(self, msg: _Written) -> None:
-        """The write in flight ended: let its effects out, or keep its changes for a
-        retry and answer its callers (and those of the batches since) with 503."""
-        if self._writing is None:
-            return
-        task, effects = self._writing
-        self._writing = None
-        exc = task.exception() if not task.cancelled() else StoreError("write cancelled")
-        if exc is None:
-            if self.store_error is not None:
-                log.warning("the store writes again: %d change(s) committed", len(effects.dirty))
-                self.store_error = None
-            for fut, error, value in effects.replies:
-                if not fut.done():
-                    if error is None:
-                        fut.set_result(value)
-                    else:
-                        fut.set_exception(error)
-            if effects.changed:
-                self._hub.publish(effects.changed, self._on_terminal)
-            # Only this write's runners: later batches' wait for their own write.
-            for runner in effects.settle:
-                if runner.settle_with is not None:
-                    runner.outcome.set(*runner.settle_with)
-            for runner in effects.launch:
-                runner.start()
-            return
-        # Failed: its changes go back in front of the later ones, for the retry.
-        first = self.store_error is None
-        later_dirty, later_changed = self._unwritten
-        effects.dirty.update(later_dirty)
-        self._unwritten = (effects.dirty, effects.changed + later_changed)
-        self._replies = effects.replies + self._replies
-        self._settle = effects.settle + self._settle
-        self._launch = effects.launch + self._launch
-        failure = exc if isinstance(exc, Exception) else StoreError(f"the write failed: {exc!r}")
-        self._write_failed(failure, refuse=first)
-        if not first:
-            self._send_replies()  # reads (changes were refused up front)
+        if dirty and self._persistent:
+            if self.store_error is not None and not self._retry_due:
+                self._unwritten = (dirty, changed)  # wait for the retry timer
+                changed = []
+            else:
+                self._retry_due = False
+                upserts = [r for r in dirty.values() if r is not None]
+                deletes = [i for i, r in dirty.items() if r is None]
+                try:
+                    await self._store.write(upserts, deletes)
+                except Exception as exc:
+                    first = self.store_error is None
+                    self._unwritten = (dirty, changed)
+                    self._write_failed(exc, refuse=first)
+                    if first:
+                        return
+                    changed = []
+                else:
+                    if self.store_error is not None:
+                        log.warning("the store writes again: %d change(s) committed", len(upserts))
+                        self.store_error = None
+        self._send_replies()
+        if self.store_error is not None:
+            return  # what changed is not committed yet: nobody hears of it until it is
+        if changed:
+            self._hub.publish(changed, self._on_terminal)
+        self._after_commit()
 
     def _send_replies(self) -> None:
         replies, self._replies = self._replies, []
@@ -690,10 +604,7 @@ class Actor:
             # Spawned in this same batch and not launched yet: it never starts.
             runner.settle_with = (TaskStatus.CANCELLED, None, None)
             new = self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
-            if runner in self._launch:
-                self._launch.remove(runner)
-            elif self._writing is not None and runner in self._writing[1].launch:
-                self._writing[1].launch.remove(runner)  # its spawn is being written
+            self._launch.remove(runner)
             runner.close()
             del self._runners[rec.task_id]
             return new

@@ -5,8 +5,6 @@ from __future__ import annotations
 import asyncio
 import signal
 import sqlite3
-import threading
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -145,60 +143,6 @@ async def test_store_write_failure_refuses_writes_then_recovers(tmp_path: Path) 
     async with taskd.Tracker(store=taskd.SQLiteStore(db)) as again:
         after = await again.get(kept.task_id)
     assert after is not None and after.status == started.status == "running"
-
-
-async def test_writes_are_pipelined_and_nothing_is_answered_before_its_commit(
-    tmp_path: Path,
-) -> None:
-    """The actor handles later batches while a write is in flight; their callers hear
-    only after the write that covers them commits, and a failed write answers 503 to
-    its callers and to those of the batches behind it (docs/architecture.md)."""
-    db = tmp_path / "t.db"
-    t = taskd.Tracker(store=taskd.SQLiteStore(db))
-    await t.__aenter__()
-    store = t._options.store
-    actor = t._actor
-    run = store._executor.submit  # type: ignore[attr-defined]
-
-    def handled(before: int) -> Callable[[], Awaitable[bool]]:
-        async def check() -> bool:  # the actor has handled a batch since ``before``
-            return actor.commands > before
-
-        return check
-
-    for fails in (False, True):
-        gate = threading.Event()
-        run(gate.wait)  # the store's one thread is busy: the next write waits
-        if fails:  # and the write after the gate will fail in SQLite itself
-            run(store._conn.execute, "ALTER TABLE tasks RENAME TO hidden")  # type: ignore[attr-defined]
-        before = actor.commands
-        first = asyncio.ensure_future(t.create("a"))
-        await eventually(handled(before))
-        assert actor._writing is not None  # the write of "a" is in flight
-        before = actor.commands
-        second = asyncio.ensure_future(t.create("b"))
-        await eventually(handled(before))  # "b" was handled while "a" was being written
-        assert actor._writing is not None
-        for _ in range(20):
-            await asyncio.sleep(0)
-        assert not first.done() and not second.done()
-        gate.set()
-        if not fails:
-            a, b = await first, await second
-            assert a.task_id < b.task_id
-        else:
-            for fut in (first, second):
-                with pytest.raises(taskd.StoreError):
-                    await fut
-            run(store._conn.execute, "ALTER TABLE hidden RENAME TO tasks").result()  # type: ignore[attr-defined]
-
-            async def healthy() -> bool:
-                return t.health() is None
-
-            await eventually(healthy)
-    await t.aclose()
-    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as again:
-        assert {a.task_id, b.task_id} <= {r.task_id for r in await again.list(limit=200)}
 
 
 def test_store_options_are_checked() -> None:
