@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import signal
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import taskd
 
+from .conftest import Engine
 from .service import Service
 from .test_serve import create, http
 
@@ -147,3 +149,31 @@ def test_serve_on_uvloop(tmp_path: Path) -> None:
         rec = create(s.url)
         assert http("GET", f"{s.url}{API}/tasks/{rec['task_id']}")[0] == 200
         assert http("GET", s.url + "/health") == (200, {"status": "ok"})
+
+
+async def test_counters_on_both_engines(engine: Engine) -> None:
+    """Each process counts the transitions it made: external reports, its own
+    coroutines' ends, and spawned tasks' zero wait (docs/operations.md)."""
+
+    async def ok() -> str:
+        return "done"
+
+    async with taskd.Tracker(**engine) as t:
+        rec = await t.create("ext")
+        await t.start(rec.task_id)
+        await t.fail(rec.task_id, "boom")
+        gone = await t.create("ext")
+        await t.cancel(gone.task_id)  # pending: cancelled at once, never started
+        assert await (await t.spawn(ok(), task_type="inproc")) == "done"
+        counters = (await t.stats())["finished"]
+    assert counters.finished == {
+        ("ext", "failed"): 1,
+        ("ext", "cancelled"): 1,
+        ("inproc", "completed"): 1,
+    }
+    assert {k: h.count for k, h in counters.run.items()} == {"ext": 1, "inproc": 1}
+    assert {k: h.count for k, h in counters.wait.items()} == {"ext": 1, "inproc": 1}
+    assert counters.wait["inproc"].sum == 0
+    per_minute = counters.per_minute(time.time())
+    assert sum(r[1] for r in per_minute) == 1 and sum(r[2] for r in per_minute) == 1
+    assert sum(r[3] for r in per_minute) == 1
