@@ -46,6 +46,21 @@ async def compare(
     return max(r_ours), max(r_base)
 
 
+async def compare_callers(
+    one_ours: Callable[[], Awaitable[None]],
+    one_theirs: Callable[[], Awaitable[None]],
+    callers: int,
+    per: int,
+) -> tuple[float, float]:
+    """``compare`` with ``callers`` concurrent callers a side, ``per`` operations each."""
+
+    async def side(one: Callable[[], Awaitable[None]]) -> int:
+        await asyncio.gather(*(one() for _ in range(callers)))
+        return per * callers
+
+    return await compare(lambda: side(one_ours), lambda: side(one_theirs))
+
+
 async def noop() -> int:
     return 1
 
@@ -90,15 +105,7 @@ async def spawn_concurrent(n: int = 20000, callers: int = 100) -> tuple[float, f
                 job = await sched.spawn(noop())
                 await job.wait()
 
-        async def ours() -> int:
-            await asyncio.gather(*(one_ours() for _ in range(callers)))
-            return per * callers
-
-        async def theirs() -> int:
-            await asyncio.gather(*(one_theirs() for _ in range(callers)))
-            return per * callers
-
-        result = await compare(ours, theirs)
+        result = await compare_callers(one_ours, one_theirs, callers, per)
     await sched.close()
     return result
 
@@ -120,15 +127,7 @@ async def fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
             for job in jobs:
                 await job.wait()
 
-        async def ours() -> int:
-            await asyncio.gather(*(one_ours() for _ in range(callers)))
-            return per * callers
-
-        async def theirs() -> int:
-            await asyncio.gather(*(one_theirs() for _ in range(callers)))
-            return per * callers
-
-        result = await compare(ours, theirs)
+        result = await compare_callers(one_ours, one_theirs, callers, per)
     await sched.close()
     return result
 
@@ -155,15 +154,7 @@ async def get_concurrent(n: int = 50000, callers: int = 100) -> tuple[float, flo
             for _ in range(per):
                 await seed_get(srec.task_id)
 
-        async def ours() -> int:
-            await asyncio.gather(*(one_ours() for _ in range(callers)))
-            return per * callers
-
-        async def theirs() -> int:
-            await asyncio.gather(*(one_seed() for _ in range(callers)))
-            return per * callers
-
-        return await compare(ours, theirs)
+        return await compare_callers(one_ours, one_seed, callers, per)
 
 
 async def create_dedup(existing: int = 10_000, n: int = 2000) -> tuple[float, float]:

@@ -530,26 +530,23 @@ class Actor:
             and state.active + self._mailbox.qsize() < state.cap
         )
 
-    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
-        """The read fast path: the record as a ``Get`` would answer it now, or
-        ``_DEFERRED`` when only the actor may answer (called by the tracker, between
-        the actor's batches).
-
-        Sound only when the answer cannot differ from the actor's: no persistent store
-        (a batch never suspends half-committed), an empty mailbox (every command sent
-        before this one, fire-and-forget ones included, has been applied), and no timer
-        due (the actor would expire records first)."""
-        if (
+    def settled(self) -> bool:
+        """Whether a read may skip the mailbox now (the read fast path; called by the
+        tracker, between the actor's batches). Only when the answer cannot differ
+        from the actor's: no persistent store (a batch never suspends half-committed),
+        an empty mailbox (every command sent before, fire-and-forget ones included,
+        has been applied), and no timer due (the actor would expire records first)."""
+        return not (
             self._persistent
             or self.closed
             or not self._mailbox.empty()
             or self._clock() >= self._timers.due
-        ):
-            return _DEFERRED
-        rec = self._state.get(task_id)
-        if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
-            return None
-        return rec
+        )
+
+    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
+        """The record as a ``Get`` would answer it now, or ``_DEFERRED`` when only
+        the actor may answer (see ``settled``)."""
+        return self._read(task_id, owner) if self.settled() else _DEFERRED
 
     def mint(self, now: float) -> tuple[str, float]:
         """A new task id, from the state's one sequence (for the fast path)."""
@@ -618,8 +615,11 @@ class Actor:
         self._state.delete(msg.task_id, msg.owner)
 
     def _on_get(self, msg: m.Get) -> TaskRecord | None:
-        rec = self._state.get(msg.task_id)
-        if rec is None or (msg.owner is not ANY_OWNER and rec.owner != msg.owner):
+        return self._read(msg.task_id, msg.owner)
+
+    def _read(self, task_id: str, owner: OwnerScope) -> TaskRecord | None:
+        rec = self._state.get(task_id)
+        if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
             return None
         return rec
 
@@ -665,10 +665,14 @@ class Actor:
             for fut in waiters & polls:
                 waiters.discard(fut)
                 if not fut.done():
-                    self._replies.append((fut, None, (self._state.get(task_id), False)))
+                    self._answer_released(task_id, fut)
             if not waiters:
                 del self._waiters[task_id]
         return len(polls)
+
+    def _answer_released(self, task_id: str, fut: asyncio.Future[Any]) -> None:
+        """A long-poll released at shutdown gets the latest record, not terminal."""
+        self._replies.append((fut, None, (self._state.get(task_id), False)))
 
     def _on_unwait(self, msg: m.Unwait) -> None:
         self._polls.discard(msg.fut)
@@ -698,7 +702,7 @@ class Actor:
             "runners": len(self._runners),
             "subscriptions": len(self._hub),
             "waiters": sum(map(len, self._waiters.values())),
-            "finished": self.counters.snapshot(),
+            "finished": self.counters.snapshot(self._now),
         }
 
     def _on_runner_finished(self, msg: m.RunnerFinished) -> None:

@@ -106,9 +106,11 @@ class Histogram:
 class TaskCounters:
     """The counts themselves; only the actor calls the ``on_*`` methods."""
 
-    __slots__ = ("finished", "minutes", "run", "wait")
+    __slots__ = ("as_of", "finished", "minutes", "run", "wait")
 
     def __init__(self) -> None:
+        #: The tracker's clock when this snapshot was taken (0 for the live counters).
+        self.as_of = 0.0
         self.finished: dict[tuple[str, str], int] = {}
         self.run: dict[str, Histogram] = {}
         self.wait: dict[str, Histogram] = {}
@@ -155,19 +157,21 @@ class TaskCounters:
         elif status in TERMINAL:
             self.on_finished(rec)
 
-    def per_minute(self, now: float) -> list[list[int]]:
+    def per_minute(self, now: float | None = None) -> list[list[int]]:
         """The last hour, oldest first: ``[minute_start_unix, completed, failed,
-        cancelled]`` for each of the 60 minutes up to ``now`` (zeros included)."""
-        last = int(now // 60)
+        cancelled]`` for each of the 60 minutes up to ``now`` (default: when the
+        snapshot was taken, by the tracker's own clock), zeros included."""
+        last = int((self.as_of if now is None else now) // 60)
         out: list[list[int]] = []
         for minute in range(last - MINUTES + 1, last + 1):
             row = self.minutes.get(minute, _ZERO)
             out.append([minute * 60, *row])
         return out
 
-    def snapshot(self) -> TaskCounters:
-        """A copy for one ``Stats`` reply."""
+    def snapshot(self, now: float) -> TaskCounters:
+        """A copy for one ``Stats`` reply, taken at ``now`` (the tracker's clock)."""
         out = TaskCounters()
+        out.as_of = now
         out.finished = dict(self.finished)
         out.run = {k: h.copy() for k, h in self.run.items()}
         out.wait = {k: h.copy() for k, h in self.wait.items()}

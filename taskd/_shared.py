@@ -40,7 +40,7 @@ from . import _messages as m
 from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred
 from ._errors import StoreError, TaskdError, TaskNotFound
 from ._hub import RECENT_EVENTS, Hub
-from ._models import JSON, TERMINAL, OwnerScope, TaskRecord, TaskStatus
+from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
 from ._redis import (
     SOCKET_TIMEOUT,
     Command,
@@ -187,9 +187,9 @@ class SharedActor(Actor):
         """Never: Redis checks the cap and mints ids (no spawn skips the reply)."""
         return False
 
-    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
+    def settled(self) -> bool:
         """Never: the records are in Redis (every read asks it)."""
-        return _DEFERRED
+        return False
 
     # --- opening and the loop ---------------------------------------------------------
 
@@ -619,17 +619,8 @@ class SharedActor(Actor):
 
         return self._send("get", (msg.task_id, scope(msg.owner)), done, fut)
 
-    def _on_release_polls(self, msg: m.ReleasePolls) -> int:
-        self._polls_released = True
-        polls, self._polls = self._polls, set()
-        for task_id, waiters in list(self._waiters.items()):
-            for fut in waiters & polls:
-                waiters.discard(fut)
-                if not fut.done():
-                    self._send("get", (task_id, "*"), self._latest, fut)
-            if not waiters:
-                del self._waiters[task_id]
-        return len(polls)
+    def _answer_released(self, task_id: str, fut: asyncio.Future[Any]) -> None:
+        self._send("get", (task_id, "*"), self._latest, fut)  # the latest is in Redis
 
     def _remote_subscribe(self, msg: m.Subscribe) -> TaskRecord | _Deferred | None:
         sub = msg.subscription
@@ -684,7 +675,7 @@ class SharedActor(Actor):
                 "runners": len(self._runners),
                 "subscriptions": len(self._hub),
                 "waiters": sum(map(len, self._waiters.values())),
-                "finished": self.counters.snapshot(),
+                "finished": self.counters.snapshot(self._now),
             }
 
         return self._send("stats", (), done, self._current)

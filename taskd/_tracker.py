@@ -543,7 +543,7 @@ class Tracker:
         if owner is not ANY_OWNER:
             owner = _check_owner(owner)
         actor = self._actor
-        if self._state is TrackerState.OPEN and actor.peek(task_id, owner) is not _DEFERRED:
+        if self._state is TrackerState.OPEN and actor.settled():
             # The read fast path (docs/architecture.md): nothing is queued for the
             # actor, so the state is what it would answer from. Still a suspension
             # point, as every call is, so that a loop of gets cannot starve the loop.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import time
 from collections.abc import Awaitable, Callable, Mapping
 from importlib import resources
 from typing import Final, TypeVar
@@ -259,7 +258,7 @@ class _Handlers:
         body = {
             "active": stats.get("active", 0),
             "records": stats.get("records", 0),
-            "finished_per_minute": [] if counters is None else counters.per_minute(time.time()),
+            "finished_per_minute": [] if counters is None else counters.per_minute(),
         }
         return _ok(json.dumps(body, separators=(",", ":")).encode())
 
