@@ -554,7 +554,7 @@ class Tracker:
                     return rec
         return await self._call(m.Get(task_id, owner))
 
-    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
+    def _peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
         """For ``taskd.web``: the read fast path without its suspension point (each
         request is a task of its own, never a loop of gets); ``_DEFERRED`` when the
         actor must answer (then ``await get``). ``task_id`` is a str (the route's)."""

@@ -121,6 +121,7 @@ def make_middleware(
     middleware would (its refusals are neither enveloped again nor counted)."""
     counts = state.http_counts
     durations = state.http_durations
+    timed = counts is not None and durations is not None  # the standalone app's metrics
     clock = time.perf_counter
 
     @web.middleware
@@ -129,7 +130,7 @@ def make_middleware(
             refused = screen.before(request)
             if refused is not None:
                 return refused
-        began = clock()
+        began = clock() if timed else 0.0
         try:
             response = await handler(request)
         except TaskdError as exc:
@@ -138,7 +139,8 @@ def make_middleware(
             if not standalone:
                 raise
             response = _error_to_response(request, exc)
-        if counts is not None and durations is not None:
+        if timed:
+            assert counts is not None and durations is not None
             route = request.match_info.route.resource
             method = request.method
             name = route.canonical if route is not None else "(unmatched)"

@@ -84,7 +84,7 @@ class _Handlers:
         wait = _number_query(request, "wait") if request.query_string else None
         if wait is None:
             tracker = state.tracker
-            now = tracker.peek(task_id, owner)
+            now = tracker._peek(task_id, owner)
             rec = await tracker.get(task_id, owner=owner) if isinstance(now, _Deferred) else now
             if rec is None:
                 raise TaskNotFound(task_id)
