@@ -197,11 +197,11 @@ class RedisSpace:
     def __init__(self, url: str, prefix: str, retention: Retention, cancel_grace: float) -> None:
         try:
             import redis.asyncio as aioredis
+            from redis.asyncio.retry import Retry
             from redis.backoff import NoBackoff
-            from redis.retry import Retry
         except ImportError:  # pragma: no cover - depends on the installation
             raise RuntimeError(
-                "a shared task space needs the redis package: pip install 'taskd[redis]'"
+                "a shared task space needs the redis package: pip install 'aiotaskd[redis]'"
             ) from None
         self.url = url
         self.prefix = prefix

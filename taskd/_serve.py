@@ -189,7 +189,7 @@ def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
         import uvloop
     except ImportError:
         raise CliError(
-            "--loop uvloop needs the uvloop package: pip install 'taskd[uvloop]'", EXIT_START
+            "--loop uvloop needs the uvloop package: pip install 'aiotaskd[uvloop]'", EXIT_START
         ) from None
     factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
     return factory

@@ -302,7 +302,7 @@ def _parser() -> argparse.ArgumentParser:
         "--loop",
         default=os.environ.get("TASKD_LOOP") or "asyncio",
         choices=["asyncio", "uvloop"],
-        help="event loop: uvloop needs the taskd[uvloop] extra (env TASKD_LOOP)",
+        help="event loop: uvloop needs the uvloop extra (env TASKD_LOOP)",
     )
     serve.add_argument(
         "--log-level",
