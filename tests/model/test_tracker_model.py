@@ -57,10 +57,16 @@ class TrackerModel(RuleBasedStateMachine):
         # The model has no cancel grace (a cancelling task whose worker never confirms
         # becomes cancelled; tests/test_tracker.py covers it): a grace longer than any
         # run's clock keeps the two in step.
-        self.tracker = taskd.Tracker(
-            retention=retention, clock=self.clock, cancel_grace=GRACE, **self.engine()
-        )
-        self.run(self.tracker.__aenter__())
+        try:
+            self.tracker = taskd.Tracker(
+                retention=retention, clock=self.clock, cancel_grace=GRACE, **self.engine()
+            )
+            self.run(self.tracker.__aenter__())
+        except BaseException:
+            # hypothesis calls teardown only on a machine that was built: a loop left
+            # open here would be collected later, in another test, as a ResourceWarning
+            self.loop.close()
+            raise
         self.model: dict[str, ModelTask] = {}  # insertion order = creation order
 
     def engine(self) -> Engine:
@@ -70,8 +76,10 @@ class TrackerModel(RuleBasedStateMachine):
         return self.loop.run_until_complete(coro)
 
     def teardown(self) -> None:
-        self.run(self.tracker.aclose())
-        self.loop.close()
+        try:
+            self.run(self.tracker.aclose())
+        finally:
+            self.loop.close()
 
     # --- the model -------------------------------------------------------------
 
