@@ -121,7 +121,7 @@ class Actor:
         # Per-batch effects, applied after the commit.
         self._replies: list[_Reply] = []
         self._launch: list[Runner] = []
-        self._settle: list[Runner] = []
+        self._settle: list[tuple[Runner, TaskRecord]] = []
         # Changes taken from the state but not committed yet (the store failed).
         self._unwritten: tuple[dict[str, TaskRecord | None], list[tuple[int, TaskRecord]]] = (
             {},
@@ -261,6 +261,8 @@ class Actor:
             return  # what changed is not committed yet: nobody hears of it until it is
         if changed:
             self._hub.publish(changed, self._on_terminal)
+        if None in dirty.values():  # removed tasks: out of the replay ring too
+            self._hub.forget([i for i, r in dirty.items() if r is None])
         self._after_commit()
 
     def _send_replies(self) -> None:
@@ -276,9 +278,9 @@ class Actor:
         """Settle the outcomes of runners whose record is terminal, start new ones."""
         if self._settle:
             settle, self._settle = self._settle, []
-            for runner in settle:
+            for runner, rec in settle:
                 if runner.settle_with is not None:
-                    runner.outcome.set(*runner.settle_with)
+                    runner.outcome.set(*runner.settle_with, rec)
         if self._launch:
             self._start_runners()
 
@@ -456,7 +458,8 @@ class Actor:
                     self._timers.due = expires
                 runner = self._runners.get(tid)
                 if runner is not None:
-                    self._settle.append(runner)
+                    # With the terminal record: the handle shows it once settled.
+                    self._settle.append((runner, new))
             elif new.status is TaskStatus.CANCELLING:
                 self._timers.push(self._now + self._cancel_grace, Kind.GRACE, tid)
         return new

@@ -204,7 +204,10 @@ class _Unavailable(TaskdError):
     http_status = 503
 
     def error_details(self) -> _Details:
-        return {"reason": _REASONS[type(self)]}
+        # by the class tree, so that a subclass (a user's, or a future engine's) keeps
+        # its parent's reason rather than failing the error envelope
+        reason = next(_REASONS[k] for k in type(self).__mro__ if k in _REASONS)
+        return {"reason": reason}
 
 
 class TrackerFull(_Unavailable):

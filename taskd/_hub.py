@@ -30,7 +30,8 @@ class Hub:
         self._boot_seq = boot_seq
         self._task_subs: dict[str, list[Subscription]] = {}
         self._global_subs: list[Subscription] = []
-        self._recent: deque[tuple[int, TaskRecord]] | None = None
+        # (sequence number, record), or None where the task was removed since
+        self._recent: deque[tuple[int, TaskRecord | None]] | None = None
 
     def __len__(self) -> int:
         return len(self._global_subs) + sum(map(len, self._task_subs.values()))
@@ -66,16 +67,33 @@ class Hub:
         recent = self._recent
         if after is None or recent is None or not self._boot_seq <= after <= seq:
             return  # none, or from another boot: the subscriber gets the current state
-        held = list(chain(recent, pending))
+        held: list[tuple[int, TaskRecord | None]] = list(chain(recent, pending))
         if after < seq and (not held or held[0][0] > after + 1):
             return  # some are gone: the subscriber gets the current state instead
         sub.since = after
         for n, rec in held:
+            if rec is None:
+                continue  # a removed task's change: never replayed
             # matches() checks the owner; a per-task subscriber was checked on subscribe
             wanted = rec.task_id == sub.task_id if sub.task_id is not None else sub.matches(rec)
             if n > after and wanted:
                 sub.push(n, rec)
         sub.resumed = True
+
+    def forget(self, task_ids: Iterable[str]) -> None:
+        """Drop removed (deleted, expired, evicted) tasks' versions from the ring: a
+        ``Last-Event-ID`` replay must not bring back what was deleted."""
+        recent = self._recent
+        if recent:
+            gone = set(task_ids)
+            if gone and any(rec is not None and rec.task_id in gone for _, rec in recent):
+                # A placeholder keeps the sequence number: the ring still shows that
+                # nothing is missing before it.
+                kept = [
+                    (n, None if rec is None or rec.task_id in gone else rec) for n, rec in recent
+                ]
+                recent.clear()
+                recent.extend(kept)
 
     def shared(self) -> None:
         """Keep no replay ring: in a shared task space, changes to replay are read

@@ -39,8 +39,12 @@ _TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 TASK_TYPE_PATTERN = f"^{_TASK_TYPE_RE.pattern}$"
 #: The most records one listing page may hold.
 MAX_LIMIT = 200
-# Control characters would corrupt logs and terminal views of resource ids.
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+# Control characters (C0, DEL and C1: \x9b is a terminal's one-byte CSI) would
+# corrupt logs and terminal views of resource ids (docs/http-api.md).
+_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+#: The resource_id and message rules as JSON Schema patterns (the OpenAPI document).
+RESOURCE_ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
+MESSAGE_PATTERN = "^[^\\u0000]*$"
 # Task types already validated (bounded): valid strings stay valid.
 _KNOWN_TYPES: set[str] = set()
 
@@ -483,13 +487,19 @@ def check_progress(progress: object) -> float | None:
 
 
 def check_message(message: object) -> str | None:
-    """Return ``message`` if it is None or a str of at most 1024 characters."""
+    """Return ``message`` if it is None or a str of at most 1024 characters without
+    NUL. Other control characters (a newline, a tab) are kept as they are on every
+    engine; the CLI and the dashboard show them escaped (docs/http-api.md)."""
     if message is None:
         return None
     if not isinstance(message, str):
         raise TypeError(f"message must be a str or None, not {type(message).__name__}")
     if len(message) > MAX_MESSAGE_CHARS:
         raise ValueError(f"message must be at most {MAX_MESSAGE_CHARS} characters")
+    if "\0" in message:
+        # NUL ends strings in C, in terminals and in many log pipelines, and the
+        # Redis wire uses a lone NUL for "no message": refused alike everywhere.
+        raise ValueError("message must not contain NUL characters")
     return check_unicode(message, "message")
 
 

@@ -16,6 +16,8 @@ from ._models import (
     MAX_LIMIT,
     MAX_MESSAGE_CHARS,
     MAX_RESOURCE_ID_CHARS,
+    MESSAGE_PATTERN,
+    RESOURCE_ID_PATTERN,
     TASK_TYPE_PATTERN,
     TaskStatus,
 )
@@ -122,7 +124,7 @@ def _schemas() -> _Doc:
                     "type": ["string", "null"],
                     "minLength": 1,
                     "maxLength": MAX_RESOURCE_ID_CHARS,
-                    "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                    "pattern": RESOURCE_ID_PATTERN,
                 },
                 "metadata": {"type": ["object", "null"]},
                 "callback_url": {"type": ["string", "null"], "format": "uri"},
@@ -134,7 +136,11 @@ def _schemas() -> _Doc:
             "additionalProperties": False,
             "properties": {
                 "progress": {"type": ["number", "null"], "minimum": 0, "maximum": 1},
-                "message": {"type": ["string", "null"], "maxLength": MAX_MESSAGE_CHARS},
+                "message": {
+                    "type": ["string", "null"],
+                    "maxLength": MAX_MESSAGE_CHARS,
+                    "pattern": MESSAGE_PATTERN,
+                },
             },
         },
         "Complete": {
@@ -250,7 +256,7 @@ def _list_filters() -> list[_Doc]:
             "schema": {
                 "type": "string",
                 "maxLength": MAX_RESOURCE_ID_CHARS,
-                "pattern": "^[^\\u0000-\\u001f\\u007f]*$",
+                "pattern": RESOURCE_ID_PATTERN,
             },
         },
     ]

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
+import secrets
+import sys
 from collections.abc import Mapping, Sequence
 from importlib import resources
 from types import MappingProxyType
@@ -50,10 +53,23 @@ if TYPE_CHECKING:
 
 __all__ = ["RedisSpace", "check_redis_url", "decode_record"]
 
+log = logging.getLogger("taskd")
+
 #: Seconds a Redis call may take before the batch fails with 503.
 SOCKET_TIMEOUT: Final = 2.0
 #: Entries the change stream keeps (``MAXLEN ~``): how far back a reader can fall.
 STREAM_LEN: Final = 10_000
+
+#: Record fields a change stream entry leaves out: only the record (``t:<id>``)
+#: holds them, so a delete removes them from every place they can be read back.
+#: Metadata never changes and a result or error is set only on the final version,
+#: so the record's current value is the entry's (docs/scale-out.md).
+PAYLOAD: Final = ("md", "rz", "er")
+#: The one eviction policy that never drops a key behind taskd's back.
+POLICY: Final = "noeviction"
+#: Error replies of a Redis that is up but refuses writes (full under noeviction,
+#: a read-only replica, a failed RDB save with stop-writes-on-bgsave-error).
+REFUSALS: Final = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "NOTREADY")
 
 #: One server-side command: (name, arguments); an upper-case name is a plain Redis
 #: command, any other a command of the script.
@@ -120,10 +136,13 @@ def _float(value: str | None) -> float | None:
     return None if value is None else float(value)
 
 
-def decode_record(text: str) -> tuple[TaskRecord, int]:
+def decode_record(text: str, extra: Mapping[str, str] | None = None) -> tuple[TaskRecord, int]:
     """A record as the script sends it (a JSON object of text fields), and the
-    sequence number of its latest change."""
+    sequence number of its latest change. ``extra`` are fields read beside it: a
+    change stream entry carries none of ``PAYLOAD``, which only the record holds."""
     f: dict[str, str] = json.loads(text)
+    if extra:
+        f.update(extra)
     md, ow, cb, hb = f.get("md"), f.get("ow"), f.get("cb"), f.get("hb")
     ip = "ip" in f
     if md is None and ow is None and cb is None and hb is None and not ip:
@@ -155,24 +174,68 @@ def decode_record(text: str) -> tuple[TaskRecord, int]:
 class Decoder:
     """Decodes records, and hands back the same object for the same record version:
     a page of 20 records, re-read every poll, is then decoded and rendered to JSON once
-    (the web layer's render cache is keyed by the record object)."""
+    (the web layer's render cache is keyed by the record object).
 
-    __slots__ = ("_cache",)
+    Bounded by bytes, not by count: a cache of 8,192 versions held 8 GiB once results
+    were 1 MiB each. The oldest entries go first; a record over 1/8 of the budget is
+    decoded but never kept (it would flush the cache for one entry)."""
 
-    #: Record versions remembered (a dict cleared when full: cheap, and bounded).
+    __slots__ = ("_cache", "bytes")
+
+    #: The most the cache holds: its keys (record texts) and the large results kept
+    #: as text beside them, counted with ``sys.getsizeof``.
+    BUDGET: Final = 32 * 1024 * 1024
+    #: Entries at most (many tiny records cost more in dict slots than in text).
     SIZE: Final = 8192
 
     def __init__(self) -> None:
-        self._cache: dict[str, tuple[TaskRecord, int]] = {}
+        self._cache: dict[str, tuple[tuple[TaskRecord, int], int]] = {}
+        #: What the entries held now cost (the budget's accounting).
+        self.bytes = 0
+
+    def __len__(self) -> int:
+        return len(self._cache)
 
     def __call__(self, text: str) -> tuple[TaskRecord, int]:
         hit = self._cache.get(text)
         if hit is not None:
-            return hit
-        if len(self._cache) >= self.SIZE:
-            self._cache.clear()
-        decoded = self._cache[text] = decode_record(text)
+            return hit[0]
+        decoded = decode_record(text)
+        result = decoded[0].result_data
+        cost = sys.getsizeof(text) + (
+            sys.getsizeof(result.text) if isinstance(result, RawJSON) else 0
+        )
+        if cost > self.BUDGET // 8:
+            return decoded
+        cache = self._cache
+        while cache and (self.bytes + cost > self.BUDGET or len(cache) >= self.SIZE):
+            # dicts keep insertion order: the first entry is the oldest
+            oldest = next(iter(cache))
+            self.bytes -= cache.pop(oldest)[1]
+        cache[text] = (decoded, cost)
+        self.bytes += cost
         return decoded
+
+
+class PolicyError(StoreError):
+    """Redis may evict keys (``maxmemory-policy`` is not ``noeviction``); raised to
+    callers as a plain ``StoreError``."""
+
+
+def refusal(reply: object) -> str | None:
+    """Why Redis refused a write, if this error reply says it does (else None)."""
+    from redis.exceptions import OutOfMemoryError, ReadOnlyError
+
+    # redis-py strips the code of the replies it has a class for
+    if isinstance(reply, OutOfMemoryError):
+        text = f"OOM {reply}"
+    elif isinstance(reply, ReadOnlyError):
+        text = f"READONLY {reply}"
+    elif isinstance(reply, Exception) and str(reply).startswith(REFUSALS):
+        text = str(reply)
+    else:
+        return None
+    return " ".join(text.split())
 
 
 def raise_error(reply: Sequence[Any]) -> NoReturn:
@@ -189,6 +252,14 @@ def raise_error(reply: Sequence[Any]) -> NoReturn:
     if kind == "full":
         raise TrackerFull(f"all {reply[2]} task slots hold active tasks")
     raise TaskdError(f"unexpected reply from the shared store: {reply!r}")
+
+
+class Unsent(Exception):
+    """A command of a batch that could not be sent (redis-py could not encode it)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(f"{type(cause).__name__}: {cause}")
+        self.cause = cause
 
 
 class RedisSpace:
@@ -234,6 +305,8 @@ class RedisSpace:
                 health_check_interval=0,
             )
 
+        self._policy_checked = False
+        self._policy_warned = False
         self.redis = client(SOCKET_TIMEOUT)
         # The actor's own connection for its batches (see _pipeline).
         self._conn: Any = None
@@ -247,6 +320,69 @@ class RedisSpace:
     async def load_script(self) -> None:
         """Load the server-side script (idempotent)."""
         await self.redis.script_load(SCRIPT)
+
+    async def check_policy(self) -> None:
+        """Refuse a Redis that may evict keys (``PolicyError``): under ``allkeys-lru``
+        most acknowledged tasks silently became 404 and dedup broke. Where ``CONFIG``
+        is not allowed (an ACL, a managed Redis), one WARNING says it could not be
+        checked, and taskd goes on."""
+        from redis.exceptions import ResponseError
+
+        try:
+            reply: Any = await self.redis.config_get("maxmemory-policy")
+        except ResponseError as exc:
+            if not self._policy_warned:
+                self._policy_warned = True
+                log.warning(
+                    "cannot check Redis's maxmemory-policy (%s): make sure it is %s, "
+                    "or Redis may drop tasks behind taskd's back",
+                    " ".join(str(exc).split()),
+                    POLICY,
+                )
+            self._policy_checked = True
+            return
+        policy = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
+        if policy is None:
+            if not self._policy_warned:
+                self._policy_warned = True
+                log.warning("Redis did not say its maxmemory-policy: make sure it is %s", POLICY)
+        elif policy != POLICY:
+            raise PolicyError(
+                f"Redis has maxmemory-policy {policy}; taskd needs {POLICY} (with any other "
+                f"policy Redis drops tasks when full): set maxmemory-policy {POLICY} in "
+                "its configuration, or CONFIG SET maxmemory-policy noeviction"
+            )
+        self._policy_checked = True
+
+    async def page_key(self) -> bytes:
+        """The deployment's page-token key: made once (``SET NX``), then read by
+        every process, so each accepts the tokens any of them handed out."""
+        key = self.key("pk")
+        value: object = await self.redis.get(key)
+        if value is None:
+            await self.redis.set(key, secrets.token_hex(32), nx=True)
+            value = await self.redis.get(key)
+        try:
+            if not isinstance(value, str):
+                raise TypeError(key)
+            return bytes.fromhex(value)
+        except (TypeError, ValueError):
+            raise StoreError(f"Redis key {key} does not hold a taskd page-token key") from None
+
+    async def payloads(self, wanted: Sequence[tuple[str, bool]]) -> list[dict[str, str]]:
+        """For change entries (task id, terminal?) that left ``PAYLOAD`` out, those
+        fields from the records, on the reader's connection: metadata always, the
+        result and error of a terminal version only (they are final then). A record
+        deleted since gives nothing: its data is gone, and stays gone."""
+        pipe = self.reader.pipeline(transaction=False)
+        for task_id, _ in wanted:
+            pipe.hmget(self.key("t:" + task_id), PAYLOAD)
+        rows: list[Any] = await pipe.execute()
+        out: list[dict[str, str]] = []
+        for (_, terminal), row in zip(wanted, rows, strict=True):
+            fields = dict(zip(PAYLOAD, row, strict=True)) if terminal else {"md": row[0]}
+            out.append({f: v for f, v in fields.items() if v is not None})
+        return out
 
     async def call(self, commands: Sequence[Command], now: float) -> list[Any]:
         """Run one batch of commands as one pipeline; a reply per command (an
@@ -263,6 +399,14 @@ class RedisSpace:
         ]
         for attempt in (0, 1):
             try:
+                if not self._policy_checked:
+                    # A new connection (at start, or after one was lost): the Redis
+                    # behind it may be another one, or reconfigured.
+                    try:
+                        await self.check_policy()
+                    except PolicyError as exc:
+                        # the error table maps exact classes: a plain StoreError
+                        raise StoreError(str(exc)) from None
                 replies = await self._pipeline(packed)
             except (RedisError, OSError) as exc:
                 await self._drop()
@@ -290,16 +434,37 @@ class RedisSpace:
         if conn is None:
             pool = self.redis.connection_pool
             conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        await conn.send_packed_command(conn.pack_commands(packed), check_health=False)
+        unsent: dict[int, Exception] = {}
+        try:
+            chunks = conn.pack_commands(packed)
+        except Exception:
+            # An argument redis-py cannot encode (a lone surrogate, …): pack each
+            # command alone, so that only the one that cannot be sent fails.
+            chunks = []
+            for i, args in enumerate(packed):
+                try:
+                    chunks.extend(conn.pack_command(*args))
+                except Exception as exc:
+                    unsent[i] = exc
+        if len(unsent) < len(packed):
+            await conn.send_packed_command(chunks, check_health=False)
         replies: list[Any] = []
-        for _ in packed:
+        for i in range(len(packed)):
+            if i in unsent:
+                replies.append(Unsent(unsent[i]))
+                continue
             try:
                 replies.append(await conn.read_response())
             except ResponseError as exc:  # this command's error reply; read on
                 replies.append(exc)
         return replies
 
+    async def drop(self) -> None:
+        """Close the actor's connection (its state is unknown after a failure)."""
+        await self._drop()
+
     async def _drop(self) -> None:
+        self._policy_checked = False  # checked again on the next connection
         conn, self._conn = self._conn, None
         if conn is not None:
             # A reply may be half read: the connection cannot be reused.

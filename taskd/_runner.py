@@ -17,8 +17,8 @@ from typing import Any, Generic, TypeVar, cast
 
 from ._errors import TrackerClosed
 from ._messages import Progress, RunnerFinished
-from ._models import ANY_OWNER, TaskStatus, check_message, check_progress, store_json
-from ._redact import redact_error
+from ._models import ANY_OWNER, TaskRecord, TaskStatus, check_progress, store_json
+from ._redact import redact_error, redact_message
 
 __all__ = ["Outcome", "Runner", "report_progress"]
 
@@ -37,12 +37,13 @@ def report_progress(fraction: float | None, message: str | None = None) -> None:
     """Update the progress of the spawned task this code runs in.
 
     A plain function: it queues the update for the tracker and returns at once.
-    ``fraction`` is 0.0–1.0 (or None to change only the message). Raises
+    ``fraction`` is 0.0–1.0 (or None to change only the message, which is redacted
+    like an error). Raises
     ``RuntimeError`` outside a task started by ``Tracker.spawn`` and
     ``TrackerClosed`` once its tracker has stopped.
     """
     progress = check_progress(fraction)
-    text = check_message(message)
+    text = redact_message(message)
     reporter = _current.get(None)
     if reporter is None:
         raise RuntimeError("report_progress() must be called inside a task started by spawn()")
@@ -58,12 +59,13 @@ class Outcome(Generic[T]):
     (no extra event-loop hop through ``asyncio.shield``).
     """
 
-    __slots__ = ("_exc", "_status", "_value", "_waiters")
+    __slots__ = ("_exc", "_record", "_status", "_value", "_waiters")
 
     def __init__(self) -> None:
         self._status: TaskStatus | None = None
         self._value: T | None = None
         self._exc: BaseException | None = None
+        self._record: TaskRecord | None = None
         # Made on the first await: most outcomes are awaited by one caller or none.
         self._waiters: list[asyncio.Future[None]] | None = None
 
@@ -71,10 +73,25 @@ class Outcome(Generic[T]):
         """Whether the outcome is known."""
         return self._status is not None
 
-    def set(self, status: TaskStatus, value: Any, exc: BaseException | None) -> None:
-        """Record the outcome (actor only, after the terminal record is committed)."""
+    @property
+    def record(self) -> TaskRecord | None:
+        """The terminal record the outcome was settled with (None before, and when
+        the tracker closed or refused the task before any terminal record)."""
+        return self._record
+
+    def set(
+        self,
+        status: TaskStatus,
+        value: Any,
+        exc: BaseException | None,
+        record: TaskRecord | None = None,
+    ) -> None:
+        """Record the outcome (actor only, after the terminal record is committed),
+        with that terminal record when there is one."""
         if self._status is not None:
             return
+        # The record first: an awaiter woken below reads handle.record at once.
+        self._record = record
         self._status, self._value, self._exc = status, value, exc
         waiters, self._waiters = self._waiters, None
         if waiters:

@@ -44,9 +44,13 @@ from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
 from ._redis import (
     SOCKET_TIMEOUT,
     Command,
+    PolicyError,
     RedisSpace,
+    Unsent,
+    decode_record,
     opt,
     raise_error,
+    refusal,
     result_text,
     scope,
 )
@@ -100,8 +104,14 @@ _REMOTE: Final = frozenset(
 )
 
 
-#: A change stream entry as read: (sequence number, task id, status, record JSON).
-RawChange = tuple[int, str, str, str]
+#: A change stream entry as read: (sequence number, task id, status, record JSON,
+#: the payload fields read from the record, or None when the entry has none).
+RawChange = tuple[int, str, str, str, "dict[str, str] | None"]
+#: Script commands that write a record (``save``): one that succeeds shows that
+#: Redis takes writes again.
+_WRITES: Final = frozenset(
+    {"create", "spawn", "start", "progress", "complete", "fail", "cancel", "ended", "timeout"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,6 +124,13 @@ class Changes:
 @dataclass(frozen=True, slots=True)
 class Resync:
     """The reader lost entries (Redis was away, or it fell behind the stream's length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Writable:
+    """Redis took a write again (the liveness beat), or refused one: ``reason``."""
+
+    reason: str | None
 
 
 @dataclass(slots=True)
@@ -154,6 +171,15 @@ class SharedActor(Actor):
         self._ops: list[_Op] = []
         self._applied = 0  # sequence number of the latest change fanned out here
         self._down_until = 0.0
+        #: Why Redis cannot be reached (None while it can) and why it refuses writes
+        #: (None while it takes them): /health reports either (``store_error``).
+        self._unreachable: str | None = None
+        self._refusing: str | None = None
+        #: The deployment's page-token key (read from Redis by ``open``).
+        self.page_key = b""
+        # An exception no engine call should raise is logged with its traceback once
+        # per kind, not once per batch.
+        self._logged: set[type[BaseException]] = set()
         self._held: list[object] = []  # runner reports to send again
         self._acks: list[str] = []
         self._background: list[asyncio.Task[None]] = []
@@ -180,6 +206,7 @@ class SharedActor(Actor):
                 m.Abandon: self._remote_abandon,
                 Changes: self._on_changes,
                 Resync: self._on_resync,
+                Writable: self._on_writable,
             }
         )
 
@@ -200,9 +227,14 @@ class SharedActor(Actor):
 
         space = self.space
         try:
+            await space.check_policy()
             await space.load_script()
+            self.page_key = await space.page_key()
             await self._announce()
             head = await space.call([("head", ())], self._tick())
+        except PolicyError as exc:
+            await space.aclose()
+            raise StoreError(str(exc)) from None  # (the error table knows StoreError)
         except (RedisError, OSError, StoreError) as exc:
             await space.aclose()
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
@@ -272,22 +304,66 @@ class SharedActor(Actor):
                 replies = await self.space.call([op.command for op in ops], self._now)
             except StoreError as exc:
                 self._went_down(exc, ops)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                # Anything else an engine call raises (a redis-py bug, a reply it
+                # cannot parse): this batch's callers get 503 and the loop goes on.
+                # Left to escape, it ended the actor: every later request 503, and
+                # nothing logged.
+                self._unexpected(exc, "a batch")
+                await self.space.drop()
+                self._went_down(StoreError(f"the shared store (Redis) failed: {exc!r}"), ops)
             else:
-                if self.store_error is not None:
+                if self._unreachable is not None:
                     log.warning("the shared store (Redis) answers again")
-                    self.store_error = None
+                    self._unreachable = None
+                    self._health()
                 for op, reply in zip(ops, replies, strict=True):
                     self._answer(op, reply)
         self._send_replies()
         self._after_commit()
 
+    def _unexpected(self, exc: BaseException, where: str) -> None:
+        if type(exc) not in self._logged:
+            self._logged.add(type(exc))
+            log.error("the shared store (Redis) failed in %s", where, exc_info=exc)
+
+    def _health(self) -> None:
+        self.store_error = self._unreachable or self._refusing
+
+    def _on_writable(self, msg: Writable) -> None:
+        if msg.reason is None:
+            if self._refusing is not None:
+                log.info("the shared store (Redis) takes writes again")
+                self._refusing = None
+                self._health()
+        elif self._refusing is None:
+            log.error(
+                "the shared store (Redis) refuses writes: %s; writes answer 503 until "
+                "it takes them again",
+                msg.reason,
+            )
+            self._refusing = msg.reason
+            self._health()
+
     def _answer(self, op: _Op, reply: Any) -> None:
         fut = op.fut
         try:
+            if isinstance(reply, Unsent):
+                self._unexpected(reply.cause, f"sending {op.command[0]}")
+                raise StoreError(f"the shared store (Redis) could not take a command: {reply}")
             if isinstance(reply, Exception):
                 # A command Redis refused (out of memory, read-only replica, …): the
-                # store cannot take it, which is a 503, never a 500.
+                # store cannot take it, which is a 503, never a 500; one that says
+                # Redis refuses writes makes the tracker unhealthy until it takes one.
+                why = refusal(reply)
+                if why is not None:
+                    self._on_writable(Writable(why))
+                    raise StoreError(f"the shared store (Redis) refuses writes: {why}")
                 raise StoreError(f"the shared store (Redis) refused a command: {reply}")
+            if self._refusing is not None and op.command[0] in _WRITES:
+                self._on_writable(Writable(None))
             if isinstance(reply, list) and reply and reply[0] == "err":
                 raise_error(reply)
             value = op.done(reply)
@@ -307,9 +383,10 @@ class SharedActor(Actor):
 
     def _went_down(self, exc: StoreError, ops: list[_Op]) -> None:
         reason = str(exc)
-        if self.store_error is None:
+        if self._unreachable is None:
             log.error("%s; refusing commands until it answers", reason)
-        self.store_error = reason
+        self._unreachable = reason
+        self._health()
         self._down_until = self._now + BACKOFF
         # Wakes the loop when the back-off ends, so that held runner reports go out.
         self._timers.push(self._down_until, Kind.RETRY, "")
@@ -375,6 +452,8 @@ class SharedActor(Actor):
         await pipe.execute()
 
     async def _keep_alive(self) -> None:
+        # The beat is a write (SET … PX): it also finds a Redis that refuses writes
+        # when no caller writes, and finds when it takes them again.
         while True:
             await asyncio.sleep(BEAT)
             try:
@@ -383,7 +462,13 @@ class SharedActor(Actor):
                 raise
             except Exception as exc:
                 _cancelled()
+                why = refusal(exc)
+                if why is not None and self._refusing is None and not self.closed:
+                    self.post(Writable(why))
                 log.debug("liveness beat failed: %s", exc)
+            else:
+                if self._refusing is not None and not self.closed:
+                    self.post(Writable(None))
 
     async def _read_changes(self) -> None:
         """Read the change stream from where this process stands, post it to the
@@ -405,18 +490,38 @@ class SharedActor(Actor):
                 broken = True
                 await asyncio.sleep(0.2)
                 continue
-            if broken:
+            # redis-py can swallow a cancel and return normally from the blocked read:
+            # without this check the reader would run on until the join timeout
+            _cancelled()
+            if broken and not self.closed:
                 broken = False
                 self.post(Resync())
             if not resp:
                 continue
-            entries = [
-                (int(eid.partition("-")[0]), f["i"], f["s"], f["r"])
+            entries: list[RawChange] = [
+                (int(eid.partition("-")[0]), f["i"], f["s"], f["r"], {} if "p" in f else None)
                 for eid, f in resp[0][1]
                 if f and "r" in f
             ]
             if not entries:
                 continue
+            held = [e for e in entries if e[4] is not None]
+            if held:
+                try:
+                    found = await space.payloads([(e[1], e[2] in _TERMINAL_TEXT) for e in held])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _cancelled()
+                    log.warning("the change stream cannot be read: %s", exc)
+                    broken = True
+                    await asyncio.sleep(0.2)
+                    continue  # read again from `last`
+                for entry, fields in zip(held, found, strict=True):
+                    assert entry[4] is not None
+                    entry[4].update(fields)
+            if self.closed:
+                return  # the actor stopped while this read was in flight
             if last and entries[0][0] > last + 1:
                 log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
                 self.post(Resync())
@@ -480,7 +585,7 @@ class SharedActor(Actor):
         everything = hub.follows_all
         decode = self.space.decode
         fresh: list[tuple[int, TaskRecord]] = []
-        for seq, task_id, status, text in msg.entries:
+        for seq, task_id, status, text, extra in msg.entries:
             if seq <= self._applied:
                 continue
             self._applied = seq
@@ -490,7 +595,11 @@ class SharedActor(Actor):
                 or hub.follows(task_id)
                 or (task_id in waiters and status in _TERMINAL_TEXT)
             ):
-                fresh.append((seq, decode(text)[0]))
+                # With a payload, decoded once here (not worth a cache entry). A
+                # record deleted before its payload was read is published without
+                # it: followers see the version's status, never the deleted data.
+                rec = decode(text)[0] if extra is None else decode_record(text, extra)[0]
+                fresh.append((seq, rec))
         if not fresh:
             return
         # Webhooks go through the outbox, not from here: one delivery per change,
@@ -512,9 +621,11 @@ class SharedActor(Actor):
                 if task is not None and not task.done():
                     task.cancel()
                 if rec.status is TaskStatus.CANCELLED:
-                    runner.outcome.set(TaskStatus.CANCELLED, None, None)
+                    runner.outcome.set(TaskStatus.CANCELLED, None, None, rec)
                 else:
-                    runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"))
+                    runner.outcome.set(
+                        TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec
+                    )
 
     def _on_resync(self, msg: Resync) -> None:
         # Waiters may have missed their terminal change: read each task again.
@@ -631,18 +742,27 @@ class SharedActor(Actor):
         if after is not None and after >= self.boot_seq:
             # What the client missed, from the stream: any process can resume any id.
             limit = RECENT_EVENTS + 1
-            args = (self.space.key("x"), f"{after + 1}-0", "+", "COUNT", str(limit))
+            args = (f"{after + 1}-0", str(limit))
 
             def missed(reply: list[Any]) -> None:
-                entries = [self.decode_entry(eid, _fields(f)) for eid, f in reply if f and "r" in f]
-                if entries:
-                    head[0] = max(head[0], entries[-1][0])
-                if len(reply) < limit:  # else too many to replay: the current state
+                # Entries of deleted tasks are not in the reply (the script drops them).
+                flat = reply[2]
+                entries = [
+                    (int(flat[i]), decode_record(flat[i + 1])[0]) for i in range(0, len(flat), 2)
+                ]
+                # Through the last entry read, kept or not: a deleted task's
+                # changes are not sent live either.
+                head[0] = max(head[0], int(reply[3] or 0))
+                if int(reply[1]) < limit:  # else too many to replay: the current state
                     replay.extend(entries)
+                    if reply[4] and int(reply[4]) == after + 1:
+                        # Nothing was trimmed: the gaps are changes of deleted tasks,
+                        # left out on purpose; the replay covers everything since.
+                        sub.resume_from = entries[0][0] - 1 if entries else head[0]
                 if sub.task_id is None:
                     self._hub.subscribe(sub, None, head[0], replay)
 
-            self._send("XRANGE", args, missed, None if sub.task_id else fut)
+            self._send("replay", args, missed, None if sub.task_id else fut)
             if sub.task_id is None:
                 return _DEFERRED
         if sub.task_id is None:
@@ -714,17 +834,17 @@ class SharedActor(Actor):
             rec = self.space.decode(reply[1])[0]
             self._note(rec)
             self.counters.on_finished(rec)
-            runner.outcome.set(*settle)
+            runner.outcome.set(*settle, rec)
         elif reply[0] == "was":
             # Already recorded (cancelled before it ran, or declared lost): the record
             # stands, and the handle says what it says.
             rec = self.space.decode(reply[1])[0]
             if rec.status is TaskStatus.COMPLETED:
-                runner.outcome.set(*settle)
+                runner.outcome.set(*settle, rec)
             elif rec.status is TaskStatus.CANCELLED:
-                runner.outcome.set(TaskStatus.CANCELLED, None, None)
+                runner.outcome.set(TaskStatus.CANCELLED, None, None, rec)
             else:
-                runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"))
+                runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec)
         else:
             runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
 
@@ -762,14 +882,6 @@ def _cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
-
-
-def _fields(raw: Mapping[str, str] | list[str]) -> Mapping[str, str]:
-    """A stream entry's fields, whether the reply came as a map or a flat list."""
-    if isinstance(raw, list):
-        it = iter(raw)
-        return dict(zip(it, it, strict=True))
-    return raw
 
 
 def _insert_args(msg: m.Create | m.Spawn, heartbeat: str) -> tuple[str, ...]:

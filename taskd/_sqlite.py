@@ -21,6 +21,7 @@ import concurrent.futures
 import fcntl
 import json
 import os
+import secrets
 import sqlite3
 from collections.abc import Collection, Sequence
 from pathlib import Path
@@ -155,6 +156,9 @@ class SQLiteStore:
         self._conn: sqlite3.Connection | None = None
         self._lock_fd: int | None = None
         self._identity: tuple[int, int] = (0, 0)
+        #: The deployment's page-token key (set by ``open``): kept in the file, so
+        #: every restart accepts the page tokens handed out before it.
+        self.page_key: bytes | None = None
 
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, synchronous={self.synchronous!r})"
@@ -230,6 +234,19 @@ class SQLiteStore:
                 " in_process INTEGER NOT NULL, callback_url TEXT, heartbeat_timeout REAL"
                 ") WITHOUT ROWID"
             )
+            # Additive (no schema version bump): a file from before this table gets it
+            # on its first open, and the key is made once and kept.
+            conn.execute(
+                "CREATE TABLE IF NOT EXISTS taskd_meta (name TEXT PRIMARY KEY, value BLOB NOT NULL)"
+            )
+            conn.execute(
+                "INSERT OR IGNORE INTO taskd_meta VALUES ('page_key', ?)",
+                (secrets.token_bytes(32),),
+            )
+            key = conn.execute("SELECT value FROM taskd_meta WHERE name = 'page_key'").fetchone()
+            if not isinstance(key[0], bytes) or len(key[0]) < 16:
+                raise StoreError(f"{path} holds a page-token key taskd cannot use")
+            self.page_key = key[0]
             conn.execute("COMMIT")
             rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks ORDER BY task_id").fetchall()
             return [_decode(row) for row in rows]

@@ -10,6 +10,7 @@ import contextvars
 import enum
 import inspect
 import logging
+import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Mapping
 from dataclasses import dataclass
@@ -27,7 +28,6 @@ from ._models import (
     TaskRecord,
     TaskStatus,
     check_limit,
-    check_message,
     check_metadata,
     check_progress,
     check_resource_id,
@@ -37,7 +37,7 @@ from ._models import (
     parse_statuses,
     store_json,
 )
-from ._redact import redact_error
+from ._redact import redact_error, redact_message
 from ._retention import Retention
 from ._runner import Outcome
 from ._shared import SharedActor
@@ -101,13 +101,21 @@ class TaskHandle(Generic[T]):
     once the terminal record is stored.
     """
 
-    __slots__ = ("_done", "_tracker", "record")
+    __slots__ = ("_created", "_done", "_tracker")
 
     def __init__(self, tracker: Tracker, record: TaskRecord, done: Outcome[T]):
         self._tracker = tracker
         self._done = done
-        #: The record as it was created (``running``: a spawned task runs from the start).
-        self.record = record
+        self._created = record
+
+    @property
+    def record(self) -> TaskRecord:
+        """The record as it was created (``running``: a spawned task runs from the
+        start) until the outcome is known, then the terminal record the tracker
+        stored: once ``await handle`` returned or raised, it says how the task ended.
+        No call to the tracker: the actor hands it over with the outcome."""
+        settled = self._done.record
+        return self._created if settled is None else settled
 
     @property
     def task_id(self) -> str:
@@ -243,6 +251,10 @@ class Tracker:
             )
         self._actor_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
+        # The key page tokens are signed with (docs/scale-out.md): random per tracker in
+        # memory; a store that keeps one (SQLite, Redis) replaces it at entry, so every
+        # process and restart of a deployment accepts its tokens.
+        self._page_key = secrets.token_bytes(32)
 
     # --- lifecycle ------------------------------------------------------------------
 
@@ -252,6 +264,15 @@ class Tracker:
         if self._state is TrackerState.OPEN and self._actor.closed:
             return TrackerState.CLOSED
         return self._state
+
+    @property
+    def page_key(self) -> bytes:
+        """The deployment's key for signing page tokens (HMAC-SHA256; read-only).
+
+        Kept by the store so that every process and restart of one deployment accepts
+        the same tokens: a row of the SQLite file, a key in Redis; with the in-memory
+        store, random per tracker (its cursors die with it anyway)."""
+        return self._page_key
 
     @property
     def retention(self) -> Retention:
@@ -267,8 +288,12 @@ class Tracker:
         if isinstance(actor, SharedActor):
             await actor.open()
             actor.sender = self._sender
+            self._page_key = actor.page_key
         else:
             actor.load(await self._options.store.open())
+            kept = getattr(self._options.store, "page_key", None)
+            if isinstance(kept, bytes) and kept:
+                self._page_key = kept
             if self._sender is not None:
                 actor.on_terminal = self._sender.submit
         self._actor_task = asyncio.get_running_loop().create_task(
@@ -491,13 +516,14 @@ class Tracker:
         message: str | None = None,
         owner: OwnerScope = ANY_OWNER,
     ) -> TaskRecord:
-        """Report progress (0.0–1.0) and/or a stage message. The returned record's
-        status is ``cancelling`` when cancellation has been requested."""
+        """Report progress (0.0–1.0) and/or a stage message (redacted like an error).
+        The returned record's status is ``cancelling`` when cancellation has been
+        requested."""
         return await self._call(
             m.Progress(
                 _check_id(task_id),
                 check_progress(progress),
-                check_message(message),
+                redact_message(message),
                 _check_owner(owner),
             )
         )
@@ -571,11 +597,26 @@ class Tracker:
         *,
         owner: OwnerScope = ANY_OWNER,
     ) -> list[TaskRecord]:
-        """Records newest first, filtered by status (one or several), type, resource."""
-        page = await self.list_page(
-            status=status, task_type=task_type, resource_id=resource_id, limit=limit, owner=owner
-        )
-        return list(page.records)
+        """Records newest first, filtered by status (one or several), type, resource:
+        the first ``limit`` matches."""
+        check_limit(limit)
+        found: list[TaskRecord] = []
+        cursor: str | None = None
+        while True:
+            # A page may hold fewer than ``limit`` records and still have a next one:
+            # the Redis engine bounds how far one call walks (docs/scale-out.md).
+            page = await self.list_page(
+                status=status,
+                task_type=task_type,
+                resource_id=resource_id,
+                limit=limit - len(found),
+                owner=owner,
+                cursor=cursor,
+            )
+            found.extend(page.records)
+            cursor = page.next_cursor
+            if cursor is None or len(found) >= limit:
+                return found
 
     async def list_page(
         self,

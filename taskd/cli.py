@@ -20,7 +20,9 @@ import re
 import signal
 import sys
 from collections.abc import Callable, Sequence
+from difflib import get_close_matches
 from typing import Final, TypeVar
+from urllib.parse import urlsplit
 
 from rich.console import Console
 from rich.live import Live
@@ -47,6 +49,8 @@ EXIT_TIMEOUT: Final = 124
 #: ``serve`` could not start (bad option or environment value, db locked or
 #: unreadable, port in use); client commands given a bad environment value.
 EXIT_START: Final = 1
+#: The command line is wrong (as argparse exits).
+EXIT_USAGE: Final = 2
 
 _STYLE: Final = {
     "pending": "yellow",
@@ -150,6 +154,44 @@ def _split_env(name: str) -> list[str]:
 
 class _Help(argparse.ArgumentDefaultsHelpFormatter):
     """Defaults in every option's help."""
+
+
+class _UrlFlag(argparse.Action):
+    """``--url``: notes that the value came from the flag, not from ``TASKD_URL``, so
+    that an error names the one the user wrote."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: str | Sequence[object] | None,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        namespace.url_from_flag = True
+
+
+def _check_url(args: argparse.Namespace) -> None:
+    """A client command's server URL must be http(s)://…: ``localhost:8080`` would be
+    read as a URL of scheme ``localhost``. One line naming ``--url`` (a usage error,
+    exit 2) or ``TASKD_URL`` (a bad environment value, exit 1)."""
+    url = args.url
+    parts = urlsplit(url) if "://" in url else None
+    if parts is not None and parts.scheme in ("http", "https") and parts.netloc:
+        try:
+            parts.port  # noqa: B018 - parsing the port is the check
+            return
+        except ValueError:
+            pass
+    looks_like_host = "://" not in url and ("." in url or ":" in url)
+    hint = f" (did you mean http://{url}?)" if looks_like_host else ""
+    if getattr(args, "url_from_flag", False):
+        raise CliError(f"--url must be an http:// or https:// URL, not {url!r}{hint}", EXIT_USAGE)
+    raise CliError(
+        f"bad value {url!r} in environment variable TASKD_URL: it must be an http:// or "
+        f"https:// URL{hint}",
+        EXIT_START,
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -264,6 +306,15 @@ def _parser() -> argparse.ArgumentParser:
         "close a connection whose request (headers and body) has not arrived S seconds "
         "after its first byte",
     )
+    serve.add_argument(
+        "--max-connections",
+        type=_arg(_count, "a count >= 1"),
+        default=_env("TASKD_MAX_CONNECTIONS", _count, None),
+        metavar="N",
+        help="keep at most N connections open; at the cap a new one closes the oldest idle "
+        "or half-open one; None: the open-file limit minus a headroom (env "
+        "TASKD_MAX_CONNECTIONS)",
+    )
 
     many(
         "--cors-origin",
@@ -315,8 +366,10 @@ def _parser() -> argparse.ArgumentParser:
     def client_options(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "--url",
+            action=_UrlFlag,
             default=os.environ.get("TASKD_URL") or DEFAULT_URL,
-            help="the server (env TASKD_URL)",
+            help="the server's base URL, http(s)://HOST:PORT; a trailing /api/v1 is "
+            "accepted (env TASKD_URL)",
         )
         p.add_argument(
             "--token",
@@ -425,30 +478,65 @@ _COLUMNS: Final = (
 )
 
 
+#: Columns that take at most this many characters: the message / error column gets
+#: the rest of the width.
+_CAPPED: Final = {"type": 24, "resource": 24}
+#: The message / error column is shown only with at least this many characters.
+_MESSAGE_MIN: Final = 12
+
+
 def _table(records: Sequence[TaskRecord], width: int) -> Table:
-    id_width = max((len(r.task_id) for r in records), default=7)
-    # id + status + progress need about id_width + 20 columns; each further column
-    # is kept only while ~16 more fit.
-    keep = 3 + max(0, min(len(_COLUMNS) - 3, (width - id_width - 20) // 16))
-    columns = _COLUMNS[:keep]
-    table = Table(show_edge=False, header_style="bold")
-    for column in columns:
-        if column == "task_id":
-            table.add_column(column, no_wrap=True, min_width=id_width, overflow="fold")
-        else:
-            table.add_column(column, no_wrap=True, overflow="ellipsis")
-    for rec in records:
-        status = rec.status.value
-        cells = {
+    """The task table for a terminal ``width`` wide.
+
+    Every column but the message gets the width its text needs (type and resource at
+    most ``_CAPPED``), so that ids stay whole and statuses readable; the message takes
+    what is left. When even that does not fit, the right-hand columns go first
+    (updated, resource, then message / error). rich, left to itself, would squeeze
+    every column alike: ``fa…`` for ``failed`` while the message kept 50 characters.
+    """
+    rows = [
+        {
             "task_id": Text(rec.task_id),
-            "status": Text(status, style=_STYLE[status]),
+            "status": Text(rec.status.value, style=_STYLE[rec.status.value]),
             "progress": Text("" if rec.progress is None else f"{rec.progress:.0%}"),
-            "type": Text(rec.task_type),
+            "type": Text(_safe(rec.task_type)),
             "message / error": Text(_short(rec.error if rec.error else rec.message)),
             "resource": Text(_safe(rec.resource_id or "")),
             "updated": Text(rec.updated_at_iso[11:19]),
         }
-        table.add_row(*(cells[c] for c in columns))
+        for rec in records
+    ]
+    want = {
+        c: min(max([len(c), *(row[c].cell_len for row in rows)]), _CAPPED.get(c, width))
+        for c in _COLUMNS
+    }
+    message = "message / error"
+    columns: tuple[str, ...] = _COLUMNS[:3]
+    widths = {c: want[c] for c in columns}
+    for keep in range(len(_COLUMNS), 3, -1):
+        candidate = _COLUMNS[:keep]
+        # Each column costs its text, one space either side and a separator between.
+        fixed = sum(want[c] + 3 for c in candidate if c != message) - 1
+        if message not in candidate:
+            if fixed <= width:
+                columns, widths = candidate, {c: want[c] for c in candidate}
+                break
+            continue
+        room = width - fixed - 3
+        if room >= min(_MESSAGE_MIN, want[message]):
+            columns = candidate
+            widths = {c: want[c] for c in candidate}
+            widths[message] = min(want[message], room)
+            break
+    table = Table(show_edge=False, header_style="bold")
+    for column in columns:
+        if column == "task_id":
+            table.add_column(column, no_wrap=True, min_width=widths[column], overflow="fold")
+        else:
+            w = widths[column]
+            table.add_column(column, no_wrap=True, overflow="ellipsis", min_width=w, max_width=w)
+    for row in rows:
+        table.add_row(*(row[c] for c in columns))
     return table
 
 
@@ -471,13 +559,16 @@ async def _list(client: TaskdClient, args: argparse.Namespace, console: Console)
         page_token=args.page_token,
     )
     if args.json:
-        print(json.dumps([r.to_dict() for r in page.records]))
-    elif page.records:
+        # One document with the token in it: a script pages without reading stderr.
+        tasks = [r.to_dict() for r in page.records]
+        print(json.dumps({"tasks": tasks, "next_page_token": page.next_page_token}))
+        return EXIT_OK
+    if page.records:
         console.print(_table(page.records, console.width))
     else:
         console.print("no tasks")
     if page.next_page_token is not None:
-        # On stderr, so that --json output stays one JSON document.
+        # On stderr: the table on stdout stays the tasks alone.
         print(f"more tasks: add --page-token {page.next_page_token}", file=sys.stderr)
     return EXIT_OK
 
@@ -633,12 +724,31 @@ async def _client_command(args: argparse.Namespace) -> int:
             return EXIT_OK
 
 
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    """Parse the command line. An unknown option is reported by the subcommand it was
+    given to (``taskd serve --prot``: ``taskd serve``'s usage, and ``--port`` as the
+    likely one), not by the top level, whose usage lists only the subcommands."""
+    parser = _parser()
+    args, extras = parser.parse_known_args(argv)
+    if extras:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[
+            args.command
+        ]
+        known = [o for a in sub._actions for o in a.option_strings]
+        guess = get_close_matches(extras[0].partition("=")[0], known, n=1)
+        hint = f" (did you mean {guess[0]}?)" if guess else ""
+        sub.error(f"unrecognized arguments: {' '.join(extras)}{hint}")
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``taskd`` console script; returns the exit status."""
     url = DEFAULT_URL
     try:
-        args = _parser().parse_args(argv)
+        args = _parse(argv)
         args.argv = list(sys.argv[1:] if argv is None else argv)
+        if args.command != "serve":
+            _check_url(args)
         url = getattr(args, "url", url)
         if args.command == "serve":
             from ._serve import serve
@@ -656,6 +766,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except TaskNotFound as exc:
         print(f"taskd: no such task: {exc.task_id}", file=sys.stderr)
     except ApiError as exc:
+        if exc.status == 404 or exc.code == "HTTP_ERROR":
+            # Not a task's 404 (that is TaskNotFound): no taskd API at that URL.
+            print(
+                f"taskd: {url} answered HTTP {exc.status} where the taskd API should be: "
+                "check --url / TASKD_URL (the server's URL, e.g. http://127.0.0.1:8080)",
+                file=sys.stderr,
+            )
+            return EXIT_ERROR
         hint = " (check --token / TASKD_TOKEN)" if exc.status == 401 else ""
         print(f"taskd: {exc.message} [{exc.code}]{hint}", file=sys.stderr)
     except TaskdError as exc:

@@ -91,7 +91,10 @@ def _retry_after(headers: Mapping[str, str]) -> float | None:
 
 
 class TaskdClient:
-    """Talks to a taskd server. Use as ``async with TaskdClient(url) as client``."""
+    """Talks to a taskd server. Use as ``async with TaskdClient(url) as client``.
+
+    ``base_url`` is the server's (``http://127.0.0.1:8080``); the API's own URL, ending
+    in ``prefix`` (``…/api/v1``), is accepted for it too."""
 
     def __init__(
         self,
@@ -105,7 +108,12 @@ class TaskdClient:
             raise ValueError(f"base_url must be an http(s) URL, got {base_url!r}")
         if token is not None and not isinstance(token, str):
             raise TypeError("token must be a str or None")
-        self.base_url = base_url.rstrip("/")
+        base = base_url.rstrip("/")
+        if prefix and base.endswith(prefix.rstrip("/")):
+            # The API's URL (http://host:8080/api/v1, as curl is given it) for the
+            # server's: the routes are under it, /health and /metrics beside it.
+            base = base[: -len(prefix.rstrip("/"))].rstrip("/")
+        self.base_url = base
         self._api = self.base_url + prefix
         self._headers = {"Authorization": f"Bearer {token}"} if token else {}
         self._timeout = request_timeout

@@ -176,10 +176,19 @@ def test_keyboard_and_narrow_screen(browser: Browser, demo: Service, tmp_path: P
     pg.goto(demo.url + "/")
     expect(pg.locator("#rows tr[data-id]").first).to_be_visible(timeout=15_000)
     # a row is reachable and opens with Enter
-    row = pg.locator("#rows tr[data-id]").first
+    task_id = pg.locator("#rows tr[data-id]").first.get_attribute("data-id")
+    assert task_id
+    row = pg.locator(f'#rows tr[data-id="{task_id}"]')
     row.focus()
+    # Each pushed change rebuilds the rows (at the latest the 15 s refresh does): the
+    # focus must move to the new copy of the row, or Enter would go to <body>.
+    focused = row.element_handle()
+    pg.wait_for_function("tr => !tr.isConnected", arg=focused, timeout=20_000)
+    focused.dispose()
+    expect(row).to_be_focused()
     pg.keyboard.press("Enter")
     expect(pg.locator("#detail")).to_be_visible()
+    expect(pg.locator("#detail-title")).to_contain_text(task_id)
     # no horizontal scrolling on a phone-sized screen
     assert pg.evaluate("document.documentElement.scrollWidth") <= 400
     pg.screenshot(path=str(tmp_path / "narrow.png"))
@@ -252,3 +261,52 @@ def test_running_rows_show_a_percentage(page: Page, demo: Service) -> None:
     running = page.locator('#rows tr[data-status="running"]').first
     expect(running).to_be_visible(timeout=15_000)
     expect(running.locator(".pct")).to_have_text(re.compile(r"^\d{1,3}%$"))
+
+
+def test_chart_legend_matches_its_bars_and_times_share_one_format(
+    browser: Browser, tmp_path: Path
+) -> None:
+    """docs/dashboard.md: the legend counts exactly what each colour of bar draws
+    (cancelled has its own), and every instant in the detail panel has one form."""
+    with Service(tmp_path) as s:
+        ids = {}
+        for end in ("complete", "fail", "cancel"):
+            tid = api_call(s.url, "POST", "/tasks", {"task_type": "chart"})["task_id"]
+            if end != "cancel":
+                api_call(s.url, "POST", f"/tasks/{tid}/start", {})
+            body = {"complete": {"result": 1}, "fail": {"error": "boom"}}.get(end, {})
+            api_call(s.url, "POST", f"/tasks/{tid}/{end}", body)
+            ids[end] = tid
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        pg = context.new_page()
+        pg.goto(s.url + "/")
+        drawn = {}
+        for cls, legend in (("ok", "#chart-ok"), ("bad", "#chart-bad"),
+                            ("cancelled", "#chart-cancelled")):  # fmt: skip
+            bars = pg.locator(f"#chart rect.{cls}")
+            expect(bars.first).to_be_attached(timeout=10_000)
+            drawn[cls] = sum(
+                int(bars.nth(i).get_attribute("data-count") or 0) for i in range(bars.count())
+            )
+            assert pg.locator(legend).inner_text() == str(drawn[cls]), cls
+        assert drawn == {"ok": 1, "bad": 1, "cancelled": 1}
+        row = pg.locator(f'#rows tr[data-id="{ids["complete"]}"]')
+        instant = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z")
+        assert instant.fullmatch(row.locator("td").nth(6).get_attribute("title") or "")
+        row.click()
+        panel = pg.locator("#detail")
+        expect(panel).to_be_visible()
+        for field in ("created", "started", "finished", "updated"):
+            text = panel.locator(f'dd[data-field="{field}"]').inner_text()
+            assert instant.fullmatch(text), (field, text)
+        for step in panel.locator('dd[data-field="history"] li').all_inner_texts():
+            assert instant.search(step) and not re.search(r"\.\d{4,}Z", step), step
+        context.close()
+
+
+def api_call(url: str, method: str, path: str, body: Any) -> Any:
+    req = urllib.request.Request(
+        url + "/api/v1" + path, data=json.dumps(body).encode(), method=method
+    )
+    with urllib.request.urlopen(req) as resp:
+        return json.loads(resp.read())["result"]

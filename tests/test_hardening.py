@@ -4,6 +4,7 @@ vanishing SQLite file, slow clients, hung webhook receivers, terminal injection.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -15,10 +16,12 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import taskd
+import taskd.web
 
 from .service import Service, cli, free_port
 from .test_serve import http
@@ -302,18 +305,20 @@ def test_second_server_through_a_link_is_refused(tmp_path: Path, link: str) -> N
 
 
 def test_slow_and_idle_connections_are_closed(tmp_path: Path) -> None:
-    with Service(tmp_path, "--read-timeout", "1", "--keepalive-timeout", "1") as s:
-        slow = socket.create_connection(("127.0.0.1", s.port))
+    with (
+        Service(tmp_path, "--read-timeout", "1", "--keepalive-timeout", "1") as s,
+        contextlib.ExitStack() as sockets,  # closed even when an assertion fails
+    ):
+        slow, idle, body = (
+            sockets.enter_context(socket.create_connection(("127.0.0.1", s.port))) for _ in range(3)
+        )
         slow.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # never ends
-        idle = socket.create_connection(("127.0.0.1", s.port))
-        body = socket.create_connection(("127.0.0.1", s.port))
         body.sendall(
             b"POST /api/v1/tasks HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: 100\r\n\r\n{"
         )
         for sock in (slow, idle, body):
             sock.settimeout(10)  # closed by the server well before this
             assert sock.recv(1024) == b""
-            sock.close()
         # a long-poll is not a slow request: it outlives the read timeout
         tid = http("POST", s.url + API + "/tasks", {"task_type": "t"})[1]["result"]["task_id"]
         started = time.monotonic()
@@ -393,3 +398,133 @@ def test_cli_prints_task_text_literally(tmp_path: Path) -> None:
         assert "\\x1b" in out.stdout
     assert "[/x]" in outs[0].stdout and "[link=https://evil.example]" in outs[0].stdout
     assert outs[2].returncode == 1
+
+
+# --- control characters: one answer on every engine -----------------------------------
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def every_engine(request: pytest.FixtureRequest, tmp_path: Path) -> dict[str, object]:
+    """``create_app`` options for each engine: memory, a SQLite file, a real Redis."""
+    if request.param == "memory":
+        return {}
+    if request.param == "sqlite":
+        return {"store": taskd.SQLiteStore(tmp_path / "t.db")}
+    server = request.getfixturevalue("redis_server")
+    return {"redis": server.url, "redis_prefix": f"ctl-{os.urandom(6).hex()}:"}
+
+
+async def test_nul_and_control_characters_get_one_answer_on_every_engine(
+    aiohttp_client: Any, every_engine: dict[str, object]
+) -> None:
+    """docs/http-api.md: a progress message with NUL is 400 (ValueError in Python) on
+    every engine, never acknowledged and then dropped; C0 and C1 controls (``\\x9b``)
+    in a resource id are refused; other controls in a message are kept as sent."""
+    app = taskd.web.create_app(close_timeout=0.2, **every_engine)  # type: ignore[arg-type]
+    client = await aiohttp_client(app)
+    tracker = taskd.web.get_tracker(app)
+    resp = await client.post(API + "/tasks", json={"task_type": "t"})
+    assert resp.status == 201
+    tid = (await resp.json())["result"]["task_id"]
+    assert (await client.post(f"{API}/tasks/{tid}/start")).status == 200
+    for bad in ("\x00", "a\x00b"):
+        resp = await client.post(f"{API}/tasks/{tid}/progress", json={"message": bad})
+        assert resp.status == 400, await resp.text()
+        assert (await resp.json())["error"]["code"] == "INVALID_ARGUMENT"
+        with pytest.raises(ValueError, match="NUL"):
+            await tracker.progress(tid, 0.5, message=bad)
+    for bad in ("a\x9bb", "a\x85", "\x1b[31m", "a\x00", "\x7f"):
+        resp = await client.post(API + "/tasks", json={"task_type": "t", "resource_id": bad})
+        assert resp.status == 400, (bad, await resp.text())
+        resp = await client.get(API + "/tasks", params={"resource_id": bad})
+        assert resp.status == 400, (bad, await resp.text())
+        with pytest.raises(ValueError, match="control characters"):
+            await tracker.create("t", resource_id=bad)
+    # A task id is taskd's own: one with control characters names no task.
+    for path in ("/tasks/a%00b", "/tasks/a%C2%9Bb", "/tasks/a%0Ab/start"):
+        resp = await (client.post if path.endswith("start") else client.get)(API + path)
+        assert resp.status == 404 and (await resp.json())["error"]["code"] == "NOT_FOUND"
+    # Any other control character in a message is stored and read back as sent.
+    kept = "line 1\nline 2\t\x1b[31mred\x9b\x07"
+    resp = await client.post(f"{API}/tasks/{tid}/progress", json={"message": kept})
+    assert resp.status == 200
+    resp = await client.get(API + "/tasks", params={"status": "running"})
+    [listed] = (await resp.json())["result"]
+    assert listed["message"] == kept
+    rec = await tracker.get(tid)
+    assert rec is not None and rec.message == kept
+    # An error is JSON-escaped like a result: every character comes back.
+    error = "boom\x00 at\n\x9bline 2"
+    resp = await client.post(f"{API}/tasks/{tid}/fail", json={"error": error})
+    assert resp.status == 200 and (await resp.json())["result"]["error"] == error
+    resp = await client.get(API + "/tasks", params={"status": "failed"})
+    assert [r["error"] for r in (await resp.json())["result"]] == [error]
+
+
+# --- what aiohttp answers before any middleware ---------------------------------------
+
+
+def raw_exchange(port: int, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes on a fresh connection; read one response (these close it)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            chunk = sock.recv(65536)
+            assert chunk, got
+            got += chunk
+        head, _, body = got.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {k.lower(): v.strip() for k, _, v in (h.partition(":") for h in lines[1:])}
+        while len(body) < int(headers.get("content-length", "0")):
+            chunk = sock.recv(65536)
+            assert chunk, body
+            body += chunk
+        return int(lines[0].split()[1]), headers, body
+
+
+def test_parser_level_errors_and_unknown_methods_are_enveloped(tmp_path: Path) -> None:
+    """docs/http-api.md: on `taskd serve`, what aiohttp's parser refuses gets the JSON
+    envelope (400 INVALID_ARGUMENT), and a method it does not know is 405 with Allow."""
+    host = b"Host: 127.0.0.1\r\n"
+    bad = {
+        "two Content-Lengths": b"POST /api/v1/tasks HTTP/1.1\r\n" + host
+        + b"Content-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+        "CL and TE": b"POST /api/v1/tasks HTTP/1.1\r\n" + host
+        + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        "60 KB URL": b"GET /api/v1/tasks?x=" + b"a" * 60_000 + b" HTTP/1.1\r\n" + host + b"\r\n",
+        "20 KB header": b"GET /health HTTP/1.1\r\n" + host + b"X-A: " + b"a" * 20_000
+        + b"\r\n\r\n",
+        "bad header": b"GET /health HTTP/1.1\r\n" + host + b"X A: b\r\n\r\n",
+        "bad chunk": b"POST /api/v1/tasks HTTP/1.1\r\n" + host
+        + b"Transfer-Encoding: chunked\r\n\r\nzz\r\n\r\n",
+        "bad version": b"GET /health HTTP/9.x\r\n\r\n",
+        "TLS": b"\x16\x03\x01\x00\xa5\x01\x00\x00\xa1\x03\x03" + b"\x00" * 40,
+    }  # fmt: skip
+    with Service(tmp_path) as s:
+        for what, data in bad.items():
+            status, headers, body = raw_exchange(s.port, data)
+            assert status == 400, (what, body)
+            assert headers["content-type"].startswith("application/json"), what
+            error = json.loads(body)["error"]
+            assert error["code"] == "INVALID_ARGUMENT", (what, error)
+            assert error["message"].startswith("malformed HTTP request: "), error
+            assert "\n" not in error["message"] and body.endswith(b"}\n"), what
+        unknown = {
+            b"/api/v1/tasks": "GET, POST",
+            b"/api/v1/tasks/0123?x=1": "DELETE, GET",
+            b"/api/v1/tasks/0123/start": "POST",
+            b"/health": "GET",
+        }
+        for method in (b"FOO", b"PROPFIND"):  # unknown to llhttp, and known to it
+            for path, allow in unknown.items():
+                status, headers, body = raw_exchange(
+                    s.port, method + b" " + path + b" HTTP/1.1\r\n" + host + b"\r\n"
+                )
+                assert (status, headers.get("allow")) == (405, allow), (method, path, body)
+                assert json.loads(body)["error"]["code"] == "METHOD_NOT_ALLOWED"
+        status, _, body = raw_exchange(s.port, b"FOO /nowhere HTTP/1.1\r\n" + host + b"\r\n")
+        assert status == 404 and json.loads(body)["error"]["code"] == "NOT_FOUND"
+        # The server goes on serving, and logged no traceback for any of this.
+        assert request(s.url + "/health")[0] == 200
+        assert "Traceback" not in s.log()

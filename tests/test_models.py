@@ -96,3 +96,31 @@ def test_history_lists_each_status_entered_with_its_instant() -> None:
         "t1", "x", S.COMPLETED, None, 5.0, 6.0, 5.0, 6.0, spec=taskd.TaskSpec(in_process=True)
     )
     assert [s for s, _ in spawned.history] == [S.RUNNING, S.COMPLETED]
+
+
+def test_control_character_rules_and_their_openapi_patterns_agree() -> None:
+    """docs/http-api.md: resource ids refuse C0, DEL and C1 controls; messages refuse
+    NUL only; the OpenAPI patterns say exactly the same."""
+    import re
+
+    from taskd._models import (
+        MESSAGE_PATTERN,
+        RESOURCE_ID_PATTERN,
+        check_message,
+        check_resource_id,
+    )
+
+    def refused(check: object, text: str) -> bool:
+        try:
+            check(text)  # type: ignore[operator]
+        except ValueError:
+            return True
+        return False
+
+    for code in range(0x00, 0x200):
+        text = f"a{chr(code)}b"
+        control = code < 0x20 or 0x7F <= code <= 0x9F
+        assert refused(check_resource_id, text) is control, hex(code)
+        assert (re.fullmatch(RESOURCE_ID_PATTERN, text) is None) is control, hex(code)
+        assert refused(check_message, text) is (code == 0), hex(code)
+        assert (re.fullmatch(MESSAGE_PATTERN, text) is None) is (code == 0), hex(code)

@@ -176,3 +176,84 @@ async def test_counters_on_both_engines(engine: Engine) -> None:
     per_minute = counters.per_minute()  # up to the snapshot's instant
     assert sum(r[1] for r in per_minute) == 1 and sum(r[2] for r in per_minute) == 1
     assert sum(r[3] for r in per_minute) == 1
+
+
+GUNICORN_APP = """
+import logging
+import os
+import sys
+
+from aiohttp import web
+
+import taskd.web
+
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s %(message)s")
+
+
+def create_app() -> web.Application:
+    options = {"redis": os.environ["TASKD_REDIS"]} if os.environ.get("TASKD_REDIS") else {}
+    app = taskd.web.create_app(**options, redis_prefix=os.environ.get("PREFIX", "taskd:"))
+
+    async def ready(app: web.Application) -> None:
+        # after taskd's own start-up (its cleanup_ctx runs first)
+        print("READY", os.getpid(), file=sys.stderr, flush=True)
+
+    app.on_startup.append(ready)
+    return app
+"""
+
+
+def run_gunicorn(tmp_path: Path, workers: int, env: dict[str, str]) -> str:
+    """Run a real gunicorn with aiohttp's worker until each worker has started the
+    application; return its log."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from .service import free_port
+
+    (tmp_path / "gapp.py").write_text(GUNICORN_APP)
+    log_path = tmp_path / "gunicorn.log"
+    # HOME: gunicorn's control socket lives under it; one per run, so runs in
+    # parallel never share one.
+    env = {**os.environ, "PYTHONPATH": str(tmp_path), "HOME": str(tmp_path), **env}
+    env.pop("XDG_RUNTIME_DIR", None)
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "gapp:create_app()", "-w", str(workers),
+             "-k", "aiohttp.GunicornWebWorker", "-b", f"127.0.0.1:{free_port()}"],
+            cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 30
+            while log_path.read_text().count("READY") < workers:
+                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown: nothing to drain
+            proc.wait(20)
+    return log_path.read_text()
+
+
+def test_gunicorn_with_many_workers_and_no_shared_store_warns(
+    tmp_path: Path, redis_server: Any
+) -> None:
+    """docs/embedding.md: one WARNING per worker when gunicorn runs more than one
+    worker with no shared store (each would answer others' tasks with 404); none with
+    one worker or with Redis."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    shared = {"TASKD_REDIS": redis_server.url, "PREFIX": "gunicorn-warn:"}
+    runs = {"two": (2, {}), "one": (1, {}), "redis": (2, shared)}
+    for name in runs:
+        (tmp_path / name).mkdir()
+    with ThreadPoolExecutor(len(runs)) as pool:
+        logs = dict(
+            zip(runs, pool.map(lambda n: run_gunicorn(tmp_path / n, *runs[n]), runs), strict=True)
+        )
+    warnings = [line for line in logs["two"].splitlines() if line.startswith("WARNING taskd")]
+    assert len(warnings) == 2, logs["two"]
+    assert "gunicorn with 2 workers" in warnings[0] and "redis=URL" in warnings[0]
+    assert "WARNING" not in logs["one"], logs["one"]
+    assert "WARNING taskd" not in logs["redis"], logs["redis"]

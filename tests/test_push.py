@@ -410,3 +410,66 @@ def test_webhooks_config_is_checked() -> None:
         taskd.Tracker(webhooks={"secret": "s"})  # type: ignore[arg-type]
     out = cli("serve", "--webhook-allow", "127.0.0.1:9", "--port", "1")
     assert out.returncode == 1 and "--webhook-secret" in out.stderr
+
+
+# --- whsec_ secrets and the Standard Webhooks library ----------------------------------
+
+KEY = bytes(range(200, 232))  # 32 bytes: both "+" and "/" in standard base64
+STANDARD = base64.b64encode(KEY).decode()
+URLSAFE = base64.urlsafe_b64encode(KEY).decode()
+
+
+async def test_standard_whsec_secret_verifies_with_the_reference_library(
+    receivers: Any,
+) -> None:
+    """A real delivery, verified by the Standard Webhooks library with the very
+    secret taskd was given, padded or not (docs/http-api.md)."""
+    from standardwebhooks.webhooks import Webhook
+
+    for secret in ("whsec_" + STANDARD, "whsec_" + STANDARD.rstrip("=")):
+        rx: Receiver = await receivers()
+
+        async def delivered(rx: Receiver = rx) -> bool:
+            return bool(rx.calls)
+
+        hooks = taskd.Webhooks(secret=secret, allow=(rx.netloc,))
+        async with taskd.Tracker(webhooks=hooks) as tracker:
+            handle = await tracker.spawn(asyncio.sleep(0, 7), task_type="x", callback_url=rx.url)
+            assert await handle == 7
+            await eventually(delivered)
+        _, headers, body = rx.calls[0]
+        assert Webhook(secret).verify(body, dict(headers))["result"] == 7
+
+
+def test_urlsafe_whsec_secret_is_refused_in_python_and_at_start() -> None:
+    """The library drops "-" and "_": it would verify with another key, so every
+    delivery would fail on the receiver's side. Refused before anything is sent."""
+    from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+
+    secret = "whsec_" + URLSAFE
+    assert "-" in URLSAFE and "_" in URLSAFE
+    # What accepting it would have meant: signed with the real key, not verifiable.
+    body, ts = b'{"task_id":"x"}', int(time.time())
+    sig = taskd._webhooks.sign("whsec_" + STANDARD, "msg_1", ts, body)
+    headers = {"webhook-id": "msg_1", "webhook-timestamp": str(ts), "webhook-signature": sig}
+    with pytest.raises((WebhookVerificationError, ValueError)):  # binascii.Error unpadded
+        Webhook(secret).verify(body, headers)
+    with pytest.raises((WebhookVerificationError, ValueError)):
+        Webhook(secret.rstrip("=")).verify(body, headers)
+
+    for text in (secret, secret.rstrip("="), "whsec_abc-def_ghij"):
+        with pytest.raises(ValueError, match="URL-safe base64") as err:
+            taskd.Webhooks(secret=text)
+        assert "\n" not in str(err.value) and "--webhook-secret" in str(err.value)
+    # taskd serve: one line naming the flag, exit 1, before it listens.
+    port = "1"  # never reached: the secret is checked first
+    for args, env in (
+        (("--webhook-secret", secret), {}),
+        ((), {"TASKD_WEBHOOK_SECRET": secret}),
+    ):
+        out = cli("serve", "--port", port, *args, env=env)
+        assert out.returncode == 1, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1 and "URL-safe base64" in lines[0], out.stderr
+        assert "--webhook-secret" in lines[0] and "TASKD_WEBHOOK_SECRET" in lines[0]
+        assert URLSAFE[:10] not in out.stderr  # the secret itself is never echoed

@@ -1,11 +1,24 @@
-"""The redactor (docs/http-api.md): a corpus of credentials and of ordinary text."""
+"""The redactor (docs/http-api.md): a corpus of credentials and of ordinary text, and
+where it applies: stored errors and progress messages, on every engine."""
 
 from __future__ import annotations
 
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypedDict
+
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestClient
 
 import taskd
-from taskd._redact import redact_error
+import taskd.web
+from taskd._models import MAX_MESSAGE_CHARS
+from taskd._redact import redact_error, redact_message
+
+from .redis_server import RedisServer
 
 # (text, the secret part that must disappear)
 SECRETS = [
@@ -78,6 +91,11 @@ SECRETS = [
     ),
     ("-----BEGIN PRIVATE KEY-----\nMIIEvQIBADANBgkqhkiG9w0B (cut off", "MIIEvQIBADANBgkqhkiG9w0B"),
     ("hf token hf_abcdefghijklmnopqrstuvwxyzABCDEFGH", "hf_abcdefghijklmnopqrstuvwxyz"),
+    # unambiguous prefixes, hyphenated or short (OpenViking's own test key)
+    ("OPENAI_API_KEY unset, using sk-ant-api03-DAqSxxxxx", "DAqSxxxxx"),
+    ("key sk-proj-abc123 rejected", "abc123"),
+    ("sk-ant-admin01-Xy-z9 expired", "admin01-Xy-z9"),
+    ("(sk-svcacct-short)", "short"),
 ]
 
 BENIGN = [
@@ -124,6 +142,13 @@ BENIGN = [
     "sha1 da39a3ee5e6b4b0d3255bfef95601890afd80709",
     "port: 8080",
     "https://example.com/a@b",
+    # "sk-" inside ordinary words, next to the unambiguous prefixes
+    "risk-averse",
+    "desk-top",
+    "task-ant",
+    "a risk-ant-colony model",
+    "kiosk-proj-2024",
+    "Anthropic keys start with sk-ant-...",
 ]
 
 
@@ -161,3 +186,100 @@ def test_errors_are_truncated_after_redaction() -> None:
 def test_redact_rejects_non_strings() -> None:
     with pytest.raises(TypeError):
         taskd.redact(b"bytes")  # type: ignore[arg-type]
+
+
+# --- progress messages ----------------------------------------------------------------
+
+LEAKY = "uploading with sk-ant-api03-DAqSxxxxx and password=hunter2"
+CLEAN = "uploading with [REDACTED] and password=[REDACTED]"
+
+
+def test_progress_messages_are_redacted_and_stay_within_the_limit() -> None:
+    assert redact_message(None) is None
+    assert redact_message("") == ""
+    assert redact_message("halfway") == "halfway"
+    assert redact_message(LEAKY) == "uploading with [REDACTED] and password=[REDACTED]"
+    # [REDACTED] is longer than "x": the stored message is cut back to the limit.
+    long = redact_message("token=x " * (MAX_MESSAGE_CHARS // 8))
+    assert long is not None and len(long) == MAX_MESSAGE_CHARS
+    assert long.endswith("...[truncated]") and "token=x" not in long
+    with pytest.raises(ValueError):
+        redact_message("x" * (MAX_MESSAGE_CHARS + 1))
+    with pytest.raises(TypeError):
+        redact_message(42)
+
+
+class Options(TypedDict, total=False):
+    """What picks an engine (``Tracker`` and ``create_app`` take these)."""
+
+    store: taskd.Store
+    redis: str
+    redis_prefix: str
+
+
+Engines = Callable[[], Options]
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def every_engine(request: pytest.FixtureRequest, tmp_path: Path) -> Engines:
+    """Options for ``Tracker``/``create_app`` on each engine; a fresh store per call."""
+
+    def options() -> Options:
+        if request.param == "sqlite":
+            return {"store": taskd.SQLiteStore(str(tmp_path / f"{uuid.uuid4().hex}.db"))}
+        if request.param == "redis":
+            server: RedisServer = request.getfixturevalue("redis_server")
+            return {"redis": server.url, "redis_prefix": f"test-{uuid.uuid4().hex[:12]}:"}
+        return {}
+
+    if request.param == "redis":
+        request.getfixturevalue("redis_server")  # started outside the test's event loop
+    return options
+
+
+async def test_progress_messages_are_redacted_on_every_engine(every_engine: Engines) -> None:
+    """Tracker.progress and report_progress: the record never holds the secret."""
+    started = asyncio.Event()
+    release = asyncio.Event()
+
+    async def job() -> None:
+        taskd.report_progress(0.5, LEAKY)
+        started.set()
+        await release.wait()
+
+    async with taskd.Tracker(close_timeout=0.5, **every_engine()) as tracker:
+        external = await tracker.create("upload")
+        await tracker.start(external.task_id)
+        rec = await tracker.progress(external.task_id, 0.5, message=LEAKY)
+        assert rec.message == "uploading with [REDACTED] and password=[REDACTED]"
+        stored = await tracker.get(external.task_id)
+        assert stored is not None and stored.message == rec.message
+        await tracker.fail(external.task_id, "done")  # nothing left running at close
+
+        handle = await tracker.spawn(job(), task_type="upload")
+        await started.wait()
+        # report_progress was queued before this read: the mailbox keeps the order.
+        spawned = await tracker.get(handle.task_id)
+        assert spawned is not None and spawned.message == CLEAN
+        release.set()
+        await handle
+
+
+async def test_progress_messages_are_redacted_over_http_on_every_engine(
+    aiohttp_client: Callable[..., Awaitable[TestClient[web.Request, web.Application]]],
+    every_engine: Engines,
+) -> None:
+    """POST …/progress with a secret in ``message``: neither the answer nor a later GET
+    shows it (docs/http-api.md)."""
+    client = await aiohttp_client(taskd.web.create_app(close_timeout=0.2, **every_engine()))
+    resp = await client.post("/api/v1/tasks", json={"task_type": "upload"})
+    assert resp.status == 201, await resp.text()
+    task_id = (await resp.json())["result"]["task_id"]
+    assert (await client.post(f"/api/v1/tasks/{task_id}/start")).status == 200
+    resp = await client.post(f"/api/v1/tasks/{task_id}/progress", json={"message": LEAKY})
+    assert resp.status == 200, await resp.text()
+    answered = (await resp.json())["result"]["message"]
+    resp = await client.get(f"/api/v1/tasks/{task_id}")
+    stored = (await resp.json())["result"]["message"]
+    assert answered == stored == "uploading with [REDACTED] and password=[REDACTED]"
+    assert (await client.post(f"/api/v1/tasks/{task_id}/fail", json={"error": "x"})).status == 200

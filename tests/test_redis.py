@@ -556,3 +556,409 @@ def test_python_arguments_are_checked() -> None:
         taskd.Tracker(redis=6379)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="braces"):
         taskd.Tracker(redis="redis://127.0.0.1:1/0", redis_prefix="{x}")
+
+
+# --- under attack and faults (docs/scale-out.md: "Faults and hostile input") -----------
+
+#: The issue's forged token: a lone surrogate as the cursor, under the unkeyed digest of
+#: "no filters" that anyone could compute.
+FORGED = "eyJjIjoiXHVkODAwIiwiZiI6ImZlNDRhOGNjY2Q4OWVkYWUifQ"
+
+
+def _token(payload: object) -> str:
+    import base64
+
+    raw = json.dumps(payload).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("engine", ["memory", "sqlite", "redis"])
+async def test_a_forged_page_token_is_400_and_the_server_keeps_serving(
+    engine: str, tmp_path: Path, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """A page token is signed with the deployment's key: one it did not make is 400
+    on every engine, and never reaches the store (it once stopped a --redis worker)."""
+    flags = {
+        "memory": (),
+        "sqlite": ("--db", str(tmp_path / "t.db")),
+        "redis": ("--redis", redis_server.url, "--redis-prefix", prefix()),
+    }[engine]
+    async with Service(tmp_path, *flags) as s:
+        for _ in range(3):
+            await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
+        page = await call(http, "GET", f"{s.url}{API}/tasks?limit=1", 200)
+        good = page["next_page_token"]
+        forged = [
+            FORGED,
+            _token({"c": "\ud800", "m": "0" * 32}),
+            _token({"c": 5, "m": "x"}),
+            _token(["c", "m"]),
+            _token({"c": page["result"][0]["task_id"], "m": "0" * 32}),
+            "%%%",
+            "\u00e9t\u00e9",
+            good[:-2],
+            good + "AA",
+            "A" * 5000,
+        ]
+        for token in forged:
+            body = await call(http, "GET", f"{s.url}{API}/tasks", 400, params={"page_token": token})
+            assert body["error"]["code"] == "INVALID_ARGUMENT"
+            assert body["error"]["details"] == {"parameter": "page_token"}
+        # The token it made still works, and the server is whole.
+        nxt = await call(http, "GET", f"{s.url}{API}/tasks?limit=1&page_token={good}", 200)
+        assert len(nxt["result"]) == 1
+        await call(http, "GET", f"{s.url}/health", 200)
+        await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
+        started = time.monotonic()
+        assert await asyncio.to_thread(s.stop) == 0
+        assert time.monotonic() - started < 10
+        assert "Traceback" not in s.log(), s.log()
+
+
+async def test_page_tokens_of_one_deployment_only(
+    redis_server: RedisServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """Every process of a deployment accepts its tokens (the key is kept in Redis,
+    made once); another deployment (another prefix) refuses them."""
+    space = prefix()
+    async with (
+        Service(tmp_path, "--redis", redis_server.url, "--redis-prefix", space) as a,
+        Service(tmp_path, "--redis", redis_server.url, "--redis-prefix", prefix()) as other,
+    ):
+        for _ in range(3):
+            await call(http, "POST", f"{a.url}{API}/tasks", 201, json={"task_type": "x"})
+        token = (await call(http, "GET", f"{a.url}{API}/tasks?limit=1", 200))["next_page_token"]
+        await call(http, "GET", f"{other.url}{API}/tasks?page_token={token}", 400)
+    # A process started after the token was made accepts it too.
+    async with Service(tmp_path, "--redis", redis_server.url, "--redis-prefix", space) as b:
+        body = await call(http, "GET", f"{b.url}{API}/tasks?limit=1&page_token={token}", 200)
+        assert len(body["result"]) == 1
+
+
+async def test_a_command_redis_py_cannot_send_fails_alone(redis_server: RedisServer) -> None:
+    """An exception inside an engine call (here redis-py cannot encode a lone
+    surrogate) answers its own caller 503; the rest of the batch is answered, later
+    commands work, and the tracker closes promptly."""
+    async with (
+        asyncio.timeout(10),  # it once hung: the actor died with the batch unanswered
+        taskd.Tracker(redis=redis_server.url, redis_prefix=prefix()) as tracker,
+    ):
+        rec = await tracker.create("x")
+        bad_list = tracker.list_page(cursor="\ud800")
+        bad_get = tracker.get("\udfff")
+        good = tracker.get(rec.task_id)
+        results = await asyncio.gather(bad_list, bad_get, good, return_exceptions=True)
+        assert isinstance(results[0], taskd.StoreError), results
+        assert isinstance(results[1], taskd.StoreError), results
+        assert results[2] == rec
+        assert tracker.health() is None
+        assert (await tracker.list_page()).records == (rec,)
+        started = time.monotonic()
+    assert time.monotonic() - started < 5
+
+
+async def test_the_decoder_cache_is_bounded_by_bytes(redis_server: RedisServer) -> None:
+    """Large results are not held by count: the cache's bytes stay under its budget
+    (8,192 versions of a 1 MiB result once took a worker past 1 GiB)."""
+    from taskd._redis import Decoder
+    from taskd._shared import SharedActor
+
+    big = "x" * (1024 * 1024)
+    async with taskd.Tracker(redis=redis_server.url, redis_prefix=prefix()) as tracker:
+        actor = tracker._actor
+        assert isinstance(actor, SharedActor)
+        decoder = actor.space.decode
+        for i in range(48):
+            rec = await tracker.create("big")
+            await tracker.start(rec.task_id)
+            await tracker.complete(rec.task_id, result={"i": i, "blob": big})
+            got = await tracker.get(rec.task_id)
+            assert got is not None and got.result == {"i": i, "blob": big}
+            await tracker.delete(rec.task_id)
+            assert decoder.bytes <= Decoder.BUDGET
+        assert decoder.bytes > Decoder.BUDGET // 2  # it is used, up to its budget
+        assert len(decoder) < 48
+
+
+def _redis_with(tmp_path: Path, *extra: str) -> RedisServer:
+    return RedisServer(tmp_path / f"redis-{uuid.uuid4().hex[:6]}", *extra).start()
+
+
+async def test_an_evicting_redis_is_refused_at_start(tmp_path: Path) -> None:
+    """Under allkeys-lru most acknowledged tasks once silently became 404: taskd
+    refuses to start on a Redis whose maxmemory-policy is not noeviction."""
+    from .service import cli
+
+    redis = _redis_with(tmp_path, "--maxmemory-policy", "allkeys-lru")
+    try:
+        with pytest.raises(taskd.StoreError, match=r"maxmemory-policy allkeys-lru.*noeviction"):
+            async with taskd.Tracker(redis=redis.url):
+                pass
+        out = await asyncio.to_thread(
+            cli, "serve", "--redis", redis.url, "--port", str(free_port()), timeout=30
+        )
+        assert out.returncode == 1, out.stderr
+        lines = out.stderr.strip().splitlines()
+        assert len(lines) == 1, out.stderr
+        assert "maxmemory-policy" in lines[0] and "noeviction" in lines[0]
+    finally:
+        redis.stop()
+
+
+async def test_policy_not_checkable_is_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where CONFIG is not allowed (an ACL, a managed Redis) taskd cannot check the
+    policy: one WARNING says so, and it serves."""
+    redis = _redis_with(tmp_path)
+    try:
+        redis.command("ACL", "SETUSER", "app", "on", ">pw", "~*", "+@all", "-config")
+        url = f"redis://app:pw@127.0.0.1:{redis.port}/0"
+        with caplog.at_level("WARNING", logger="taskd"):
+            async with taskd.Tracker(redis=url, redis_prefix=prefix()) as tracker:
+                rec = await tracker.create("x")
+                assert await tracker.get(rec.task_id) == rec
+        warnings = [r for r in caplog.records if "maxmemory-policy" in r.getMessage()]
+        assert len(warnings) == 1 and warnings[0].levelname == "WARNING"
+        assert "noeviction" in warnings[0].getMessage()
+    finally:
+        redis.stop()
+
+
+async def test_policy_is_checked_again_on_reconnect(
+    tmp_path: Path, http: aiohttp.ClientSession
+) -> None:
+    """A Redis reconfigured to evict is found when the connection comes back: 503
+    and /health 503 naming the setting, until it is noeviction again."""
+    redis = _redis_with(tmp_path)
+    try:
+        async with Service(tmp_path, "--redis", redis.url) as s:
+            await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
+            redis.command("CONFIG", "SET", "maxmemory-policy", "allkeys-lru")
+            redis.command("CLIENT", "KILL", "TYPE", "normal")
+
+            async def refused() -> bool:
+                # The first call finds the connection closed; the next one connects
+                # again, checks the policy and refuses.
+                async with http.get(f"{s.url}{API}/tasks") as resp:
+                    assert resp.status in (200, 503)
+                async with http.get(f"{s.url}/health") as resp:
+                    return resp.status == 503 and "maxmemory-policy" in await resp.text()
+
+            await until(refused, 10)
+            async with http.get(f"{s.url}{API}/tasks") as resp:
+                assert resp.status == 503
+                assert "noeviction" in (await resp.json())["error"]["message"]
+            redis.command("CONFIG", "SET", "maxmemory-policy", "noeviction")
+
+            async def back() -> bool:
+                async with http.post(f"{s.url}{API}/tasks", json={"task_type": "x"}) as resp:
+                    return resp.status == 201
+
+            await until(back, 10)
+            await call(http, "GET", f"{s.url}/health", 200)
+    finally:
+        redis.stop()
+
+
+async def test_a_full_redis_is_visible(tmp_path: Path, http: aiohttp.ClientSession) -> None:
+    """A Redis that refuses writes (full, under noeviction): writes 503 with
+    Retry-After, reads go on, /health 503 with the reason, one ERROR line; when it
+    takes writes again, one INFO line and all is well."""
+    import redis as redis_py
+
+    redis = _redis_with(tmp_path, "--maxmemory", "4mb")
+    try:
+        async with Service(tmp_path, "--redis", redis.url) as s:
+            body = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
+            tid = body["result"]["task_id"]
+            filler = redis_py.Redis(port=redis.port)
+            # Large values first, then small ones: a refused large value frees its
+            # query buffer, which leaves room for small writes.
+            for size in (65536, 512):
+                with pytest.raises(redis_py.exceptions.OutOfMemoryError):
+                    for i in range(100_000):
+                        filler.set(f"fill:{size}:{i}", b"x" * size)
+            async with http.post(f"{s.url}{API}/tasks", json={"task_type": "x"}) as resp:
+                assert resp.status == 503
+                assert resp.headers["Retry-After"]
+                assert (await resp.json())["error"]["code"] == "UNAVAILABLE"
+            await call(http, "GET", f"{s.url}{API}/tasks/{tid}", 200)  # reads go on
+            async with http.get(f"{s.url}/health") as resp:
+                assert resp.status == 503
+                assert "OOM" in await resp.text()
+            async with http.post(f"{s.url}{API}/tasks", json={"task_type": "x"}) as resp:
+                assert resp.status == 503
+            redis.command("CONFIG", "SET", "maxmemory", "0")
+
+            async def healthy() -> bool:
+                async with http.get(f"{s.url}/health") as resp:
+                    return resp.status == 200
+
+            await until(healthy, 10)
+            await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
+            filler.close()
+        errors = [line for line in s.log().splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "refuses writes" in errors[0], s.log()
+        assert "takes writes again" in s.log()
+    finally:
+        redis.stop()
+
+
+def _everything(redis: RedisServer, space: str) -> bytes:
+    """Every byte stored under a deployment's keys (SCAN, then DUMP of each)."""
+    import redis as redis_py
+
+    client = redis_py.Redis(port=redis.port)
+    try:
+        dumps = [client.dump(key) or b"" for key in client.scan_iter(match="{" + space + "}*")]
+    finally:
+        client.close()
+    return b"".join(dumps)
+
+
+async def test_a_deleted_task_is_gone_from_replays_and_from_redis(
+    redis_server: RedisServer, http: aiohttp.ClientSession, tmp_path: Path
+) -> None:
+    """After DELETE, neither a Last-Event-ID replay nor any key of the deployment
+    holds the task's result, error, metadata or message."""
+    space = prefix()
+    async with Service(tmp_path, "--redis", redis_server.url, "--redis-prefix", space) as s:
+        async with http.get(f"{s.url}{API}/events") as stream:
+
+            async def subscribed() -> bool:
+                async with http.get(f"{s.url}/metrics") as resp:
+                    return "taskd_subscriptions 1.0" in await resp.text()
+
+            await until(subscribed)
+            await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "a"})
+            since = (await asyncio.wait_for(read_events(stream, 1), 5))[0][0]
+        secrets_ = {
+            "result": "RESULT-S3CR3T-1",
+            "error": "ERROR-S3CR3T-2",
+            "meta": "META-S3CR3T-3",
+            "msg": "MSG-S3CR3T-4",
+        }
+        ids = []
+        for outcome in ("complete", "fail"):
+            body = await call(
+                http,
+                "POST",
+                f"{s.url}{API}/tasks",
+                201,
+                json={"task_type": "b", "metadata": {"k": secrets_["meta"]}},
+            )
+            tid = body["result"]["task_id"]
+            ids.append(tid)
+            await call(http, "POST", f"{s.url}{API}/tasks/{tid}/start", 200)
+            await call(
+                http,
+                "POST",
+                f"{s.url}{API}/tasks/{tid}/progress",
+                200,
+                json={"progress": 0.5, "message": secrets_["msg"]},
+            )
+            done = (
+                {"result": {"v": secrets_["result"]}}
+                if outcome == "complete"
+                else {"error": secrets_["error"]}
+            )
+            await call(http, "POST", f"{s.url}{API}/tasks/{tid}/{outcome}", 200, json=done)
+        # Before the delete, a replay has them (the payload is read from the record).
+        marker = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "m"})
+        before = await _replay_text(http, s.url, since, marker["result"]["task_id"])
+        assert secrets_["result"] in before and secrets_["meta"] in before
+        assert secrets_["error"] in before and secrets_["msg"] in before
+        for tid in ids:
+            await call(http, "DELETE", f"{s.url}{API}/tasks/{tid}", 204)
+        marker = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "m"})
+        after = await _replay_text(http, s.url, since, marker["result"]["task_id"])
+        assert '"task_type": "b"' not in after
+        for value in secrets_.values():
+            assert value not in after
+        stored = _everything(redis_server, space)
+        assert marker["result"]["task_id"].encode() in stored
+        for name, value in secrets_.items():
+            if name != "msg":  # see docs/scale-out.md: a version's message stays
+                assert value.encode() not in stored, name
+
+
+async def _replay_text(http: aiohttp.ClientSession, url: str, since: int, last: str) -> str:
+    """What a client resuming after event ``since`` gets, up to the event of task
+    ``last`` (an SSE stream coalesces each task's changes), as text."""
+    events: list[dict[str, Any]] = []
+    async with http.get(f"{url}{API}/events", headers={"Last-Event-ID": str(since)}) as stream:
+        async with asyncio.timeout(5):
+            while not events or events[-1]["task_id"] != last:
+                got = await read_events(stream, 1)
+                assert got, events
+                events.append(got[0][1])
+    return json.dumps(events)
+
+
+async def test_a_list_that_matches_nothing_is_bounded(redis_server: RedisServer) -> None:
+    """One list call looks at a bounded number of ids: past 10,000 that do not match,
+    it answers an empty page with a cursor, and following the cursors finds every
+    match (four such lists once took another worker's GET p50 from 2 ms to 100 ms)."""
+    async with taskd.Tracker(
+        redis=redis_server.url,
+        redis_prefix=prefix(),
+        retention=taskd.Retention(max_tasks=20_000),
+    ) as tracker:
+        lone = await tracker.create("x")  # the oldest, and the only one of no owner
+        n = 10_500
+        for chunk in range(0, n, 2_000):
+            await asyncio.gather(
+                *(tracker.create("x", owner="alice") for _ in range(min(2_000, n - chunk)))
+            )
+        page = await tracker.list_page(owner=None, limit=5)
+        assert page.records == () and page.next_cursor is not None
+        found: list[taskd.TaskRecord] = []
+        calls = 1
+        while page.next_cursor is not None:
+            page = await tracker.list_page(owner=None, limit=5, cursor=page.next_cursor)
+            found.extend(page.records)
+            calls += 1
+            assert calls < 20
+        assert found == [lone]
+        assert calls >= n // 1_000  # each call walked at most 1,000 ids
+        # Tracker.list follows the cursors itself: the first match, however deep.
+        assert await tracker.list(owner=None, limit=5) == [lone]
+        # A listing that matches keeps its pages: newest first, nothing skipped.
+        mine = await tracker.list_page(owner="alice", limit=200)
+        assert len(mine.records) == 200
+        ids = [r.task_id for r in mine.records]
+        assert ids == sorted(ids, reverse=True)
+
+
+@pytest.mark.parametrize("engine", ["memory", "sqlite", "redis"])
+async def test_a_deleted_task_is_not_replayed_on_any_engine(
+    engine: str, tmp_path: Path, redis_server: RedisServer, http: aiohttp.ClientSession
+) -> None:
+    """The same on every engine: a Last-Event-ID replay leaves out a deleted task's
+    changes (the in-process replay ring kept them)."""
+    flags = {
+        "memory": (),
+        "sqlite": ("--db", str(tmp_path / "t.db")),
+        "redis": ("--redis", redis_server.url, "--redis-prefix", prefix()),
+    }[engine]
+    async with Service(tmp_path, *flags) as s:
+        async with http.get(f"{s.url}{API}/events") as stream:
+
+            async def subscribed() -> bool:
+                async with http.get(f"{s.url}/metrics") as resp:
+                    return "taskd_subscriptions 1.0" in await resp.text()
+
+            await until(subscribed)
+            await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "a"})
+            since = (await asyncio.wait_for(read_events(stream, 1), 5))[0][0]
+        body = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "b"})
+        tid = body["result"]["task_id"]
+        await call(http, "POST", f"{s.url}{API}/tasks/{tid}/start", 200)
+        done = {"result": "DELETED-S3CR3T"}
+        await call(http, "POST", f"{s.url}{API}/tasks/{tid}/complete", 200, json=done)
+        await call(http, "DELETE", f"{s.url}{API}/tasks/{tid}", 204)
+        kept = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "c"})
+        after = await _replay_text(http, s.url, since, kept["result"]["task_id"])
+        assert "DELETED-S3CR3T" not in after and tid not in after
+        assert json.loads(after)[0]["task_id"] == kept["result"]["task_id"]

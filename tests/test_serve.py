@@ -160,7 +160,7 @@ def test_cli_list_get_cancel(service: Service) -> None:
     out = cli("list", "--url", service.url)
     assert out.returncode == 0 and rec["task_id"] in out.stdout and "pending" in out.stdout
     out = cli("list", "--url", service.url, "--json", "--status", "pending")
-    assert [r["task_id"] for r in json.loads(out.stdout)] == [rec["task_id"]]
+    assert [r["task_id"] for r in json.loads(out.stdout)["tasks"]] == [rec["task_id"]]
     out = cli("get", rec["task_id"], "--url", service.url, "--json")
     assert json.loads(out.stdout)["resource_id"] == "r1"
     out = cli("get", rec["task_id"], "--url", service.url)

@@ -273,3 +273,29 @@ def test_restart_after_demo_kill_fails_running_jobs_as_interrupted(tmp_path: Pat
         assert interrupted >= 1
         with urllib.request.urlopen(f"{again.url}{API}/tasks?status=running") as resp:
             assert json.loads(resp.read())["result"] == []
+
+
+async def test_page_tokens_survive_a_restart(tmp_path: Path) -> None:
+    """The page-token key is kept in the file (made once, at the first open): a token
+    handed out before a restart is accepted after it; another file's is not."""
+    path = tmp_path / "t.db"
+
+    async def get(url: str) -> tuple[int, Any]:
+        async with aiohttp.ClientSession() as http, http.get(url) as resp:
+            return resp.status, await resp.json()
+
+    async with Service(tmp_path, "--db", str(path)) as s, aiohttp.ClientSession() as http:
+        for _ in range(3):
+            async with http.post(f"{s.url}/api/v1/tasks", json={"task_type": "x"}) as resp:
+                assert resp.status == 201
+    async with Service(tmp_path, "--db", str(path)) as s:
+        token = (await get(f"{s.url}/api/v1/tasks?limit=1"))[1]["next_page_token"]
+    async with Service(tmp_path, "--db", str(path)) as s:
+        status, body = await get(f"{s.url}/api/v1/tasks?limit=1&page_token={token}")
+        assert status == 200 and len(body["result"]) == 1
+    async with Service(tmp_path, "--db", str(tmp_path / "other.db")) as s:
+        assert (await get(f"{s.url}/api/v1/tasks?page_token={token}"))[0] == 400
+    async with taskd.Tracker(store=taskd.SQLiteStore(path)) as tracker:
+        key = tracker.page_key
+    async with taskd.Tracker(store=taskd.SQLiteStore(path)) as tracker:
+        assert tracker.page_key == key and len(key) == 32

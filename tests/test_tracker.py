@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
+import uuid
+from pathlib import Path
+from typing import TypedDict
 
 import pytest
 
@@ -13,6 +16,7 @@ from taskd import TaskStatus as S
 from taskd import _messages as m
 
 from .conftest import FakeClock
+from .redis_server import RedisServer
 
 # --- spawn -----------------------------------------------------------------------
 
@@ -33,6 +37,69 @@ async def test_spawn_runs_and_records_the_return_value(tracker: taskd.Tracker) -
     assert rec.message is None and rec.progress == 1.0
     assert rec.started_at is not None and rec.finished_at is not None
     assert rec.created_at <= rec.started_at <= rec.finished_at == rec.updated_at
+
+
+class Options(TypedDict, total=False):
+    """What picks an engine (``Tracker`` takes these)."""
+
+    store: taskd.Store
+    redis: str
+    redis_prefix: str
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+def any_store(request: pytest.FixtureRequest, tmp_path: Path) -> Options:
+    """``Tracker`` options for each engine: memory, SQLite, a shared space on Redis."""
+    if request.param == "sqlite":
+        return {"store": taskd.SQLiteStore(str(tmp_path / "tasks.db"))}
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        return {"redis": server.url, "redis_prefix": f"test-{uuid.uuid4().hex[:12]}:"}
+    return {}
+
+
+async def test_handle_record_is_the_terminal_record_once_awaited(any_store: Options) -> None:
+    """After ``await handle`` returned or raised, ``handle.record`` says how the task
+    ended, as the tracker stored it (docs/architecture.md), on every engine."""
+    gate = asyncio.Event()
+
+    async def ok() -> int:
+        return 3
+
+    async def boom() -> None:
+        raise ValueError("password=hunter2 refused")
+
+    async def stuck() -> None:
+        await gate.wait()
+
+    async with taskd.Tracker(close_timeout=0.5, **any_store) as tracker:
+        done = await tracker.spawn(ok(), task_type="x")
+        created = done.record
+        assert created.status is S.RUNNING
+        assert await done == 3
+        assert done.record.status is S.COMPLETED and done.record.result == 3
+        assert done.record.finished_at is not None
+        assert done.record == await tracker.get(done.task_id)
+
+        failed = await tracker.spawn(boom(), task_type="x")
+        with pytest.raises(ValueError):
+            await failed
+        assert failed.record.status is S.FAILED
+        assert failed.record.error == "ValueError: password=[REDACTED] refused"
+
+        cancelled = await tracker.spawn(stuck(), task_type="x")
+        await cancelled.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await cancelled
+        assert cancelled.record.status is S.CANCELLED
+        assert cancelled.record == await tracker.get(cancelled.task_id)
+
+        timed_out = await tracker.spawn(stuck(), task_type="x", timeout=0.05)
+        with pytest.raises(TimeoutError):
+            await timed_out
+        assert timed_out.record.status is S.FAILED
+        assert timed_out.record.error is not None and "timeout" in timed_out.record.error
+        assert repr(timed_out) == f"<TaskHandle {timed_out.task_id} x>"
 
 
 async def test_spawn_failure_is_redacted_and_reraised(tracker: taskd.Tracker) -> None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import re
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -476,3 +478,70 @@ async def test_responses_are_rendered_once_per_record(client: Client) -> None:
     await client.post(f"{API}/tasks/{tid}/start")
     newer = await taskd.web.get_tracker(client.app).get(tid)
     assert newer is not None and b'"running"' in state.render(newer)  # a new version renders anew
+
+
+async def test_every_json_answer_ends_with_a_newline(client: Client) -> None:
+    """docs/http-api.md: each JSON body is one line ending in a newline; an event
+    stream's ``data:`` line stays one line (the record JSON, no newline inside)."""
+    tid = (await create(client))["task_id"]
+    answers = [
+        await client.post(f"{API}/tasks", json={"task_type": "reindex"}),
+        await client.get(f"{API}/tasks/{tid}"),
+        await client.get(f"{API}/tasks"),
+        await client.get(f"{API}/tasks", params={"limit": "1"}),
+        await client.post(f"{API}/tasks/{tid}/start"),
+        await client.post(f"{API}/tasks/{tid}/progress", json={"message": "a\nb"}),
+        await client.get(f"{API}/tasks/nope"),
+        await client.put(f"{API}/tasks"),
+        await client.get(f"{API}/nowhere"),
+        await client.post(f"{API}/tasks", data=b"{"),
+        await client.get(f"{API}/stats"),
+        await client.get(f"{API}/openapi.json"),
+        await client.get("/health"),
+    ]
+    for resp in answers:
+        body = await resp.read()
+        assert resp.content_type == "application/json", (resp.url, body)
+        assert body.endswith(b"\n") and body.count(b"\n") == 1, (resp.url, body)
+        json.loads(body)
+    await client.post(f"{API}/tasks/{tid}/complete", json={"result": {"lines": "x\ny"}})
+    resp = await client.get(f"{API}/tasks/{tid}/events")
+    text = (await resp.read()).decode()
+    data = [line for line in text.splitlines() if line.startswith("data:")]
+    assert data and json.loads(data[-1][5:])["result"] == {"lines": "x\ny"}
+
+
+async def test_embedding_recipe_for_health_and_metrics(aiohttp_client: MakeClient) -> None:
+    """The recipe of docs/embedding.md ("What an embedded app lacks"), run as written
+    on a host application: /health and /metrics through public handlers."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    doc = (Path(__file__).parents[1] / "docs" / "embedding.md").read_text()
+    section = doc.split("## What an embedded app lacks")[1].split("\n## ")[0]
+    match = re.search(r"```python\n(.*?)```", section, re.S)
+    assert match is not None
+    for auth in (None, taskd.web.bearer_auth({"tok": "alice"})):
+        app = web.Application()
+        taskd.web.setup(app, auth=auth)
+        # the documented recipe, as written
+        exec(match.group(1), {"app": app, "taskd": taskd, "web": web})
+        client = await aiohttp_client(app)
+        await taskd.web.get_tracker(app).create("recipe_check", owner="alice")
+        headers = {} if auth is None else {"Authorization": "Bearer tok"}
+        resp = await client.get("/health")
+        assert resp.status == 200 and await resp.json() == {"status": "ok"}
+        if auth is not None:
+            await err(await client.get("/metrics"), 401, "UNAUTHENTICATED")
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.status == 200 and resp.content_type == "text/plain"
+        samples = {
+            (s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(await resp.text())
+            for s in family.samples
+        }
+        key = ("taskd_tasks", (("status", "pending"), ("task_type", "recipe_check")))
+        assert samples[key] == 1
+        headers["Accept"] = "application/openmetrics-text; version=1.0.0"
+        resp = await client.get("/metrics", headers=headers)
+        assert resp.content_type == "application/openmetrics-text"
+        await client.close()

@@ -12,7 +12,8 @@ Layout: ``_state`` (the AppKey, the state, the caller's owner), ``_errors``
 (envelopes and the middleware), ``_params`` (bodies, query parameters, page tokens),
 ``_handlers`` (the routes), ``_sse`` (event streams), ``_guard`` (browsers),
 ``_app`` (``setup``, ``create_app`` and the helpers), ``_server`` (the runner with
-read and keep-alive timeouts that ``taskd serve`` uses).
+read and keep-alive timeouts that ``taskd serve`` uses). ``health_handler`` and
+``metrics_handler`` are ``/health`` and ``/metrics`` for an application to route.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 from ._app import Options, ServeOptions, accepted, bearer_auth, create_app, setup, spawn
 from ._errors import RequestError, error_response
 from ._guard import BrowserGuard
+from ._handlers import health_handler, metrics_handler
 from ._state import AuthCallback, get_tracker
 
 __all__ = [
@@ -33,6 +35,8 @@ __all__ = [
     "create_app",
     "error_response",
     "get_tracker",
+    "health_handler",
+    "metrics_handler",
     "setup",
     "spawn",
 ]

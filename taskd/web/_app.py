@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hmac
 import json
 import logging
+import os
+import sys
 from collections.abc import AsyncIterator, Coroutine, Mapping
 from typing import Any, TypedDict, TypeVar, Unpack
 
@@ -24,7 +27,7 @@ from .._tracker import TaskHandle, Tracker
 from .._webhooks import Webhooks
 from ._errors import Handler, enveloped, make_middleware, method_not_allowed
 from ._guard import BrowserGuard, Screen
-from ._handlers import _dashboard_handler, _Handlers, _health, _metrics_handler, _ok
+from ._handlers import _dashboard_handler, _Handlers, _ok, health_handler, metrics_handler
 from ._state import (
     _ROUTE_LIST,
     _STATE,
@@ -156,7 +159,11 @@ def _setup(
     state.app = app
     app[_STATE] = state
 
+    shared = options.get("redis") is not None
+
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
+        if not shared:
+            _warn_if_many_gunicorn_workers()
         async with tracker:
             yield
 
@@ -201,6 +208,41 @@ def _setup(
     return tracker
 
 
+def _warn_if_many_gunicorn_workers() -> None:
+    """One WARNING per worker when gunicorn runs this application in more than one
+    worker and the task space is the process's own: a task created through one
+    worker is then 404 on every other (docs/embedding.md)."""
+    workers = _gunicorn_workers()
+    if workers is not None and workers > 1:
+        log.warning(
+            "taskd runs under gunicorn with %d workers and no shared store: each worker "
+            "keeps its own tasks, so a task created through one worker is 404 on the "
+            "others; pass redis=URL to taskd.web.setup() or create_app(), or run one worker",
+            workers,
+        )
+
+
+def _gunicorn_workers() -> int | None:
+    """How many workers the gunicorn running this process has (its ``--workers``,
+    from whichever source it came), or None when not run by gunicorn."""
+    # gunicorn's arbiter sets SERVER_SOFTWARE in its environment, which its workers
+    # inherit; the worker module is loaded in a worker process.
+    base = sys.modules.get("gunicorn.workers.base")
+    if base is None or not os.environ.get("SERVER_SOFTWARE", "").startswith("gunicorn"):
+        return None
+    worker_class = base.Worker
+    # aiohttp's GunicornWebWorker starts the application inside its own ``_run``
+    # task: that coroutine's ``self`` is the worker, which holds gunicorn's config.
+    task = asyncio.current_task()
+    frame = getattr(task.get_coro(), "cr_frame", None) if task is not None else None
+    worker = frame.f_locals.get("self") if frame is not None else None
+    if not isinstance(worker, worker_class):
+        # Another worker class: look for the worker object itself (once, at start).
+        worker = next((o for o in gc.get_objects() if isinstance(o, worker_class)), None)
+    count = getattr(getattr(worker, "cfg", None), "workers", None)
+    return count if isinstance(count, int) else None
+
+
 def create_app(**options: Unpack[ServeOptions]) -> web.Application:
     """The standalone application: the task API under ``prefix``, ``/health``,
     ``/metrics`` and the dashboard at ``/``; with ``demo``, a stream of simulated
@@ -218,8 +260,8 @@ def create_app(**options: Unpack[ServeOptions]) -> web.Application:
     # middleware is a coroutine frame on every request of the hottest route.
     tracker = _setup(app, options, "/", metrics=True, screen=guard.screen())
     _state_of(app).max_body = options.get("client_max_size", MAX_BODY)
-    app.router.add_get("/health", _health, allow_head=False)
-    app.router.add_get("/metrics", _metrics_handler, allow_head=False)
+    app.router.add_get("/health", health_handler, allow_head=False)
+    app.router.add_get("/metrics", metrics_handler, allow_head=False)
     if options.get("demo", False):
 
         async def demo_jobs(app: web.Application) -> AsyncIterator[None]:

@@ -1,15 +1,21 @@
-"""Errors as envelopes: ``RequestError``, ``error_response`` and the middleware that
-answers taskd's routes with the error table (docs/http-api.md), never a traceback."""
+"""Errors as envelopes: ``RequestError``, ``error_response``, the middleware that
+answers taskd's routes with the error table (docs/http-api.md), never a traceback,
+and ``EnvelopeHandler``, which does the same for what aiohttp answers before any
+middleware runs (malformed requests) on ``taskd serve``."""
 
 from __future__ import annotations
 
 import json
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
 
 from .._counters import HTTP_BUCKETS, Histogram
 from .._errors import BY_CODE, CODE_FOR_STATUS, TaskdError
@@ -63,7 +69,8 @@ def error_response(
     body = {"status": "error", "error": {"code": code, "message": message, "details": details}}
     return web.Response(
         status=status,
-        body=json.dumps(body, separators=(",", ":")).encode(),
+        # Every JSON answer ends with a newline, as a text file (and `curl`) expects.
+        body=json.dumps(body, separators=(",", ":")).encode() + b"\n",
         content_type=_JSON,
         headers=headers,
     )
@@ -185,3 +192,92 @@ def _error_to_response(request: web.Request, exc: Exception) -> web.StreamRespon
     # A bug of ours: log it, but never leak a traceback to the client.
     log.error("unhandled error in %s %s", request.method, request.path, exc_info=exc)
     return error_response(500, "INTERNAL", "internal error")
+
+
+# --- what aiohttp answers before any middleware runs ------------------------------------
+
+#: A request line as llhttp quotes it in its error (``b'FOO /path HTTP/1.1'``).
+_REQUEST_LINE: Final = re.compile(r"b'([!#$%&*+.^_`|~0-9A-Za-z-]+) (/[^\s']*) HTTP/1\.[01]'")
+
+
+class EnvelopeHandler(RequestHandler):
+    """aiohttp's connection handler, answering in the error envelope what aiohttp
+    answers before the application sees a request: a request its parser refuses
+    (two ``Content-Length`` headers, ``Content-Length`` with ``Transfer-Encoding``, a
+    request line or header over 8190 bytes, garbage) is 400 ``INVALID_ARGUMENT``, a
+    method the parser does not know (``FOO``) is 405 with ``Allow`` on a path of the
+    application's (404 elsewhere), and an exception that escaped every middleware is
+    500 ``INTERNAL``. ``taskd serve`` runs its connections with it
+    (docs/http-api.md); an application embedded in another server keeps aiohttp's
+    plain-text answers. aiohttp's public hook, ``handle_error``, is the one changed.
+    """
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """The envelope for an error aiohttp answers itself; the connection closes."""
+        if request.writer.output_size > 0 or status < 400:
+            # Part of a response went out: aiohttp's own path (it gives up the
+            # connection); nothing else reaches here with a status below 400.
+            return super().handle_error(request, status, exc, message)
+        if isinstance(exc, HttpProcessingError):
+            # A client's malformed request: not an error of ours, and a probe sends
+            # thousands; aiohttp would log a traceback for each.
+            log.debug("malformed request from %s: %r", request.remote, exc)
+            response = self._parse_error(exc)
+        else:
+            if status >= 500 and exc is not None:
+                self.log_exception("Error handling request from %s", request.remote, exc_info=exc)
+            code = CODE_FOR_STATUS.get(status, "INTERNAL")
+            text = "internal error" if status == 500 else f"HTTP {status}"
+            response = error_response(status, code, text)
+        response.force_close()
+        return response
+
+    def _parse_error(self, exc: HttpProcessingError) -> web.Response:
+        if isinstance(exc, BadHttpMethod):
+            line = _REQUEST_LINE.search(exc.message)
+            if line is not None:
+                return self._unknown_method(line.group(1), line.group(2))
+        if isinstance(exc, LineTooLong):
+            limit = exc.args[1] if len(exc.args) > 1 else "8190"
+            text = f"the request line or a header is longer than {limit} bytes"
+        else:
+            # llhttp's reason is its first line ("Duplicate Content-Length:"); the
+            # lines after it quote the request.
+            text = (exc.message or "Bad Request").splitlines()[0].rstrip(": ")[:200]
+        return error_response(400, "INVALID_ARGUMENT", f"malformed HTTP request: {text}")
+
+    def _unknown_method(self, method: str, target: str) -> web.Response:
+        # The server's handler is the application's bound ``_handle``.
+        server = self._manager
+        app = getattr(server.request_handler, "__self__", None) if server else None
+        allowed = _allowed_methods(app, target.partition("?")[0])
+        if allowed is None:
+            return error_response(404, "NOT_FOUND", f"no route for {target[:200]}")
+        allow = ", ".join(allowed)
+        return error_response(
+            405,
+            "METHOD_NOT_ALLOWED",
+            f"method {method[:40]} is not allowed here; allowed: {allow}",
+            None,
+            {"Allow": allow},
+        )
+
+
+def _allowed_methods(app: object, path: str) -> list[str] | None:
+    """The methods the application declares for ``path`` (its routes' own, not the
+    catch-all), or None when no resource of it matches the path."""
+    if not isinstance(app, web.Application):
+        return None
+    for resource in app.router.resources():
+        info = resource.get_info()
+        fixed = info.get("path")
+        pattern = info.get("pattern")
+        if fixed == path or (isinstance(pattern, re.Pattern) and pattern.fullmatch(path)):
+            return sorted({route.method for route in resource if route.method != "*"})
+    return None

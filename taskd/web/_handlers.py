@@ -46,10 +46,20 @@ def _ok(
 ) -> web.Response:
     return web.Response(
         status=status,
-        body=b'{"status":"ok","result":' + payload + b"}",
+        # Every JSON answer ends with a newline (docs/http-api.md); an SSE event's
+        # ``data:`` line is the bare ``payload``, one line.
+        body=b'{"status":"ok","result":' + payload + b"}\n",
         content_type=_JSON,
         headers=headers,
     )
+
+
+_HEALTHY: Final = b'{"status":"ok"}\n'
+
+
+def _json_body(value: object) -> bytes:
+    """A JSON answer's body: compact, ending with a newline."""
+    return json.dumps(value, separators=(",", ":")).encode() + b"\n"
 
 
 def _record_response(
@@ -113,7 +123,8 @@ class _Handlers:
                 raise _invalid(str(exc), parameter="limit") from None
         digest = _filter_digest(statuses, task_type, resource_id)
         token = _one_query(request, "page_token")
-        cursor = _decode_token(token, digest) if token else None
+        key = state.tracker.page_key
+        cursor = _decode_token(token, digest, key) if token else None
         page = await state.tracker.list_page(
             status=statuses,
             task_type=task_type,
@@ -122,14 +133,14 @@ class _Handlers:
             owner=owner,
             cursor=cursor,
         )
-        next_token = _encode_token(page.next_cursor, digest) if page.next_cursor else None
+        next_token = _encode_token(page.next_cursor, digest, key) if page.next_cursor else None
         items = b",".join(state.render(r) for r in page.records)
         body = (
             b'{"status":"ok","result":['
             + items
             + b'],"next_page_token":'
             + json.dumps(next_token).encode()
-            + b"}"
+            + b"}\n"
         )
         headers = {}
         if next_token is not None:
@@ -270,7 +281,7 @@ class _Handlers:
             max_wait=state.max_wait,
             max_body=state.max_body,
         )
-        return web.json_response(doc)
+        return web.Response(body=_json_body(doc), content_type=_JSON)
 
 
 _DASHBOARD_CSP: Final = (
@@ -302,14 +313,25 @@ def _dashboard_handler(state: _State) -> Callable[[web.Request], Awaitable[web.R
     return dashboard
 
 
-async def _health(request: web.Request) -> web.Response:
+async def health_handler(request: web.Request) -> web.Response:
+    """``GET /health``: 200 ``{"status":"ok"}``, or 503 ``UNAVAILABLE`` with the
+    reason while the tracker's store cannot write (or the tracker is closed). Add it
+    to an application ``setup`` was called on:
+    ``app.router.add_get("/health", taskd.web.health_handler)``."""
     reason = _state_of(request).tracker.health()
     if reason is not None:
         return error_response(503, "UNAVAILABLE", reason, None, {"Retry-After": RETRY_AFTER})
-    return web.json_response({"status": "ok"})
+    return web.Response(body=_HEALTHY, content_type=_JSON)
 
 
-async def _metrics_handler(request: web.Request) -> web.Response:
+async def metrics_handler(request: web.Request) -> web.Response:
+    """``GET /metrics``: the tracker's Prometheus exposition (OpenMetrics when the
+    scraper asks for it), as ``taskd serve`` answers it. Add it to an application
+    ``setup`` was called on:
+    ``app.router.add_get("/metrics", taskd.web.metrics_handler)``. With ``auth``,
+    a scrape needs credentials too (task types name every owner's work). The HTTP
+    request series are those of ``create_app``'s own routes, so an embedding
+    application gets the task series only."""
     state = _state_of(request)
     if state.auth is not None:
         # With tokens, metrics (which name every owner's task types) need one too.

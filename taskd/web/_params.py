@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
 import logging
 import math
@@ -120,29 +121,50 @@ def _statuses(request: web.Request) -> list[str] | None:
 
 # --- page tokens ------------------------------------------------------------------------
 
+#: A token longer than this was not made here (ours are ~120 characters).
+_MAX_TOKEN: Final = 512
+_BAD_TOKEN: Final = (
+    "page_token is not valid for this listing: pass next_page_token of the previous "
+    "page, with the same filters"
+)
+
 
 def _filter_digest(
     statuses: list[str] | None, task_type: str | None, resource_id: str | None
 ) -> str:
-    key = json.dumps([statuses, task_type, resource_id], separators=(",", ":"))
-    return hashlib.sha256(key.encode()).hexdigest()[:16]
+    """The listing's filters as the token's MAC covers them (ASCII: escapes any
+    character, lone surrogates included)."""
+    return json.dumps([statuses, task_type, resource_id], separators=(",", ":"))
 
 
-def _encode_token(cursor: str, digest: str) -> str:
-    raw = json.dumps({"c": cursor, "f": digest}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+def _mac(key: bytes, cursor: str, digest: str) -> str:
+    # The cursor and the filters, length-prefixed: no split of one string can pass
+    # for another. json.dumps escapes every non-ASCII character, so this never fails.
+    text = json.dumps([cursor, digest], separators=(",", ":"))
+    return hmac.new(key, text.encode("ascii"), hashlib.sha256).hexdigest()[:32]
 
 
-def _decode_token(token: str, digest: str) -> str:
+def _encode_token(cursor: str, digest: str, key: bytes) -> str:
+    """A page token: the cursor, signed with the deployment's key (``Tracker.page_key``)
+    over the cursor and the filters, so that nobody can make one up."""
+    raw = json.dumps({"c": cursor, "m": _mac(key, cursor, digest)}, separators=(",", ":"))
+    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+
+
+def _decode_token(token: str, digest: str, key: bytes) -> str:
+    """The cursor of a token this deployment made for these filters; anything else —
+    undecodable, forged, from another deployment or listing — is 400."""
     try:
+        if len(token) > _MAX_TOKEN:
+            raise ValueError("too long")
         padded = token + "=" * (-len(token) % 4)
         data = json.loads(base64.urlsafe_b64decode(padded.encode("ascii")))
-        cursor, token_digest = data["c"], data["f"]
-    except (ValueError, KeyError, TypeError, UnicodeEncodeError):
-        raise _invalid("page_token is not valid", parameter="page_token") from None
-    if not isinstance(cursor, str) or token_digest != digest:
-        raise _invalid(
-            "page_token does not belong to this listing (different filters)",
-            parameter="page_token",
-        )
-    return cursor
+        cursor: object = data["c"]
+        mac: object = data["m"]
+        if not isinstance(cursor, str) or not isinstance(mac, str):
+            raise TypeError("not text")
+        if hmac.compare_digest(mac.encode("ascii"), _mac(key, cursor, digest).encode()):
+            return cursor
+    except (ValueError, KeyError, TypeError, UnicodeError):
+        pass
+    raise _invalid(_BAD_TOKEN, parameter="page_token")
