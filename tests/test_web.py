@@ -469,7 +469,7 @@ async def test_responses_are_rendered_once_per_record(client: Client) -> None:
     a = await (await client.get(f"{API}/tasks/{tid}")).read()
     assert json.loads(a)["result"]["task_id"] == tid
     # private on purpose: the render cache has no public face
-    from taskd.web._state import _state_of
+    from taskd.web._context import _state_of
 
     state = _state_of(client.app)
     rec = await taskd.web.get_tracker(client.app).get(tid)

@@ -8,8 +8,9 @@ traceback.
 State lives under a ``web.AppKey`` and is read through ``request.config_dict``, so
 ``get_tracker`` works from sub-applications too (aiojobs' pattern).
 
-Layout: ``_state`` (the AppKey, the state, the caller's owner), ``_errors``
-(envelopes and the middleware), ``_params`` (bodies, query parameters, page tokens),
+Layout: ``_context`` (the AppKey, the per-application context, the caller's owner),
+``_errors`` (envelopes), ``_middleware`` (the middleware and the route wrapper that
+answer errors with them), ``_params`` (bodies, query parameters, page tokens),
 ``_handlers`` (the routes), ``_sse`` (event streams), ``_guard`` (browsers),
 ``_app`` (``setup``, ``create_app`` and the helpers), ``_server`` (the runner with
 read and keep-alive timeouts that ``taskd serve`` uses). ``health_handler`` and
@@ -19,10 +20,10 @@ read and keep-alive timeouts that ``taskd serve`` uses). ``health_handler`` and
 from __future__ import annotations
 
 from ._app import Options, ServeOptions, accepted, bearer_auth, create_app, setup, spawn
+from ._context import AuthCallback, get_tracker
 from ._errors import RequestError, error_response
 from ._guard import BrowserGuard
 from ._handlers import health_handler, metrics_handler
-from ._state import AuthCallback, get_tracker
 
 __all__ = [
     "AuthCallback",

@@ -25,10 +25,7 @@ from .._retention import Retention
 from .._store import Store
 from .._tracker import TaskHandle, Tracker
 from .._webhooks import Webhooks
-from ._errors import Handler, enveloped, make_middleware, method_not_allowed
-from ._guard import BrowserGuard, Screen
-from ._handlers import _dashboard_handler, _Handlers, _ok, health_handler, metrics_handler
-from ._state import (
+from ._context import (
     _ROUTE_LIST,
     _STATE,
     MAX_BODY,
@@ -38,6 +35,10 @@ from ._state import (
     _State,
     _state_of,
 )
+from ._errors import Handler, method_not_allowed
+from ._guard import BrowserGuard, Screen
+from ._handlers import _dashboard_handler, _Handlers, _ok, health_handler, metrics_handler
+from ._middleware import enveloped, make_middleware
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")

@@ -1,31 +1,27 @@
-"""Errors as envelopes: ``RequestError``, ``error_response``, the middleware that
-answers taskd's routes with the error table (docs/http-api.md), never a traceback,
-and ``EnvelopeHandler``, which does the same for what aiohttp answers before any
-middleware runs (malformed requests) on ``taskd serve``."""
+"""Errors as envelopes: ``RequestError``, ``error_response``, ``error_to_response``
+(any exception of taskd's routes answered with the error table, docs/http-api.md,
+never a traceback; ``_middleware`` applies it), and ``EnvelopeHandler``, which does
+the same for what aiohttp answers before any middleware runs (malformed requests) on
+``taskd serve``."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import Final, TypeVar
 
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMethod, HttpProcessingError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
-from .._counters import HTTP_BUCKETS, Histogram
 from .._errors import BY_CODE, CODE_FOR_STATUS, TaskdError
 from .._models import (
     JSON,
 )
-from ._state import _JSON, RETRY_AFTER, _State
-
-if TYPE_CHECKING:
-    from ._guard import Screen
+from ._context import _JSON, RETRY_AFTER
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")
@@ -84,20 +80,6 @@ def _from_taskd_error(exc: TaskdError) -> RequestError:
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def enveloped(handler: Handler) -> Handler:
-    """Wrap one of taskd's own route handlers: every error it raises is answered with
-    the envelope (the error table), never a 500 page or a traceback. taskd's routes
-    are wrapped one by one, so a host application's routes are never judged."""
-
-    async def wrapped(request: web.Request) -> web.StreamResponse:
-        try:
-            return await handler(request)
-        except Exception as exc:
-            return _error_to_response(request, exc)
-
-    return wrapped
-
-
 def method_not_allowed(allowed: Iterable[str]) -> Handler:
     """The handler of a taskd path for the methods it does not declare: 405 with
     ``Allow``, in the envelope (registered last on the path, as a ``*`` route)."""
@@ -115,61 +97,12 @@ def method_not_allowed(allowed: Iterable[str]) -> Handler:
     return handler
 
 
-def make_middleware(
-    state: _State, *, standalone: bool, screen: Screen | None = None
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The middleware ``setup`` installs. On a host application it touches only
-    taskd's own exceptions (``TaskConflict`` from ``taskd.web.spawn`` in the host's
-    handler, say), answered with the envelope; everything else of the host's passes
-    untouched — taskd's routes are enveloped by their own wrappers. On the standalone
-    application, whose routes are all taskd's, it also envelopes what the router
-    answers (unknown paths) and counts requests per route for ``/metrics``; with a
-    ``screen`` (the browser guard's checks) it applies that first, as the outermost
-    middleware would (its refusals are neither enveloped again nor counted)."""
-    counts = state.http_counts
-    durations = state.http_durations
-    timed = counts is not None and durations is not None  # the standalone app's metrics
-    clock = time.perf_counter
-
-    @web.middleware
-    async def taskd_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if screen is not None:
-            refused = screen.before(request)
-            if refused is not None:
-                return refused
-        began = clock() if timed else 0.0
-        try:
-            response = await handler(request)
-        except TaskdError as exc:
-            response = _error_to_response(request, exc)
-        except Exception as exc:
-            if not standalone:
-                raise
-            response = _error_to_response(request, exc)
-        if timed:
-            assert counts is not None and durations is not None
-            route = request.match_info.route.resource
-            method = request.method
-            name = route.canonical if route is not None else "(unmatched)"
-            key = (method, name, response.status)
-            counts[key] = counts.get(key, 0) + 1
-            hist = durations.get((method, name))
-            if hist is None:
-                hist = durations[(method, name)] = Histogram(HTTP_BUCKETS)
-            hist.observe(clock() - began)
-        if screen is not None:
-            screen.after(request, response)
-        return response
-
-    return taskd_middleware
-
-
 class _ClientGone(Exception):
     """The client disconnected before its body was read: answered 400 (which it will
     most likely never read), so that the handler stops there."""
 
 
-def _error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
+def error_to_response(request: web.Request, exc: Exception) -> web.StreamResponse:
     """Answer an error of taskd's routes with the envelope."""
     if isinstance(exc, RequestError):
         return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)

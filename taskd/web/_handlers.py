@@ -21,6 +21,7 @@ from .._models import (
     check_limit,
 )
 from .._watch import Subscription
+from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
 from ._errors import _invalid, error_response
 from ._params import (
     _body,
@@ -33,7 +34,6 @@ from ._params import (
     _one_query,
 )
 from ._sse import _last_event_id, _stream
-from ._state import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")

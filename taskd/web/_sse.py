@@ -12,7 +12,7 @@ from .._models import (
     TaskRecord,
 )
 from .._watch import Subscription
-from ._state import SSE_SEND_TIMEOUT, _State
+from ._context import SSE_SEND_TIMEOUT, _State
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")

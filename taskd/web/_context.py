@@ -1,4 +1,7 @@
-"""Where taskd keeps its state in an aiohttp application, and who is asking."""
+"""Per-application context: what ``setup`` keeps on an aiohttp application (under a
+``web.AppKey``, found from sub-applications through ``request.config_dict``) — the
+tracker, the options, the render cache, the open streams — and who is asking (the
+caller's owner, from the ``auth`` callback, once per request)."""
 
 from __future__ import annotations
 
@@ -35,9 +38,6 @@ _JSON: Final = "application/json"
 _RENDER_CACHE_SIZE: Final = 4096
 #: The render cache holds at most this many bytes (a record over 1/8 of it is never kept).
 _RENDER_CACHE_BYTES: Final = 32 * 1024 * 1024
-
-
-# --- state ----------------------------------------------------------------------------
 
 
 @dataclass(slots=True)

@@ -1,0 +1,82 @@
+"""The middleware ``setup`` installs, and the wrapper of each of taskd's routes on a
+host application: how an error raised on taskd's routes reaches the envelope
+(``_errors``), and where the standalone app counts and times its requests for
+``/metrics``."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from .._counters import HTTP_BUCKETS, Histogram
+from .._errors import TaskdError
+from ._context import _State
+from ._errors import Handler, error_to_response
+from ._guard import Screen
+
+__all__ = ["enveloped", "make_middleware"]
+
+
+def enveloped(handler: Handler) -> Handler:
+    """Wrap one of taskd's own route handlers: every error it raises is answered with
+    the envelope (the error table), never a 500 page or a traceback. taskd's routes
+    are wrapped one by one, so a host application's routes are never judged."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except Exception as exc:
+            return error_to_response(request, exc)
+
+    return wrapped
+
+
+def make_middleware(
+    state: _State, *, standalone: bool, screen: Screen | None = None
+) -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware ``setup`` installs. On a host application it touches only
+    taskd's own exceptions (``TaskConflict`` from ``taskd.web.spawn`` in the host's
+    handler, say), answered with the envelope; everything else of the host's passes
+    untouched — taskd's routes are enveloped by their own wrappers. On the standalone
+    application, whose routes are all taskd's, it also envelopes what the router
+    answers (unknown paths) and counts requests per route for ``/metrics``; with a
+    ``screen`` (the browser guard's checks) it applies that first, as the outermost
+    middleware would (its refusals are neither enveloped again nor counted)."""
+    counts = state.http_counts
+    durations = state.http_durations
+    timed = counts is not None and durations is not None  # the standalone app's metrics
+    clock = time.perf_counter
+
+    @web.middleware
+    async def taskd_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if screen is not None:
+            refused = screen.before(request)
+            if refused is not None:
+                return refused
+        began = clock() if timed else 0.0
+        try:
+            response = await handler(request)
+        except TaskdError as exc:
+            response = error_to_response(request, exc)
+        except Exception as exc:
+            if not standalone:
+                raise
+            response = error_to_response(request, exc)
+        if timed:
+            assert counts is not None and durations is not None
+            route = request.match_info.route.resource
+            method = request.method
+            name = route.canonical if route is not None else "(unmatched)"
+            key = (method, name, response.status)
+            counts[key] = counts.get(key, 0) + 1
+            hist = durations.get((method, name))
+            if hist is None:
+                hist = durations[(method, name)] = Histogram(HTTP_BUCKETS)
+            hist.observe(clock() - began)
+        if screen is not None:
+            screen.after(request, response)
+        return response
+
+    return taskd_middleware
