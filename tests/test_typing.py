@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 USER_FILE = """
 from typing import assert_type
 
@@ -49,33 +51,6 @@ async def main() -> None:
 """
 
 
-def _mypy(tmp_path: Path, text: str) -> subprocess.CompletedProcess[str]:
-    path = tmp_path / "user.py"
-    path.write_text(text)
-    return subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        # No MYPYPATH: the editable install is a static path entry mypy reads, as a
-        # user's would be (docs/packaging.md).
-        cwd=tmp_path,
-    )
-
-
-def test_await_handle_is_the_coroutines_type(tmp_path: Path) -> None:
-    out = _mypy(tmp_path, USER_FILE)
-    assert out.returncode == 0, out.stdout + out.stderr
-
-
-def test_a_wrong_type_is_caught(tmp_path: Path) -> None:
-    out = _mypy(tmp_path, BAD_FILE)
-    assert out.returncode == 1
-    assert re.search(
-        r"user\.py:\d+: error: .*(Incompatible|Coroutine\[Any, Any, int\])", out.stdout
-    )
-
-
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -83,14 +58,48 @@ def _python_blocks(path: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.S)
 
 
-def test_the_readme_and_embedding_snippets_type_check(tmp_path: Path) -> None:
-    blocks = [
-        block
-        for doc in (ROOT / "README.md", ROOT / "docs" / "embedding.md")
-        for block in _python_blocks(doc)
-        if "taskd.web.setup(app" in block
-    ]
-    assert len(blocks) >= 2  # at least one in each: a snippet that moved is still checked
-    for block in blocks:
-        out = _mypy(tmp_path, block)
-        assert out.returncode == 0, block + out.stdout + out.stderr
+SNIPPETS = [
+    block
+    for doc in (ROOT / "README.md", ROOT / "docs" / "embedding.md")
+    for block in _python_blocks(doc)
+    if "taskd.web.setup(app" in block
+]
+
+
+@pytest.fixture(scope="module")
+def mypy_report(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    """One mypy run over every file (a run costs seconds; the files are independent
+    modules): each file's lines of the report, by file name."""
+    where = tmp_path_factory.mktemp("mypy")
+    files = {"user.py": USER_FILE, "bad.py": BAD_FILE}
+    files.update({f"snippet_{n}.py": block for n, block in enumerate(SNIPPETS)})
+    for name, text in files.items():
+        (where / name).write_text(text)
+    out = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", *files],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # No MYPYPATH: the editable install is a static path entry mypy reads, as a
+        # user's would be (docs/packaging.md).
+        cwd=where,
+    )
+    assert not out.stderr, out.stderr
+    lines = out.stdout.splitlines()
+    return {name: "\n".join(ln for ln in lines if ln.startswith(name + ":")) for name in files}
+
+
+def test_await_handle_is_the_coroutines_type(mypy_report: dict[str, str]) -> None:
+    assert mypy_report["user.py"] == ""
+
+
+def test_a_wrong_type_is_caught(mypy_report: dict[str, str]) -> None:
+    assert re.search(
+        r"bad\.py:\d+: error: .*(Incompatible|Coroutine\[Any, Any, int\])", mypy_report["bad.py"]
+    )
+
+
+def test_the_readme_and_embedding_snippets_type_check(mypy_report: dict[str, str]) -> None:
+    assert len(SNIPPETS) >= 2  # at least one in each: a snippet that moved is still checked
+    for n, block in enumerate(SNIPPETS):
+        assert mypy_report[f"snippet_{n}.py"] == "", block
