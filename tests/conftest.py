@@ -1,28 +1,15 @@
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import TypedDict
 
 import pytest
 
 import taskd
+from taskd.testing import FakeClock
 
 from .redis_server import RedisServer
-
-
-class FakeClock:
-    """A wall clock the test moves by hand; the actor reads it on every batch."""
-
-    def __init__(self, start: float = 1_800_000_000.0) -> None:
-        self.now = start
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @pytest.fixture
@@ -34,15 +21,6 @@ def clock() -> FakeClock:
 async def tracker() -> AsyncIterator[taskd.Tracker]:
     async with taskd.Tracker(close_timeout=0.5) as t:
         yield t
-
-
-async def eventually(check: Callable[[], Awaitable[bool]], timeout: float = 10.0) -> None:
-    """Await until ``check()`` is true: how tests wait for a state change that has no
-    event of its own to await (a subscriber registered, a poll parked), reading the
-    tracker's ``stats()`` or ``/metrics`` rather than sleeping for a guessed time."""
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - polling an observable, bounded
-            await asyncio.sleep(0.01)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,10 +8,16 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import IO
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from taskd.testing import eventually
 
 
 def free_port() -> int:
@@ -113,13 +119,44 @@ def cli(
     )
 
 
-def wait_for(predicate: object, timeout: float = 30.0, interval: float = 0.1) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():  # type: ignore[operator]
-            return
-        time.sleep(interval)
-    raise AssertionError("condition not met in time")
+def wait_for(predicate: Callable[[], bool], timeout: float = 30.0, interval: float = 0.1) -> None:
+    """``taskd.testing.eventually`` for a synchronous test (one with no event loop):
+    the same poll, run on a loop of its own."""
+    asyncio.run(eventually(predicate, timeout, interval))
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of the ``name`` samples at ``url``/metrics whose labels include
+    ``labels`` (a counter's ``_total`` sample counts as ``name``); 0 if none."""
+    with urllib.request.urlopen(url + "/metrics", timeout=10) as resp:
+        text = resp.read().decode()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name in (name, name + "_total") and labels.items() <= sample.labels.items()
+    )
+
+
+class Lines:
+    """The lines a subprocess writes to a pipe, collected by a daemon thread: a test
+    waits for one (``wait_for(lambda: len(out.lines) >= 2)``) and never blocks on a
+    ``readline`` that might not come."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        with stream:  # closed at the end, as ``communicate`` would
+            for line in stream:
+                self.lines.append(line)
+
+    def join(self, timeout: float = 10.0) -> list[str]:
+        """Wait for the end of the stream (the process exited); the lines read."""
+        self._thread.join(timeout)
+        return self.lines
 
 
 def argv(*parts: str | Sequence[str]) -> list[str]:

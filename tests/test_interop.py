@@ -25,8 +25,8 @@ import taskd
 import taskd.web
 from taskd import _errors
 from taskd.client import ApiError, TaskdClient
+from taskd.testing import FakeClock, eventually
 
-from .conftest import FakeClock, eventually
 from .service import Service, cli, free_port
 from .test_serve import http
 

@@ -20,7 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import taskd
 
 from .conftest import Engine
-from .service import Service
+from .service import Service, wait_for
 from .test_serve import create, http
 
 API = "/api/v1"
@@ -209,7 +209,6 @@ def run_gunicorn(tmp_path: Path, workers: int, env: dict[str, str]) -> str:
     import os
     import subprocess
     import sys
-    import time
 
     from .service import free_port
 
@@ -225,11 +224,14 @@ def run_gunicorn(tmp_path: Path, workers: int, env: dict[str, str]) -> str:
              "-k", "aiohttp.GunicornWebWorker", "-b", f"127.0.0.1:{free_port()}"],
             cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT, env=env,
         )  # fmt: skip
+
+        def ready() -> bool:
+            if proc.poll() is not None:
+                raise RuntimeError(f"gunicorn exited: {log_path.read_text()}")
+            return log_path.read_text().count("READY") >= workers
+
         try:
-            deadline = time.monotonic() + 30
-            while log_path.read_text().count("READY") < workers:
-                assert proc.poll() is None and time.monotonic() < deadline, log_path.read_text()
-                time.sleep(0.05)
+            wait_for(ready, timeout=30, interval=0.05)
         finally:
             proc.send_signal(signal.SIGINT)  # gunicorn's quick shutdown: nothing to drain
             proc.wait(20)

@@ -19,8 +19,9 @@ from aiohttp.test_utils import TestClient, TestServer
 import taskd
 import taskd.web
 from taskd.client import TaskdClient
+from taskd.testing import eventually
 
-from .conftest import Engine, eventually
+from .conftest import Engine
 from .service import cli
 
 Client = TestClient[web.Request, web.Application]
@@ -275,13 +276,13 @@ async def test_webhook_retried_then_delivered_and_signed(
     tid = (await create(client, callback_url=rx.url))["task_id"]
     await client.post(f"{API}/tasks/{tid}/start")
     await client.post(f"{API}/tasks/{tid}/complete", json={"result": {"ok": 1}})
-    for _ in range(100):
-        if len(rx.calls) >= 3:
-            break
-        await asyncio.sleep(0.05)
-    assert len(rx.calls) == 3  # failed, failed, delivered; no more after success
-    await asyncio.sleep(0.3)
-    assert len(rx.calls) == 3
+    tracker = taskd.web.get_tracker(client.app)
+
+    async def delivered() -> bool:
+        return (await tracker.stats())["webhooks_delivered"] == 1
+
+    await eventually(delivered)  # counted once the 2xx is in: no retry follows it
+    assert len(rx.calls) == 3  # failed, failed, delivered
     ids = {headers["webhook-id"] for _, headers, _ in rx.calls}
     assert len(ids) == 1  # retries carry the same message id
     for _, headers, body in rx.calls:
@@ -289,7 +290,7 @@ async def test_webhook_retried_then_delivered_and_signed(
         assert abs(int(headers["webhook-timestamp"]) - time.time()) < 60
     record = json.loads(rx.calls[-1][2])
     assert record["task_id"] == tid and record["status"] == "completed"
-    stats = await taskd.web.get_tracker(client.app).stats()
+    stats = await tracker.stats()
     assert (stats["webhooks_delivered"], stats["webhooks_failed"]) == (1, 0)
     metrics = await (await client.get("/metrics")).text()
     assert "taskd_webhooks_delivered_total 1.0" in metrics
@@ -310,10 +311,7 @@ async def test_webhook_for_spawned_task(receivers: Any, engine: Engine) -> None:
         handle = await t.spawn(work(), task_type="x", callback_url=rx.url)
         with pytest.raises(RuntimeError):
             await handle
-        for _ in range(100):
-            if rx.calls:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: bool(rx.calls))
     _, headers, body = rx.calls[0]
     key = b"plain-secret"
     signed = f"{headers['webhook-id']}.{headers['webhook-timestamp']}.".encode() + body
@@ -355,14 +353,11 @@ async def test_hanging_receiver_does_not_delay_others(receivers: Any) -> None:
         a = await t.create("x", callback_url=slow.url)
         b = await t.create("x", callback_url=fast.url)
         await t.cancel(a.task_id)
-        await asyncio.sleep(0.1)  # the slow delivery is now hanging
+        await eventually(lambda: len(slow.calls) == 1)  # the slow delivery is now hanging
         started = time.monotonic()
         await t.cancel(b.task_id)
-        for _ in range(100):
-            if fast.calls:
-                break
-            await asyncio.sleep(0.02)
-        assert fast.calls and fast.calls[0][0] - started < 2.0
+        await eventually(lambda: bool(fast.calls))
+        assert fast.calls[0][0] - started < 2.0
         assert len(slow.calls) == 1
 
 

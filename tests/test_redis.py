@@ -21,6 +21,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 import taskd
+from taskd.testing import eventually
 
 from .redis_server import RedisServer
 from .service import Service, free_port
@@ -127,15 +128,6 @@ async def record(http: aiohttp.ClientSession, base: str, tid: str) -> dict[str, 
     body = await call(http, "GET", f"{base}{API}/tasks/{tid}", 200)
     result: dict[str, Any] = body["result"]
     return result
-
-
-async def until(check: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> float:
-    """Await until ``check()`` holds; returns how long that took."""
-    started = time.monotonic()
-    async with asyncio.timeout(timeout):
-        while not await check():  # noqa: ASYNC110 - polling another process, bounded
-            await asyncio.sleep(0.02)
-    return time.monotonic() - started
 
 
 # --- one task space -------------------------------------------------------------------
@@ -255,7 +247,7 @@ async def test_long_poll_on_one_process_sees_another(
             async with http.get(f"{url}/metrics") as resp:
                 return "taskd_waiters 1.0" in await resp.text()
 
-        await until(parked)
+        await eventually(parked, 15)
         await call(http, "POST", f"{a.url}{API}/tasks/{tid}/cancel", 202)
         answer = await asyncio.wait_for(poll, 10)  # woken: far before the deadline
         assert answer["result"]["status"] == "cancelled"
@@ -286,7 +278,7 @@ async def test_event_streams_are_global_and_resumable(
             return "taskd_subscriptions 1.0" in await resp.text()
 
     async with http.get(f"{a.url}{API}/events") as stream:
-        await until(lambda: subscribed(a.url))
+        await eventually(lambda: subscribed(a.url), 15)
         ids = []
         for s in (b, c, b):
             body = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "e"})
@@ -316,7 +308,7 @@ async def test_cancel_reaches_the_process_running_the_coroutine(
     async def cancelled() -> bool:
         return (await record(http, b.url, tid))["status"] == "cancelled"
 
-    await until(cancelled, 5)  # the worker's coroutine unwound and reported it
+    await eventually(cancelled, 5)  # the worker's coroutine unwound and reported it
 
 
 async def test_a_killed_process_leaves_nothing_looking_alive(
@@ -334,7 +326,7 @@ async def test_a_killed_process_leaves_nothing_looking_alive(
         recs = [await record(http, b.url, t) for t in tids]
         return all(r["status"] == "failed" for r in recs)
 
-    await until(lost, 12)
+    await eventually(lost, 12)
     assert time.monotonic() - killed_at < 10
     for t in tids:
         assert (await record(http, b.url, t))["error"] == "interrupted: process lost"
@@ -353,13 +345,13 @@ async def test_a_paused_process_cannot_write_a_stale_outcome(
     async def lost() -> bool:
         return (await record(http, b.url, tid))["status"] == "failed"
 
-    await until(lost, 15)
+    await eventually(lost, 15)
     w.proc.send_signal(signal.SIGCONT)
 
     async def settled() -> bool:
         return (await call(http, "GET", f"{w.url}/runners"))["runners"] == 0
 
-    await until(settled, 10)  # its coroutine ended (or was stopped) after the pause
+    await eventually(settled, 10)  # its coroutine ended (or was stopped) after the pause
     rec = await record(http, b.url, tid)
     assert (rec["status"], rec["error"]) == ("failed", "interrupted: process lost")
 
@@ -377,7 +369,7 @@ async def test_heartbeat_timeout_fires_once(
     async def failed() -> bool:
         return (await record(http, c.url, tid))["status"] == "failed"
 
-    await until(failed, 10)
+    await eventually(failed, 10)
     entries = redis_server.command("XRANGE", "{" + space + "}x", "-", "+").decode()
     assert entries.count(f'"id":"{tid}"') == 2  # created, then failed once: not twice
     assert (await record(http, b.url, tid))["error"] == "heartbeat timeout"
@@ -420,7 +412,7 @@ async def test_each_webhook_is_delivered_by_some_process(
             async def delivered() -> bool:
                 return {json.loads(body)["task_id"] for _, body in calls} == set(tids)
 
-            await until(delivered, 15)
+            await eventually(delivered, 15)
             by_task: dict[str, set[str]] = {}
             for wid, body in calls:
                 by_task.setdefault(json.loads(body)["task_id"], set()).add(wid)
@@ -459,7 +451,7 @@ async def test_redis_stalled_then_back(tmp_path: Path, http: aiohttp.ClientSessi
                 async with http.get(f"{s.url}{API}/tasks/{tid}") as resp:
                     return resp.status == 200
 
-            await until(recovered, 10)
+            await eventually(recovered, 10)
             assert time.monotonic() - back < 5
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
     finally:
@@ -487,7 +479,7 @@ async def test_acknowledged_changes_survive_a_redis_restart(
                 async with http.get(f"{s.url}{API}/tasks/{tids[0]}") as resp:
                     return resp.status == 200
 
-            await until(recovered, 10)
+            await eventually(recovered, 10)
             assert (await record(http, s.url, tids[0]))["status"] == "cancelled"
             page = await call(http, "GET", f"{s.url}{API}/tasks?limit=100", 200)
             assert {r["task_id"] for r in page["result"]} == set(tids)
@@ -514,7 +506,7 @@ async def test_workers_share_one_port_and_one_space(
         async def two() -> bool:
             return len(children()) == 2
 
-        await until(two, 15)
+        await eventually(two, 15)
         tids = []
         for _ in range(20):
             async with aiohttp.ClientSession() as fresh:  # new connection each time
@@ -745,7 +737,7 @@ async def test_policy_is_checked_again_on_reconnect(
                 async with http.get(f"{s.url}/health") as resp:
                     return resp.status == 503 and "maxmemory-policy" in await resp.text()
 
-            await until(refused, 10)
+            await eventually(refused, 10)
             async with http.get(f"{s.url}{API}/tasks") as resp:
                 assert resp.status == 503
                 assert "noeviction" in (await resp.json())["error"]["message"]
@@ -755,7 +747,7 @@ async def test_policy_is_checked_again_on_reconnect(
                 async with http.post(f"{s.url}{API}/tasks", json={"task_type": "x"}) as resp:
                     return resp.status == 201
 
-            await until(back, 10)
+            await eventually(back, 10)
             await call(http, "GET", f"{s.url}/health", 200)
     finally:
         redis.stop()
@@ -795,7 +787,7 @@ async def test_a_full_redis_is_visible(tmp_path: Path, http: aiohttp.ClientSessi
                 async with http.get(f"{s.url}/health") as resp:
                     return resp.status == 200
 
-            await until(healthy, 10)
+            await eventually(healthy, 10)
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
             filler.close()
         errors = [line for line in s.log().splitlines() if " ERROR " in line]
@@ -830,7 +822,7 @@ async def test_a_deleted_task_is_gone_from_replays_and_from_redis(
                 async with http.get(f"{s.url}/metrics") as resp:
                     return "taskd_subscriptions 1.0" in await resp.text()
 
-            await until(subscribed)
+            await eventually(subscribed, 15)
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "a"})
             since = (await asyncio.wait_for(read_events(stream, 1), 5))[0][0]
         secrets_ = {
@@ -949,7 +941,7 @@ async def test_a_deleted_task_is_not_replayed_on_any_engine(
                 async with http.get(f"{s.url}/metrics") as resp:
                     return "taskd_subscriptions 1.0" in await resp.text()
 
-            await until(subscribed)
+            await eventually(subscribed, 15)
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "a"})
             since = (await asyncio.wait_for(read_events(stream, 1), 5))[0][0]
         body = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "b"})

@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -17,8 +17,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskd.client import TaskdClient
+from taskd.testing import eventually
 
-from .service import Service, cli, free_port, wait_for
+from .service import Lines, Service, cli, free_port, metric, wait_for
 
 API = "/api/v1"
 
@@ -40,6 +41,16 @@ def http(method: str, url: str, body: Any = None, token: str | None = None) -> t
 def service(tmp_path: Path) -> Any:
     with Service(tmp_path) as s:
         yield s
+
+
+def waiters(url: str) -> float:
+    """Long-polls parked at the server."""
+    return metric(url, "taskd_waiters")
+
+
+def polls(url: str) -> float:
+    """``GET /tasks/{task_id}`` answered (a long-poll counts when it is answered)."""
+    return metric(url, "taskd_http_requests", method="GET", route=API + "/tasks/{task_id}")
 
 
 def create(url: str, **fields: Any) -> dict[str, Any]:
@@ -179,9 +190,12 @@ def test_cli_wait_exit_status(service: Service, end: str, code: int) -> None:
         stderr=subprocess.PIPE,
         text=True,
     )
-    time.sleep(1.0)
+    wait_for(lambda: waiters(service.url) == 1, timeout=20)  # following: a long-poll parked
     http("POST", service.url + API + f"/tasks/{tid}/progress", {"progress": 0.5, "message": "half"})
-    time.sleep(0.5)
+    answered = polls(service.url)
+    # Two more polls answered, and the next one parked: the second began after the
+    # progress, so `wait` has seen it, and it kept following.
+    wait_for(lambda: polls(service.url) >= answered + 2 and waiters(service.url) == 1, timeout=20)
     assert proc.poll() is None  # still following
     body = (
         {"result": {"n": 1}} if end == "complete" else {"error": "boom"} if end == "fail" else None
@@ -232,20 +246,18 @@ def test_cli_watch_prints_changes(service: Service) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+    assert proc.stdout is not None
+    out = Lines(proc.stdout)
     try:
-
-        def subscribed() -> bool:
-            with urllib.request.urlopen(service.url + "/metrics") as resp:
-                return "taskd_subscriptions 1.0" in resp.read().decode()
-
-        wait_for(subscribed, timeout=20)  # watch follows changes made after it starts
+        # watch follows changes made after it starts
+        wait_for(lambda: metric(service.url, "taskd_subscriptions") == 1, timeout=20)
         tid = create(service.url)["task_id"]
         http("POST", service.url + API + f"/tasks/{tid}/cancel")
-        time.sleep(1.0)
+        wait_for(lambda: len(out.lines) >= 2, timeout=20)  # one line a change, flushed
     finally:
         proc.send_signal(signal.SIGINT)
-        stdout, _ = proc.communicate(timeout=10)
-    statuses = [json.loads(line)["status"] for line in stdout.splitlines() if line.strip()]
+        proc.wait(10)
+    statuses = [json.loads(line)["status"] for line in out.join() if line.strip()]
     assert statuses[:2] == ["pending", "cancelled"]
 
 
@@ -289,9 +301,18 @@ async def test_client_wait_survives_a_server_restart(tmp_path: Path) -> None:
         rec = await client.create("job")
         await client.start(rec.task_id)
         waiter = asyncio.ensure_future(client.wait(rec.task_id, timeout=60, poll_wait=2))
-        await asyncio.sleep(0.5)
+
+        async def parked() -> bool:
+            return await asyncio.to_thread(waiters, s.url) == 1
+
+        await eventually(parked)  # its long-poll is at the server
         assert await asyncio.to_thread(s.stop, signal.SIGKILL) != 0  # the server dies mid long-poll
-        await asyncio.sleep(1.0)
+        # The waiter rides it out: it comes back to the port (here a bare listener that
+        # drops it, as a dead server would) rather than failing.
+        with socket.create_server(("127.0.0.1", s.port)) as probe:
+            probe.setblocking(False)
+            conn, _ = await asyncio.wait_for(asyncio.get_running_loop().sock_accept(probe), 10)
+            conn.close()
         assert not waiter.done()
         again = await asyncio.to_thread(Service(tmp_path, "--db", str(db), port=s.port).start)
         try:

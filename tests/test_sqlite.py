@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import sqlite3
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,9 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
+from taskd.testing import FakeClock, eventually
 
-from .conftest import FakeClock, eventually
-from .service import Service, cli
+from .service import Service, cli, wait_for
 
 API = "/api/v1"
 
@@ -53,29 +55,40 @@ async def test_records_round_trip_with_every_field(tmp_path: Path) -> None:
         assert (await t.list(limit=1))[0].task_id == d.task_id
 
 
+#: A process that spawns a task and starts an external one, then dies with no
+#: shutdown at all (``os._exit``): what a crash leaves in the file.
+_CRASH = """
+import asyncio, os, sys
+import taskd
+
+async def main() -> None:
+    async with taskd.Tracker(store=taskd.SQLiteStore(sys.argv[1])) as t:
+        handle = await t.spawn(asyncio.sleep(60), task_type="x", resource_id="r")
+        external = await t.create("ext")
+        await t.start(external.task_id)
+        print(handle.task_id, external.task_id, flush=True)
+        os._exit(0)
+
+asyncio.run(main())
+"""
+
+
 async def test_in_process_tasks_are_failed_as_interrupted(tmp_path: Path) -> None:
     db = tmp_path / "t.db"
-    t = taskd.Tracker(store=taskd.SQLiteStore(db))
-    await t.__aenter__()
-    handle = await t.spawn(asyncio.sleep(60), task_type="x", resource_id="r")
-    external = await t.create("ext")
-    await t.start(external.task_id)
-    # Simulate the process dying: the actor stops without a shutdown.
-    assert t._actor_task is not None
-    t._actor_task.cancel()
-    await asyncio.gather(t._actor_task, return_exceptions=True)
-    await t._options.store.close()
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _CRASH, str(db), stdout=asyncio.subprocess.PIPE
+    )
+    stdout, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, stdout
+    spawned, started = stdout.decode().split()
     async with taskd.Tracker(store=taskd.SQLiteStore(db)) as again:
-        rec = await again.get(handle.task_id)
+        rec = await again.get(spawned)
         assert rec is not None and rec.status is S.FAILED
         assert rec.error == "interrupted: tracker restarted"
-        ext = await again.get(external.task_id)
+        ext = await again.get(started)
         assert ext is not None and ext.status is S.RUNNING  # external: left as it was
         # the key of the interrupted task is free again
         await again.create("x", resource_id="r")
-    for task in asyncio.all_tasks():
-        if task is not asyncio.current_task() and "sleep" in repr(task.get_coro()):
-            task.cancel()
 
 
 async def test_ttl_purge_survives_restart(tmp_path: Path, clock: FakeClock) -> None:
@@ -120,11 +133,14 @@ async def test_store_write_failure_refuses_writes_then_recovers(tmp_path: Path) 
     t = taskd.Tracker(store=taskd.SQLiteStore(db))
     await t.__aenter__()
     kept = await t.create("x")
-    store = t._options.store
-    # Fault injection into the real store (private on purpose): rename the table under
-    # its feet, so that the next commit fails in SQLite itself.
-    run = store._executor.submit  # type: ignore[attr-defined]
-    run(store._conn.execute, "ALTER TABLE tasks RENAME TO hidden").result()  # type: ignore[attr-defined]
+
+    def rename(old: str, new: str) -> None:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+    # Fault injection from outside: another connection renames the table under the
+    # store's feet, so that its next commit fails in SQLite itself.
+    rename("tasks", "hidden")
     with pytest.raises(taskd.StoreError):
         await t.create("y")  # never acknowledged
     assert t.health() is not None and "no such table" in t.health()  # type: ignore[operator]
@@ -132,7 +148,7 @@ async def test_store_write_failure_refuses_writes_then_recovers(tmp_path: Path) 
         await t.start(kept.task_id)  # refused up front while the store cannot write
     got = await t.get(kept.task_id)  # reads go on
     assert got is not None and got.status == "pending"
-    run(store._conn.execute, "ALTER TABLE hidden RENAME TO tasks").result()  # type: ignore[attr-defined]
+    rename("hidden", "tasks")
 
     async def healthy() -> bool:
         return t.health() is None and (await t.stats())["records"] >= 1
@@ -198,6 +214,11 @@ def test_unwritable_paths_are_refused(tmp_path: Path) -> None:
 _RANK = {"pending": 0, "running": 1, "completed": 2, "failed": 2, "cancelled": 2}
 
 
+#: Tasks acknowledged before the kill: enough that the kill lands mid-load, with
+#: commits of every kind (insert, start, complete) in flight.
+_UNDER_LOAD = 500
+
+
 async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> None:
     db = tmp_path / "tasks.db"
     s = await asyncio.to_thread(Service(tmp_path, "--db", str(db)).start)
@@ -228,9 +249,10 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
 
     async with aiohttp.ClientSession() as session:
         workers = [asyncio.ensure_future(worker(session, n)) for n in range(16)]
-        await asyncio.sleep(2.0)
+        await eventually(lambda: len(acked) >= _UNDER_LOAD, timeout=60)
         s.send(signal.SIGKILL)  # mid-load, no shutdown at all
-        await asyncio.sleep(0.5)
+        assert s.proc is not None
+        await asyncio.to_thread(s.proc.wait, 10)  # gone: the workers' requests now fail
         stop.set()
         await asyncio.gather(*workers)
     await asyncio.to_thread(s.stop)
@@ -248,18 +270,18 @@ async def test_kill_9_under_load_loses_nothing_acknowledged(tmp_path: Path) -> N
 
 def test_restart_after_demo_kill_fails_running_jobs_as_interrupted(tmp_path: Path) -> None:
     import json
-    import time
     import urllib.request
 
     db = tmp_path / "tasks.db"
     s = Service(tmp_path, "--demo", "--db", str(db)).start()
     running: list[str] = []
-    deadline = time.monotonic() + 20
-    while not running and time.monotonic() < deadline:
+
+    def some_running() -> bool:
         with urllib.request.urlopen(f"{s.url}{API}/tasks?status=running") as resp:
-            running = [r["task_id"] for r in json.loads(resp.read())["result"]]
-        time.sleep(0.2)
-    assert running
+            running[:] = [r["task_id"] for r in json.loads(resp.read())["result"]]
+        return bool(running)
+
+    wait_for(some_running, timeout=20, interval=0.2)
     s.send(signal.SIGKILL)
     s.stop()
     with Service(tmp_path, "--db", str(db)) as again:

@@ -6,6 +6,7 @@ import asyncio
 import inspect
 import time
 import uuid
+from collections.abc import Collection
 from pathlib import Path
 from typing import TypedDict
 
@@ -14,9 +15,26 @@ import pytest
 import taskd
 from taskd import TaskStatus as S
 from taskd import _messages as m
+from taskd.testing import FakeClock, eventually
 
-from .conftest import FakeClock
 from .redis_server import RedisServer
+
+
+class RecordingStore(taskd.MemoryStore):
+    """A store (the public ``Store`` protocol) that keeps what the actor commits, so a
+    test sees each write as it lands rather than by asking the actor."""
+
+    persistent = True
+
+    def __init__(self) -> None:
+        self.seen: dict[str, taskd.TaskRecord] = {}
+        self.deleted: set[str] = set()
+
+    async def write(self, upserts: Collection[taskd.TaskRecord], deletes: Collection[str]) -> None:
+        for r in upserts:
+            self.seen[r.task_id] = r
+        self.deleted.update(deletes)
+
 
 # --- spawn -----------------------------------------------------------------------
 
@@ -194,7 +212,7 @@ async def test_spawn_keeps_a_strong_reference(tracker: taskd.Tracker) -> None:
 
     handle = await tracker.spawn(work(), task_type="x")
     task_id = handle.task_id
-    await asyncio.sleep(0.01)
+    await eventually(lambda: "fut" in holder)  # the coroutine runs, awaiting its future
     del handle
     await tracker.get("other")  # the actor moves on from the batch that held the spawn
     gc.collect()
@@ -324,7 +342,11 @@ async def test_ten_thousand_waiters_all_woken(tracker: taskd.Tracker) -> None:
     rec = await tracker.create("x")
     await tracker.start(rec.task_id)
     waiters = [asyncio.ensure_future(tracker.wait(rec.task_id)) for _ in range(10_000)]
-    await asyncio.sleep(0.05)
+
+    async def all_parked() -> bool:
+        return (await tracker.stats())["waiters"] == 10_000
+
+    await eventually(all_parked)
     assert not any(w.done() for w in waiters)
     await tracker.complete(rec.task_id, "ok")
     done = await asyncio.wait_for(asyncio.gather(*waiters), timeout=30)
@@ -349,12 +371,15 @@ async def test_wait_unknown_task(tracker: taskd.Tracker) -> None:
 async def test_cancelled_waiter_is_forgotten(tracker: taskd.Tracker) -> None:
     rec = await tracker.create("x")
     w = asyncio.ensure_future(tracker.wait(rec.task_id))
-    await asyncio.sleep(0.01)
+
+    async def waiters(n: int) -> bool:
+        return (await tracker.stats())["waiters"] == n
+
+    await eventually(lambda: waiters(1))
     w.cancel()
     with pytest.raises(asyncio.CancelledError):
         await w
-    await tracker.get(rec.task_id)  # let the actor take the Unwait
-    assert rec.task_id not in tracker._actor._waiters
+    assert await waiters(0)  # stats() queues behind the Unwait the cancel sent
 
 
 async def test_watch_yields_each_change_and_ends(tracker: taskd.Tracker) -> None:
@@ -366,7 +391,11 @@ async def test_watch_yields_each_change_and_ends(tracker: taskd.Tracker) -> None
             seen.append((r.status, r.progress))
 
     w = asyncio.ensure_future(watcher())
-    await asyncio.sleep(0.01)
+
+    async def subscribed() -> bool:
+        return (await tracker.stats())["subscriptions"] == 1
+
+    await eventually(subscribed)
     await tracker.start(rec.task_id)
     await tracker.progress(rec.task_id, 0.5)
     await tracker.complete(rec.task_id, 1)
@@ -409,11 +438,14 @@ async def test_ttl_per_status_counts_from_finished_at(
 
 async def test_ttl_fires_on_its_own_without_traffic() -> None:
     retention = taskd.Retention(completed_ttl=0.05)
-    async with taskd.Tracker(retention=retention) as t:
+    store = RecordingStore()
+    async with taskd.Tracker(retention=retention, store=store) as t:
         rec = await t.create("x")
         await t.start(rec.task_id)
         await t.complete(rec.task_id)
-        await asyncio.sleep(0.2)
+        # Watched at the store, not asked of the actor: any command would fire a due
+        # timer itself, and this is about the timer firing with no command at all.
+        await eventually(lambda: rec.task_id in store.deleted, timeout=5)
         stats = await t.stats()
         assert stats["records"] == 0
 
@@ -495,7 +527,11 @@ async def test_killed_actor_fails_every_caller_fast() -> None:
     await t.__aenter__()
     rec = await t.create("x")
     pending = [asyncio.ensure_future(t.wait(rec.task_id)) for _ in range(10)]
-    await asyncio.sleep(0.01)
+
+    async def parked() -> bool:
+        return (await t.stats())["waiters"] == 10
+
+    await eventually(parked)
     assert t._actor_task is not None
     t._actor_task.cancel()
     started = time.monotonic()
@@ -542,22 +578,16 @@ async def test_shutdown_waits_then_cancels_running_tasks() -> None:
 
 
 async def test_shutdown_records_cancelled_state(clock: FakeClock) -> None:
-    from taskd._store import MemoryStore
+    store = RecordingStore()
+    running = asyncio.Event()
 
-    class Recording(MemoryStore):
-        persistent = True
+    async def work() -> None:
+        running.set()
+        await asyncio.sleep(60)
 
-        def __init__(self) -> None:
-            self.seen: dict[str, taskd.TaskRecord] = {}
-
-        async def write(self, upserts, deletes) -> None:  # type: ignore[no-untyped-def]
-            for r in upserts:
-                self.seen[r.task_id] = r
-
-    store = Recording()
     async with taskd.Tracker(store=store, close_timeout=0.05) as t:
-        h = await t.spawn(asyncio.sleep(60), task_type="x")
-        await asyncio.sleep(0.01)
+        h = await t.spawn(work(), task_type="x")
+        await running.wait()
     final = store.seen[h.task_id]
     assert final.status is S.CANCELLED
     assert final.error == "cancelled: tracker shutting down"
@@ -567,8 +597,10 @@ async def test_coroutine_ignoring_cancellation_does_not_hang_shutdown(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     release = asyncio.Event()
+    running = asyncio.Event()
 
     async def stubborn() -> None:
+        running.set()
         while not release.is_set():
             try:
                 await asyncio.sleep(10)
@@ -578,12 +610,11 @@ async def test_coroutine_ignoring_cancellation_does_not_hang_shutdown(
     started = time.monotonic()
     async with taskd.Tracker(close_timeout=0.1) as t:
         h = await t.spawn(stubborn(), task_type="x")
-        await asyncio.sleep(0.01)
+        await running.wait()  # inside its loop: the cancel at shutdown is ignored
     assert time.monotonic() - started < 0.1 + 1.0 + 0.5
     assert "ignored cancellation" in caplog.text
     assert h.done()
     release.set()
-    await asyncio.sleep(0)
     for task in asyncio.all_tasks():
         if task is not asyncio.current_task() and "stubborn" in repr(task.get_coro()):
             task.cancel()

@@ -8,8 +8,8 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
+from taskd.testing import FakeClock
 
-from .conftest import FakeClock
 from .test_models import ALL, ALLOWED
 
 

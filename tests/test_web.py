@@ -16,6 +16,7 @@ from aiohttp.test_utils import TestClient
 
 import taskd
 import taskd.web
+from taskd.testing import eventually
 
 from .conftest import Engine
 
@@ -140,7 +141,12 @@ async def test_long_poll_returns_early_on_completion(client: Client) -> None:
     loop = asyncio.get_running_loop()
     started = loop.time()
     poll = asyncio.ensure_future(client.get(f"{API}/tasks/{tid}?wait=30"))
-    await asyncio.sleep(0.2)
+    tracker = taskd.web.get_tracker(client.app)
+
+    async def parked() -> bool:
+        return (await tracker.stats())["waiters"] == 1
+
+    await eventually(parked)
     assert not poll.done()
     await client.post(f"{API}/tasks/{tid}/complete", json={"result": 1})
     rec = await ok(await asyncio.wait_for(poll, 10))

@@ -13,6 +13,8 @@ from typing import Any
 
 import aiohttp
 
+from taskd.testing import eventually
+
 from ..service import Service
 
 API = "/api/v1"
@@ -42,7 +44,7 @@ async def test_sigterm_under_load_exits_cleanly_with_records_final(tmp_path: Pat
 
     async with aiohttp.ClientSession() as http:
         workers = [asyncio.ensure_future(worker(http, n)) for n in range(10)]
-        await asyncio.sleep(2.0)
+        await eventually(lambda: len(acked) >= 200, timeout=60)  # well under way
         started = time.monotonic()
         s.send(signal.SIGTERM)
         code = await asyncio.get_running_loop().run_in_executor(None, s.stop)

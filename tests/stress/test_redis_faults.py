@@ -21,6 +21,7 @@ import pytest
 import redis as redis_py
 
 import taskd
+from taskd.testing import eventually
 
 from ..redis_server import RedisServer
 from ..service import Service, cli, free_port
@@ -167,13 +168,12 @@ async def test_a_read_only_redis_is_visible_and_recovers(tmp_path: Path) -> None
             async with http.get(f"{s.url}/health") as resp:
                 assert resp.status == 503 and "READONLY" in await resp.text()
             redis.command("REPLICAOF", "NO", "ONE")
-            deadline = time.monotonic() + 10
-            while True:
+
+            async def healthy() -> bool:
                 async with http.get(f"{s.url}/health") as resp:
-                    if resp.status == 200:
-                        break
-                assert time.monotonic() < deadline
-                await asyncio.sleep(0.1)
+                    return resp.status == 200
+
+            await eventually(healthy, 10, interval=0.1)
             async with http.post(f"{s.url}{API}/tasks", json={"task_type": "x"}) as resp:
                 assert resp.status == 201
         assert s.log().count(" ERROR ") == 1, s.log()
