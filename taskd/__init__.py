@@ -19,11 +19,11 @@ from ._errors import (
 from ._models import ANY_OWNER, JSON, AnyOwner, TaskRecord, TaskSpec, TaskStatus
 from ._redact import redact
 from ._retention import Retention
-from ._runner import report_progress
-from ._sqlite import SQLiteStore
-from ._store import MemoryStore, Store
-from ._tracker import TaskHandle, TaskPage, Tracker, TrackerState
 from ._webhooks import Webhooks
+from .actor.runner import report_progress
+from .engine.sqlite import SQLiteStore
+from .engine.store import MemoryStore, Store
+from .tracker import TaskHandle, TaskPage, Tracker, TrackerState
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ from typing import Any, Final
 
 from ._errors import TaskConflict, TaskdError
 from ._models import JSON
-from ._runner import report_progress
-from ._tracker import TaskHandle, Tracker
+from .actor.runner import report_progress
+from .tracker import TaskHandle, Tracker
 
 __all__ = ["run_demo"]
 

@@ -7,9 +7,9 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
-from taskd import _messages as m
 from taskd._models import ANY_OWNER, TaskRecord
-from taskd._state import TaskState, new_spec
+from taskd.actor import messages as m
+from taskd.engine.state import TaskState, new_spec
 
 NOW = 1_800_000_000.0
 

@@ -14,7 +14,7 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
-from taskd import _messages as m
+from taskd.actor import messages as m
 from taskd.testing import FakeClock, eventually
 
 from .redis_server import RedisServer

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from urllib.parse import urlsplit, urlunsplit
 
-from .._redis import check_redis_url
+from ..engine.redis.space import check_redis_url
 from ._common import EXIT_START, CliError
 
 __all__ = ["check_reachable", "check_url", "safe_url"]

@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 
 from .. import __version__
 from .._errors import TaskdError
-from .._redis import check_prefix
+from ..engine.redis.space import check_prefix
 from ._common import (
     EXIT_OK,
     EXIT_START,
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .._retention import Retention
-    from .._sqlite import SQLiteStore
+    from ..engine.sqlite import SQLiteStore
     from .._webhooks import Webhooks, parse_allow_list
     from ..web import BrowserGuard, bearer_auth, create_app
     from ..web._guard import is_loopback

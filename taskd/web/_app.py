@@ -22,8 +22,8 @@ from .._models import (
     check_seconds,
 )
 from .._retention import Retention
-from .._store import Store
-from .._tracker import TaskHandle, Tracker
+from ..engine.store import Store
+from ..tracker import TaskHandle, Tracker
 from .._webhooks import Webhooks
 from ._context import (
     _ROUTE_LIST,

@@ -18,8 +18,8 @@ from .._counters import Histogram
 from .._models import (
     TaskRecord,
 )
-from .._tracker import Tracker
-from .._watch import Subscription
+from ..actor.subscription import Subscription
+from ..tracker import Tracker
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")

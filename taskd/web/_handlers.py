@@ -12,7 +12,7 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import _metrics, _openapi
-from .._actor import _Deferred
+from ..actor.actor import _Deferred
 from .._errors import TaskNotFound
 from .._models import (
     JSON,
@@ -20,7 +20,7 @@ from .._models import (
     TaskStatus,
     check_limit,
 )
-from .._watch import Subscription
+from ..actor.subscription import Subscription
 from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
 from ._errors import _invalid, error_response
 from ._params import (

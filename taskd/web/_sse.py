@@ -11,7 +11,7 @@ from aiohttp_sse import EventSourceResponse
 from .._models import (
     TaskRecord,
 )
-from .._watch import Subscription
+from ..actor.subscription import Subscription
 from ._context import SSE_SEND_TIMEOUT, _State
 
 log = logging.getLogger("taskd.web")

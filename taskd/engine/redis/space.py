@@ -1,7 +1,7 @@
 """``RedisSpace``: one task space shared by many processes, held in Redis.
 
 Redis is the serial owner of shared state, as the actor is of local state: every
-command is one call of a server-side Lua script (``_redis.lua``, run with
+command is one call of a server-side Lua script (``script.lua``, run with
 ``EVALSHA``), atomic, with the transition table generated from
 ``_models.TRANSITIONS``. A process's actor sends each mailbox batch as one pipeline
 (group commit). This module is the wire: the script's text, the connection, and
@@ -25,7 +25,7 @@ from importlib import resources
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from ._errors import (
+from ..._errors import (
     InvalidTransition,
     QuotaExceeded,
     StoreError,
@@ -34,7 +34,7 @@ from ._errors import (
     TaskNotFound,
     TrackerFull,
 )
-from ._models import (
+from ..._models import (
     ANY_OWNER,
     DEFAULT_SPEC,
     JSON,
@@ -46,7 +46,7 @@ from ._models import (
     TaskStatus,
     result_from_text,
 )
-from ._retention import Retention
+from ..._retention import Retention
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -77,7 +77,7 @@ Command = tuple[str, Sequence[str]]
 
 
 def _script() -> str:
-    text = resources.files("taskd").joinpath("_redis.lua").read_text(encoding="utf-8")
+    text = resources.files(__package__).joinpath("script.lua").read_text(encoding="utf-8")
     table = ", ".join(
         f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}"
         for src, dsts in TRANSITIONS.items()

@@ -15,14 +15,14 @@ from collections.abc import Coroutine, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from ._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from .._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
 
 if TYPE_CHECKING:
     # Page and TrackerStats name replies in the quoted Request[...] bases below.
-    from ._runner import Outcome
-    from ._state import Page  # noqa: F401
-    from ._tracker import TrackerStats  # noqa: F401
-    from ._watch import Subscription
+    from ..engine.state import Page  # noqa: F401
+    from ..tracker import TrackerStats  # noqa: F401
+    from .runner import Outcome
+    from .subscription import Subscription
 
 R = TypeVar("R", covariant=True)
 

@@ -20,11 +20,9 @@ import logging
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _messages as m
-from ._counters import TaskCounters
-from ._errors import InvalidTransition, StoreError, TaskdError, TrackerClosed
-from ._hub import Hub
-from ._models import (
+from .._counters import TaskCounters
+from .._errors import InvalidTransition, StoreError, TaskdError, TrackerClosed
+from .._models import (
     ACTIVE,
     ANY_OWNER,
     JSON,
@@ -34,14 +32,16 @@ from ._models import (
     TaskRecord,
     TaskStatus,
 )
-from ._retention import Retention
-from ._runner import Runner
-from ._state import TaskState, new_spec
-from ._store import Store
-from ._timers import Kind, Timers
+from .._retention import Retention
+from ..engine.state import TaskState, new_spec
+from ..engine.store import Store
+from . import messages as m
+from .hub import Hub
+from .runner import Runner
+from .timers import Kind, Timers
 
 if TYPE_CHECKING:
-    from ._tracker import TrackerStats
+    from ..tracker import TrackerStats
 
 __all__ = ["Actor", "MailboxItem"]
 

@@ -20,9 +20,8 @@ from dataclasses import dataclass
 
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
-from . import _messages as m
-from ._errors import InvalidTransition, QuotaExceeded, TaskConflict, TaskNotFound, TrackerFull
-from ._models import (
+from .._errors import InvalidTransition, QuotaExceeded, TaskConflict, TaskNotFound, TrackerFull
+from .._models import (
     ANY_OWNER,
     DEFAULT_SPEC,
     JSON,
@@ -34,7 +33,8 @@ from ._models import (
     TaskSpec,
     TaskStatus,
 )
-from ._retention import ExpiryQueues, Retention
+from .._retention import ExpiryQueues, Retention
+from ..actor import messages as m
 
 __all__ = ["Page", "TaskState"]
 

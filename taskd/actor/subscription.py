@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 
-from ._models import ANY_OWNER, OwnerScope, TaskRecord, TaskStatus
+from .._models import ANY_OWNER, OwnerScope, TaskRecord, TaskStatus
 
 __all__ = ["Subscription"]
 

@@ -15,10 +15,10 @@ import contextvars
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar, cast
 
-from ._errors import TrackerClosed
-from ._messages import Progress, RunnerFinished
-from ._models import ANY_OWNER, TaskRecord, TaskStatus, check_progress, store_json
-from ._redact import redact_error, redact_message
+from .._errors import TrackerClosed
+from .._models import ANY_OWNER, TaskRecord, TaskStatus, check_progress, store_json
+from .._redact import redact_error, redact_message
+from .messages import Progress, RunnerFinished
 
 __all__ = ["Outcome", "Runner", "report_progress"]
 

@@ -28,8 +28,8 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any, Final
 
-from ._errors import StoreError
-from ._models import (
+from .._errors import StoreError
+from .._models import (
     DEFAULT_SPEC,
     JSON,
     RawJSON,

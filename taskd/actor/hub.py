@@ -14,8 +14,8 @@ from collections.abc import Callable, Iterable
 from itertools import chain
 from typing import Final
 
-from ._models import TERMINAL, TaskRecord
-from ._watch import Subscription
+from .._models import TERMINAL, TaskRecord
+from .subscription import Subscription
 
 __all__ = ["RECENT_EVENTS", "Hub"]
 

@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, Generic, TypedDict, TypeVar
 
-from . import _messages as m
-from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred
 from ._counters import TaskCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
@@ -39,12 +37,14 @@ from ._models import (
 )
 from ._redact import redact_error, redact_message
 from ._retention import Retention
-from ._runner import Outcome
-from ._shared import SharedActor
-from ._state import Page, new_spec
-from ._store import MemoryStore, Store
-from ._watch import Subscription
 from ._webhooks import Webhooks, WebhookSender
+from .actor import messages as m
+from .actor.actor import _DEFERRED, Actor, MailboxItem, _Deferred
+from .actor.runner import Outcome
+from .actor.subscription import Subscription
+from .engine.redis.engine import SharedActor
+from .engine.state import Page, new_spec
+from .engine.store import MemoryStore, Store
 
 __all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState"]
 
@@ -229,7 +229,7 @@ class Tracker:
         self._mailbox: asyncio.Queue[MailboxItem] = asyncio.Queue()
         self._actor: Actor
         if redis is not None:
-            from ._redis import check_prefix, check_redis_url
+            from .engine.redis.space import check_prefix, check_redis_url
 
             if explicit_store:
                 raise ValueError("store and redis are exclusive: Redis holds the records")

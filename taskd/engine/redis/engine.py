@@ -36,12 +36,16 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from . import _messages as m
-from ._actor import _DEFERRED, Actor, MailboxItem, _Deferred
-from ._errors import StoreError, TaskdError, TaskNotFound
-from ._hub import RECENT_EVENTS, Hub
-from ._models import JSON, TERMINAL, TaskRecord, TaskStatus
-from ._redis import (
+from ..._errors import StoreError, TaskdError, TaskNotFound
+from ..._models import JSON, TERMINAL, TaskRecord, TaskStatus
+from ..._retention import Retention
+from ...actor import messages as m
+from ...actor.actor import _DEFERRED, Actor, MailboxItem, _Deferred
+from ...actor.hub import RECENT_EVENTS, Hub
+from ...actor.runner import Runner
+from ...actor.timers import Kind
+from ..store import MemoryStore
+from .space import (
     SOCKET_TIMEOUT,
     Command,
     PolicyError,
@@ -54,14 +58,10 @@ from ._redis import (
     result_text,
     scope,
 )
-from ._retention import Retention
-from ._runner import Runner
-from ._store import MemoryStore
-from ._timers import Kind
 
 if TYPE_CHECKING:
-    from ._tracker import TrackerStats
-    from ._webhooks import WebhookSender
+    from ..._webhooks import WebhookSender
+    from ...tracker import TrackerStats
 
 __all__ = ["SharedActor"]
 
@@ -703,7 +703,7 @@ class SharedActor(Actor):
         return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, self._current)
 
     def _remote_list(self, msg: m.ListTasks) -> _Deferred:
-        from ._state import Page
+        from ..state import Page
 
         args = (
             scope(msg.owner),

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Collection, Sequence
 from typing import Protocol, runtime_checkable
 
-from ._models import TaskRecord
+from .._models import TaskRecord
 
 __all__ = ["MemoryStore", "Store"]
 
