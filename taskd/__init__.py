@@ -23,7 +23,7 @@ from ._webhooks import Webhooks
 from .actor.runner import report_progress
 from .engine.sqlite import SQLiteStore
 from .engine.store import MemoryStore, Store
-from .tracker import TaskHandle, TaskPage, Tracker, TrackerState
+from .tracker import TaskHandle, TaskPage, Tracker, TrackerState, WouldBlock
 
 __version__ = "0.1.0"
 
@@ -51,6 +51,7 @@ __all__ = [
     "TrackerFull",
     "TrackerState",
     "Webhooks",
+    "WouldBlock",
     "__version__",
     "redact",
     "report_progress",

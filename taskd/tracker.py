@@ -15,9 +15,8 @@ import time
 from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Generic, TypedDict, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
-from ._counters import TaskCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -39,14 +38,17 @@ from ._redact import redact_error, redact_message
 from ._retention import Retention
 from ._webhooks import Webhooks, WebhookSender
 from .actor import messages as m
-from .actor.actor import _DEFERRED, Actor, MailboxItem, _Deferred
+from .actor.actor import Actor, MailboxItem
 from .actor.runner import Outcome
+from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
-from .engine.redis.engine import SharedActor
+from .engine.base import Deferred, Engine
+from .engine.local import LocalEngine
+from .engine.redis.engine import RedisEngine
 from .engine.state import Page, new_spec
 from .engine.store import MemoryStore, Store
 
-__all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState"]
+__all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState", "WouldBlock"]
 
 log = logging.getLogger("taskd")
 T = TypeVar("T")
@@ -57,23 +59,9 @@ R = TypeVar("R")
 CANCEL_GRACE: Final = 1.0
 
 
-class TrackerStats(TypedDict, total=False):
-    """What ``Tracker.stats()`` reports (the webhook counters only with webhooks)."""
-
-    #: Records held, by (task_type, status).
-    counts: dict[tuple[str, TaskStatus], int]
-    records: int
-    active: int
-    mailbox_depth: int
-    commands: int
-    runners: int
-    subscriptions: int
-    waiters: int
-    webhooks_delivered: int
-    webhooks_failed: int
-    #: Tasks finished, run and wait times, and the last hour per minute, as this
-    #: process counted them (``TaskCounters``: docs/operations.md).
-    finished: TaskCounters
+class WouldBlock(Exception):
+    """``Tracker.get_nowait`` cannot answer without the actor: ``await get`` instead
+    (anyio's ``WouldBlock`` for ``receive_nowait``)."""
 
 
 class TrackerState(enum.Enum):
@@ -140,7 +128,8 @@ class TaskHandle(Generic[T]):
 @dataclass(frozen=True, slots=True)
 class _Options:
     retention: Retention
-    store: Store
+    #: The local engine's store (None with Redis: it holds the records).
+    store: Store | None
     close_timeout: float
 
 
@@ -208,7 +197,7 @@ class Tracker:
             raise TypeError(f"retention must be a taskd.Retention, not {type(retention).__name__}")
         explicit_store = store is not None
         if store is None:
-            store = MemoryStore()
+            store = None if redis is not None else MemoryStore()
         elif not isinstance(store, Store):
             raise TypeError(f"store must implement taskd.Store, not {type(store).__name__}")
         close_after = check_seconds(close_timeout, "close_timeout", allow_zero=True)
@@ -227,28 +216,23 @@ class Tracker:
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
         self._mailbox: asyncio.Queue[MailboxItem] = asyncio.Queue()
-        self._actor: Actor
+        engine: Engine
         if redis is not None:
             from .engine.redis.space import check_prefix, check_redis_url
 
             if explicit_store:
                 raise ValueError("store and redis are exclusive: Redis holds the records")
-            self._actor = SharedActor(
-                mailbox=self._mailbox,
+            engine = RedisEngine(
                 retention=retention,
-                clock=clock,
                 cancel_grace=grace,
                 url=check_redis_url(redis),
                 prefix=check_prefix(redis_prefix),
             )
         else:
-            self._actor = Actor(
-                mailbox=self._mailbox,
-                retention=retention,
-                store=store,
-                clock=clock,
-                cancel_grace=grace,
-            )
+            assert store is not None
+            engine = LocalEngine(retention=retention, store=store, clock=clock, cancel_grace=grace)
+        self._engine = engine
+        self._actor = Actor(mailbox=self._mailbox, engine=engine, clock=clock, cancel_grace=grace)
         self._actor_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         # The key page tokens are signed with (docs/scale-out.md): random per tracker in
@@ -282,20 +266,11 @@ class Tracker:
     async def __aenter__(self) -> Tracker:
         if self._state is not TrackerState.NEW:
             raise RuntimeError(f"a Tracker can be entered once; this one is {self.state.value}")
-        actor = self._actor
         if self._webhooks is not None:
             self._sender = WebhookSender(self._webhooks)
-        if isinstance(actor, SharedActor):
-            await actor.open()
-            actor.sender = self._sender
-            self._page_key = actor.page_key
-        else:
-            actor.load(await self._options.store.open())
-            kept = getattr(self._options.store, "page_key", None)
-            if isinstance(kept, bytes) and kept:
-                self._page_key = kept
-            if self._sender is not None:
-                actor.on_terminal = self._sender.submit
+        await self._actor.open(self._sender)
+        if self._engine.page_key:
+            self._page_key = self._engine.page_key
         self._actor_task = asyncio.get_running_loop().create_task(
             self._actor.run(), name="taskd-actor"
         )
@@ -315,7 +290,7 @@ class Tracker:
         cancel the rest and record them cancelled, then stop the actor. Idempotent."""
         if self._state is TrackerState.NEW:
             self._state = TrackerState.CLOSED
-            await self._options.store.close()
+            await self._close_store()
             return
         if self._closing is not None:
             await asyncio.shield(self._closing)
@@ -329,7 +304,7 @@ class Tracker:
             try:
                 if self._sender is not None:
                     await self._sender.aclose()
-                await self._options.store.close()
+                await self._close_store()
             finally:
                 self._closing.set_result(None)
 
@@ -373,8 +348,13 @@ class Tracker:
         except Exception:
             log.exception("the actor had died")
 
+    async def _close_store(self) -> None:
+        if self._options.store is not None:
+            await self._options.store.close()
+
     def __repr__(self) -> str:
-        return f"<Tracker state={self.state.value} store={self._options.store!r}>"
+        where = self._options.store if self._options.store is not None else "redis"
+        return f"<Tracker state={self.state.value} store={where!r}>"
 
     # --- sending --------------------------------------------------------------------
 
@@ -576,17 +556,54 @@ class Tracker:
             await asyncio.sleep(0)
             if self._state is TrackerState.OPEN:
                 rec = actor.peek(task_id, owner)
-                if not isinstance(rec, _Deferred):
+                if not isinstance(rec, Deferred):
                     return rec
         return await self._call(m.Get(task_id, owner))
 
-    def _peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | _Deferred | None:
-        """For ``taskd.web``: the read fast path without its suspension point (each
-        request is a task of its own, never a loop of gets); ``_DEFERRED`` when the
-        actor must answer (then ``await get``). ``task_id`` is a str (the route's)."""
-        if self._state is not TrackerState.OPEN:
-            return _DEFERRED
-        return self._actor.peek(task_id, owner)
+    def get_nowait(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord | None:
+        """``get`` without suspending, when the answer is at hand: the read fast path
+        (docs/architecture.md), for callers that are a task of their own anyway (an
+        HTTP handler) and need no suspension point. Raises ``WouldBlock`` when only
+        the actor can answer now (a command is queued, a timer is due, the records
+        are in SQLite or Redis, or the tracker is not open): then ``await get``."""
+        if type(task_id) is not str:
+            _check_id(task_id)
+        if owner is not ANY_OWNER:
+            owner = _check_owner(owner)
+        if self._state is TrackerState.OPEN:
+            rec = self._actor.peek(task_id, owner)
+            if not isinstance(rec, Deferred):
+                return rec
+        raise WouldBlock(task_id)
+
+    # --- this process's share (aiojobs' Scheduler: len, active and pending counts) --
+
+    def __len__(self) -> int:
+        """Spawned tasks this process runs or is about to run (``active_count`` +
+        ``pending_count``), like ``len(aiojobs.Scheduler)``; not the records held
+        (those are in ``stats()``, and with Redis in another process's reach too).
+        A tracker is truthy whatever its length (see ``__bool__``)."""
+        return len(self._actor.runners)
+
+    def __bool__(self) -> bool:
+        """Always true: ``if tracker:`` tests for a tracker, not for running tasks."""
+        return True
+
+    @property
+    def active_count(self) -> int:
+        """Spawned tasks of this process whose coroutine has started and not ended."""
+        return sum(1 for r in self._actor.runners.values() if r.task is not None)
+
+    @property
+    def pending_count(self) -> int:
+        """Spawned tasks of this process accepted but not started yet (their batch
+        is not committed, or the mailbox still holds the spawn)."""
+        return sum(1 for r in self._actor.runners.values() if r.task is None)
+
+    @property
+    def subscriber_count(self) -> int:
+        """Subscriptions open on this tracker (``watch``, SSE streams)."""
+        return len(self._actor.hub)
 
     async def list(
         self,
@@ -723,7 +740,7 @@ class Tracker:
         open), or None when it can. Read without a message, so it answers at once."""
         if self.state is not TrackerState.OPEN:
             return f"the tracker is {self.state.value}"
-        return self._actor.store_error
+        return self._engine.store_error
 
     async def stats(self) -> TrackerStats:
         """Counters for metrics: records by (task_type, status), mailbox depth, commands."""

@@ -652,14 +652,14 @@ async def test_a_command_redis_py_cannot_send_fails_alone(redis_server: RedisSer
 async def test_the_decoder_cache_is_bounded_by_bytes(redis_server: RedisServer) -> None:
     """Large results are not held by count: the cache's bytes stay under its budget
     (8,192 versions of a 1 MiB result once took a worker past 1 GiB)."""
-    from taskd.engine.redis.engine import SharedActor
+    from taskd.engine.redis.engine import RedisEngine
     from taskd.engine.redis.space import Decoder
 
     big = "x" * (1024 * 1024)
     async with taskd.Tracker(redis=redis_server.url, redis_prefix=prefix()) as tracker:
-        actor = tracker._actor
-        assert isinstance(actor, SharedActor)
-        decoder = actor.space.decode
+        engine = tracker._engine
+        assert isinstance(engine, RedisEngine)
+        decoder = engine.space.decode
         for i in range(48):
             rec = await tracker.create("big")
             await tracker.start(rec.task_id)

@@ -3,12 +3,13 @@ and transitions, with no actor, no asyncio and an explicit clock."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 import taskd
 from taskd import TaskStatus as S
-from taskd._models import ANY_OWNER, TaskRecord
-from taskd.actor import messages as m
+from taskd._models import TaskRecord
 from taskd.engine.state import TaskState, new_spec
 
 NOW = 1_800_000_000.0
@@ -24,16 +25,8 @@ def make(state: TaskState, task_type: str = "t", resource: str | None = None,
     return state.insert(task_type, resource, owner, now, build)
 
 
-def page(state: TaskState, **kw: object) -> list[str]:
-    msg = m.ListTasks(
-        kw.get("statuses"),  # type: ignore[arg-type]
-        kw.get("task_type"),  # type: ignore[arg-type]
-        kw.get("resource_id"),  # type: ignore[arg-type]
-        kw.get("owner", ANY_OWNER),  # type: ignore[arg-type]
-        kw.get("limit", 50),  # type: ignore[arg-type]
-        kw.get("before"),  # type: ignore[arg-type]
-    )
-    return [r.task_id for r in state.list_page(msg).records]
+def page(state: TaskState, **kw: Any) -> list[str]:
+    return [r.task_id for r in state.list_page(**kw).records]
 
 
 def test_ids_sort_in_creation_order_and_changes_come_out_once() -> None:

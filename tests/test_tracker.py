@@ -509,7 +509,7 @@ async def test_failed_command_answers_its_caller_and_loop_goes_on(
     actor = tracker._actor
     original = actor._handlers[m.Stats]
 
-    def broken(msg: object) -> object:
+    def broken(msg: object, fut: object) -> object:
         raise RuntimeError("handler bug")
 
     actor._handlers[m.Stats] = broken

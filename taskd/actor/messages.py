@@ -20,8 +20,8 @@ from .._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
 if TYPE_CHECKING:
     # Page and TrackerStats name replies in the quoted Request[...] bases below.
     from ..engine.state import Page  # noqa: F401
-    from ..tracker import TrackerStats  # noqa: F401
     from .runner import Outcome
+    from .stats import TrackerStats  # noqa: F401
     from .subscription import Subscription
 
 R = TypeVar("R", covariant=True)

@@ -34,7 +34,6 @@ from .._models import (
     TaskStatus,
 )
 from .._retention import ExpiryQueues, Retention
-from ..actor import messages as m
 
 __all__ = ["Page", "TaskState"]
 
@@ -351,49 +350,61 @@ class TaskState:
 
     # --- listing --------------------------------------------------------------------------
 
-    def list_page(self, msg: m.ListTasks) -> Page:
+    def list_page(
+        self,
+        *,
+        statuses: frozenset[TaskStatus] | None = None,
+        task_type: str | None = None,
+        resource_id: str | None = None,
+        owner: OwnerScope = ANY_OWNER,
+        limit: int = 50,
+        before: str | None = None,
+    ) -> Page:
         """One page of records, newest first, from the smallest index that covers a
-        filter; ``msg.before`` is the cursor (ids sort in creation order)."""
+        filter; ``before`` is the cursor (ids sort in creation order)."""
         out: list[TaskRecord] = []
         records = self._records
-        owner = msg.owner
-        statuses = msg.statuses
-        limit = msg.limit
-        for tid in self._candidates(msg):
+        for tid in self._candidates(statuses, task_type, resource_id, owner, before):
             rec = records[tid]
             if owner is not ANY_OWNER and rec.owner != owner:
                 continue
             if statuses is not None and rec.status not in statuses:
                 continue
-            if msg.task_type is not None and rec.task_type != msg.task_type:
+            if task_type is not None and rec.task_type != task_type:
                 continue
-            if msg.resource_id is not None and rec.resource_id != msg.resource_id:
+            if resource_id is not None and rec.resource_id != resource_id:
                 continue
             if len(out) == limit:
                 return Page(tuple(out), out[-1].task_id)
             out.append(rec)
         return Page(tuple(out), None)
 
-    def _candidates(self, msg: m.ListTasks) -> Iterator[str]:
+    def _candidates(
+        self,
+        statuses: frozenset[TaskStatus] | None,
+        task_type: str | None,
+        resource_id: str | None,
+        owner: OwnerScope,
+        before: str | None,
+    ) -> Iterator[str]:
         """Ids, newest first, from the smallest index that covers a filter."""
-        before = msg.before
         options: list[tuple[int, Callable[[], Iterator[str]]]] = []
-        if msg.statuses is not None:
-            lists = [self._by_status[s] for s in msg.statuses]
+        if statuses is not None:
+            lists = [self._by_status[s] for s in statuses]
             options.append((sum(len(x) for x in lists), lambda: _merge_desc(lists, before)))
-        if msg.task_type is not None:
-            by_type = self._by_type.get(msg.task_type)
+        if task_type is not None:
+            by_type = self._by_type.get(task_type)
             if by_type is None:
                 return iter(())
             options.append((len(by_type), lambda: _desc(by_type, before)))
-        if msg.resource_id is not None:
-            found = self._by_resource.get(msg.resource_id)
+        if resource_id is not None:
+            found = self._by_resource.get(resource_id)
             if found is None:
                 return iter(())
             ids = [found] if isinstance(found, str) else found
             options.append((len(ids), lambda: _list_desc(ids, before)))
-        if isinstance(msg.owner, str):
-            by_owner = self._by_owner.get(msg.owner)
+        if isinstance(owner, str):
+            by_owner = self._by_owner.get(owner)
             if by_owner is None:
                 return iter(())
             options.append((len(by_owner), lambda: _desc(by_owner, before)))

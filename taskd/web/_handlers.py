@@ -21,6 +21,7 @@ from .._models import (
     check_limit,
 )
 from ..actor.subscription import Subscription
+from ..tracker import WouldBlock
 from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
 from ._errors import _invalid, error_response
 from ._params import (
@@ -94,8 +95,10 @@ class _Handlers:
         wait = _number_query(request, "wait") if request.query_string else None
         if wait is None:
             tracker = state.tracker
-            now = tracker._peek(task_id, owner)
-            rec = await tracker.get(task_id, owner=owner) if isinstance(now, _Deferred) else now
+            try:
+                rec = tracker.get_nowait(task_id, owner=owner)
+            except WouldBlock:
+                rec = await tracker.get(task_id, owner=owner)
             if rec is None:
                 raise TaskNotFound(task_id)
         else:

@@ -1,10 +1,10 @@
-"""``SharedActor``: a process's actor when the task space lives in Redis.
+"""``RedisEngine``: the records in a shared task space on Redis.
 
-Redis owns the records (``_redis``); each process keeps an actor that owns what is
+Redis owns the records (``space``); each process keeps its actor, which owns what is
 local to it: the runners of the coroutines it spawned, its waiters (long-polls,
-``wait``), its subscriptions, and one reader of the change stream. The loop is the
-in-memory actor's: take a batch from the mailbox, turn every command that touches
-records into one server-side call, send the batch as one pipeline, then answer.
+``wait``), its subscriptions. This engine turns every command of a batch that
+touches records into one server-side call, sends the batch as one pipeline, then
+answers; one reader of the change stream feeds the actor.
 
 Changes reach this process only through the change stream, whoever made them: the
 reader posts each entry to the mailbox, and the actor wakes waiters and feeds
@@ -37,14 +37,13 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import StoreError, TaskdError, TaskNotFound
-from ..._models import JSON, TERMINAL, TaskRecord, TaskStatus
+from ..._models import JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
-from ...actor.actor import _DEFERRED, Actor, MailboxItem, _Deferred
-from ...actor.hub import RECENT_EVENTS, Hub
+from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
-from ..store import MemoryStore
+from ..base import DEFERRED, Deferred, Engine, Handler, Settle
 from .space import (
     SOCKET_TIMEOUT,
     Command,
@@ -61,9 +60,9 @@ from .space import (
 
 if TYPE_CHECKING:
     from ..._webhooks import WebhookSender
-    from ...tracker import TrackerStats
+    from ...actor.stats import TrackerStats
 
-__all__ = ["SharedActor"]
+__all__ = ["RedisEngine"]
 
 log = logging.getLogger("taskd")
 
@@ -75,11 +74,6 @@ BACKOFF: Final = 0.5
 #: Outbox entries a dead or stuck process held are taken over after this long (ms).
 CLAIM_IDLE_MS: Final = 30_000
 _GROUP: Final = "webhooks"
-_CANCELLED: Final[tuple[TaskStatus, object, BaseException | None]] = (
-    TaskStatus.CANCELLED,
-    None,
-    None,
-)
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
 _TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
 #: Messages that need Redis (refused at once while it is unreachable).
@@ -133,6 +127,17 @@ class Writable:
     reason: str | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Ended:
+    """A runner's end whose call failed, kept to be sent again."""
+
+    runner: Runner
+    status: TaskStatus
+    result: JSON | RawJSON
+    error: str | None
+    settle: Settle
+
+
 @dataclass(slots=True)
 class _Op:
     command: Command
@@ -142,31 +147,25 @@ class _Op:
     retry: object = None
 
 
-class SharedActor(Actor):
-    """A process's actor over a shared task space in Redis; see the module docstring."""
+class RedisEngine(Engine):
+    """The records in Redis, behind a process's actor; see the module docstring."""
+
+    shared_replay = True
 
     def __init__(
         self,
         *,
-        mailbox: asyncio.Queue[MailboxItem],
         retention: Retention,
-        clock: Callable[[], float],
         cancel_grace: float,
         url: str,
         prefix: str,
     ) -> None:
-        super().__init__(
-            mailbox=mailbox,
-            retention=retention,
-            store=MemoryStore(),
-            clock=clock,
-            cancel_grace=cancel_grace,
-        )
         self.space = RedisSpace(url, prefix, retention, cancel_grace)
         self._retention = retention
+        self._cancel_grace = cancel_grace
         #: This process's name in the task space (liveness key, runner ownership).
         self.proc = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
-        #: Set by the tracker when webhooks are configured: the outbox's consumer.
+        #: The outbox's consumer, when webhooks are configured (``open``).
         self.sender: WebhookSender | None = None
         self._ops: list[_Op] = []
         self._applied = 0  # sequence number of the latest change fanned out here
@@ -175,63 +174,52 @@ class SharedActor(Actor):
         #: (None while it takes them): /health reports either (``store_error``).
         self._unreachable: str | None = None
         self._refusing: str | None = None
-        #: The deployment's page-token key (read from Redis by ``open``).
-        self.page_key = b""
         # An exception no engine call should raise is logged with its traceback once
         # per kind, not once per batch.
         self._logged: set[type[BaseException]] = set()
         self._held: list[object] = []  # runner reports to send again
         self._acks: list[str] = []
         self._background: list[asyncio.Task[None]] = []
-        # The reply future of the message being dispatched (handlers take only the
-        # message; a call they queue answers this future).
-        self._current: asyncio.Future[Any] | None = None
         # When the next sweep is due (inf while one is in flight).
         self._sweep_due = math.inf
-        self._handlers.update(
-            {
-                m.Create: self._remote_create,
-                m.Spawn: self._remote_spawn,
-                m.Start: self._remote_start,
-                m.Progress: self._remote_progress,
-                m.Complete: self._remote_complete,
-                m.Fail: self._remote_fail,
-                m.Cancel: self._remote_cancel,
-                m.Delete: self._remote_delete,
-                m.Get: self._remote_get,
-                m.ListTasks: self._remote_list,
-                m.Subscribe: self._remote_subscribe,
-                m.Stats: self._remote_stats,
-                m.RunnerFinished: self._remote_runner_finished,
-                m.Abandon: self._remote_abandon,
-                Changes: self._on_changes,
-                Resync: self._on_resync,
-                Writable: self._on_writable,
-            }
-        )
 
-    def admits(self) -> bool:
-        """Never: Redis checks the cap and mints ids (no spawn skips the reply)."""
-        return False
-
-    def settled(self) -> bool:
-        """Never: the records are in Redis (every read asks it)."""
-        return False
+    def handlers(self) -> Mapping[type[Any], Handler]:
+        """The handler of each command that touches records, and of the reader's."""
+        return {
+            m.Create: self._remote_create,
+            m.Spawn: self._remote_spawn,
+            m.Start: self._remote_start,
+            m.Progress: self._remote_progress,
+            m.Complete: self._remote_complete,
+            m.Fail: self._remote_fail,
+            m.Cancel: self._remote_cancel,
+            m.Delete: self._remote_delete,
+            m.Get: self._remote_get,
+            m.ListTasks: self._remote_list,
+            m.Wait: self._remote_wait,
+            m.Subscribe: self._remote_subscribe,
+            m.Stats: self._remote_stats,
+            Changes: self._on_changes,
+            Resync: self._on_resync,
+            Writable: self._on_writable,
+            _Ended: self._on_ended,
+        }
 
     # --- opening and the loop ---------------------------------------------------------
 
-    async def open(self) -> None:
+    async def open(self, sender: WebhookSender | None) -> None:
         """Connect, load the script, announce this process, and find where the
         change stream stands. Raises ``StoreError`` if Redis cannot be reached."""
         from redis.exceptions import RedisError
 
+        self.sender = sender
         space = self.space
         try:
             await space.check_policy()
             await space.load_script()
             self.page_key = await space.page_key()
             await self._announce()
-            head = await space.call([("head", ())], self._tick())
+            head = await space.call([("head", ())], self.actor.now)
         except PolicyError as exc:
             await space.aclose()
             raise StoreError(str(exc)) from None  # (the error table knows StoreError)
@@ -242,12 +230,11 @@ class SharedActor(Actor):
         # Event ids are global: an id below the space's first one is from an earlier
         # space (a flushed Redis). Replays are read from the stream, not kept here.
         self.boot_seq = epoch
-        self._hub = Hub(epoch)
-        self._hub.shared()
         self._applied = seq
-        self._sweep_at(self._now)
+        self._sweep_at(self.actor.now)
 
-    async def run(self) -> None:
+    def start(self) -> None:
+        """Start the change stream's reader, the liveness beat and the outbox."""
         loop = asyncio.get_running_loop()
         self._background = [
             loop.create_task(self._read_changes(), name="taskd-changes"),
@@ -255,30 +242,32 @@ class SharedActor(Actor):
         ]
         if self.sender is not None:
             self._background.append(loop.create_task(self._outbox(), name="taskd-outbox"))
-        self._timers.arm()
-        try:
-            await super().run()
-        finally:
-            for task in self._background:
-                task.cancel()
+        self.actor.timers.arm()
+
+    async def stop(self) -> None:
+        """Stop the background tasks, say this process is gone, disconnect."""
+        for task in self._background:
+            task.cancel()
+        if self._background:
             # redis-py can swallow a cancellation that races a socket timeout; the
             # loops check for that (_cancelled), and this wait is bounded regardless.
             await asyncio.wait(self._background, timeout=SOCKET_TIMEOUT + 3.0)
-            with contextlib.suppress(Exception):
-                # A clean exit: nothing of ours runs any more.
-                await self.space.redis.delete(self.space.key("alive:" + self.proc))
-            await self.space.aclose()
+        with contextlib.suppress(Exception):
+            # A clean exit: nothing of ours runs any more.
+            await self.space.redis.delete(self.space.key("alive:" + self.proc))
+        await self.space.aclose()
 
-    def _dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
-        if self._now < self._down_until and type(msg) in _REMOTE:
-            if fut is not None:
-                reason = self.store_error or "unknown"
-                fut.set_exception(StoreError(f"the shared store cannot be reached: {reason}"))
-            elif isinstance(msg, _INTERNAL):
-                self._held.append(msg)
-            return
-        self._current = fut
-        super()._dispatch(msg, fut)
+    def refuses(self, msg: object, fut: asyncio.Future[Any] | None) -> bool:
+        """For a short back-off after Redis failed, what needs it is refused at once;
+        reports of this process's runners are kept and sent again."""
+        if self.actor.now >= self._down_until or type(msg) not in _REMOTE:
+            return False
+        if fut is not None:
+            reason = self.store_error or "unknown"
+            fut.set_exception(StoreError(f"the shared store cannot be reached: {reason}"))
+        elif isinstance(msg, _INTERNAL):
+            self._held.append(msg)
+        return True
 
     def _send(
         self,
@@ -287,21 +276,23 @@ class SharedActor(Actor):
         done: Callable[[Any], object],
         fut: asyncio.Future[Any] | None,
         retry: object = None,
-    ) -> _Deferred:
+    ) -> Deferred:
         """Queue one server-side call for this batch; ``done`` gets its reply and
         returns the caller's answer (raising answers with the exception)."""
         self._ops.append(_Op((name, args), done, fut, retry))
-        return _DEFERRED
+        return DEFERRED
 
-    async def _flush(self) -> None:
-        if self._held and self._now >= self._down_until:
+    async def commit(self) -> bool:
+        """Send the batch's calls as one pipeline, then answer each caller."""
+        a = self.actor
+        if self._held and a.now >= self._down_until:
             held, self._held = self._held, []
             for msg in held:
-                self._dispatch(msg, None)
+                a.dispatch(msg, None)
         ops, self._ops = self._ops, []
         if ops:
             try:
-                replies = await self.space.call([op.command for op in ops], self._now)
+                replies = await self.space.call([op.command for op in ops], a.now)
             except StoreError as exc:
                 self._went_down(exc, ops)
             except asyncio.CancelledError:
@@ -321,8 +312,8 @@ class SharedActor(Actor):
                     self._health()
                 for op, reply in zip(ops, replies, strict=True):
                     self._answer(op, reply)
-        self._send_replies()
-        self._after_commit()
+        a.send_replies()
+        return True
 
     def _unexpected(self, exc: BaseException, where: str) -> None:
         if type(exc) not in self._logged:
@@ -332,7 +323,7 @@ class SharedActor(Actor):
     def _health(self) -> None:
         self.store_error = self._unreachable or self._refusing
 
-    def _on_writable(self, msg: Writable) -> None:
+    def _on_writable(self, msg: Writable, fut: object = None) -> None:
         if msg.reason is None:
             if self._refusing is not None:
                 log.info("the shared store (Redis) takes writes again")
@@ -378,7 +369,7 @@ class SharedActor(Actor):
             if fut is not None and not fut.done():
                 fut.set_exception(exc)
         else:
-            if fut is not None and value is not _DEFERRED and not fut.done():
+            if fut is not None and value is not DEFERRED and not fut.done():
                 fut.set_result(value)
 
     def _went_down(self, exc: StoreError, ops: list[_Op]) -> None:
@@ -387,9 +378,9 @@ class SharedActor(Actor):
             log.error("%s; refusing commands until it answers", reason)
         self._unreachable = reason
         self._health()
-        self._down_until = self._now + BACKOFF
+        self._down_until = self.actor.now + BACKOFF
         # Wakes the loop when the back-off ends, so that held runner reports go out.
-        self._timers.push(self._down_until, Kind.RETRY, "")
+        self.actor.timers.push(self._down_until, Kind.RETRY, "")
         if self._sweep_due == math.inf:  # the sweep in flight failed
             self._sweep_at(self._down_until)
         for op in ops:
@@ -398,27 +389,28 @@ class SharedActor(Actor):
             elif op.retry is not None:
                 self._held.append(op.retry)
 
-    def _fire_timers(self) -> None:
-        now = self._now
-        for kind, task_id, fut in self._timers.pop_due(now):
-            if kind is Kind.SWEEP:
-                if now >= self._sweep_due:  # else a stale entry: a later one is set
-                    self._sweep_due = math.inf  # one sweep in flight at a time
-                    self._send("sweep", (), self._swept, None)
-            elif kind is Kind.WAIT:
-                assert fut is not None
-                if self._unpark(task_id, fut):
-                    self._send("get", (task_id, "*"), self._latest, fut)
-            elif kind is Kind.TIMEOUT:
-                runner = self._runners.get(task_id)
-                if runner is not None and runner.task is not None and not runner.timed_out:
-                    runner.timed_out = True
-                    runner.task.cancel()
-                    self._send("timeout", (task_id, self.proc), _ignore, None)
-        self._timers.reset_due(None)
+    def fire(self, kind: Kind, task_id: str) -> None:
+        """The sweep came due (a retry only wakes the loop: ``commit`` sends what
+        was held)."""
+        if kind is Kind.SWEEP and self.actor.now >= self._sweep_due:
+            # (else a stale entry: a later one is set)
+            self._sweep_due = math.inf  # one sweep in flight at a time
+            self._send("sweep", (), self._swept, None)
+
+    def fired(self) -> None:
+        """Deadlines are swept in Redis: no expiry floor here."""
+        self.actor.timers.reset_due(None)
+
+    def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
+        """A wait ran out, or a long-poll was released: the latest is in Redis."""
+        self._send("get", (task_id, "*"), self._latest, fut)
+
+    def timed_out(self, task_id: str) -> None:
+        """The runner was cancelled for its timeout: the script records cancelling."""
+        self._send("timeout", (task_id, self.proc), _ignore, None)
 
     def _swept(self, reply: list[str]) -> None:
-        nxt = self._now + BEAT
+        nxt = self.actor.now + BEAT
         if reply[1]:
             nxt = min(nxt, float(reply[1]))
         self._sweep_at(nxt)
@@ -426,7 +418,7 @@ class SharedActor(Actor):
     def _sweep_at(self, when: float) -> None:
         if when < self._sweep_due:
             self._sweep_due = when
-            self._timers.push(when, Kind.SWEEP, "")
+            self.actor.timers.push(when, Kind.SWEEP, "")
 
     def _note(self, rec: TaskRecord) -> None:
         """Sweep no later than the deadline this change set (the sweep timer covers
@@ -463,12 +455,12 @@ class SharedActor(Actor):
             except Exception as exc:
                 _cancelled()
                 why = refusal(exc)
-                if why is not None and self._refusing is None and not self.closed:
-                    self.post(Writable(why))
+                if why is not None and self._refusing is None and not self.actor.closed:
+                    self.actor.post(Writable(why))
                 log.debug("liveness beat failed: %s", exc)
             else:
-                if self._refusing is not None and not self.closed:
-                    self.post(Writable(None))
+                if self._refusing is not None and not self.actor.closed:
+                    self.actor.post(Writable(None))
 
     async def _read_changes(self) -> None:
         """Read the change stream from where this process stands, post it to the
@@ -493,9 +485,9 @@ class SharedActor(Actor):
             # redis-py can swallow a cancel and return normally from the blocked read:
             # without this check the reader would run on until the join timeout
             _cancelled()
-            if broken and not self.closed:
+            if broken and not self.actor.closed:
                 broken = False
-                self.post(Resync())
+                self.actor.post(Resync())
             if not resp:
                 continue
             entries: list[RawChange] = [
@@ -520,13 +512,13 @@ class SharedActor(Actor):
                 for entry, fields in zip(held, found, strict=True):
                     assert entry[4] is not None
                     entry[4].update(fields)
-            if self.closed:
+            if self.actor.closed:
                 return  # the actor stopped while this read was in flight
             if last and entries[0][0] > last + 1:
                 log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
-                self.post(Resync())
+                self.actor.post(Resync())
             last = entries[-1][0]
-            self.post(Changes(tuple(entries)))
+            self.actor.post(Changes(tuple(entries)))
 
     async def _outbox(self) -> None:
         """Consume the webhook outbox (a consumer group: each entry goes to one live
@@ -576,12 +568,13 @@ class SharedActor(Actor):
 
     # --- fan-out -------------------------------------------------------------------------
 
-    def _on_changes(self, msg: Changes) -> None:
+    def _on_changes(self, msg: Changes, fut: object) -> None:
         # Decode only the changes someone here follows: every process reads every
         # change, and most concern nobody in it.
-        hub = self._hub
-        waiters = self._waiters
-        runners = self._runners
+        a = self.actor
+        hub = a.hub
+        waiters = a.waiters
+        runners = a.runners
         everything = hub.follows_all
         decode = self.space.decode
         fresh: list[tuple[int, TaskRecord]] = []
@@ -604,7 +597,7 @@ class SharedActor(Actor):
             return
         # Webhooks go through the outbox, not from here: one delivery per change,
         # whichever process made it.
-        hub.publish(fresh, self._wake_waiters)
+        hub.publish(fresh, a.wake_waiters)
         if not runners:
             return
         for _, rec in fresh:
@@ -627,19 +620,19 @@ class SharedActor(Actor):
                         TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec
                     )
 
-    def _on_resync(self, msg: Resync) -> None:
+    def _on_resync(self, msg: Resync, fut: object) -> None:
         # Waiters may have missed their terminal change: read each task again.
-        for task_id in list(self._waiters):
+        for task_id in list(self.actor.waiters):
             self._send("get", (task_id, "*"), self._resynced, None)
         # Event streams may have missed changes: end them; clients resume with
         # Last-Event-ID and get the current state.
-        self._hub.close()
+        self.actor.hub.close()
 
     def _resynced(self, reply: list[Any]) -> None:
         if reply[0] == "rec":
             rec = self.space.decode(reply[1])[0]
             if rec.status in TERMINAL:
-                self._wake_waiters(rec)
+                self.actor.wake_waiters(rec)
 
     # --- handlers ----------------------------------------------------------------------
 
@@ -648,61 +641,55 @@ class SharedActor(Actor):
         self._note(rec)
         return rec
 
-    def _remote_create(self, msg: m.Create) -> _Deferred:
-        fut = self._current
+    def _remote_create(self, msg: m.Create, fut: asyncio.Future[Any] | None) -> Deferred:
         hb = msg.heartbeat_timeout
         args = _insert_args(msg, "" if hb is None else repr(float(hb)))
         return self._send("create", args, self._record, fut)
 
-    def _remote_spawn(self, msg: m.Spawn) -> _Deferred:
-        fut = self._current
+    def _remote_spawn(self, msg: m.Spawn, fut: asyncio.Future[Any] | None) -> Deferred:
         args = (*_insert_args(msg, ""), self.proc)
 
         def done(reply: list[Any]) -> TaskRecord:
-            return self._add_runner(msg, self.space.decode(reply[1])[0])
+            return self.actor.add_runner(msg, self.space.decode(reply[1])[0])
 
         return self._send("spawn", args, done, fut)
 
-    def _remote_start(self, msg: m.Start) -> _Deferred:
-        return self._send("start", (msg.task_id, scope(msg.owner)), self._moved, self._current)
+    def _remote_start(self, msg: m.Start, fut: asyncio.Future[Any] | None) -> Deferred:
+        return self._send("start", (msg.task_id, scope(msg.owner)), self._moved, fut)
 
     def _moved(self, reply: list[Any]) -> TaskRecord:
         """The reply to a transition this process made (start, complete, fail,
         cancel): counted here, by the process that made it."""
         rec = self._record(reply)
-        self.counters.on_change(None, rec)
+        self.actor.counters.on_change(None, rec)
         return rec
 
-    def _remote_progress(self, msg: m.Progress) -> _Deferred:
+    def _remote_progress(self, msg: m.Progress, fut: asyncio.Future[Any] | None) -> Deferred:
         args = (
             msg.task_id,
             scope(msg.owner),
             "" if msg.progress is None else repr(float(msg.progress)),
             "\0" if msg.message is None else msg.message,
         )
-        return self._send("progress", args, self._record, self._current)
+        return self._send("progress", args, self._record, fut)
 
-    def _remote_complete(self, msg: m.Complete) -> _Deferred:
+    def _remote_complete(self, msg: m.Complete, fut: asyncio.Future[Any] | None) -> Deferred:
         args = (msg.task_id, scope(msg.owner), result_text(msg.result))
-        return self._send("complete", args, self._moved, self._current)
+        return self._send("complete", args, self._moved, fut)
 
-    def _remote_fail(self, msg: m.Fail) -> _Deferred:
-        return self._send(
-            "fail", (msg.task_id, scope(msg.owner), msg.error), self._moved, self._current
-        )
+    def _remote_fail(self, msg: m.Fail, fut: asyncio.Future[Any] | None) -> Deferred:
+        return self._send("fail", (msg.task_id, scope(msg.owner), msg.error), self._moved, fut)
 
-    def _remote_cancel(self, msg: m.Cancel) -> _Deferred:
-        return self._send(
-            "cancel", (msg.task_id, scope(msg.owner), msg.reason), self._moved, self._current
-        )
+    def _remote_cancel(self, msg: m.Cancel, fut: asyncio.Future[Any] | None) -> Deferred:
+        return self._send("cancel", (msg.task_id, scope(msg.owner), msg.reason), self._moved, fut)
 
-    def _remote_delete(self, msg: m.Delete) -> _Deferred:
-        return self._send("delete", (msg.task_id, scope(msg.owner)), _ignore, self._current)
+    def _remote_delete(self, msg: m.Delete, fut: asyncio.Future[Any] | None) -> Deferred:
+        return self._send("delete", (msg.task_id, scope(msg.owner)), _ignore, fut)
 
-    def _remote_get(self, msg: m.Get) -> _Deferred:
-        return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, self._current)
+    def _remote_get(self, msg: m.Get, fut: asyncio.Future[Any] | None) -> Deferred:
+        return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, fut)
 
-    def _remote_list(self, msg: m.ListTasks) -> _Deferred:
+    def _remote_list(self, msg: m.ListTasks, fut: asyncio.Future[Any] | None) -> Deferred:
         from ..state import Page
 
         args = (
@@ -718,24 +705,20 @@ class SharedActor(Actor):
             records = tuple(self.space.decode(text)[0] for text in reply[1])
             return Page(records, reply[2] or None)
 
-        return self._send("list", args, done, self._current)
+        return self._send("list", args, done, fut)
 
-    def _on_wait(
-        self, msg: m.Wait, fut: asyncio.Future[Any] | None
-    ) -> tuple[TaskRecord | None, bool] | _Deferred:
+    def _remote_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> Deferred:
         def done(reply: list[Any]) -> object:
             if reply[0] != "rec":
                 raise TaskNotFound(msg.task_id)
-            return self._wait_on(msg, fut, self.space.decode(reply[1])[0])
+            return self.actor.wait_on(msg, fut, self.space.decode(reply[1])[0])
 
         return self._send("get", (msg.task_id, scope(msg.owner)), done, fut)
 
-    def _answer_released(self, task_id: str, fut: asyncio.Future[Any]) -> None:
-        self._send("get", (task_id, "*"), self._latest, fut)  # the latest is in Redis
-
-    def _remote_subscribe(self, msg: m.Subscribe) -> TaskRecord | _Deferred | None:
+    def _remote_subscribe(
+        self, msg: m.Subscribe, fut: asyncio.Future[Any] | None
+    ) -> TaskRecord | Deferred | None:
         sub = msg.subscription
-        fut = self._current
         replay: list[tuple[int, TaskRecord]] = []
         head = [self._applied]  # changes up to here are in the reply or the replay
         after = sub.resume_from
@@ -760,68 +743,54 @@ class SharedActor(Actor):
                         # left out on purpose; the replay covers everything since.
                         sub.resume_from = entries[0][0] - 1 if entries else head[0]
                 if sub.task_id is None:
-                    self._hub.subscribe(sub, None, head[0], replay)
+                    self.actor.hub.subscribe(sub, None, head[0], replay)
 
             self._send("replay", args, missed, None if sub.task_id else fut)
             if sub.task_id is None:
-                return _DEFERRED
+                return DEFERRED
         if sub.task_id is None:
             # Everything up to the latest change fanned out here is before it.
-            self._hub.subscribe(sub, None, self._applied, ())
+            self.actor.hub.subscribe(sub, None, self._applied, ())
             return None
 
         def done(reply: list[Any]) -> TaskRecord:
             if reply[0] != "rec":
                 raise TaskNotFound(sub.task_id or "")
             rec, seq = self.space.decode(reply[1])
-            self._hub.subscribe(sub, rec, max(seq, head[0]), replay)
+            self.actor.hub.subscribe(sub, rec, max(seq, head[0]), replay)
             return rec
 
         return self._send("get", (sub.task_id, scope(sub.owner)), done, fut)
 
-    def _remote_stats(self, msg: m.Stats) -> _Deferred:
+    def _remote_stats(self, msg: m.Stats, fut: asyncio.Future[Any] | None) -> Deferred:
         def done(reply: list[Any]) -> TrackerStats:
             flat = reply[1]
             counts: dict[tuple[str, TaskStatus], int] = {}
             for i in range(0, len(flat), 2):
                 task_type, _, status = flat[i].partition("\n")
                 counts[(task_type, TaskStatus(status))] = int(flat[i + 1])
-            return {
-                "counts": counts,
-                "records": int(reply[2]),
-                "active": int(reply[3]),
-                "mailbox_depth": self._mailbox.qsize(),
-                "commands": self.commands,
-                "runners": len(self._runners),
-                "subscriptions": len(self._hub),
-                "waiters": sum(map(len, self._waiters.values())),
-                "finished": self.counters.snapshot(self._now),
-            }
+            return self.actor.stats(counts, int(reply[2]), int(reply[3]))
 
-        return self._send("stats", (), done, self._current)
+        return self._send("stats", (), done, fut)
 
-    def _remote_runner_finished(self, msg: m.RunnerFinished) -> None:
-        runner = self._runners.get(msg.task_id)
-        if runner is None:
-            return
-        if msg.outcome is TaskStatus.COMPLETED:
-            outcome = "completed"
-            settle: tuple[TaskStatus, object, BaseException | None] = (
-                TaskStatus.COMPLETED,
-                msg.value,
-                None,
-            )
-            error = ""
-        elif msg.outcome is TaskStatus.FAILED:
-            outcome, settle, error = "failed", (TaskStatus.FAILED, None, msg.exc), msg.error or ""
-        elif runner.timed_out:
-            text = f"timeout: did not finish within {runner.timeout:g} seconds"
-            outcome, settle, error = "failed", (TaskStatus.FAILED, None, TimeoutError(text)), text
-        else:
-            reason = "cancelled: tracker shutting down" if self._draining else "cancelled"
-            outcome, settle, error = "cancelled", (TaskStatus.CANCELLED, None, None), reason
-        args = (msg.task_id, self.proc, outcome, result_text(msg.result), error)
-        self._send("ended", args, lambda reply: self._ended(runner, settle, reply), None, msg)
+    def end(
+        self,
+        runner: Runner,
+        status: TaskStatus,
+        *,
+        result: JSON | RawJSON = None,
+        error: str | None = None,
+        settle: Settle,
+    ) -> None:
+        """Record how a runner ended (the script checks it is still this process's);
+        a failed send is kept and sent again (``refuses``, ``_went_down``)."""
+        args = (runner.task_id, self.proc, status.value, result_text(result), error or "")
+        retry = _Ended(runner, status, result, error, settle)
+        self._send("ended", args, functools.partial(self._ended, runner, settle), None, retry)
+
+    def _on_ended(self, msg: _Ended, fut: object) -> None:
+        """A runner's end held while Redis was away: send it again."""
+        self.end(msg.runner, msg.status, result=msg.result, error=msg.error, settle=msg.settle)
 
     def _ended(
         self,
@@ -829,11 +798,11 @@ class SharedActor(Actor):
         settle: tuple[TaskStatus, object, BaseException | None],
         reply: list[Any],
     ) -> None:
-        self._runners.pop(runner.task_id, None)
+        self.actor.runners.pop(runner.task_id, None)
         if reply[0] == "rec":
             rec = self.space.decode(reply[1])[0]
             self._note(rec)
-            self.counters.on_finished(rec)
+            self.actor.counters.on_finished(rec)
             runner.outcome.set(*settle, rec)
         elif reply[0] == "was":
             # Already recorded (cancelled before it ran, or declared lost): the record
@@ -848,14 +817,6 @@ class SharedActor(Actor):
         else:
             runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
 
-    def _remote_abandon(self, msg: m.Abandon) -> None:
-        for task_id in msg.task_ids:
-            runner = self._runners.get(task_id)
-            if runner is None:
-                continue
-            args = (task_id, self.proc, "cancelled", "", msg.reason)
-            self._send("ended", args, functools.partial(self._ended, runner, _CANCELLED), None)
-
     def decode_entry(self, entry_id: str, fields: Mapping[str, str]) -> tuple[int, TaskRecord]:
         """A change stream entry: its sequence number (the id's first part), its record."""
         return int(entry_id.partition("-")[0]), self.space.decode(fields["r"])[0]
@@ -869,12 +830,13 @@ class SharedActor(Actor):
     def _maybe(self, reply: list[Any]) -> TaskRecord | None:
         return self.space.decode(reply[1])[0] if reply[0] == "rec" else None
 
-    def _shut(self) -> None:
+    def shut(self) -> None:
+        """Calls queued but never sent: their callers get None (then TrackerClosed
+        for what the actor still holds)."""
         ops, self._ops = self._ops, []
         for op in ops:
             if op.fut is not None:
-                self._replies.append((op.fut, None, None))
-        super()._shut()
+                self.actor.replies.append((op.fut, None, None))
 
 
 def _cancelled() -> None:

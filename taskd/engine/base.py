@@ -1,0 +1,150 @@
+"""``Engine``: what holds the records, behind the one actor.
+
+The actor (``taskd.actor``) keeps the mailbox, the batches, the waiters, the runners
+of spawned coroutines, the hub of subscriptions, the timers and teardown. An engine
+keeps the records and applies the commands that touch them: each handler takes a
+message and the caller's reply future and returns the answer, or ``DEFERRED`` when
+it answers the future itself once the batch is committed (``commit``). The local
+engine answers synchronously from the pure ``TaskState``; the Redis engine queues
+one script call per command and sends the batch as one pipeline.
+
+The points where engines differ are the named hooks below (aiohttp's
+``BaseRunner._make_server`` is the model: an abstract base with named hooks, not a
+concrete class overridden method by method). A new engine (PostgreSQL, Redis
+Cluster) implements this class; the actor does not change (docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from .._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
+
+if TYPE_CHECKING:
+    from .._webhooks import WebhookSender
+    from ..actor.actor import Actor
+    from ..actor.runner import Runner
+    from ..actor.timers import Kind
+
+__all__ = ["DEFERRED", "Deferred", "Engine", "Handler", "Reply", "Settle"]
+
+#: A caller's reply future (None: a fire-and-forget message).
+Reply = "asyncio.Future[Any] | None"
+#: A command handler: (message, reply future) → the answer, or ``DEFERRED``. The
+#: message is typed ``Any``: a registry cannot tie each key's type to its value's.
+Handler = Callable[[Any, "asyncio.Future[Any] | None"], object]
+#: How a runner's outcome settles its handle: (status, value, exception).
+Settle = tuple[TaskStatus, object, "BaseException | None"]
+
+
+class Deferred:
+    """Returned by a handler that answers its caller later (on the future it got)."""
+
+
+DEFERRED: Final = Deferred()
+
+
+class Engine(abc.ABC):
+    """The records' keeper, as the actor sees it. See the module docstring."""
+
+    #: Whether replies wait for the batch's commit (a durable store: nothing is
+    #: acknowledged that is not written). False: a handler's answer goes out at once.
+    replies_after_commit: bool = False
+    #: The first event id of this boot (or of the shared space): replays start here.
+    boot_seq: int = 0
+    #: Whether the event replay is read from the engine (a shared stream), not kept
+    #: in this process's ring.
+    shared_replay: bool = False
+    #: The deployment's page-token key, if the engine keeps one (None: random).
+    page_key: bytes | None = None
+    #: Why the engine cannot take changes (None while it can); /health reports it.
+    store_error: str | None = None
+
+    actor: Actor
+
+    def bind(self, actor: Actor) -> None:
+        """Called once by the actor that drives this engine."""
+        self.actor = actor
+
+    @abc.abstractmethod
+    def handlers(self) -> Mapping[type[Any], Handler]:
+        """The engine's handler for each command that touches records."""
+
+    @abc.abstractmethod
+    async def open(self, sender: WebhookSender | None) -> None:
+        """Load or connect before the loop starts; ``sender`` delivers webhooks.
+        Raises ``StoreError`` when the records cannot be reached."""
+
+    def start(self) -> None:
+        """The loop starts (background tasks of the engine go here). Default: none."""
+        return None
+
+    async def stop(self) -> None:
+        """The loop ended (after teardown): release what ``open`` took. Default: none."""
+        return None
+
+    def refuses(self, msg: object, fut: asyncio.Future[Any] | None) -> bool:
+        """Called while ``store_error`` is set: answer (or keep) ``msg`` without
+        handling it, and say so; False lets it through (reads go on)."""
+        return False
+
+    @abc.abstractmethod
+    async def commit(self) -> bool:
+        """End of a batch: write (or send) it, answer deferred callers
+        (``actor.send_replies``). True lets the batch's effects out (settle outcomes,
+        start runners); False while what changed is not committed."""
+
+    @abc.abstractmethod
+    def fire(self, kind: Kind, task_id: str) -> None:
+        """An engine deadline came due (heartbeat, cancel grace, retry, sweep)."""
+
+    @abc.abstractmethod
+    def fired(self) -> None:
+        """Every due timer of this batch has fired (expire records, re-arm)."""
+
+    @abc.abstractmethod
+    def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
+        """Answer a wait that ran out (or a released long-poll) with
+        ``(latest record or None, False)``."""
+
+    @abc.abstractmethod
+    def timed_out(self, task_id: str) -> None:
+        """A spawn's timeout passed: its runner was cancelled; record cancelling."""
+
+    @abc.abstractmethod
+    def end(
+        self,
+        runner: Runner,
+        status: TaskStatus,
+        *,
+        result: JSON | RawJSON = None,
+        error: str | None = None,
+        settle: Settle,
+    ) -> None:
+        """Record how a runner of this process ended (``status`` completed, failed or
+        cancelled) and settle its handle with ``settle`` once that is committed."""
+
+    def admits(self) -> bool:
+        """Whether a spawn without resource_id may skip the reply (the fast path:
+        the tracker mints the record itself). Default: never."""
+        return False
+
+    def settled(self) -> bool:
+        """Whether a read may skip the mailbox now (the read fast path). Default: never."""
+        return False
+
+    def read(self, task_id: str, owner: OwnerScope) -> TaskRecord | None:
+        """The record as ``Get`` answers it, for the read fast path (``settled``)."""
+        raise NotImplementedError
+
+    def mint(self, now: float) -> tuple[str, float]:
+        """A new task id and its instant, for the spawn fast path (``admits``)."""
+        raise NotImplementedError
+
+    def shut(self) -> None:
+        """The loop is ending: answer what the engine still holds (before the actor
+        fails every pending reply with ``TrackerClosed``). Default: nothing held."""
+        return None

@@ -1,0 +1,485 @@
+"""``LocalEngine``: the records in this process — the pure ``TaskState`` plus a
+``Store`` (``MemoryStore``: nothing kept; ``SQLiteStore``: a file).
+
+Every handler answers at once from the state; ``commit`` hands the batch's changes
+to the store in one ``write`` (one transaction per batch for a durable store), then
+publishes them. A store that fails keeps the changes pending here and refuses
+writes until a retry timer commits them (``_write_failed``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Final
+
+from .._errors import InvalidTransition, StoreError, TaskdError
+from .._models import ACTIVE, ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from .._retention import Retention
+from ..actor import messages as m
+from ..actor.timers import Kind
+from .base import Engine, Handler, Settle
+from .rules import NOT_ACKNOWLEDGED
+from .state import TaskState, new_spec
+from .store import Store
+
+if TYPE_CHECKING:
+    from .._webhooks import WebhookSender
+    from ..actor.runner import Runner
+
+__all__ = ["LocalEngine"]
+
+log = logging.getLogger("taskd")
+
+#: Seconds between attempts to write to a store that failed.
+STORE_RETRY: Final = 0.5
+#: Caller commands refused while the store cannot write (they would change records).
+_WRITES: Final = frozenset(
+    {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
+)
+
+
+class LocalEngine(Engine):
+    """The records in this process, behind the actor; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        retention: Retention,
+        store: Store,
+        clock: Callable[[], float],
+        cancel_grace: float,
+    ) -> None:
+        self.store = store
+        self._persistent = store.persistent
+        self.replies_after_commit = store.persistent
+        self._cancel_grace = cancel_grace
+        self._clock = clock
+        # Event ids (SSE) start at this boot's wall-clock instant in microseconds, so
+        # that they stay unique and increasing across restarts: the actor emits far
+        # fewer than one change per microsecond, so a boot's ids stay below the next
+        # boot's start. An id below it is from an earlier boot: no replay is possible.
+        self.boot_seq = int(clock() * 1_000_000)
+        self.state = TaskState(retention, first_seq=self.boot_seq)
+        self._last_beat: dict[str, float] = {}
+        self._retry_due = False
+        #: Called with each terminal record that has a callback_url, after its commit.
+        self._on_webhook: Callable[[TaskRecord], None] | None = None
+        # Changes taken from the state but not committed yet (the store failed).
+        self._unwritten: tuple[dict[str, TaskRecord | None], list[tuple[int, TaskRecord]]] = (
+            {},
+            [],
+        )
+
+    def handlers(self) -> Mapping[type[Any], Handler]:
+        """The handler of each command that touches records."""
+        return {
+            m.Create: self._on_create,
+            m.Spawn: self._on_spawn,
+            m.Start: self._on_start,
+            m.Progress: self._on_progress,
+            m.Complete: self._on_complete,
+            m.Fail: self._on_fail,
+            m.Cancel: self._on_cancel,
+            m.Delete: self._on_delete,
+            m.Get: self._on_get,
+            m.ListTasks: self._on_list,
+            m.Wait: self._on_wait,
+            m.Subscribe: self._on_subscribe,
+            m.Stats: self._on_stats,
+        }
+
+    # --- opening ----------------------------------------------------------------------
+
+    async def open(self, sender: WebhookSender | None) -> None:
+        """Load the store's records; tasks a gone process ran are failed."""
+        records = await self.store.open()
+        kept = getattr(self.store, "page_key", None)
+        if isinstance(kept, bytes) and kept:
+            self.page_key = kept
+        if sender is not None:
+            self._on_webhook = sender.submit
+        self.load(records)
+
+    def load(self, records: Iterable[TaskRecord]) -> None:
+        """Rebuild state from the store before the loop starts."""
+        timers = self.actor.timers
+        interrupted: list[TaskRecord] = []
+        for rec in self.state.load(records):
+            if rec.in_process:
+                interrupted.append(rec)
+            elif rec.status is TaskStatus.CANCELLING:
+                timers.push(rec.updated_at + self._cancel_grace, Kind.GRACE, rec.task_id)
+            elif rec.heartbeat_timeout is not None:
+                self._last_beat[rec.task_id] = rec.updated_at
+                timers.push(rec.updated_at + rec.heartbeat_timeout, Kind.HEARTBEAT, rec.task_id)
+        # The process that ran these coroutines is gone: nobody will finish them.
+        for rec in interrupted:
+            self._change(rec, TaskStatus.FAILED, error="interrupted: tracker restarted")
+        for kind, task_id, _ in timers.pop_due(self.actor.now):
+            self.fire(kind, task_id)
+        self.fired()
+
+    # --- the commit -------------------------------------------------------------------
+
+    def refuses(self, msg: object, fut: asyncio.Future[Any] | None) -> bool:
+        """While the store cannot write, caller commands that would change a record
+        are refused up front (503); reads go on."""
+        if not self._persistent or fut is None or type(msg) not in _WRITES:
+            return False
+        fut.set_exception(StoreError(f"the store cannot write: {self.store_error}"))
+        return True
+
+    async def commit(self) -> bool:
+        """Write the batch's changes in one call, then publish them."""
+        a = self.actor
+        dirty, changed = self.state.take_changes()
+        if self._unwritten[0] or self._unwritten[1]:
+            old_dirty, old_changed = self._unwritten
+            old_dirty.update(dirty)
+            dirty, changed = old_dirty, old_changed + changed
+            self._unwritten = ({}, [])
+        if dirty and self._persistent:
+            if self.store_error is not None and not self._retry_due:
+                self._unwritten = (dirty, changed)  # wait for the retry timer
+                changed = []
+            else:
+                self._retry_due = False
+                upserts = [r for r in dirty.values() if r is not None]
+                deletes = [i for i, r in dirty.items() if r is None]
+                try:
+                    await self.store.write(upserts, deletes)
+                except Exception as exc:
+                    first = self.store_error is None
+                    self._unwritten = (dirty, changed)
+                    self._write_failed(exc, refuse=first)
+                    if first:
+                        return False
+                    changed = []
+                else:
+                    if self.store_error is not None:
+                        log.warning("the store writes again: %d change(s) committed", len(upserts))
+                        self.store_error = None
+        a.send_replies()
+        if self.store_error is not None:
+            return False  # what changed is not committed yet: nobody hears of it until it is
+        if changed:
+            a.hub.publish(changed, self._on_terminal)
+        if None in dirty.values():  # removed tasks: out of the replay ring too
+            a.hub.forget([i for i, r in dirty.items() if r is None])
+        return True
+
+    def _write_failed(self, exc: Exception, *, refuse: bool) -> None:
+        """The store could not commit. The first failing batch's callers get
+        ``StoreError`` (503): nothing is acknowledged that is not on disk. The changes
+        stay in memory and pending (``_unwritten``), as do their notifications, and
+        are written by a later attempt; until then caller commands that would change a
+        record are refused up front (reads go on), and a timer retries the write."""
+        a = self.actor
+        reason = f"{type(exc).__name__}: {exc}"
+        if self.store_error is None:
+            log.error("the store cannot write; refusing changes until it can: %s", reason)
+        self.store_error = reason
+        a.timers.push(a.now + STORE_RETRY, Kind.RETRY, "")
+        if not refuse:
+            return
+        failed = StoreError(f"the store cannot write: {reason}")
+        replies, a.replies = a.replies, []
+        for fut, error, _ in replies:
+            if not fut.done():
+                fut.set_exception(failed if error is None else error)
+        # Spawns of this batch were refused to their callers: they never run.
+        launch, a.launch = a.launch, []
+        for runner in launch:
+            runner.close()
+            runner.settle_with = (TaskStatus.FAILED, None, failed)
+            rec = self.state.get(runner.task_id)
+            if rec is not None and rec.status not in TERMINAL:
+                self._change(rec, TaskStatus.FAILED, error="not started: the store cannot write")
+            a.runners.pop(runner.task_id, None)
+
+    def _on_terminal(self, rec: TaskRecord) -> None:
+        """A terminal record was committed: wake its waiters, send its webhook."""
+        if rec.spec.callback_url is not None and self._on_webhook is not None:
+            self._on_webhook(rec)
+        self.actor.wake_waiters(rec)
+
+    def shut(self) -> None:
+        """Say what the store never took (its callers got 503)."""
+        unwritten = len(self._unwritten[0])
+        if unwritten and self._persistent:
+            log.error("closing with %d change(s) the store could not write", unwritten)
+
+    # --- timers -----------------------------------------------------------------------
+
+    def fire(self, kind: Kind, task_id: str) -> None:
+        """A heartbeat, cancel grace or store retry came due."""
+        a = self.actor
+        now = a.now
+        if kind is Kind.RETRY:
+            self._retry_due = True  # this batch's commit tries the write again
+            return
+        rec = self.state.get(task_id)
+        if rec is None or rec.status in TERMINAL:
+            return
+        if kind is Kind.HEARTBEAT:
+            last = self._last_beat.get(task_id)
+            if last is None or rec.heartbeat_timeout is None:
+                return
+            if last + rec.heartbeat_timeout <= now:
+                self._change(rec, TaskStatus.FAILED, error="heartbeat timeout")
+            else:
+                a.timers.push(last + rec.heartbeat_timeout, Kind.HEARTBEAT, task_id)
+        elif kind is Kind.GRACE:
+            if rec.status is not TaskStatus.CANCELLING:
+                return
+            if rec.updated_at + self._cancel_grace > now:  # it reported since
+                a.timers.push(rec.updated_at + self._cancel_grace, Kind.GRACE, task_id)
+                return
+            runner = a.runners.get(task_id)
+            if runner is not None:
+                runner.settle_with = (TaskStatus.CANCELLED, None, None)
+            self._change(rec, TaskStatus.CANCELLED, error=NOT_ACKNOWLEDGED)
+
+    def fired(self) -> None:
+        """Expire records past their TTL; the next expiry is the timers' floor."""
+        self.state.expire(self.actor.now)
+        self.actor.timers.reset_due(self.state.next_expiry())
+
+    def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
+        """A wait ran out (or a long-poll was released): the latest record."""
+        self.actor.replies.append((fut, None, (self.state.get(task_id), False)))
+
+    def timed_out(self, task_id: str) -> None:
+        """The runner was cancelled for its timeout: cancelling until it unwinds."""
+        rec = self.state.get(task_id)
+        if rec is not None and rec.status is TaskStatus.RUNNING:
+            self._change(rec, TaskStatus.CANCELLING)
+
+    # --- changing records -------------------------------------------------------------
+
+    def _change(
+        self,
+        rec: TaskRecord,
+        status: TaskStatus,
+        *,
+        progress: float | None = None,
+        message: str | None = None,
+        result: JSON | RawJSON = None,
+        error: str | None = None,
+        action: str | None = None,
+    ) -> TaskRecord:
+        """Move ``rec`` to ``status`` (the state checks the transition table), then
+        arrange what the actor owns: deadlines, heartbeats, the runner's outcome."""
+        a = self.actor
+        new = self.state.transition(
+            rec,
+            status,
+            a.now,
+            progress=progress,
+            message=message,
+            result=result,
+            error=error,
+            action=action,
+        )
+        if rec.status is not new.status:
+            tid = new.task_id
+            a.counters.on_change(rec.status, new)
+            if new.status in TERMINAL:
+                self._last_beat.pop(tid, None)
+                expires = self.state.expires_at(new)
+                if expires < a.timers.due:
+                    a.timers.due = expires
+                runner = a.runners.get(tid)
+                if runner is not None:
+                    # With the terminal record: the handle shows it once settled.
+                    a.settle.append((runner, new))
+            elif new.status is TaskStatus.CANCELLING:
+                a.timers.push(a.now + self._cancel_grace, Kind.GRACE, tid)
+        return new
+
+    def end(
+        self,
+        runner: Runner,
+        status: TaskStatus,
+        *,
+        result: JSON | RawJSON = None,
+        error: str | None = None,
+        settle: Settle,
+    ) -> None:
+        """Record how a runner ended; its handle settles after the commit."""
+        runners = self.actor.runners
+        rec = self.state.get(runner.task_id)
+        try:
+            if rec is None or rec.status in TERMINAL:
+                return  # already recorded (cancelled while pending, or abandoned)
+            runner.settle_with = settle
+            self._change(rec, status, result=result, error=error)
+        finally:
+            runners.pop(runner.task_id, None)
+
+    # --- handlers ---------------------------------------------------------------------
+
+    def _on_create(self, msg: m.Create, fut: object) -> TaskRecord:
+        spec = new_spec(msg.metadata, msg.owner, False, msg.callback_url, msg.heartbeat_timeout)
+
+        def build(task_id: str, at: float) -> TaskRecord:
+            return TaskRecord(
+                task_id, msg.task_type, TaskStatus.PENDING, msg.resource_id, at, at, spec=spec
+            )
+
+        a = self.actor
+        rec = self.state.insert(msg.task_type, msg.resource_id, msg.owner, a.now, build)
+        if msg.heartbeat_timeout is not None:
+            self._last_beat[rec.task_id] = rec.created_at
+            a.timers.push(rec.created_at + msg.heartbeat_timeout, Kind.HEARTBEAT, rec.task_id)
+        return rec
+
+    def _on_spawn(self, msg: m.Spawn, fut: object) -> TaskRecord:
+        if msg.minted is not None:
+            return self._spawn_minted(msg, msg.minted)
+        spec = new_spec(msg.metadata, msg.owner, True, msg.callback_url, None)
+
+        def build(task_id: str, at: float) -> TaskRecord:
+            # Running from the start: the runner is launched right after this batch
+            # commits and begins on the next loop iteration, so a pending state would
+            # be visible to nobody; skipping it saves a record version.
+            return TaskRecord(
+                task_id, msg.task_type, TaskStatus.RUNNING, msg.resource_id, at, at, at, spec=spec
+            )
+
+        rec = self.state.insert(msg.task_type, msg.resource_id, msg.owner, self.actor.now, build)
+        return self.actor.add_runner(msg, rec)
+
+    def _spawn_minted(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
+        try:
+            self.state.insert_minted(rec)
+        except TaskdError as exc:
+            # admits() said there was room; if that ever fails to hold, the handle the
+            # caller already has gets the refusal and the coroutine never runs.
+            msg.coro.close()
+            msg.done.set(TaskStatus.FAILED, None, exc)
+            raise
+        return self.actor.add_runner(msg, rec)
+
+    def admits(self) -> bool:
+        """Nothing to commit first (no persistent store), no per-owner quota, and room
+        under the cap even if every message still in the mailbox inserts a task.
+        Read between the actor's batches (one thread): the counts are the committed
+        state."""
+        state = self.state
+        return (
+            not self._persistent
+            and state.quota is None
+            and state.active + self.actor.mailbox.qsize() < state.cap
+        )
+
+    def settled(self) -> bool:
+        """Only when the answer cannot differ from the actor's: no persistent store (a
+        batch never suspends half-committed), an empty mailbox (every command sent
+        before, fire-and-forget ones included, has been applied), and no timer due
+        (the actor would expire records first)."""
+        a = self.actor
+        return not (self._persistent or not a.mailbox.empty() or self._clock() >= a.timers.due)
+
+    def read(self, task_id: str, owner: OwnerScope) -> TaskRecord | None:
+        """The record, if ``owner`` may see it."""
+        rec = self.state.get(task_id)
+        if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
+            return None
+        return rec
+
+    def mint(self, now: float) -> tuple[str, float]:
+        """A new task id, from the state's one sequence."""
+        return self.state.mint(now)
+
+    def _beat(self, task_id: str) -> None:
+        if task_id in self._last_beat:
+            self._last_beat[task_id] = self.actor.now
+
+    def _external(self, msg: m.Start | m.Complete | m.Fail, action: str) -> TaskRecord:
+        rec = self.state.visible(msg.task_id, msg.owner)
+        if rec.in_process and rec.status not in TERMINAL:
+            # Its runner reports how it ends; a second source of truth would race it.
+            raise InvalidTransition(rec.task_id, "run by the tracker itself", action)
+        return rec
+
+    def _on_start(self, msg: m.Start, fut: object) -> TaskRecord:
+        rec = self._external(msg, "start")
+        if rec.status is not TaskStatus.PENDING:
+            raise InvalidTransition(rec.task_id, rec.status.value, "start")
+        self._beat(rec.task_id)
+        return self._change(rec, TaskStatus.RUNNING, action="start")
+
+    def _on_progress(self, msg: m.Progress, fut: object) -> TaskRecord:
+        rec = self.state.visible(msg.task_id, msg.owner)
+        if rec.status not in ACTIVE:
+            raise InvalidTransition(rec.task_id, rec.status.value, "report progress on")
+        self._beat(rec.task_id)
+        return self._change(rec, rec.status, progress=msg.progress, message=msg.message)
+
+    def _on_complete(self, msg: m.Complete, fut: object) -> TaskRecord:
+        rec = self._external(msg, "complete")
+        return self._change(rec, TaskStatus.COMPLETED, result=msg.result, action="complete")
+
+    def _on_fail(self, msg: m.Fail, fut: object) -> TaskRecord:
+        rec = self._external(msg, "fail")
+        return self._change(rec, TaskStatus.FAILED, error=msg.error, action="fail")
+
+    def _on_cancel(self, msg: m.Cancel, fut: object) -> TaskRecord:
+        a = self.actor
+        rec = self.state.visible(msg.task_id, msg.owner)
+        status = rec.status
+        if status in TERMINAL:
+            raise InvalidTransition(rec.task_id, status.value, "cancel")
+        runner = a.runners.get(rec.task_id)
+        if runner is None:
+            # External: pending stops at once, running is asked (the worker sees
+            # cancelling on its next report), cancelling is the worker confirming.
+            if status is TaskStatus.RUNNING:
+                return self._change(rec, TaskStatus.CANCELLING, action="cancel")
+            return self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
+        if runner.task is None:
+            # Spawned in this same batch and not launched yet: it never starts.
+            runner.settle_with = (TaskStatus.CANCELLED, None, None)
+            new = self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
+            a.launch.remove(runner)
+            runner.close()
+            del a.runners[rec.task_id]
+            return new
+        # Spawned and running: cancelling until the coroutine has unwound.
+        runner.task.cancel()
+        if status is TaskStatus.CANCELLING:
+            return rec
+        return self._change(rec, TaskStatus.CANCELLING, action="cancel")
+
+    def _on_delete(self, msg: m.Delete, fut: object) -> None:
+        self.state.delete(msg.task_id, msg.owner)
+
+    def _on_get(self, msg: m.Get, fut: object) -> TaskRecord | None:
+        return self.read(msg.task_id, msg.owner)
+
+    def _on_list(self, msg: m.ListTasks, fut: object) -> object:
+        return self.state.list_page(
+            statuses=msg.statuses,
+            task_type=msg.task_type,
+            resource_id=msg.resource_id,
+            owner=msg.owner,
+            limit=msg.limit,
+            before=msg.before,
+        )
+
+    def _on_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> object:
+        return self.actor.wait_on(msg, fut, self.state.visible(msg.task_id, msg.owner))
+
+    def _on_subscribe(self, msg: m.Subscribe, fut: object) -> TaskRecord | None:
+        sub = msg.subscription
+        state = self.state
+        rec = None if sub.task_id is None else state.visible(sub.task_id, sub.owner)
+        self.actor.hub.subscribe(sub, rec, state.seq, state.pending_changes)
+        return rec
+
+    def _on_stats(self, msg: m.Stats, fut: object) -> object:
+        state = self.state
+        return self.actor.stats(state.counts(), len(state), state.active)
