@@ -15,12 +15,22 @@ from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
 from .._errors import InvalidTransition, StoreError, TaskdError
-from .._models import ACTIVE, ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from .._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from .._retention import Retention
 from ..actor import messages as m
 from ..actor.timers import Kind
 from .base import Engine, Handler, Settle
-from .rules import NOT_ACKNOWLEDGED
+from .rules import (
+    CANCEL_EXTERNAL,
+    CANCEL_SPAWNED,
+    HEARTBEAT_TIMEOUT,
+    NOT_ACKNOWLEDGED,
+    PROGRESS_ON,
+    PROGRESS_VERB,
+    RUN_BY_TRACKER,
+    START_FROM,
+    TRACKER_RESTARTED,
+)
 from .state import TaskState, new_spec
 from .store import Store
 
@@ -116,7 +126,7 @@ class LocalEngine(Engine):
                 timers.push(rec.updated_at + rec.heartbeat_timeout, Kind.HEARTBEAT, rec.task_id)
         # The process that ran these coroutines is gone: nobody will finish them.
         for rec in interrupted:
-            self._change(rec, TaskStatus.FAILED, error="interrupted: tracker restarted")
+            self._change(rec, TaskStatus.FAILED, error=TRACKER_RESTARTED)
         for kind, task_id, _ in timers.pop_due(self.actor.now):
             self.fire(kind, task_id)
         self.fired()
@@ -228,7 +238,7 @@ class LocalEngine(Engine):
             if last is None or rec.heartbeat_timeout is None:
                 return
             if last + rec.heartbeat_timeout <= now:
-                self._change(rec, TaskStatus.FAILED, error="heartbeat timeout")
+                self._change(rec, TaskStatus.FAILED, error=HEARTBEAT_TIMEOUT)
             else:
                 a.timers.push(last + rec.heartbeat_timeout, Kind.HEARTBEAT, task_id)
         elif kind is Kind.GRACE:
@@ -402,20 +412,20 @@ class LocalEngine(Engine):
         rec = self.state.visible(msg.task_id, msg.owner)
         if rec.in_process and rec.status not in TERMINAL:
             # Its runner reports how it ends; a second source of truth would race it.
-            raise InvalidTransition(rec.task_id, "run by the tracker itself", action)
+            raise InvalidTransition(rec.task_id, RUN_BY_TRACKER, action)
         return rec
 
     def _on_start(self, msg: m.Start, fut: object) -> TaskRecord:
         rec = self._external(msg, "start")
-        if rec.status is not TaskStatus.PENDING:
+        if rec.status not in START_FROM:
             raise InvalidTransition(rec.task_id, rec.status.value, "start")
         self._beat(rec.task_id)
         return self._change(rec, TaskStatus.RUNNING, action="start")
 
     def _on_progress(self, msg: m.Progress, fut: object) -> TaskRecord:
         rec = self.state.visible(msg.task_id, msg.owner)
-        if rec.status not in ACTIVE:
-            raise InvalidTransition(rec.task_id, rec.status.value, "report progress on")
+        if rec.status not in PROGRESS_ON:
+            raise InvalidTransition(rec.task_id, rec.status.value, PROGRESS_VERB)
         self._beat(rec.task_id)
         return self._change(rec, rec.status, progress=msg.progress, message=msg.message)
 
@@ -430,17 +440,8 @@ class LocalEngine(Engine):
     def _on_cancel(self, msg: m.Cancel, fut: object) -> TaskRecord:
         a = self.actor
         rec = self.state.visible(msg.task_id, msg.owner)
-        status = rec.status
-        if status in TERMINAL:
-            raise InvalidTransition(rec.task_id, status.value, "cancel")
         runner = a.runners.get(rec.task_id)
-        if runner is None:
-            # External: pending stops at once, running is asked (the worker sees
-            # cancelling on its next report), cancelling is the worker confirming.
-            if status is TaskStatus.RUNNING:
-                return self._change(rec, TaskStatus.CANCELLING, action="cancel")
-            return self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
-        if runner.task is None:
+        if runner is not None and runner.task is None and rec.status not in TERMINAL:
             # Spawned in this same batch and not launched yet: it never starts.
             runner.settle_with = (TaskStatus.CANCELLED, None, None)
             new = self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
@@ -448,11 +449,18 @@ class LocalEngine(Engine):
             runner.close()
             del a.runners[rec.task_id]
             return new
-        # Spawned and running: cancelling until the coroutine has unwound.
-        runner.task.cancel()
-        if status is TaskStatus.CANCELLING:
+        to = (CANCEL_EXTERNAL if runner is None else CANCEL_SPAWNED).get(rec.status)
+        if to is None:
+            raise InvalidTransition(rec.task_id, rec.status.value, "cancel")
+        if runner is not None:
+            # Spawned and running: cancelling until the coroutine has unwound.
+            assert runner.task is not None
+            runner.task.cancel()
+        if to is rec.status:
             return rec
-        return self._change(rec, TaskStatus.CANCELLING, action="cancel")
+        if to is TaskStatus.CANCELLED:
+            return self._change(rec, to, error=msg.reason)
+        return self._change(rec, to, action="cancel")
 
     def _on_delete(self, msg: m.Delete, fut: object) -> None:
         self.state.delete(msg.task_id, msg.owner)

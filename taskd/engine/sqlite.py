@@ -38,6 +38,7 @@ from .._models import (
     TaskStatus,
     result_from_text,
 )
+from .codec import result_text
 
 __all__ = ["SQLiteStore", "StoreError"]
 
@@ -55,11 +56,7 @@ _UPSERT: Final = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join(
 
 
 def _result_text(data: JSON | RawJSON) -> str | None:
-    if data is None:
-        return None
-    if isinstance(data, RawJSON):
-        return data.text
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return result_text(data) or None  # the codec's text; NULL for none
 
 
 def _encode(rec: TaskRecord) -> _Row:

@@ -34,6 +34,7 @@ from .._models import (
     TaskStatus,
 )
 from .._retention import ExpiryQueues, Retention
+from .rules import DELETE_FROM
 
 __all__ = ["Page", "TaskState"]
 
@@ -270,7 +271,7 @@ class TaskState:
     def delete(self, task_id: str, owner: OwnerScope) -> None:
         """Delete a terminal record; an active one raises ``InvalidTransition``."""
         rec = self.visible(task_id, owner)
-        if rec.status not in TERMINAL:
+        if rec.status not in DELETE_FROM:
             raise InvalidTransition(rec.task_id, rec.status.value, "delete")
         self.remove(rec.task_id)
         self._expiry.compact(len(self._records) - self.active, self._records.get)

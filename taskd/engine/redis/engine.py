@@ -44,6 +44,7 @@ from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..base import DEFERRED, Deferred, Engine, Handler, Settle
+from ..codec import result_text
 from .space import (
     SOCKET_TIMEOUT,
     Command,
@@ -54,7 +55,6 @@ from .space import (
     opt,
     raise_error,
     refusal,
-    result_text,
     scope,
 )
 

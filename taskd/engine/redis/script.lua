@@ -4,14 +4,10 @@
 -- caller's clock (seconds, as text), ARGV[3] the same in whole microseconds; the
 -- rest depends on the command. Records are hashes of text fields, never decoded
 -- here: times and numbers are compared as numbers but stored as the caller sent them.
--- The transition table below is generated from taskd._models.TRANSITIONS.
+-- The rule tables, field names and error texts below are generated from
+-- taskd.engine.rules and taskd.engine.codec (taskd.engine.redis.space renders them).
 
-local TRANS = @TRANSITIONS@
-local TERMINAL = {completed = true, failed = true, cancelled = true}
-local ACTIVE = {pending = true, running = true, cancelling = true}
-local FIELDS = {'id', 'ty', 'st', 'rs', 'ca', 'ua', 'sa', 'fa', 'pg', 'ms', 'rz', 'er',
-                'md', 'ow', 'cb', 'hb', 'ip', 'pr', 'sq'}
-local PAYLOAD = {'md', 'rz', 'er'}
+@RULES@
 -- One list call looks at most this many ids (~4 ms of Redis time): a filter that
 -- matches nothing answers an empty page with a cursor to go on from.
 local WALK_BOUND = 1000
@@ -270,7 +266,7 @@ end
 
 local function external(r, action)
   if r.ip and not TERMINAL[r.st] then
-    return err('invalid', r.id, 'run by the tracker itself', action)
+    return err('invalid', r.id, TEXT.run_by_tracker, action)
   end
 end
 
@@ -290,7 +286,7 @@ OPS.start = function(a)
   if r == nil then return e end
   e = external(r, 'start')
   if e then return e end
-  if r.st ~= 'pending' then return err('invalid', r.id, r.st, 'start') end
+  if not START_FROM[r.st] then return err('invalid', r.id, r.st, 'start') end
   beat(r)
   return reply(change(r, 'running', {action = 'start'}))
 end
@@ -298,7 +294,7 @@ end
 OPS.progress = function(a)
   local r, e = lookup(a[1], a[2])
   if r == nil then return e end
-  if not ACTIVE[r.st] then return err('invalid', r.id, r.st, 'report progress on') end
+  if not PROGRESS_ON[r.st] then return err('invalid', r.id, r.st, TEXT.progress_verb) end
   beat(r)
   local o = {}
   if a[3] ~= '' then o.progress = a[3] end
@@ -327,15 +323,13 @@ end
 OPS.cancel = function(a)
   local r, e = lookup(a[1], a[2])
   if r == nil then return e end
-  if TERMINAL[r.st] then return err('invalid', r.id, r.st, 'cancel') end
-  if r.ip then
-    -- the process that runs it hears of cancelling on its change stream and cancels
-    -- the coroutine; the record turns cancelled once that has unwound
-    if r.st == 'cancelling' then return reply(r) end
-    return reply(change(r, 'cancelling', {action = 'cancel'}))
-  end
-  if r.st == 'running' then return reply(change(r, 'cancelling', {action = 'cancel'})) end
-  return reply(change(r, 'cancelled', {error = a[3]}))
+  -- the process that runs a spawned task hears of cancelling on its change stream and
+  -- cancels the coroutine; the record turns cancelled once that has unwound
+  local to = (r.ip and CANCEL_SPAWNED or CANCEL_EXTERNAL)[r.st]
+  if to == nil then return err('invalid', r.id, r.st, 'cancel') end
+  if to == r.st then return reply(r) end
+  if to == 'cancelled' then return reply(change(r, to, {error = a[3]})) end
+  return reply(change(r, to, {action = 'cancel'}))
 end
 
 -- a spawned coroutine's runner ran out of time: cancelling while it unwinds
@@ -360,7 +354,7 @@ end
 OPS.delete = function(a)
   local r, e = lookup(a[1], a[2])
   if r == nil then return e end
-  if not TERMINAL[r.st] then return err('invalid', r.id, r.st, 'delete') end
+  if not DELETE_FROM[r.st] then return err('invalid', r.id, r.st, 'delete') end
   remove(r)
   return {'ok'}
 end
@@ -392,7 +386,7 @@ OPS.sweep = function(a)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('hb'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
     redis.call('ZREM', k('hb'), id)
     local r = getrec(id)
-    if r and ACTIVE[r.st] then change(r, 'failed', {error = 'heartbeat timeout'}) end
+    if r and ACTIVE[r.st] then change(r, 'failed', {error = TEXT.heartbeat_timeout}) end
   end
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('gr'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
     redis.call('ZREM', k('gr'), id)
@@ -402,7 +396,7 @@ OPS.sweep = function(a)
       if due > tonumber(NOW) then
         redis.call('ZADD', k('gr'), num(due), id)  -- it reported since
       else
-        change(r, 'cancelled', {error = 'cancel not acknowledged'})
+        change(r, 'cancelled', {error = TEXT.not_acknowledged})
       end
     end
   end
@@ -411,7 +405,7 @@ OPS.sweep = function(a)
       for _, id in ipairs(redis.call('SMEMBERS', k('runs:' .. p))) do
         local r = getrec(id)
         if r and ACTIVE[r.st] and r.pr == p then
-          change(r, 'failed', {error = 'interrupted: process lost'})
+          change(r, 'failed', {error = TEXT.process_lost})
         end
       end
       redis.call('DEL', k('runs:' .. p))

@@ -38,7 +38,6 @@ from ..._models import (
     ANY_OWNER,
     DEFAULT_SPEC,
     JSON,
-    TRANSITIONS,
     OwnerScope,
     RawJSON,
     TaskRecord,
@@ -47,6 +46,8 @@ from ..._models import (
     result_from_text,
 )
 from ..._retention import Retention
+from ..codec import PAYLOAD, REDIS_FIELDS
+from ..rules import lua_tables
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -60,11 +61,6 @@ SOCKET_TIMEOUT: Final = 2.0
 #: Entries the change stream keeps (``MAXLEN ~``): how far back a reader can fall.
 STREAM_LEN: Final = 10_000
 
-#: Record fields a change stream entry leaves out: only the record (``t:<id>``)
-#: holds them, so a delete removes them from every place they can be read back.
-#: Metadata never changes and a result or error is set only on the final version,
-#: so the record's current value is the entry's (docs/scale-out.md).
-PAYLOAD: Final = ("md", "rz", "er")
 #: The one eviction policy that never drops a key behind taskd's back.
 POLICY: Final = "noeviction"
 #: Error replies of a Redis that is up but refuses writes (full under noeviction,
@@ -78,11 +74,7 @@ Command = tuple[str, Sequence[str]]
 
 def _script() -> str:
     text = resources.files(__package__).joinpath("script.lua").read_text(encoding="utf-8")
-    table = ", ".join(
-        f"{src.value} = {{{', '.join(f'{dst.value} = true' for dst in sorted(dsts))}}}"
-        for src, dsts in TRANSITIONS.items()
-    )
-    return text.replace("@TRANSITIONS@", "{" + table + "}")
+    return text.replace("@RULES@", lua_tables(REDIS_FIELDS, PAYLOAD))
 
 
 #: The script, and its SHA1 (EVALSHA's name for it: two taskd versions sharing one
@@ -122,14 +114,6 @@ def opt(value: str | None) -> str:
 
 def seconds(value: float) -> str:
     return repr(float(value))
-
-
-def result_text(data: JSON | RawJSON) -> str:
-    if data is None:
-        return ""
-    if isinstance(data, RawJSON):
-        return data.text
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
 def _float(value: str | None) -> float | None:
