@@ -1,8 +1,13 @@
-"""Every allowed and every forbidden transition, driven through the public API."""
+"""Every allowed and every forbidden transition, driven through the public API, on
+every engine: memory, SQLite and Redis (docs/architecture.md: the rules are written
+once, in taskd/engine/rules.py, and the Redis script reads tables made from them)."""
 
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -10,7 +15,22 @@ import taskd
 from taskd import TaskStatus as S
 from taskd.testing import FakeClock
 
+from .redis_server import RedisServer
 from .test_models import ALL, ALLOWED
+
+
+@pytest.fixture(params=["memory", "sqlite", "redis"])
+async def tracker(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[taskd.Tracker]:
+    """A tracker on each engine (this module's rule tests run on all three)."""
+    if request.param == "memory":
+        t = taskd.Tracker()
+    elif request.param == "sqlite":
+        t = taskd.Tracker(store=taskd.SQLiteStore(tmp_path / "t.db"))
+    else:
+        server: RedisServer = request.getfixturevalue("redis_server")
+        t = taskd.Tracker(redis=server.url, redis_prefix=f"test-{uuid.uuid4().hex[:12]}:")
+    async with t:
+        yield t
 
 
 async def _reach(t: taskd.Tracker, status: S) -> str:
@@ -89,6 +109,39 @@ async def test_terminal_records_never_change(tracker: taskd.Tracker, terminal: S
         with pytest.raises(taskd.InvalidTransition):
             await attempt
     assert await tracker.get(tid) == before
+
+
+@pytest.mark.parametrize("source", [s for s in ALL if s is not S.PENDING], ids=str)
+async def test_start_only_from_pending(tracker: taskd.Tracker, source: S) -> None:
+    """A running task is not started twice (nor any but a pending one)."""
+    tid = await _reach(tracker, source)
+    before = await tracker.get(tid)
+    with pytest.raises(taskd.InvalidTransition):
+        await tracker.start(tid)
+    assert await tracker.get(tid) == before
+
+
+@pytest.mark.parametrize("source", [S.PENDING, S.RUNNING, S.CANCELLING], ids=str)
+async def test_active_records_cannot_be_deleted(tracker: taskd.Tracker, source: S) -> None:
+    tid = await _reach(tracker, source)
+    with pytest.raises(taskd.InvalidTransition):
+        await tracker.delete(tid)
+    assert await tracker.get(tid) is not None
+
+
+async def test_cancel_of_a_spawned_task_asks_then_its_runner_records_it(
+    tracker: taskd.Tracker,
+) -> None:
+    gate = asyncio.Event()
+    handle = await tracker.spawn(gate.wait(), task_type="x")
+    asked = await tracker.cancel(handle.task_id)
+    assert asked.status in (S.CANCELLING, S.CANCELLED)
+    with pytest.raises(asyncio.CancelledError):
+        await handle
+    rec = await tracker.get(handle.task_id)
+    assert rec is not None and rec.status is S.CANCELLED
+    with pytest.raises(taskd.InvalidTransition):
+        await tracker.cancel(handle.task_id)
 
 
 async def test_progress_allowed_while_active(tracker: taskd.Tracker) -> None:
