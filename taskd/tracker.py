@@ -39,10 +39,10 @@ from ._retention import Retention
 from ._webhooks import Webhooks, WebhookSender
 from .actor import messages as m
 from .actor.actor import Actor, MailboxItem
-from .actor.runner import Outcome
+from .actor.engine import Deferred, Engine
+from .actor.outcome import Outcome
 from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
-from .engine.base import Deferred, Engine
 from .engine.local import LocalEngine
 from .engine.redis.engine import RedisEngine
 from .engine.state import Page, new_spec

@@ -23,8 +23,8 @@ from typing import TYPE_CHECKING, Any, Final
 from .._counters import TaskCounters
 from .._errors import TaskdError, TrackerClosed
 from .._models import TERMINAL, OwnerScope, TaskRecord, TaskStatus
-from ..engine.base import DEFERRED, Deferred, Engine, Settle
 from . import messages as m
+from .engine import DEFERRED, Deferred, Engine, Settle
 from .hub import Hub
 from .runner import Runner
 from .stats import TrackerStats

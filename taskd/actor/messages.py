@@ -20,7 +20,7 @@ from .._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
 if TYPE_CHECKING:
     # Page and TrackerStats name replies in the quoted Request[...] bases below.
     from ..engine.state import Page  # noqa: F401
-    from .runner import Outcome
+    from .outcome import Outcome
     from .stats import TrackerStats  # noqa: F401
     from .subscription import Subscription
 

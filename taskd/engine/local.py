@@ -18,8 +18,8 @@ from .._errors import InvalidTransition, StoreError, TaskdError
 from .._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from .._retention import Retention
 from ..actor import messages as m
+from ..actor.engine import Engine, Handler, Settle
 from ..actor.timers import Kind
-from .base import Engine, Handler, Settle
 from .rules import (
     CANCEL_EXTERNAL,
     CANCEL_SPAWNED,

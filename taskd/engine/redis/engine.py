@@ -40,10 +40,10 @@ from ..._errors import StoreError, TaskdError, TaskNotFound
 from ..._models import JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
+from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Settle
 from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
-from ..base import DEFERRED, Deferred, Engine, Handler, Settle
 from ..codec import result_text
 from .space import (
     SOCKET_TIMEOUT,

@@ -19,17 +19,20 @@ from __future__ import annotations
 import abc
 import asyncio
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
+from .._counters import TaskCounters
 from .._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from . import messages as m
+from .hub import Hub
+from .runner import Runner
+from .stats import TrackerStats
+from .timers import Kind, Timers
 
 if TYPE_CHECKING:
     from .._webhooks import WebhookSender
-    from ..actor.actor import Actor
-    from ..actor.runner import Runner
-    from ..actor.timers import Kind
 
-__all__ = ["DEFERRED", "Deferred", "Engine", "Handler", "Reply", "Settle"]
+__all__ = ["DEFERRED", "Deferred", "Engine", "Handler", "Host", "Reply", "Settle"]
 
 #: A caller's reply future (None: a fire-and-forget message).
 Reply = "asyncio.Future[Any] | None"
@@ -45,6 +48,52 @@ class Deferred:
 
 
 DEFERRED: Final = Deferred()
+
+
+class Host(Protocol):
+    """What an engine may use of the actor that drives it (``Actor`` is one): the
+    batch's clock, this process's runners, waiters and subscriptions, and the
+    per-batch effects that go out after the commit."""
+
+    #: The batch's clock reading.
+    now: float
+    closed: bool
+    timers: Timers
+    hub: Hub
+    counters: TaskCounters
+    mailbox: asyncio.Queue[tuple[object, asyncio.Future[Any] | None]]
+    runners: dict[str, Runner]
+    waiters: dict[str, set[asyncio.Future[Any]]]
+    #: Replies that wait for the commit: (future, exception or None, value).
+    replies: list[tuple[asyncio.Future[Any], BaseException | None, object]]
+    #: Runners to start, and handles to settle, once the batch is committed.
+    launch: list[Runner]
+    settle: list[tuple[Runner, TaskRecord]]
+
+    def post(self, msg: object) -> None:
+        """Queue a fire-and-forget message."""
+
+    def dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
+        """Handle one message now (a held one, sent again)."""
+
+    def send_replies(self) -> None:
+        """Answer the callers whose replies waited for the commit."""
+
+    def wake_waiters(self, rec: TaskRecord) -> None:
+        """Answer everyone waiting for this terminal record."""
+
+    def wait_on(
+        self, msg: m.Wait, fut: asyncio.Future[Any] | None, rec: TaskRecord
+    ) -> tuple[TaskRecord | None, bool] | Deferred:
+        """Answer a wait now or park it."""
+
+    def add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
+        """Book the runner of a spawned record."""
+
+    def stats(
+        self, counts: dict[tuple[str, TaskStatus], int], records: int, active: int
+    ) -> TrackerStats:
+        """``Stats``' answer from the engine's counts."""
 
 
 class Engine(abc.ABC):
@@ -63,9 +112,9 @@ class Engine(abc.ABC):
     #: Why the engine cannot take changes (None while it can); /health reports it.
     store_error: str | None = None
 
-    actor: Actor
+    actor: Host
 
-    def bind(self, actor: Actor) -> None:
+    def bind(self, actor: Host) -> None:
         """Called once by the actor that drives this engine."""
         self.actor = actor
 
