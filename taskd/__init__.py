@@ -23,7 +23,8 @@ from ._webhooks import Webhooks
 from .actor.runner import report_progress
 from .engine.sqlite import SQLiteStore
 from .engine.store import MemoryStore, Store
-from .tracker import TaskHandle, TaskPage, Tracker, TrackerState, WouldBlock
+from .handle import TaskHandle, TaskPage, TrackerState, WouldBlock
+from .tracker import Tracker
 
 __version__ = "0.1.0"
 

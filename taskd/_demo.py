@@ -13,7 +13,8 @@ from typing import Any, Final
 from ._errors import TaskConflict, TaskdError
 from ._models import JSON
 from .actor.runner import report_progress
-from .tracker import TaskHandle, Tracker
+from .handle import TaskHandle
+from .tracker import Tracker
 
 __all__ = ["run_demo"]
 

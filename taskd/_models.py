@@ -10,7 +10,7 @@ import enum
 import json
 import math
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -19,6 +19,10 @@ from typing import TypeAlias, cast
 import msgspec
 
 __all__ = [
+    "check_new_owner",
+    "check_owner",
+    "check_statuses",
+    "check_task_id",
     "ACTIVE",
     "JSON",
     "TERMINAL",
@@ -528,3 +532,36 @@ ANY_OWNER = AnyOwner.ANY_OWNER
 
 #: Who a call acts as: an owner string, ``None`` (unowned tasks), or ``ANY_OWNER``.
 OwnerScope: TypeAlias = str | AnyOwner | None
+
+
+def check_statuses(
+    status: TaskStatus | str | Collection[TaskStatus | str] | None,
+) -> frozenset[TaskStatus] | None:
+    """A status filter (one status or several) as a set; None for no filter."""
+    if status is None:
+        return None
+    parsed = parse_statuses([status] if isinstance(status, str) else list(status))
+    if parsed is None:
+        raise ValueError("status filter must name at least one status")
+    return parsed
+
+
+def check_task_id(task_id: object) -> str:
+    """A task id argument: a str."""
+    if not isinstance(task_id, str):
+        raise TypeError(f"task_id must be a str, not {type(task_id).__name__}")
+    return task_id
+
+
+def check_owner(owner: object) -> OwnerScope:
+    """An owner scope argument: ANY_OWNER, None or a str."""
+    if owner is ANY_OWNER:
+        return ANY_OWNER
+    return check_new_owner(owner)
+
+
+def check_new_owner(owner: object) -> str | None:
+    """The owner of a new task: a str or None (not ANY_OWNER)."""
+    if owner is not None and not isinstance(owner, str):
+        raise TypeError(f"owner must be a str or None, not {type(owner).__name__}")
+    return owner

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from ._models import TaskRecord, check_seconds
+from ._models import TaskRecord, check_seconds, check_unicode
 
 __all__ = ["Webhooks", "sign"]
 
@@ -344,3 +344,19 @@ def parse_allow_list(values: Iterable[str]) -> tuple[str, ...]:
     for entry in out:
         _parse_allow(entry)
     return out
+
+
+def check_callback(webhooks: Webhooks | None, url: object) -> str | None:
+    """A task's ``callback_url``: None, or a URL the webhooks' allow-list admits."""
+    if url is None:
+        return None
+    if not isinstance(url, str):
+        raise TypeError("callback_url must be a str or None")
+    if len(url) > 2048:
+        raise ValueError("callback_url must be at most 2048 characters")
+    check_unicode(url, "callback_url")
+    if webhooks is None:
+        raise ValueError(
+            "callback_url is not allowed: no webhooks are configured (the allow-list is empty)"
+        )
+    return webhooks.check_url(url)

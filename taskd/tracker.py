@@ -7,15 +7,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import contextvars
-import enum
 import inspect
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Generator, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Final, Generic, TypeVar
+from typing import Any, Final, TypeVar
 
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
@@ -26,29 +25,31 @@ from ._models import (
     TaskStatus,
     check_limit,
     check_metadata,
+    check_new_owner,
+    check_owner,
     check_progress,
     check_resource_id,
     check_seconds,
+    check_statuses,
+    check_task_id,
     check_task_type,
-    check_unicode,
-    parse_statuses,
     store_json,
 )
 from ._redact import redact_error, redact_message
 from ._retention import Retention
-from ._webhooks import Webhooks, WebhookSender
+from ._webhooks import Webhooks, WebhookSender, check_callback
 from .actor import messages as m
-from .actor.actor import Actor, MailboxItem
+from .actor.actor import Actor
 from .actor.engine import Deferred, Engine
 from .actor.outcome import Outcome
 from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
 from .engine.local import LocalEngine
 from .engine.redis.engine import RedisEngine
-from .engine.state import Page, new_spec
 from .engine.store import MemoryStore, Store
+from .handle import TaskHandle, TaskPage, TrackerState, WouldBlock
 
-__all__ = ["TaskHandle", "TaskPage", "Tracker", "TrackerState", "WouldBlock"]
+__all__ = ["Tracker"]
 
 log = logging.getLogger("taskd")
 T = TypeVar("T")
@@ -59,108 +60,12 @@ R = TypeVar("R")
 CANCEL_GRACE: Final = 1.0
 
 
-class WouldBlock(Exception):
-    """``Tracker.get_nowait`` cannot answer without the actor: ``await get`` instead
-    (anyio's ``WouldBlock`` for ``receive_nowait``)."""
-
-
-class TrackerState(enum.Enum):
-    """Where a tracker is in its life."""
-
-    #: Built, not yet entered: calls raise TrackerClosed.
-    NEW = "new"
-    #: The actor runs and takes commands.
-    OPEN = "open"
-    #: ``aclose`` has begun: no new commands; running spawned tasks wind down.
-    CLOSING = "closing"
-    #: The actor has stopped (closed, or died): every call raises TrackerClosed.
-    CLOSED = "closed"
-
-
-TaskPage = Page
-
-
-class TaskHandle(Generic[T]):
-    """What ``spawn`` returns: the task's id, and awaitable for the coroutine's outcome
-    (``await handle`` is the coroutine's return value, typed as the coroutine's).
-
-    ``await handle`` gives the return value, or re-raises the coroutine's exception
-    (``TimeoutError`` if its ``timeout`` ran out, ``CancelledError`` if cancelled),
-    once the terminal record is stored.
-    """
-
-    __slots__ = ("_created", "_done", "_tracker")
-
-    def __init__(self, tracker: Tracker, record: TaskRecord, done: Outcome[T]):
-        self._tracker = tracker
-        self._done = done
-        self._created = record
-
-    @property
-    def record(self) -> TaskRecord:
-        """The record as it was created (``running``: a spawned task runs from the
-        start) until the outcome is known, then the terminal record the tracker
-        stored: once ``await handle`` returned or raised, it says how the task ended.
-        No call to the tracker: the actor hands it over with the outcome."""
-        settled = self._done.record
-        return self._created if settled is None else settled
-
-    @property
-    def task_id(self) -> str:
-        """The tracked task's id."""
-        return self.record.task_id
-
-    def done(self) -> bool:
-        """True once the outcome is known."""
-        return self._done.done()
-
-    async def cancel(self, reason: str = "cancelled") -> TaskRecord:
-        """Ask the tracker to cancel this task (see ``Tracker.cancel``)."""
-        return await self._tracker.cancel(self.task_id, reason=reason)
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._done.__await__()
-
-    def __repr__(self) -> str:
-        return f"<TaskHandle {self.task_id} {self.record.task_type}>"
-
-
 @dataclass(frozen=True, slots=True)
 class _Options:
     retention: Retention
     #: The local engine's store (None with Redis: it holds the records).
     store: Store | None
     close_timeout: float
-
-
-def _statuses(
-    status: TaskStatus | str | Collection[TaskStatus | str] | None,
-) -> frozenset[TaskStatus] | None:
-    if status is None:
-        return None
-    parsed = parse_statuses([status] if isinstance(status, str) else list(status))
-    if parsed is None:
-        raise ValueError("status filter must name at least one status")
-    return parsed
-
-
-def _check_id(task_id: object) -> str:
-    if not isinstance(task_id, str):
-        raise TypeError(f"task_id must be a str, not {type(task_id).__name__}")
-    return task_id
-
-
-def _check_owner(owner: object) -> OwnerScope:
-    if owner is ANY_OWNER:
-        return ANY_OWNER
-    return _check_new_owner(owner)
-
-
-def _check_new_owner(owner: object) -> str | None:
-    """The owner of a new task: a str or None (not ANY_OWNER)."""
-    if owner is not None and not isinstance(owner, str):
-        raise TypeError(f"owner must be a str or None, not {type(owner).__name__}")
-    return owner
 
 
 class Tracker:
@@ -215,7 +120,6 @@ class Tracker:
         self._sender: WebhookSender | None = None
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
-        self._mailbox: asyncio.Queue[MailboxItem] = asyncio.Queue()
         engine: Engine
         if redis is not None:
             from .engine.redis.space import check_prefix, check_redis_url
@@ -232,7 +136,7 @@ class Tracker:
             assert store is not None
             engine = LocalEngine(retention=retention, store=store, clock=clock, cancel_grace=grace)
         self._engine = engine
-        self._actor = Actor(mailbox=self._mailbox, engine=engine, clock=clock, cancel_grace=grace)
+        self._actor = Actor(mailbox=asyncio.Queue(), engine=engine, clock=clock, cancel_grace=grace)
         self._actor_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         # The key page tokens are signed with (docs/scale-out.md): random per tracker in
@@ -310,35 +214,7 @@ class Tracker:
 
     async def _shutdown(self) -> None:
         assert self._actor_task is not None
-        try:
-            runners = await self._send(m.Drain())
-        except TrackerClosed:
-            runners = {}
-        if runners:
-            timeout = self._options.close_timeout
-            if timeout > 0:
-                _, pending = await asyncio.wait(runners.values(), timeout=timeout)
-            else:  # no time to finish: cancel at once
-                pending = {t for t in runners.values() if not t.done()}
-            for task in pending:
-                task.cancel()
-            if pending:
-                _, stuck = await asyncio.wait(pending, timeout=CANCEL_GRACE)
-                if stuck:
-                    ids = tuple(tid for tid, t in runners.items() if t in stuck)
-                    log.warning(
-                        "%d spawned task(s) ignored cancellation for %.1fs after "
-                        "close_timeout; recording them cancelled and leaving them: %s",
-                        len(ids),
-                        CANCEL_GRACE,
-                        ", ".join(ids),
-                    )
-                    with contextlib.suppress(TrackerClosed):
-                        await self._send(
-                            m.Abandon(ids, "cancelled: ignored cancellation at shutdown")
-                        )
-        with contextlib.suppress(TrackerClosed):
-            await self._send(m.Stop())
+        await self._actor.shutdown(self._options.close_timeout, CANCEL_GRACE)
         try:
             await self._actor_task
         except asyncio.CancelledError:
@@ -369,27 +245,9 @@ class Tracker:
         return self._send(msg)
 
     def _send(self, msg: m.Request[R]) -> asyncio.Future[R]:
-        if self._actor.closed:
-            raise TrackerClosed("the tracker is closed")
-        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._mailbox.put_nowait((msg, fut))
-        return fut
+        return self._actor.ask(msg)
 
     # --- creating -------------------------------------------------------------------
-
-    def _check_callback(self, url: object) -> str | None:
-        if url is None:
-            return None
-        if not isinstance(url, str):
-            raise TypeError("callback_url must be a str or None")
-        if len(url) > 2048:
-            raise ValueError("callback_url must be at most 2048 characters")
-        check_unicode(url, "callback_url")
-        if self._webhooks is None:
-            raise ValueError(
-                "callback_url is not allowed: no webhooks are configured (the allow-list is empty)"
-            )
-        return self._webhooks.check_url(url)
 
     async def spawn(
         self,
@@ -418,8 +276,8 @@ class Tracker:
             task_type = check_task_type(task_type)
             resource_id = check_resource_id(resource_id)
             metadata = check_metadata(metadata)
-            owner = _check_new_owner(owner)
-            callback_url = self._check_callback(callback_url)
+            owner = check_new_owner(owner)
+            callback_url = check_callback(self._webhooks, callback_url)
             seconds = check_seconds(timeout, "timeout")
             actor = self._actor
             if resource_id is None and self._state is TrackerState.OPEN and actor.admits():
@@ -428,16 +286,7 @@ class Tracker:
                 # (from the actor's one id sequence) and nothing needs to be awaited.
                 # The message is in the mailbox before this returns: any later command
                 # of this caller sees the task.
-                task_id, at = actor.mint(self._clock())
-                spec = new_spec(metadata, owner, True, callback_url, None)
-                rec = TaskRecord(
-                    task_id, task_type, TaskStatus.RUNNING, None, at, at, at, spec=spec
-                )
-                ctx = contextvars.copy_context()
-                msg = m.Spawn(
-                    coro, task_type, None, metadata, owner, callback_url, seconds, ctx, done, rec
-                )
-                self._mailbox.put_nowait((msg, None))
+                rec = actor.spawn_now(coro, task_type, metadata, owner, callback_url, seconds, done)
                 return TaskHandle(self, rec, done)
             msg = m.Spawn(
                 coro,
@@ -476,8 +325,8 @@ class Tracker:
             check_task_type(task_type),
             check_resource_id(resource_id),
             check_metadata(metadata),
-            _check_new_owner(owner),
-            self._check_callback(callback_url),
+            check_new_owner(owner),
+            check_callback(self._webhooks, callback_url),
             check_seconds(heartbeat_timeout, "heartbeat_timeout"),
         )
         return await self._call(msg)
@@ -486,7 +335,7 @@ class Tracker:
 
     async def start(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> TaskRecord:
         """Mark an external task ``running`` (from ``pending``)."""
-        return await self._call(m.Start(_check_id(task_id), _check_owner(owner)))
+        return await self._call(m.Start(check_task_id(task_id), check_owner(owner)))
 
     async def progress(
         self,
@@ -501,10 +350,10 @@ class Tracker:
         requested."""
         return await self._call(
             m.Progress(
-                _check_id(task_id),
+                check_task_id(task_id),
                 check_progress(progress),
                 redact_message(message),
-                _check_owner(owner),
+                check_owner(owner),
             )
         )
 
@@ -513,7 +362,7 @@ class Tracker:
     ) -> TaskRecord:
         """Mark a running (or cancelling) external task ``completed`` with ``result``."""
         return await self._call(
-            m.Complete(_check_id(task_id), store_json(result, "result"), _check_owner(owner))
+            m.Complete(check_task_id(task_id), store_json(result, "result"), check_owner(owner))
         )
 
     async def fail(
@@ -521,7 +370,7 @@ class Tracker:
     ) -> TaskRecord:
         """Mark an active external task ``failed``; ``error`` is redacted and truncated."""
         return await self._call(
-            m.Fail(_check_id(task_id), redact_error(error), _check_owner(owner))
+            m.Fail(check_task_id(task_id), redact_error(error), check_owner(owner))
         )
 
     async def cancel(
@@ -532,12 +381,12 @@ class Tracker:
         ``cancelling`` until its worker confirms with another ``cancel`` or finishes.
         Raises ``InvalidTransition`` on a terminal task."""
         return await self._call(
-            m.Cancel(_check_id(task_id), redact_error(reason), _check_owner(owner))
+            m.Cancel(check_task_id(task_id), redact_error(reason), check_owner(owner))
         )
 
     async def delete(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> None:
         """Remove a terminal task; an active one raises ``InvalidTransition``."""
-        await self._call(m.Delete(_check_id(task_id), _check_owner(owner)))
+        await self._call(m.Delete(check_task_id(task_id), check_owner(owner)))
 
     # --- reading --------------------------------------------------------------------
 
@@ -545,9 +394,9 @@ class Tracker:
         """The record, or None if unknown, expired, evicted or another owner's."""
         # The hottest call (every poll): checks inlined for their common case.
         if type(task_id) is not str:
-            _check_id(task_id)
+            check_task_id(task_id)
         if owner is not ANY_OWNER:
-            owner = _check_owner(owner)
+            owner = check_owner(owner)
         actor = self._actor
         if self._state is TrackerState.OPEN and actor.settled():
             # The read fast path (docs/architecture.md): nothing is queued for the
@@ -567,9 +416,9 @@ class Tracker:
         the actor can answer now (a command is queued, a timer is due, the records
         are in SQLite or Redis, or the tracker is not open): then ``await get``."""
         if type(task_id) is not str:
-            _check_id(task_id)
+            check_task_id(task_id)
         if owner is not ANY_OWNER:
-            owner = _check_owner(owner)
+            owner = check_owner(owner)
         if self._state is TrackerState.OPEN:
             rec = self._actor.peek(task_id, owner)
             if not isinstance(rec, Deferred):
@@ -653,10 +502,10 @@ class Tracker:
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError("cursor must be a str")
         msg = m.ListTasks(
-            _statuses(status),
+            check_statuses(status),
             task_type,
             check_resource_id(resource_id),
-            _check_owner(owner),
+            check_owner(owner),
             limit,
             cursor,
         )
@@ -691,13 +540,13 @@ class Tracker:
         self, task_id: str, timeout: float | None, owner: OwnerScope, *, poll: bool = False
     ) -> tuple[TaskRecord, bool]:
         timeout = check_seconds(timeout, "timeout", allow_zero=True)
-        tid = _check_id(task_id)
-        fut = self._call(m.Wait(tid, _check_owner(owner), timeout, poll))
+        tid = check_task_id(task_id)
+        fut = self._call(m.Wait(tid, check_owner(owner), timeout, poll))
         try:
             reply = await fut
         except asyncio.CancelledError:
             if not self._actor.closed:
-                self._mailbox.put_nowait((m.Unwait(tid, fut), None))
+                self._actor.post(m.Unwait(tid, fut))
             raise
         rec: TaskRecord | None = reply[0]
         terminal: bool = reply[1]
@@ -713,7 +562,7 @@ class Tracker:
         An async generator: to leave it early, close it (``async with
         contextlib.aclosing(tracker.watch(task_id)) as changes: ...``), which drops the
         subscription at once rather than when the generator is collected."""
-        sub = Subscription(task_id=_check_id(task_id), owner=_check_owner(owner))
+        sub = Subscription(task_id=check_task_id(task_id), owner=check_owner(owner))
         current = await self._call(m.Subscribe(sub))
         assert current is not None  # a per-task subscription answers with its record
         try:
@@ -722,7 +571,7 @@ class Tracker:
                 yield item[1]
         finally:
             if not sub.ended and not self._actor.closed:
-                self._mailbox.put_nowait((m.Unsubscribe(sub), None))
+                self._actor.post(m.Unsubscribe(sub))
 
     async def subscribe(self, subscription: Subscription) -> TaskRecord | None:
         """Register a subscription (used by the web layer's event streams)."""
@@ -733,7 +582,7 @@ class Tracker:
     def unsubscribe(self, subscription: Subscription) -> None:
         """Drop a subscription; safe to call at any time, even after close."""
         if not subscription.ended and not self._actor.closed:
-            self._mailbox.put_nowait((m.Unsubscribe(subscription), None))
+            self._actor.post(m.Unsubscribe(subscription))
 
     def health(self) -> str | None:
         """Why the tracker cannot take changes (the store cannot write, or it is not

@@ -16,16 +16,20 @@ and calls the engine's handlers and named hooks (``taskd.engine.base``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import contextvars
 import logging
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Coroutine, Mapping
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 from .._counters import TaskCounters
 from .._errors import TaskdError, TrackerClosed
-from .._models import TERMINAL, OwnerScope, TaskRecord, TaskStatus
+from .._models import JSON, TERMINAL, OwnerScope, TaskRecord, TaskStatus
+from ..engine.state import new_spec
 from . import messages as m
 from .engine import DEFERRED, Deferred, Engine, Settle
 from .hub import Hub
+from .outcome import Outcome
 from .runner import Runner
 from .stats import TrackerStats
 from .timers import Kind, Timers
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = ["Actor", "MailboxItem"]
 
 log = logging.getLogger("taskd")
+R = TypeVar("R")
 
 MAX_BATCH: Final = 512
 
@@ -200,6 +205,48 @@ class Actor:
         for runner in launch:
             runner.start()
 
+    def ask(self, msg: m.Request[R]) -> asyncio.Future[R]:
+        """Send a command; the future gets its reply (``TrackerClosed`` once the loop
+        has ended). Not a coroutine: callers await the future directly."""
+        if self.closed:
+            raise TrackerClosed("the tracker is closed")
+        fut: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self.mailbox.put_nowait((msg, fut))
+        return fut
+
+    async def shutdown(self, close_timeout: float, unwind: float) -> None:
+        """Drain (no new commands), give the runners ``close_timeout`` seconds, cancel
+        the rest, give them ``unwind`` more, record what ignored cancellation as
+        cancelled (and leave it), then stop the loop. Called by the tracker."""
+        try:
+            runners = await self.ask(m.Drain())
+        except TrackerClosed:
+            runners = {}
+        if runners:
+            if close_timeout > 0:
+                _, pending = await asyncio.wait(runners.values(), timeout=close_timeout)
+            else:  # no time to finish: cancel at once
+                pending = {t for t in runners.values() if not t.done()}
+            for task in pending:
+                task.cancel()
+            if pending:
+                _, stuck = await asyncio.wait(pending, timeout=unwind)
+                if stuck:
+                    ids = tuple(tid for tid, t in runners.items() if t in stuck)
+                    log.warning(
+                        "%d spawned task(s) ignored cancellation for %.1fs after "
+                        "close_timeout; recording them cancelled and leaving them: %s",
+                        len(ids),
+                        unwind,
+                        ", ".join(ids),
+                    )
+                    with contextlib.suppress(TrackerClosed):
+                        await self.ask(
+                            m.Abandon(ids, "cancelled: ignored cancellation at shutdown")
+                        )
+        with contextlib.suppress(TrackerClosed):
+            await self.ask(m.Stop())
+
     def post(self, msg: object) -> None:
         """Queue a fire-and-forget message (runner reports, report_progress)."""
         if self.closed:
@@ -325,9 +372,27 @@ class Actor:
         the actor may answer (see ``settled``)."""
         return self.engine.read(task_id, owner) if self.settled() else DEFERRED
 
-    def mint(self, now: float) -> tuple[str, float]:
-        """A new task id (for the fast path)."""
-        return self.engine.mint(now)
+    def spawn_now(
+        self,
+        coro: Coroutine[Any, Any, Any],
+        task_type: str,
+        metadata: Mapping[str, JSON],
+        owner: str | None,
+        callback_url: str | None,
+        timeout: float | None,
+        done: Outcome[Any],
+    ) -> TaskRecord:
+        """The spawn fast path (``admits`` said yes): the record is built here, from
+        the engine's one id sequence, and the spawn posted; nothing to await. The
+        message is in the mailbox before this returns: any later command of this
+        caller sees the task."""
+        task_id, at = self.engine.mint(self.clock())
+        spec = new_spec(metadata, owner, True, callback_url, None)
+        rec = TaskRecord(task_id, task_type, TaskStatus.RUNNING, None, at, at, at, spec=spec)
+        ctx = contextvars.copy_context()
+        msg = m.Spawn(coro, task_type, None, metadata, owner, callback_url, timeout, ctx, done, rec)
+        self.mailbox.put_nowait((msg, None))
+        return rec
 
     # --- waiters ----------------------------------------------------------------------
 

@@ -22,9 +22,10 @@ from .._models import (
     check_seconds,
 )
 from .._retention import Retention
-from ..engine.store import Store
-from ..tracker import TaskHandle, Tracker
 from .._webhooks import Webhooks
+from ..engine.store import Store
+from ..handle import TaskHandle
+from ..tracker import Tracker
 from ._context import (
     _ROUTE_LIST,
     _STATE,

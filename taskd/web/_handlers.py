@@ -12,7 +12,6 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import _metrics, _openapi
-from ..actor.actor import _Deferred
 from .._errors import TaskNotFound
 from .._models import (
     JSON,
@@ -21,7 +20,7 @@ from .._models import (
     check_limit,
 )
 from ..actor.subscription import Subscription
-from ..tracker import WouldBlock
+from ..handle import WouldBlock
 from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
 from ._errors import _invalid, error_response
 from ._params import (
