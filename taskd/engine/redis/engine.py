@@ -26,7 +26,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import logging
 import math
 import os
@@ -45,13 +44,17 @@ from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
+from .background import BEAT, Background, Changes, Resync, Writable, announce, fan_out
 from .space import (
     SOCKET_TIMEOUT,
-    Command,
+    WRITES,
+    Op,
     PolicyError,
     RedisSpace,
     Unsent,
     decode_record,
+    ignore,
+    insert_args,
     opt,
     raise_error,
     refusal,
@@ -66,65 +69,15 @@ __all__ = ["RedisEngine"]
 
 log = logging.getLogger("taskd")
 
-#: Liveness: a process's key lives this long (ms) and is renewed every BEAT seconds.
-LIVENESS_MS: Final = 5000
-BEAT: Final = 1.0
 #: After Redis failed, commands are refused at once for this long before a retry.
 BACKOFF: Final = 0.5
-#: Outbox entries a dead or stuck process held are taken over after this long (ms).
-CLAIM_IDLE_MS: Final = 30_000
-_GROUP: Final = "webhooks"
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
 _TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
 #: Messages that need Redis (refused at once while it is unreachable).
 _REMOTE: Final = frozenset(
-    {
-        m.Create,
-        m.Spawn,
-        m.Start,
-        m.Progress,
-        m.Complete,
-        m.Fail,
-        m.Cancel,
-        m.Delete,
-        m.Get,
-        m.ListTasks,
-        m.Wait,
-        m.Subscribe,
-        m.Stats,
-        m.RunnerFinished,
-        m.Abandon,
-    }
+    {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
+    | {m.Get, m.ListTasks, m.Wait, m.Subscribe, m.Stats, m.RunnerFinished, m.Abandon}
 )
-
-
-#: A change stream entry as read: (sequence number, task id, status, record JSON,
-#: the payload fields read from the record, or None when the entry has none).
-RawChange = tuple[int, str, str, str, "dict[str, str] | None"]
-#: Script commands that write a record (``save``): one that succeeds shows that
-#: Redis takes writes again.
-_WRITES: Final = frozenset(
-    {"create", "spawn", "start", "progress", "complete", "fail", "cancel", "ended", "timeout"}
-)
-
-
-@dataclass(frozen=True, slots=True)
-class Changes:
-    """Entries of the change stream, from the reader, not decoded yet."""
-
-    entries: tuple[RawChange, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Resync:
-    """The reader lost entries (Redis was away, or it fell behind the stream's length)."""
-
-
-@dataclass(frozen=True, slots=True)
-class Writable:
-    """Redis took a write again (the liveness beat), or refused one: ``reason``."""
-
-    reason: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,15 +89,6 @@ class _Ended:
     result: JSON | RawJSON
     error: str | None
     settle: Settle
-
-
-@dataclass(slots=True)
-class _Op:
-    command: Command
-    done: Callable[[Any], object]
-    fut: asyncio.Future[Any] | None = None
-    #: The message, if it must be sent again after a failure (runner reports).
-    retry: object = None
 
 
 class RedisEngine(Engine):
@@ -167,7 +111,7 @@ class RedisEngine(Engine):
         self.proc = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
         #: The outbox's consumer, when webhooks are configured (``open``).
         self.sender: WebhookSender | None = None
-        self._ops: list[_Op] = []
+        self._ops: list[Op] = []
         self._applied = 0  # sequence number of the latest change fanned out here
         self._down_until = 0.0
         #: Why Redis cannot be reached (None while it can) and why it refuses writes
@@ -218,7 +162,7 @@ class RedisEngine(Engine):
             await space.check_policy()
             await space.load_script()
             self.page_key = await space.page_key()
-            await self._announce()
+            await announce(space, self.proc)
             head = await space.call([("head", ())], self.actor.now)
         except PolicyError as exc:
             await space.aclose()
@@ -235,14 +179,11 @@ class RedisEngine(Engine):
 
     def start(self) -> None:
         """Start the change stream's reader, the liveness beat and the outbox."""
-        loop = asyncio.get_running_loop()
-        self._background = [
-            loop.create_task(self._read_changes(), name="taskd-changes"),
-            loop.create_task(self._keep_alive(), name="taskd-liveness"),
-        ]
-        if self.sender is not None:
-            self._background.append(loop.create_task(self._outbox(), name="taskd-outbox"))
-        self.actor.timers.arm()
+        a = self.actor
+        self._background = Background(
+            self.space, self.proc, a.post, lambda: a.closed, lambda: self._refusing is not None
+        ).start(self._applied, self.sender)
+        a.timers.arm()
 
     async def stop(self) -> None:
         """Stop the background tasks, say this process is gone, disconnect."""
@@ -279,7 +220,7 @@ class RedisEngine(Engine):
     ) -> Deferred:
         """Queue one server-side call for this batch; ``done`` gets its reply and
         returns the caller's answer (raising answers with the exception)."""
-        self._ops.append(_Op((name, args), done, fut, retry))
+        self._ops.append(Op((name, args), done, fut, retry))
         return DEFERRED
 
     async def commit(self) -> bool:
@@ -338,7 +279,7 @@ class RedisEngine(Engine):
             self._refusing = msg.reason
             self._health()
 
-    def _answer(self, op: _Op, reply: Any) -> None:
+    def _answer(self, op: Op, reply: Any) -> None:
         fut = op.fut
         try:
             if isinstance(reply, Unsent):
@@ -353,7 +294,7 @@ class RedisEngine(Engine):
                     self._on_writable(Writable(why))
                     raise StoreError(f"the shared store (Redis) refuses writes: {why}")
                 raise StoreError(f"the shared store (Redis) refused a command: {reply}")
-            if self._refusing is not None and op.command[0] in _WRITES:
+            if self._refusing is not None and op.command[0] in WRITES:
                 self._on_writable(Writable(None))
             if isinstance(reply, list) and reply and reply[0] == "err":
                 raise_error(reply)
@@ -372,7 +313,7 @@ class RedisEngine(Engine):
             if fut is not None and value is not DEFERRED and not fut.done():
                 fut.set_result(value)
 
-    def _went_down(self, exc: StoreError, ops: list[_Op]) -> None:
+    def _went_down(self, exc: StoreError, ops: list[Op]) -> None:
         reason = str(exc)
         if self._unreachable is None:
             log.error("%s; refusing commands until it answers", reason)
@@ -407,7 +348,7 @@ class RedisEngine(Engine):
 
     def timed_out(self, task_id: str) -> None:
         """The runner was cancelled for its timeout: the script records cancelling."""
-        self._send("timeout", (task_id, self.proc), _ignore, None)
+        self._send("timeout", (task_id, self.proc), ignore, None)
 
     def _swept(self, reply: list[str]) -> None:
         nxt = self.actor.now + BEAT
@@ -434,191 +375,10 @@ class RedisEngine(Engine):
             return
         self._sweep_at(when)
 
-    # --- background tasks --------------------------------------------------------------
-
-    async def _announce(self) -> None:
-        space = self.space
-        pipe = space.redis.pipeline(transaction=False)
-        pipe.set(space.key("alive:" + self.proc), "1", px=LIVENESS_MS)
-        pipe.sadd(space.key("procs"), self.proc)
-        await pipe.execute()
-
-    async def _keep_alive(self) -> None:
-        # The beat is a write (SET … PX): it also finds a Redis that refuses writes
-        # when no caller writes, and finds when it takes them again.
-        while True:
-            await asyncio.sleep(BEAT)
-            try:
-                await self._announce()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _cancelled()
-                why = refusal(exc)
-                if why is not None and self._refusing is None and not self.actor.closed:
-                    self.actor.post(Writable(why))
-                log.debug("liveness beat failed: %s", exc)
-            else:
-                if self._refusing is not None and not self.actor.closed:
-                    self.actor.post(Writable(None))
-
-    async def _read_changes(self) -> None:
-        """Read the change stream from where this process stands, post it to the
-        mailbox in order. After a failure, ask for a resync (Celery #5919's lesson:
-        what changed while the connection was down must be re-read)."""
-        space = self.space
-        key = space.key("x")
-        last = self._applied
-        broken = False
-        while True:
-            try:
-                resp: Any = await space.reader.xread({key: f"{last}-0"}, count=512, block=1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _cancelled()
-                if not broken:
-                    log.warning("the change stream cannot be read: %s", exc)
-                broken = True
-                await asyncio.sleep(0.2)
-                continue
-            # redis-py can swallow a cancel and return normally from the blocked read:
-            # without this check the reader would run on until the join timeout
-            _cancelled()
-            if broken and not self.actor.closed:
-                broken = False
-                self.actor.post(Resync())
-            if not resp:
-                continue
-            entries: list[RawChange] = [
-                (int(eid.partition("-")[0]), f["i"], f["s"], f["r"], {} if "p" in f else None)
-                for eid, f in resp[0][1]
-                if f and "r" in f
-            ]
-            if not entries:
-                continue
-            held = [e for e in entries if e[4] is not None]
-            if held:
-                try:
-                    found = await space.payloads([(e[1], e[2] in _TERMINAL_TEXT) for e in held])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    _cancelled()
-                    log.warning("the change stream cannot be read: %s", exc)
-                    broken = True
-                    await asyncio.sleep(0.2)
-                    continue  # read again from `last`
-                for entry, fields in zip(held, found, strict=True):
-                    assert entry[4] is not None
-                    entry[4].update(fields)
-            if self.actor.closed:
-                return  # the actor stopped while this read was in flight
-            if last and entries[0][0] > last + 1:
-                log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
-                self.actor.post(Resync())
-            last = entries[-1][0]
-            self.actor.post(Changes(tuple(entries)))
-
-    async def _outbox(self) -> None:
-        """Consume the webhook outbox (a consumer group: each entry goes to one live
-        process; one a dead process held is claimed after CLAIM_IDLE_MS)."""
-        from redis.exceptions import ResponseError
-
-        assert self.sender is not None
-        sender = self.sender
-        space = self.space
-        r = space.reader
-        key = space.key("ob")
-        loop = asyncio.get_running_loop()
-        claim_at = 0.0
-        while True:
-            try:
-                with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-                    await space.redis.xgroup_create(key, _GROUP, id="0", mkstream=True)
-                while True:
-                    if self._acks:
-                        acks, self._acks = self._acks, []
-                        await space.redis.xack(key, _GROUP, *acks)
-                        await space.redis.xdel(key, *acks)
-                    entries: list[tuple[str, dict[str, str]]] = []
-                    if loop.time() >= claim_at:
-                        claim_at = loop.time() + 10.0
-                        claimed: Any = await space.redis.xautoclaim(
-                            key, _GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
-                        )
-                        entries.extend(claimed[1])
-                    resp2: Any = await r.xreadgroup(
-                        _GROUP, self.proc, {key: ">"}, count=32, block=1000
-                    )
-                    if resp2:
-                        entries.extend(resp2[0][1])
-                    for eid, fields in entries:
-                        if not fields:
-                            self._acks.append(eid)
-                            continue
-                        rec = self.decode_entry("0-0", fields)[1]
-                        sender.submit(rec, done=functools.partial(self._acks.append, eid))
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                _cancelled()
-                log.debug("webhook outbox: %s", exc)
-                await asyncio.sleep(0.5)
-
     # --- fan-out -------------------------------------------------------------------------
 
     def _on_changes(self, msg: Changes, fut: object) -> None:
-        # Decode only the changes someone here follows: every process reads every
-        # change, and most concern nobody in it.
-        a = self.actor
-        hub = a.hub
-        waiters = a.waiters
-        runners = a.runners
-        everything = hub.follows_all
-        decode = self.space.decode
-        fresh: list[tuple[int, TaskRecord]] = []
-        for seq, task_id, status, text, extra in msg.entries:
-            if seq <= self._applied:
-                continue
-            self._applied = seq
-            if (
-                everything
-                or task_id in runners
-                or hub.follows(task_id)
-                or (task_id in waiters and status in _TERMINAL_TEXT)
-            ):
-                # With a payload, decoded once here (not worth a cache entry). A
-                # record deleted before its payload was read is published without
-                # it: followers see the version's status, never the deleted data.
-                rec = decode(text)[0] if extra is None else decode_record(text, extra)[0]
-                fresh.append((seq, rec))
-        if not fresh:
-            return
-        # Webhooks go through the outbox, not from here: one delivery per change,
-        # whichever process made it.
-        hub.publish(fresh, a.wake_waiters)
-        if not runners:
-            return
-        for _, rec in fresh:
-            runner = runners.get(rec.task_id)
-            if runner is None:
-                continue
-            task = runner.task
-            if rec.status is TaskStatus.CANCELLING and task is not None and not task.done():
-                task.cancel()  # a cancel from any process reaches the coroutine here
-            elif rec.status in TERMINAL:
-                # Recorded by someone else (cancel grace, or this process was declared
-                # lost while paused): the record stands; the coroutine stops.
-                del runners[rec.task_id]
-                if task is not None and not task.done():
-                    task.cancel()
-                if rec.status is TaskStatus.CANCELLED:
-                    runner.outcome.set(TaskStatus.CANCELLED, None, None, rec)
-                else:
-                    runner.outcome.set(
-                        TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec
-                    )
+        self._applied = fan_out(self.actor, self.space.decode, msg.entries, self._applied)
 
     def _on_resync(self, msg: Resync, fut: object) -> None:
         # Waiters may have missed their terminal change: read each task again.
@@ -643,11 +403,11 @@ class RedisEngine(Engine):
 
     def _remote_create(self, msg: m.Create, fut: asyncio.Future[Any] | None) -> Deferred:
         hb = msg.heartbeat_timeout
-        args = _insert_args(msg, "" if hb is None else repr(float(hb)))
+        args = insert_args(msg, "" if hb is None else repr(float(hb)))
         return self._send("create", args, self._record, fut)
 
     def _remote_spawn(self, msg: m.Spawn, fut: asyncio.Future[Any] | None) -> Deferred:
-        args = (*_insert_args(msg, ""), self.proc)
+        args = (*insert_args(msg, ""), self.proc)
 
         def done(reply: list[Any]) -> TaskRecord:
             return self.actor.add_runner(msg, self.space.decode(reply[1])[0])
@@ -684,7 +444,7 @@ class RedisEngine(Engine):
         return self._send("cancel", (msg.task_id, scope(msg.owner), msg.reason), self._moved, fut)
 
     def _remote_delete(self, msg: m.Delete, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("delete", (msg.task_id, scope(msg.owner)), _ignore, fut)
+        return self._send("delete", (msg.task_id, scope(msg.owner)), ignore, fut)
 
     def _remote_get(self, msg: m.Get, fut: asyncio.Future[Any] | None) -> Deferred:
         return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, fut)
@@ -817,10 +577,6 @@ class RedisEngine(Engine):
         else:
             runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
 
-    def decode_entry(self, entry_id: str, fields: Mapping[str, str]) -> tuple[int, TaskRecord]:
-        """A change stream entry: its sequence number (the id's first part), its record."""
-        return int(entry_id.partition("-")[0]), self.space.decode(fields["r"])[0]
-
     def _latest(self, reply: list[Any]) -> tuple[TaskRecord | None, bool]:
         """A long-poll that ran out: the latest record, not terminal (or gone)."""
         if reply[0] != "rec":
@@ -837,34 +593,3 @@ class RedisEngine(Engine):
         for op in ops:
             if op.fut is not None:
                 self.actor.replies.append((op.fut, None, None))
-
-
-def _cancelled() -> None:
-    """Raise CancelledError if this task was asked to stop and a library swallowed it."""
-    task = asyncio.current_task()
-    if task is not None and task.cancelling():
-        raise asyncio.CancelledError
-
-
-def _insert_args(msg: m.Create | m.Spawn, heartbeat: str) -> tuple[str, ...]:
-    """The script's arguments for a new record (owner, type, resource, metadata,
-    callback, heartbeat, the id's random part)."""
-    return (
-        "-" if msg.owner is None else "s" + msg.owner,
-        msg.task_type,
-        opt(msg.resource_id),
-        _metadata(msg.metadata),
-        opt(msg.callback_url),
-        heartbeat,
-        secrets.token_urlsafe(16),
-    )
-
-
-def _metadata(metadata: Mapping[str, JSON]) -> str:
-    if not metadata:
-        return ""
-    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, default=dict)
-
-
-def _ignore(reply: list[Any]) -> None:
-    return None

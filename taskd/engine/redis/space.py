@@ -14,16 +14,18 @@ Cluster slot (see docs/scale-out.md for the layout).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
 import math
 import secrets
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import resources
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 from ..._errors import (
     InvalidTransition,
@@ -70,6 +72,24 @@ REFUSALS: Final = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "NOTREADY")
 #: One server-side command: (name, arguments); an upper-case name is a plain Redis
 #: command, any other a command of the script.
 Command = tuple[str, Sequence[str]]
+
+
+#: Script commands that write a record (``save``): one that succeeds shows that
+#: Redis takes writes again.
+WRITES: Final = frozenset(
+    {"create", "spawn", "start", "progress", "complete", "fail", "cancel", "ended", "timeout"}
+)
+
+
+@dataclass(slots=True)
+class Op:
+    """One call of a batch's pipeline, and what answers its caller."""
+
+    command: Command
+    done: Callable[[Any], object]
+    fut: asyncio.Future[Any] | None = None
+    #: The message, if it must be sent again after a failure (runner reports).
+    retry: object = None
 
 
 def _script() -> str:
@@ -460,3 +480,42 @@ class RedisSpace:
         await self._drop()
         await self.redis.aclose()
         await self.reader.aclose()
+
+
+def insert_args(new: NewTask, heartbeat: str) -> tuple[str, ...]:
+    """The script's arguments for a new record (owner, type, resource, metadata,
+    callback, heartbeat, the id's random part)."""
+    return (
+        "-" if new.owner is None else "s" + new.owner,
+        new.task_type,
+        opt(new.resource_id),
+        _metadata(new.metadata),
+        opt(new.callback_url),
+        heartbeat,
+        secrets.token_urlsafe(16),
+    )
+
+
+class NewTask(Protocol):
+    """What a new record is made of (``Create`` and ``Spawn`` both carry it)."""
+
+    @property
+    def owner(self) -> str | None: ...
+    @property
+    def task_type(self) -> str: ...
+    @property
+    def resource_id(self) -> str | None: ...
+    @property
+    def metadata(self) -> Mapping[str, JSON]: ...
+    @property
+    def callback_url(self) -> str | None: ...
+
+
+def _metadata(metadata: Mapping[str, JSON]) -> str:
+    if not metadata:
+        return ""
+    return json.dumps(metadata, separators=(",", ":"), ensure_ascii=False, default=dict)
+
+
+def ignore(reply: list[Any]) -> None:
+    return None

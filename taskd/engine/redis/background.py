@@ -1,0 +1,277 @@
+"""The Redis engine's background tasks: the change stream's reader, the liveness
+beat, and the webhook outbox's consumer. They talk to the actor only by posting
+messages (``Changes``, ``Resync``, ``Writable``) to its mailbox."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from ..._errors import TaskdError
+from ..._models import TERMINAL, TaskRecord, TaskStatus
+from ...actor.engine import Host
+from .space import RedisSpace, decode_record, refusal
+
+if TYPE_CHECKING:
+    from ..._webhooks import WebhookSender
+
+__all__ = ["BEAT", "Background", "Changes", "RawChange", "Resync", "Writable", "announce"]
+
+log = logging.getLogger("taskd")
+
+#: Liveness: a process's key lives this long (ms) and is renewed every BEAT seconds.
+LIVENESS_MS: Final = 5000
+BEAT: Final = 1.0
+#: Outbox entries a dead or stuck process held are taken over after this long (ms).
+CLAIM_IDLE_MS: Final = 30_000
+_GROUP: Final = "webhooks"
+_TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
+
+#: A change stream entry as read: (sequence number, task id, status, record JSON,
+#: the payload fields read from the record, or None when the entry has none).
+RawChange = tuple[int, str, str, str, "dict[str, str] | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Changes:
+    """Entries of the change stream, from the reader, not decoded yet."""
+
+    entries: tuple[RawChange, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Resync:
+    """The reader lost entries (Redis was away, or it fell behind the stream's length)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Writable:
+    """Redis took a write again (the liveness beat), or refused one: ``reason``."""
+
+    reason: str | None
+
+
+async def announce(space: RedisSpace, proc: str) -> None:
+    """Say this process is alive (a key with a PX expiry) and one of the space's."""
+    pipe = space.redis.pipeline(transaction=False)
+    pipe.set(space.key("alive:" + proc), "1", px=LIVENESS_MS)
+    pipe.sadd(space.key("procs"), proc)
+    await pipe.execute()
+
+
+class Background:
+    """The background tasks of one process's Redis engine."""
+
+    def __init__(
+        self,
+        space: RedisSpace,
+        proc: str,
+        post: Callable[[object], None],
+        closed: Callable[[], bool],
+        refusing: Callable[[], bool],
+    ) -> None:
+        self.space = space
+        self.proc = proc
+        self._post = post
+        self._closed = closed
+        self._refusing = refusing
+        self._acks: list[str] = []
+
+    def start(self, applied: int, sender: WebhookSender | None) -> list[asyncio.Task[None]]:
+        """Start the reader (from ``applied``), the beat and, with webhooks, the outbox."""
+        loop = asyncio.get_running_loop()
+        tasks = [
+            loop.create_task(self._read_changes(applied), name="taskd-changes"),
+            loop.create_task(self._keep_alive(), name="taskd-liveness"),
+        ]
+        if sender is not None:
+            tasks.append(loop.create_task(self._outbox(sender), name="taskd-outbox"))
+        return tasks
+
+    async def _keep_alive(self) -> None:
+        # The beat is a write (SET … PX): it also finds a Redis that refuses writes
+        # when no caller writes, and finds when it takes them again.
+        while True:
+            await asyncio.sleep(BEAT)
+            try:
+                await announce(self.space, self.proc)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _cancelled()
+                why = refusal(exc)
+                if why is not None and not self._refusing() and not self._closed():
+                    self._post(Writable(why))
+                log.debug("liveness beat failed: %s", exc)
+            else:
+                if self._refusing() and not self._closed():
+                    self._post(Writable(None))
+
+    async def _read_changes(self, last: int) -> None:
+        """Read the change stream from where this process stands, post it to the
+        mailbox in order. After a failure, ask for a resync (Celery #5919's lesson:
+        what changed while the connection was down must be re-read)."""
+        space = self.space
+        key = space.key("x")
+        broken = False
+        while True:
+            try:
+                resp: Any = await space.reader.xread({key: f"{last}-0"}, count=512, block=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _cancelled()
+                if not broken:
+                    log.warning("the change stream cannot be read: %s", exc)
+                broken = True
+                await asyncio.sleep(0.2)
+                continue
+            # redis-py can swallow a cancel and return normally from the blocked read:
+            # without this check the reader would run on until the join timeout
+            _cancelled()
+            if broken and not self._closed():
+                broken = False
+                self._post(Resync())
+            if not resp:
+                continue
+            entries: list[RawChange] = [
+                (int(eid.partition("-")[0]), f["i"], f["s"], f["r"], {} if "p" in f else None)
+                for eid, f in resp[0][1]
+                if f and "r" in f
+            ]
+            if not entries:
+                continue
+            held = [e for e in entries if e[4] is not None]
+            if held:
+                try:
+                    found = await space.payloads([(e[1], e[2] in _TERMINAL_TEXT) for e in held])
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    _cancelled()
+                    log.warning("the change stream cannot be read: %s", exc)
+                    broken = True
+                    await asyncio.sleep(0.2)
+                    continue  # read again from `last`
+                for entry, fields in zip(held, found, strict=True):
+                    assert entry[4] is not None
+                    entry[4].update(fields)
+            if self._closed():
+                return  # the actor stopped while this read was in flight
+            if last and entries[0][0] > last + 1:
+                log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
+                self._post(Resync())
+            last = entries[-1][0]
+            self._post(Changes(tuple(entries)))
+
+    async def _outbox(self, sender: WebhookSender) -> None:
+        """Consume the webhook outbox (a consumer group: each entry goes to one live
+        process; one a dead process held is claimed after CLAIM_IDLE_MS)."""
+        from redis.exceptions import ResponseError
+
+        space = self.space
+        r = space.reader
+        key = space.key("ob")
+        loop = asyncio.get_running_loop()
+        claim_at = 0.0
+        while True:
+            try:
+                with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
+                    await space.redis.xgroup_create(key, _GROUP, id="0", mkstream=True)
+                while True:
+                    if self._acks:
+                        acks, self._acks = self._acks, []
+                        await space.redis.xack(key, _GROUP, *acks)
+                        await space.redis.xdel(key, *acks)
+                    entries: list[tuple[str, dict[str, str]]] = []
+                    if loop.time() >= claim_at:
+                        claim_at = loop.time() + 10.0
+                        claimed: Any = await space.redis.xautoclaim(
+                            key, _GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
+                        )
+                        entries.extend(claimed[1])
+                    resp2: Any = await r.xreadgroup(
+                        _GROUP, self.proc, {key: ">"}, count=32, block=1000
+                    )
+                    if resp2:
+                        entries.extend(resp2[0][1])
+                    for eid, fields in entries:
+                        if not fields:
+                            self._acks.append(eid)
+                            continue
+                        rec = space.decode(fields["r"])[0]
+                        sender.submit(rec, done=functools.partial(self._acks.append, eid))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                _cancelled()
+                log.debug("webhook outbox: %s", exc)
+                await asyncio.sleep(0.5)
+
+
+def _cancelled() -> None:
+    """Raise CancelledError if this task was asked to stop and a library swallowed it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+def fan_out(
+    a: Host,
+    decode: Callable[[str], tuple[TaskRecord, int]],
+    entries: Sequence[RawChange],
+    applied: int,
+) -> int:
+    """Hand the change stream's entries after ``applied`` to this process: publish
+    them to its subscriptions, wake its waiters, and stop or settle its runners that
+    another process cancelled or declared lost. Returns the last sequence applied."""
+    # Decode only the changes someone here follows: every process reads every
+    # change, and most concern nobody in it.
+    hub = a.hub
+    waiters = a.waiters
+    runners = a.runners
+    everything = hub.follows_all
+    fresh: list[tuple[int, TaskRecord]] = []
+    for seq, task_id, status, text, extra in entries:
+        if seq <= applied:
+            continue
+        applied = seq
+        if (
+            everything
+            or task_id in runners
+            or hub.follows(task_id)
+            or (task_id in waiters and status in _TERMINAL_TEXT)
+        ):
+            # With a payload, decoded once here (not worth a cache entry). A
+            # record deleted before its payload was read is published without
+            # it: followers see the version's status, never the deleted data.
+            rec = decode(text)[0] if extra is None else decode_record(text, extra)[0]
+            fresh.append((seq, rec))
+    if not fresh:
+        return applied
+    # Webhooks go through the outbox, not from here: one delivery per change,
+    # whichever process made it.
+    hub.publish(fresh, a.wake_waiters)
+    for _, rec in fresh:
+        runner = runners.get(rec.task_id)
+        if runner is None:
+            continue
+        task = runner.task
+        if rec.status is TaskStatus.CANCELLING and task is not None and not task.done():
+            task.cancel()  # a cancel from any process reaches the coroutine here
+        elif rec.status in TERMINAL:
+            # Recorded by someone else (cancel grace, or this process was declared
+            # lost while paused): the record stands; the coroutine stops.
+            del runners[rec.task_id]
+            if task is not None and not task.done():
+                task.cancel()
+            if rec.status is TaskStatus.CANCELLED:
+                runner.outcome.set(TaskStatus.CANCELLED, None, None, rec)
+            else:
+                runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec)
+    return applied
