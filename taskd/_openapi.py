@@ -523,6 +523,7 @@ def document(
             }
         },
     }
+    components: _Doc = {"schemas": _schemas()}
     doc: _Doc = {
         "openapi": "3.1.0",
         "info": {
@@ -534,11 +535,9 @@ def document(
         # so the server is the site root.
         "servers": [{"url": "/", "description": "this server"}],
         "paths": paths,
-        "components": {"schemas": _schemas()},
+        "components": components,
     }
     if auth:
-        doc["components"]["securitySchemes"] = {  # type: ignore[index]
-            "bearer": {"type": "http", "scheme": "bearer"}
-        }
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         doc["security"] = [{"bearer": []}]
     return doc

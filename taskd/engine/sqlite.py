@@ -23,10 +23,10 @@ import json
 import os
 import secrets
 import sqlite3
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeVar, TypeVarTuple, Unpack
 
 from .._errors import StoreError
 from .._models import (
@@ -41,6 +41,9 @@ from .._models import (
 from .codec import result_text
 
 __all__ = ["SQLiteStore", "StoreError"]
+
+R = TypeVar("R")
+Ts = TypeVarTuple("Ts")
 
 SCHEMA_VERSION: Final = 1
 _SYNC_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
@@ -160,10 +163,10 @@ class SQLiteStore:
     def __repr__(self) -> str:
         return f"SQLiteStore({str(self.path)!r}, synchronous={self.synchronous!r})"
 
-    async def _run(self, fn: object, *args: object) -> object:
+    async def _run(self, fn: Callable[[Unpack[Ts]], R], *args: *Ts) -> R:
         assert self._executor is not None
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, fn, *args)  # type: ignore[arg-type]
+        return await loop.run_in_executor(self._executor, fn, *args)
 
     async def open(self) -> Sequence[TaskRecord]:
         """Lock the file, check or create the schema, and load every record."""
