@@ -18,19 +18,9 @@ import taskd
 
 ROOT = Path(taskd.__file__).resolve().parent
 
-#: The one cycle the core still has. It is being taken apart (issue 24): whoever
-#: removes it (or part of it) writes the new, smaller list here, and an empty one once
-#: it is gone — this list may only shrink. Any other cycle fails at once.
-KNOWN_CORE_CYCLES: list[list[str]] = [
-    [
-        "taskd._actor",
-        "taskd._messages",
-        "taskd._runner",
-        "taskd._shared",
-        "taskd._state",
-        "taskd._tracker",
-    ],
-]
+#: Cycles the core still has: none (issue 24 took the last one apart). This list may
+#: only stay empty: any cycle fails at once.
+KNOWN_CORE_CYCLES: list[list[str]] = []
 
 #: The layers above the core, and what each may not import (besides the rule that the
 #: core imports none of them).
@@ -179,5 +169,54 @@ def test_web_and_client_never_import_upwards_or_sideways() -> None:
         for name in imported
         for banned in FORBIDDEN_ABOVE.get(_layer(module), ())
         if _in(name, banned)
+    )
+    assert offenders == []
+
+
+#: The core's own layers, bottom first (docs/architecture.md): a module imports from
+#: its own layer or below, never above. Records and rules know nothing of asyncio's
+#: actor; the actor drives engines through its protocol (``taskd.actor.engine``); the
+#: engines implement it; what callers hold sits on top.
+CORE_LAYERS: tuple[tuple[str, ...], ...] = (
+    (
+        "taskd._models",
+        "taskd._errors",
+        "taskd._retention",
+        "taskd._redact",
+        "taskd._counters",
+        "taskd._metrics",
+        "taskd._openapi",
+        "taskd._webhooks",
+    ),
+    (
+        "taskd.engine.state",
+        "taskd.engine.store",
+        "taskd.engine.sqlite",
+        "taskd.engine.rules",
+        "taskd.engine.codec",
+        "taskd.engine.redis.space",
+    ),
+    ("taskd.actor",),
+    ("taskd.engine.local", "taskd.engine.redis.engine", "taskd.engine.redis.background"),
+    ("taskd.handle", "taskd.tracker", "taskd._demo"),
+)
+
+
+def _core_layer(module: str) -> int | None:
+    for i, layer in enumerate(CORE_LAYERS):
+        if any(_in(module, name) for name in layer):
+            return i
+    return None
+
+
+def test_no_core_import_runs_back_up_a_layer() -> None:
+    edges, _ = _graph()
+    offenders = sorted(
+        (module, target)
+        for module, targets in edges.items()
+        for target in targets
+        if (mine := _core_layer(module)) is not None
+        and (theirs := _core_layer(target)) is not None
+        and theirs > mine
     )
     assert offenders == []

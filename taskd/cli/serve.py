@@ -202,8 +202,8 @@ def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
     from .._retention import Retention
-    from ..engine.sqlite import SQLiteStore
     from .._webhooks import Webhooks, parse_allow_list
+    from ..engine.sqlite import SQLiteStore
     from ..web import BrowserGuard, bearer_auth, create_app
     from ..web._guard import is_loopback
     from ..web._server import (
