@@ -198,7 +198,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     ("taskd.actor",),
     ("taskd.engine.local", "taskd.engine.redis.engine", "taskd.engine.redis.background"),
-    ("taskd.handle", "taskd.tracker", "taskd._demo"),
+    ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )
 
 
