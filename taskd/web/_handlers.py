@@ -193,7 +193,7 @@ class _Handlers:
         state = self.state
         owner = await _owner(request, state)
         data = await _body(request, frozenset({"result"}))
-        result: JSON = data.get("result")  # type: ignore[assignment]  # parsed JSON
+        result: JSON = data.get("result")
         rec = await state.tracker.complete(request.match_info["task_id"], result, owner=owner)
         return _record_response(state, rec)
 

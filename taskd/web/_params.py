@@ -9,11 +9,12 @@ import json
 import logging
 import math
 from collections.abc import Mapping
-from typing import Final, TypeVar
+from typing import Final, TypeVar, cast
 
 from aiohttp import web
 
 from .._models import (
+    JSON,
     check_resource_id,
     check_task_type,
     check_unicode,
@@ -27,7 +28,7 @@ T = TypeVar("T")
 # --- parsing ----------------------------------------------------------------------------
 
 
-async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, object]:
+async def _body(request: web.Request, allowed: frozenset[str]) -> dict[str, JSON]:
     """The JSON object body (``{}`` when empty); unknown fields are refused."""
     try:
         raw = await request.read()  # over client_max_size: HTTPRequestEntityTooLarge -> 413
@@ -65,12 +66,13 @@ def _field(
         ok = isinstance(value, kind)
     if not ok:
         raise _invalid(f"field {name!r} must be {_TYPE_NAMES[kind]}", field=name)
-    if kind is str:
+    if isinstance(value, str):
         try:
-            check_unicode(value, f"field {name!r}")  # type: ignore[arg-type]
+            check_unicode(value, f"field {name!r}")
         except ValueError as exc:
             raise _invalid(str(exc), field=name) from None
-    return value  # type: ignore[return-value]
+    # checked just above: ``value`` is an instance of ``kind`` (an int for a float)
+    return cast(T, value)
 
 
 _TYPE_NAMES: Final[dict[type, str]] = {
