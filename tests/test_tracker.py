@@ -14,7 +14,7 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
-from taskd.actor import messages as m
+from taskd.actor.subscription import Subscription
 from taskd.testing import FakeClock, eventually
 
 from .redis_server import RedisServer
@@ -500,26 +500,45 @@ async def test_heartbeat_timeout_fails_silent_worker(clock: FakeClock) -> None:
 # --- robustness ------------------------------------------------------------------
 
 
+class EndHookWithABug(Subscription):
+    """A subscription with a bug in its own code (an ``end`` hook that raises), which
+    the actor runs inside its ``Subscribe`` handler: a handler bug, provoked through
+    the public ``Tracker.subscribe``."""
+
+    __slots__ = ()
+
+    def end(self) -> None:
+        super().end()
+        raise RuntimeError("end hook bug")
+
+
 async def test_failed_command_answers_its_caller_and_loop_goes_on(
-    tracker: taskd.Tracker,
+    tracker: taskd.Tracker, caplog: pytest.LogCaptureFixture
 ) -> None:
     with pytest.raises(taskd.TaskNotFound):
         await tracker.start("missing")
-    # An unexpected bug in one handler: that caller gets the error, others go on.
-    actor = tracker._actor
-    original = actor._handlers[m.Stats]
-
-    def broken(msg: object, fut: object) -> object:
-        raise RuntimeError("handler bug")
-
-    actor._handlers[m.Stats] = broken
-    try:
-        with pytest.raises(RuntimeError, match="handler bug"):
-            await tracker.stats()
-    finally:
-        actor._handlers[m.Stats] = original
+    # An unexpected error in one handler: that caller gets it, it is logged (a bug,
+    # not a refusal), and the others go on.
+    done = await tracker.create("x")
+    await tracker.start(done.task_id)
+    await tracker.complete(done.task_id, None)  # a finished task: subscribing ends it
+    with pytest.raises(RuntimeError, match="end hook bug"):
+        await asyncio.wait_for(tracker.subscribe(EndHookWithABug(task_id=done.task_id)), 5)
+    assert "handler for Subscribe raised" in caplog.text
+    assert tracker.state is taskd.TrackerState.OPEN
     rec = await tracker.create("x")
     assert (await tracker.get(rec.task_id)) == rec
+    assert tracker.subscriber_count == 0
+
+
+def cancel_the_tasks_i_did_not_start(mine: Collection[asyncio.Future[taskd.TaskRecord]]) -> None:
+    """What a program's shutdown does when it cancels every task but its own before
+    closing the tracker (``asyncio.run`` at exit, a signal handler): here the only
+    task that is not this test's is the tracker's actor."""
+    others = asyncio.all_tasks() - {asyncio.current_task()} - set(mine)
+    assert [t.get_name() for t in others] == ["taskd-actor"]
+    for task in others:
+        task.cancel()
 
 
 async def test_killed_actor_fails_every_caller_fast() -> None:
@@ -532,11 +551,10 @@ async def test_killed_actor_fails_every_caller_fast() -> None:
         return (await t.stats())["waiters"] == 10
 
     await eventually(parked)
-    assert t._actor_task is not None
-    t._actor_task.cancel()
+    cancel_the_tasks_i_did_not_start(pending)
     started = time.monotonic()
     results = await asyncio.wait_for(asyncio.gather(*pending, return_exceptions=True), 1.0)
-    assert all(isinstance(r, taskd.TrackerClosed) for r in results)
+    assert all(isinstance(r, taskd.TrackerClosed) for r in results), results
     with pytest.raises(taskd.TrackerClosed):
         await asyncio.wait_for(t.get(rec.task_id), 1.0)
     assert time.monotonic() - started < 1.0
@@ -757,18 +775,23 @@ async def test_fast_spawn_is_visible_at_once_and_admitted_against_the_cap() -> N
 async def test_fast_spawns_queued_when_the_actor_dies_fail_their_handles() -> None:
     t = taskd.Tracker()
     await t.__aenter__()
+    ran: list[int] = []
 
     async def work() -> int:
+        ran.append(1)
         return 1
 
-    handle = await t.spawn(work(), task_type="x")  # queued, not yet handled
-    t._actor._shut()  # the actor's last act when its loop dies
-    with pytest.raises(taskd.TrackerClosed):
-        await handle
-    assert t._actor_task is not None
-    t._actor_task.cancel()
-    with pytest.raises(asyncio.CancelledError):
-        await t._actor_task
+    await t.stats()  # the actor is up, waiting on its mailbox
+    # Fast-path spawns: the handles are out, the spawns still queued for the actor.
+    handles = [await t.spawn(work(), task_type="x") for _ in range(3)]
+    assert len(t) == 0  # not one is booked yet: all three are still in the mailbox
+    cancel_the_tasks_i_did_not_start(())
+    for handle in handles:
+        with pytest.raises(taskd.TrackerClosed):
+            await asyncio.wait_for(handle, 1.0)
+    assert ran == []  # their coroutines never ran
+    assert t.state is taskd.TrackerState.CLOSED
+    await t.aclose()  # closing a tracker whose actor died does not hang
 
 
 # --- the read fast path (docs/architecture.md) ------------------------------------

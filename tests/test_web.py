@@ -470,22 +470,6 @@ async def test_app_cleanup_cancels_running_spawned_tasks(aiohttp_client: MakeCli
     assert tracker.state is taskd.TrackerState.CLOSED
 
 
-async def test_responses_are_rendered_once_per_record(client: Client) -> None:
-    tid = (await create(client))["task_id"]
-    a = await (await client.get(f"{API}/tasks/{tid}")).read()
-    assert json.loads(a)["result"]["task_id"] == tid
-    # private on purpose: the render cache has no public face
-    from taskd.web._context import _state_of
-
-    state = _state_of(client.app)
-    rec = await taskd.web.get_tracker(client.app).get(tid)
-    assert rec is not None
-    assert state.render(rec) is state.render(rec)  # cached: the very same bytes object
-    await client.post(f"{API}/tasks/{tid}/start")
-    newer = await taskd.web.get_tracker(client.app).get(tid)
-    assert newer is not None and b'"running"' in state.render(newer)  # a new version renders anew
-
-
 async def test_every_json_answer_ends_with_a_newline(client: Client) -> None:
     """docs/http-api.md: each JSON body is one line ending in a newline; an event
     stream's ``data:`` line stays one line (the record JSON, no newline inside)."""
