@@ -175,9 +175,9 @@ class Tracker:
         await self._actor.open(self._sender)
         if self._engine.page_key:
             self._page_key = self._engine.page_key
-        self._actor_task = asyncio.get_running_loop().create_task(
-            self._actor.run(), name="taskd-actor"
-        )
+        task = asyncio.get_running_loop().create_task(self._actor.run(), name="taskd-actor")
+        task.add_done_callback(self._actor.task_done)  # fails callers if it never ran
+        self._actor_task = task
         self._state = TrackerState.OPEN
         return self
 

@@ -562,6 +562,46 @@ async def test_killed_actor_fails_every_caller_fast() -> None:
     await t.aclose()
 
 
+async def test_actor_cancelled_before_its_first_step_fails_callers() -> None:
+    """A shutdown that cancels every task right after the tracker opened: the actor
+    never ran, so its own clean-up never ran either; callers still get
+    ``TrackerClosed`` at once and ``aclose`` returns (docs/architecture.md)."""
+    t = taskd.Tracker()
+    await t.__aenter__()
+    cancel_the_tasks_i_did_not_start(())
+    with pytest.raises(taskd.TrackerClosed):
+        await asyncio.wait_for(t.get("x"), 1.0)
+    await asyncio.wait_for(t.aclose(), 5.0)
+    assert t.state is taskd.TrackerState.CLOSED
+
+
+async def test_a_loop_that_dies_between_batches_fails_the_batch_it_held(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The actor's loop dies after taking a batch off the mailbox but before handing
+    it out (here: its clock raises): that batch's callers get ``TrackerClosed`` too,
+    none waits for ever."""
+    clock = FakeClock()
+    broken = False
+
+    def now() -> float:
+        if broken:
+            raise RuntimeError("clock failure")
+        return clock()
+
+    t = taskd.Tracker(clock=now)
+    await t.__aenter__()
+    rec = await t.create("x")
+    broken = True
+    results = await asyncio.wait_for(
+        asyncio.gather(*(t.start(rec.task_id) for _ in range(5)), return_exceptions=True),
+        2.0,
+    )
+    assert all(isinstance(r, taskd.TrackerClosed) for r in results), results
+    await t.aclose()
+    assert "the actor had died" in caplog.text  # its death is logged, not hidden
+
+
 async def test_calls_before_open_and_after_close_raise_tracker_closed() -> None:
     t = taskd.Tracker()
     with pytest.raises(taskd.TrackerClosed):

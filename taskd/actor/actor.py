@@ -126,27 +126,44 @@ class Actor:
         queue = self.mailbox
         timers = self.timers
         engine = self.engine
+        batch: list[MailboxItem] = []
+        handled = True
         try:
             engine.start()
             await self._flush()  # what open() changed (interrupted tasks, purges)
             while not self._stopping:
                 first = queue.get_nowait() if not queue.empty() else await queue.get()
                 batch = [first]
+                handled = False
                 while len(batch) < MAX_BATCH and not queue.empty():
                     batch.append(queue.get_nowait())
                 if self.tick() >= timers.due:
                     self._fire_timers()
                 for msg, fut in batch:
                     self.dispatch(msg, fut)
+                handled = True
                 self.commands += len(batch)
                 await self._flush()
                 timers.arm()
         finally:
             timers.cancel()
+            if not handled:
+                # The loop died between taking a batch and handing it out: put it back,
+                # so that _shut fails its callers like any other pending message.
+                for item in batch:
+                    queue.put_nowait(item)
             try:
                 self._shut()
             finally:
                 await engine.stop()
+
+    def task_done(self, task: asyncio.Task[None]) -> None:
+        """The done callback of the actor's task. A task cancelled before its first step
+        never runs ``run``'s ``finally``: fail what is pending here, or callers would wait
+        for ever on a tracker that still looks open."""
+        if not self.closed:
+            self.timers.cancel()
+            self._shut()
 
     def dispatch(self, msg: object, fut: asyncio.Future[Any] | None) -> None:
         """Handle one message: its answer (or error) goes to its caller's future."""
