@@ -14,7 +14,7 @@ from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
-from typing import TypeAlias, cast
+from typing import Final, TypeAlias, cast
 
 import msgspec
 
@@ -126,6 +126,39 @@ class TaskSpec(msgspec.Struct, frozen=True, gc=False):
 DEFAULT_SPEC = TaskSpec()
 
 
+#: A record's fields, once: (attribute, also the SQLite column and the JSON key; Redis
+#: hash field; SQLite column type; rendered in JSON?), '' for none, in column and key
+#: order. SQLite columns, Redis hash fields (``engine.codec``) and JSON keys
+#: (``to_dict``) all derive from it. Some are only rendered, some never; two are
+#: Redis's own: the process running a spawned task, and a change's sequence number.
+FIELDS: Final[tuple[tuple[str, str, str, bool], ...]] = (
+    ("task_id", "id", "TEXT PRIMARY KEY", True),
+    ("task_type", "ty", "TEXT NOT NULL", True),
+    ("status", "st", "TEXT NOT NULL", True),
+    ("resource_id", "rs", "TEXT", True),
+    ("created_at", "ca", "REAL NOT NULL", True),
+    ("updated_at", "ua", "REAL NOT NULL", True),
+    ("created_at_iso", "", "", True),
+    ("updated_at_iso", "", "", True),
+    ("started_at", "sa", "REAL", True),
+    ("finished_at", "fa", "REAL", True),
+    ("progress", "pg", "REAL", True),
+    ("message", "ms", "TEXT", True),
+    ("result", "rz", "TEXT", True),
+    ("error", "er", "TEXT", True),
+    ("metadata", "md", "TEXT", True),
+    ("history", "", "", True),
+    ("owner", "ow", "TEXT", False),
+    ("in_process", "ip", "INTEGER NOT NULL", False),
+    ("callback_url", "cb", "TEXT", False),
+    ("heartbeat_timeout", "hb", "REAL", False),
+    ("process", "pr", "", False),
+    ("seq", "sq", "", False),
+)
+#: The keys of a record's JSON object, in order.
+JSON_KEYS: Final = tuple(name for name, _, _, rendered in FIELDS if rendered)
+
+
 class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     """One tracked task, immutable: every change produces a new record.
 
@@ -227,24 +260,25 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
 
     def to_dict(self, *, result: bool = True) -> dict[str, JSON]:
         """The public JSON object of this record (owner and internals left out)."""
-        return {
-            "task_id": self.task_id,
-            "task_type": self.task_type,
-            "status": self.status.value,
-            "resource_id": self.resource_id,
-            "created_at": self.created_at,
-            "updated_at": self.updated_at,
-            "created_at_iso": iso(self.created_at),
-            "updated_at_iso": iso(self.updated_at),
-            "started_at": self.started_at,
-            "finished_at": self.finished_at,
-            "progress": self.progress,
-            "message": self.message,
-            "result": self.result if result else None,
-            "error": self.error,
-            "metadata": dict(self.spec.metadata),
-            "history": [{"status": status.value, "at": at} for status, at in self.history],
-        }
+        values: tuple[JSON, ...] = (  # in JSON_KEYS order (test_models checks it)
+            self.task_id,
+            self.task_type,
+            self.status.value,
+            self.resource_id,
+            self.created_at,
+            self.updated_at,
+            iso(self.created_at),
+            iso(self.updated_at),
+            self.started_at,
+            self.finished_at,
+            self.progress,
+            self.message,
+            self.result if result else None,
+            self.error,
+            dict(self.spec.metadata),
+            [{"status": status.value, "at": at} for status, at in self.history],
+        )
+        return dict(zip(JSON_KEYS, values, strict=True))
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> TaskRecord:
@@ -287,11 +321,8 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         result: JSON | RawJSON,
         error: str | None,
     ) -> TaskRecord:
-        """A copy with the mutable-by-transition fields replaced.
-
-        Written out by hand because ``dataclasses.replace`` introspects fields on
-        every call, and this sits on the actor's hot path.
-        """
+        """A copy with the mutable-by-transition fields replaced (by hand: the actor's
+        hot path, where ``dataclasses.replace`` would introspect on every call)."""
         return TaskRecord(
             self.task_id,
             self.task_type,

@@ -124,3 +124,85 @@ def test_control_character_rules_and_their_openapi_patterns_agree() -> None:
         assert (re.fullmatch(RESOURCE_ID_PATTERN, text) is None) is control, hex(code)
         assert refused(check_message, text) is (code == 0), hex(code)
         assert (re.fullmatch(MESSAGE_PATTERN, text) is None) is (code == 0), hex(code)
+
+
+def _full_record() -> taskd.TaskRecord:
+    # Every stored field set, each to a value no other field's column could hold.
+    spec = taskd.TaskSpec(
+        metadata={"k": [1, "v"]},
+        owner="alice",
+        in_process=True,
+        callback_url="https://example.com/hook",
+        heartbeat_timeout=7.5,
+    )
+    return taskd.TaskRecord(
+        "t1", "typ", S.FAILED, "res", 1.25, 4.5, 2.0, 4.5, 0.5, "msg", None, "boom", spec
+    )
+
+
+def test_one_field_list_gives_the_json_keys_the_columns_and_the_redis_fields() -> None:
+    """docs/architecture.md: the record's one field list (``_models.FIELDS``) is where
+    the JSON keys, the SQLite columns and the Redis hash fields come from."""
+    from taskd._models import FIELDS, JSON_KEYS
+    from taskd.engine import codec
+
+    rec = _full_record()
+    assert list(rec.to_dict()) == [name for name, _, _, rendered in FIELDS if rendered]
+    assert list(JSON_KEYS) == list(rec.to_dict())
+    assert tuple(name for name, _, sql, _ in FIELDS if sql) == codec.COLUMNS
+    assert tuple(short for _, short, _, _ in FIELDS if short) == codec.REDIS_FIELDS
+    names = [name for name, _, _, _ in FIELDS]
+    shorts = [short for _, short, _, _ in FIELDS if short]
+    assert len(set(names)) == len(names) and len(set(shorts)) == len(shorts)
+    # A stored field is an attribute of the record (the two Redis-only ones aside).
+    for name, _, sql, _ in FIELDS:
+        if sql:
+            assert hasattr(rec, name), name
+    assert set(codec.PAYLOAD) <= set(codec.STORED_FIELDS)
+
+
+def test_a_row_holds_each_field_in_its_own_column_and_reads_back() -> None:
+    from taskd.engine import codec
+
+    rec = _full_record()
+    row = dict(zip(codec.COLUMNS, codec.to_row(rec), strict=True))
+    for name in codec.COLUMNS:
+        value = getattr(rec, name)
+        expected = {
+            "status": rec.status.value,
+            "result": None,
+            "metadata": '{"k":[1,"v"]}',
+            "in_process": 1,
+        }.get(name, value)
+        assert row[name] == expected, name
+    assert codec.from_row(codec.to_row(rec)) == rec
+    done = taskd.TaskRecord("t2", "x", S.COMPLETED, None, 1.0, 2.0, 1.0, 2.0, 1.0, None, [1])
+    assert codec.from_row(codec.to_row(done)) == done
+    assert codec.from_row(codec.to_row(done)).spec is codec.new_spec({}, None, False, None, None)
+
+
+def test_a_redis_hash_reads_back_through_the_same_constructor() -> None:
+    from taskd.engine import codec
+
+    rec = _full_record()
+    text = {
+        short: str(value)
+        for short, value in zip(codec.STORED_FIELDS, codec.to_row(rec), strict=True)
+        if value is not None
+    }
+    assert codec.from_hash({**text, "sq": "42", "pr": "proc"}) == (rec, 42)
+    plain = taskd.TaskRecord("t3", "x", S.PENDING, None, 1.0, 1.0)
+    hashed = {"id": "t3", "ty": "x", "st": "pending", "ca": "1.0", "ua": "1.0"}
+    got, seq = codec.from_hash(hashed)
+    assert (got, seq) == (plain, 0) and got.spec is plain.spec
+
+
+def test_new_spec_shares_the_default_and_keeps_every_other_value() -> None:
+    from taskd._models import DEFAULT_SPEC
+    from taskd.engine.codec import new_spec
+
+    assert new_spec({}, None, False, None, None) is DEFAULT_SPEC
+    # An empty owner is an owner: not the default spec.
+    assert new_spec({}, "", False, None, None).owner == ""
+    assert new_spec({}, None, False, None, 0.5).heartbeat_timeout == 0.5
+    assert new_spec({}, None, True, None, None).in_process

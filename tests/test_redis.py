@@ -968,3 +968,69 @@ async def test_a_deleted_task_is_not_replayed_on_any_engine(
         after = await _replay_text(http, s.url, since, kept["result"]["task_id"])
         assert "DELETED-S3CR3T" not in after and tid not in after
         assert json.loads(after)[0]["task_id"] == kept["result"]["task_id"]
+
+
+def test_the_script_spells_no_key_and_no_entry_field_by_hand() -> None:
+    """Every key suffix and stream entry field the script uses comes from
+    ``taskd.engine.redis.keys`` (its ``K`` table), and every name there is used."""
+    import re
+    from importlib import resources
+
+    from taskd.engine import codec
+    from taskd.engine.redis import keys, space
+
+    source = resources.files("taskd.engine.redis").joinpath("script.lua").read_text("utf-8")
+    assert re.findall(r"\bk\('", source) == []  # k(K.NAME ...) only
+    used = set(re.findall(r"\bK\.([A-Z_]+)", source))
+    named = set(keys.KEYS) | {n for n in keys.__all__ if n.startswith("ENTRY_")}
+    assert used <= named
+    assert keys.lua_table() in space.SCRIPT and "@KEYS@" not in space.SCRIPT
+    python = "".join(
+        p.read_text("utf-8")
+        for p in Path(space.__file__).parent.glob("*.py")
+        if p.name != "keys.py"
+    )
+    assert re.findall(r"\.key\(\"", python) == []
+    for name in keys.KEYS:
+        assert name in used or f"keys.{name}" in python, f"{name} is named but never used"
+    # The record fields the script reads by name are the codec's.
+    assert set(re.findall(r"\br\.([a-z]{2})\b", source)) <= set(codec.REDIS_FIELDS)
+
+
+async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -> None:
+    """What a deployment leaves in Redis after every kind of command: each key is
+    ``{prefix}`` and a suffix of ``taskd.engine.redis.keys``, and each record hash
+    holds only the codec's fields."""
+    import redis as redis_py
+
+    from taskd.engine import codec
+    from taskd.engine.redis import keys
+
+    space = prefix()
+    hooks = taskd.Webhooks(secret="s", allow=("127.0.0.1:9",))  # nothing listens: fine
+    async with taskd.Tracker(redis=redis_server.url, redis_prefix=space, webhooks=hooks) as tracker:
+        a = await tracker.create("a", resource_id="r1", owner="o", heartbeat_timeout=60)
+        b = await tracker.create("b", callback_url="http://127.0.0.1:9/hook", metadata={"m": 1})
+        await tracker.start(a.task_id, owner="o")
+        await tracker.progress(a.task_id, 0.5, message="half", owner="o")
+        await tracker.cancel(a.task_id, owner="o")
+        await tracker.start(b.task_id)
+        await tracker.complete(b.task_id, result={"x": 1})
+        handle = await tracker.spawn(asyncio.sleep(0), task_type="s")
+        await handle
+        await tracker.delete(b.task_id)
+    client = redis_py.Redis(port=redis_server.port, decode_responses=True)
+    try:
+        base = "{" + space + "}"
+        found = [key.removeprefix(base) for key in client.scan_iter(base + "*")]
+        records = [key for key in client.scan_iter(base + keys.RECORD + "*")]
+        fields = {f for key in records for f in client.hkeys(key)}
+    finally:
+        client.close()
+    suffixes = set(keys.KEYS.values())
+    for suffix in found:
+        assert suffix in suffixes or any(
+            s.endswith(":") and suffix.startswith(s) for s in suffixes
+        ), suffix
+    assert {keys.ALL, keys.COUNTS, keys.CHANGES, keys.OUTBOX, keys.SEQ} <= set(found)
+    assert records and fields <= set(codec.REDIS_FIELDS)

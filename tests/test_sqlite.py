@@ -7,6 +7,7 @@ import contextlib
 import signal
 import sqlite3
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -169,6 +170,77 @@ def test_store_options_are_checked() -> None:
 
 
 # --- the service -----------------------------------------------------------------
+
+
+#: The table as schema version 1 wrote it (the text SQLite keeps in every file): the
+#: columns derived from the one field list (docs/architecture.md) must stay these.
+SCHEMA_V1 = (
+    "CREATE TABLE tasks ("
+    " task_id TEXT PRIMARY KEY, task_type TEXT NOT NULL, status TEXT NOT NULL,"
+    " resource_id TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+    " started_at REAL, finished_at REAL, progress REAL, message TEXT,"
+    " result TEXT, error TEXT, metadata TEXT, owner TEXT,"
+    " in_process INTEGER NOT NULL, callback_url TEXT, heartbeat_timeout REAL"
+    ") WITHOUT ROWID"
+)
+
+
+async def test_the_table_is_derived_from_the_field_list_and_unchanged(tmp_path: Path) -> None:
+    from taskd.engine import codec
+
+    db = tmp_path / "t.db"
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as tracker:
+        await tracker.create("x")
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks'").fetchone()
+        columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(tasks)"))
+    assert sql == SCHEMA_V1
+    assert columns == codec.COLUMNS
+
+
+async def test_a_file_an_older_taskd_wrote_reads_back(tmp_path: Path) -> None:
+    """A version 1 file made by hand, as taskd wrote it before the codec derived its
+    columns: every field of its row reads back."""
+    db = tmp_path / "old.db"
+    tid = "0000000000001" + "ab" * 16  # an id: its instant, then random bits
+    now = time.time()  # finished now: not past its TTL when the file is loaded
+    with contextlib.closing(sqlite3.connect(db)) as conn, conn:
+        conn.execute("CREATE TABLE taskd_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO taskd_schema VALUES (1)")
+        conn.execute(SCHEMA_V1)
+        conn.execute(
+            "INSERT INTO tasks VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                tid,
+                "x",
+                "completed",
+                "r",
+                now,
+                now + 2,
+                now + 1,
+                now + 2,
+                1.0,
+                "m",
+                '{"a":1}',
+                None,
+                '{"k":"v"}',
+                "alice",
+                0,
+                "https://h/x",
+                9.0,
+            ),
+        )
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as tracker:
+        rec = await tracker.get(tid)
+    assert rec is not None
+    assert (rec.status, rec.resource_id, rec.started_at, rec.message) == (
+        S.COMPLETED,
+        "r",
+        now + 1,
+        "m",
+    )
+    assert (rec.result, dict(rec.metadata), rec.owner) == ({"a": 1}, {"k": "v"}, "alice")
+    assert (rec.callback_url, rec.heartbeat_timeout, rec.in_process) == ("https://h/x", 9.0, False)
 
 
 def test_corrupt_file_is_a_clear_error_and_left_alone(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from .._retention import Retention
 from ..actor import messages as m
 from ..actor.engine import Engine, Handler, Settle
 from ..actor.timers import Kind
+from .codec import new_spec
 from .rules import (
     CANCEL_EXTERNAL,
     CANCEL_SPAWNED,
@@ -31,7 +32,7 @@ from .rules import (
     START_FROM,
     TRACKER_RESTARTED,
 )
-from .state import TaskState, new_spec
+from .state import TaskState
 from .store import Store
 
 if TYPE_CHECKING:

@@ -19,26 +19,16 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import fcntl
-import json
 import os
 import secrets
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
-from types import MappingProxyType
-from typing import Any, Final, TypeVar, TypeVarTuple, Unpack
+from typing import Final, TypeVar, TypeVarTuple, Unpack
 
 from .._errors import StoreError
-from .._models import (
-    DEFAULT_SPEC,
-    JSON,
-    RawJSON,
-    TaskRecord,
-    TaskSpec,
-    TaskStatus,
-    result_from_text,
-)
-from .codec import result_text
+from .._models import TaskRecord
+from .codec import COLUMNS, CREATE_TABLE, from_row, to_row
 
 __all__ = ["SQLiteStore", "StoreError"]
 
@@ -48,91 +38,12 @@ Ts = TypeVarTuple("Ts")
 SCHEMA_VERSION: Final = 1
 _SYNC_MODES: Final = ("OFF", "NORMAL", "FULL", "EXTRA")
 
-
-_COLUMNS: Final = (
-    "task_id, task_type, status, resource_id, created_at, updated_at, started_at,"
-    " finished_at, progress, message, result, error, metadata, owner, in_process,"
-    " callback_url, heartbeat_timeout"
+# The columns and the table come from the codec's one field list (the text of
+# CREATE_TABLE is what files made before it hold, so schema version 1 stands).
+_SELECT: Final = f"SELECT {', '.join(COLUMNS)} FROM tasks ORDER BY task_id"
+_UPSERT: Final = (
+    f"INSERT OR REPLACE INTO tasks ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})"
 )
-_Row = tuple[object, ...]
-_UPSERT: Final = f"INSERT OR REPLACE INTO tasks ({_COLUMNS}) VALUES ({', '.join('?' * 17)})"
-
-
-def _result_text(data: JSON | RawJSON) -> str | None:
-    return result_text(data) or None  # the codec's text; NULL for none
-
-
-def _encode(rec: TaskRecord) -> _Row:
-    # One column per field: only result and metadata need JSON, and only when set.
-    spec = rec.spec
-    return (
-        rec.task_id,
-        rec.task_type,
-        rec.status.value,
-        rec.resource_id,
-        rec.created_at,
-        rec.updated_at,
-        rec.started_at,
-        rec.finished_at,
-        rec.progress,
-        rec.message,
-        _result_text(rec.result_data),
-        rec.error,
-        json.dumps(dict(spec.metadata), separators=(",", ":")) if spec.metadata else None,
-        spec.owner,
-        1 if spec.in_process else 0,
-        spec.callback_url,
-        spec.heartbeat_timeout,
-    )
-
-
-def _decode(row: Sequence[Any]) -> TaskRecord:
-    # A row is what sqlite3 gives: typed by the schema, not by Python.
-    (
-        task_id,
-        task_type,
-        status,
-        resource_id,
-        created_at,
-        updated_at,
-        started_at,
-        finished_at,
-        progress,
-        message,
-        result,
-        error,
-        metadata,
-        owner,
-        in_process,
-        callback_url,
-        heartbeat_timeout,
-    ) = row
-    meta = json.loads(metadata) if isinstance(metadata, str) else None
-    spec = DEFAULT_SPEC
-    if meta or owner is not None or in_process or callback_url is not None or heartbeat_timeout:
-        spec = TaskSpec(
-            MappingProxyType(meta) if meta else DEFAULT_SPEC.metadata,
-            owner,
-            bool(in_process),
-            callback_url,
-            heartbeat_timeout,
-        )
-    return TaskRecord(
-        task_id,
-        task_type,
-        TaskStatus(str(status)),
-        resource_id,
-        created_at,
-        updated_at,
-        started_at,
-        finished_at,
-        progress,
-        message,
-        # Large results stay text in memory too, as they were before the restart.
-        result_from_text(result) if isinstance(result, str) else None,
-        error,
-        spec,
-    )
 
 
 class SQLiteStore:
@@ -225,15 +136,7 @@ class SQLiteStore:
             if conn.execute("SELECT count(*) FROM taskd_schema").fetchone()[0] == 0:
                 conn.execute("INSERT INTO taskd_schema VALUES (?)", (SCHEMA_VERSION,))
             # The id sorts in creation order, so the primary key is also the load order.
-            conn.execute(
-                "CREATE TABLE IF NOT EXISTS tasks ("
-                " task_id TEXT PRIMARY KEY, task_type TEXT NOT NULL, status TEXT NOT NULL,"
-                " resource_id TEXT, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
-                " started_at REAL, finished_at REAL, progress REAL, message TEXT,"
-                " result TEXT, error TEXT, metadata TEXT, owner TEXT,"
-                " in_process INTEGER NOT NULL, callback_url TEXT, heartbeat_timeout REAL"
-                ") WITHOUT ROWID"
-            )
+            conn.execute(CREATE_TABLE)
             # Additive (no schema version bump): a file from before this table gets it
             # on its first open, and the key is made once and kept.
             conn.execute(
@@ -248,8 +151,7 @@ class SQLiteStore:
                 raise StoreError(f"{path} holds a page-token key taskd cannot use")
             self.page_key = key[0]
             conn.execute("COMMIT")
-            rows = conn.execute(f"SELECT {_COLUMNS} FROM tasks ORDER BY task_id").fetchall()
-            return [_decode(row) for row in rows]
+            return [from_row(row) for row in conn.execute(_SELECT).fetchall()]
         except StoreError:
             raise
         except sqlite3.DatabaseError as exc:
@@ -275,7 +177,7 @@ class SQLiteStore:
             same = False
         if not same:
             raise StoreError(f"{self.path} was deleted or replaced while in use")
-        rows = [_encode(rec) for rec in upserts]
+        rows = [to_row(rec) for rec in upserts]
         conn.execute("BEGIN")
         try:
             if rows:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import heapq
 import secrets
 from bisect import bisect_left
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
@@ -23,17 +23,16 @@ from sortedcontainers import SortedList  # type: ignore[import-untyped]
 from .._errors import InvalidTransition, QuotaExceeded, TaskConflict, TaskNotFound, TrackerFull
 from .._models import (
     ANY_OWNER,
-    DEFAULT_SPEC,
     JSON,
     TERMINAL,
     TRANSITIONS,
     OwnerScope,
     RawJSON,
     TaskRecord,
-    TaskSpec,
     TaskStatus,
 )
 from .._retention import ExpiryQueues, Retention
+from .codec import new_spec as new_spec  # where the actor and tests import it from
 from .rules import DELETE_FROM
 
 __all__ = ["Page", "TaskState"]
@@ -414,24 +413,6 @@ class TaskState:
         if before is None:
             return reversed(self._records.keys())
         return _merge_desc(list(self._by_status.values()), before)
-
-
-def new_spec(
-    metadata: Mapping[str, JSON],
-    owner: str | None,
-    in_process: bool,
-    callback_url: str | None,
-    heartbeat_timeout: float | None,
-) -> TaskSpec:
-    if (
-        not metadata
-        and owner is None
-        and not in_process
-        and callback_url is None
-        and heartbeat_timeout is None
-    ):
-        return DEFAULT_SPEC
-    return TaskSpec(metadata, owner, in_process, callback_url, heartbeat_timeout)
 
 
 def _desc(ids: SortedList, before: str | None) -> Iterator[str]:

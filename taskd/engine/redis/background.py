@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any, Final
 from ..._errors import TaskdError
 from ..._models import TERMINAL, TaskRecord, TaskStatus
 from ...actor.engine import Host
+from . import keys
 from .space import RedisSpace, decode_record, refusal
 
 if TYPE_CHECKING:
@@ -29,7 +30,6 @@ LIVENESS_MS: Final = 5000
 BEAT: Final = 1.0
 #: Outbox entries a dead or stuck process held are taken over after this long (ms).
 CLAIM_IDLE_MS: Final = 30_000
-_GROUP: Final = "webhooks"
 _TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
 
 #: A change stream entry as read: (sequence number, task id, status, record JSON,
@@ -59,8 +59,8 @@ class Writable:
 async def announce(space: RedisSpace, proc: str) -> None:
     """Say this process is alive (a key with a PX expiry) and one of the space's."""
     pipe = space.redis.pipeline(transaction=False)
-    pipe.set(space.key("alive:" + proc), "1", px=LIVENESS_MS)
-    pipe.sadd(space.key("procs"), proc)
+    pipe.set(space.key(keys.ALIVE + proc), "1", px=LIVENESS_MS)
+    pipe.sadd(space.key(keys.PROCS), proc)
     await pipe.execute()
 
 
@@ -117,7 +117,7 @@ class Background:
         mailbox in order. After a failure, ask for a resync (Celery #5919's lesson:
         what changed while the connection was down must be re-read)."""
         space = self.space
-        key = space.key("x")
+        key = space.key(keys.CHANGES)
         broken = False
         while True:
             try:
@@ -140,9 +140,15 @@ class Background:
             if not resp:
                 continue
             entries: list[RawChange] = [
-                (int(eid.partition("-")[0]), f["i"], f["s"], f["r"], {} if "p" in f else None)
+                (
+                    int(eid.partition("-")[0]),
+                    f[keys.ENTRY_ID],
+                    f[keys.ENTRY_STATUS],
+                    f[keys.ENTRY_RECORD],
+                    {} if keys.ENTRY_PAYLOAD in f else None,
+                )
                 for eid, f in resp[0][1]
-                if f and "r" in f
+                if f and keys.ENTRY_RECORD in f
             ]
             if not entries:
                 continue
@@ -176,27 +182,27 @@ class Background:
 
         space = self.space
         r = space.reader
-        key = space.key("ob")
+        key = space.key(keys.OUTBOX)
         loop = asyncio.get_running_loop()
         claim_at = 0.0
         while True:
             try:
                 with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-                    await space.redis.xgroup_create(key, _GROUP, id="0", mkstream=True)
+                    await space.redis.xgroup_create(key, keys.GROUP, id="0", mkstream=True)
                 while True:
                     if self._acks:
                         acks, self._acks = self._acks, []
-                        await space.redis.xack(key, _GROUP, *acks)
+                        await space.redis.xack(key, keys.GROUP, *acks)
                         await space.redis.xdel(key, *acks)
                     entries: list[tuple[str, dict[str, str]]] = []
                     if loop.time() >= claim_at:
                         claim_at = loop.time() + 10.0
                         claimed: Any = await space.redis.xautoclaim(
-                            key, _GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
+                            key, keys.GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
                         )
                         entries.extend(claimed[1])
                     resp2: Any = await r.xreadgroup(
-                        _GROUP, self.proc, {key: ">"}, count=32, block=1000
+                        keys.GROUP, self.proc, {key: ">"}, count=32, block=1000
                     )
                     if resp2:
                         entries.extend(resp2[0][1])
@@ -204,7 +210,7 @@ class Background:
                         if not fields:
                             self._acks.append(eid)
                             continue
-                        rec = space.decode(fields["r"])[0]
+                        rec = space.decode(fields[keys.ENTRY_RECORD])[0]
                         sender.submit(rec, done=functools.partial(self._acks.append, eid))
             except asyncio.CancelledError:
                 raise

@@ -44,6 +44,7 @@ from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
+from . import keys
 from .background import BEAT, Background, Changes, Resync, Writable, announce, fan_out
 from .space import (
     SOCKET_TIMEOUT,
@@ -195,7 +196,7 @@ class RedisEngine(Engine):
             await asyncio.wait(self._background, timeout=SOCKET_TIMEOUT + 3.0)
         with contextlib.suppress(Exception):
             # A clean exit: nothing of ours runs any more.
-            await self.space.redis.delete(self.space.key("alive:" + self.proc))
+            await self.space.redis.delete(self.space.key(keys.ALIVE + self.proc))
         await self.space.aclose()
 
     def refuses(self, msg: object, fut: asyncio.Future[Any] | None) -> bool:

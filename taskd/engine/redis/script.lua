@@ -5,9 +5,11 @@
 -- rest depends on the command. Records are hashes of text fields, never decoded
 -- here: times and numbers are compared as numbers but stored as the caller sent them.
 -- The rule tables, field names and error texts below are generated from
--- taskd.engine.rules and taskd.engine.codec (taskd.engine.redis.space renders them).
+-- taskd.engine.rules and taskd.engine.codec, and every key suffix (K) from
+-- taskd.engine.redis.keys, where their legend is (taskd.engine.redis.space renders them).
 
 @RULES@
+@KEYS@
 -- One list call looks at most this many ids (~4 ms of Redis time): a filter that
 -- matches nothing answers an empty page with a cursor to go on from.
 local WALK_BOUND = 1000
@@ -20,7 +22,7 @@ local function k(s) return B .. s end
 local function num(x) return string.format('%.17g', x) end
 
 local function getrec(id)
-  local flat = redis.call('HGETALL', k('t:' .. id))
+  local flat = redis.call('HGETALL', k(K.RECORD .. id))
   if #flat == 0 then return nil end
   local r = {}
   for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
@@ -37,7 +39,7 @@ local function flatten(r)
 end
 
 local function save(r)
-  local key = k('t:' .. r.id)
+  local key = k(K.RECORD .. r.id)
   redis.call('DEL', key)
   redis.call('HSET', key, unpack(flatten(r)))
 end
@@ -63,41 +65,41 @@ end
 
 local function count(ty, st, delta)
   local f = ty .. '\n' .. st
-  if redis.call('HINCRBY', k('n'), f, delta) <= 0 then redis.call('HDEL', k('n'), f) end
+  if redis.call('HINCRBY', k(K.COUNTS), f, delta) <= 0 then redis.call('HDEL', k(K.COUNTS), f) end
 end
 
 local function active(r, delta)
-  redis.call('INCRBY', k('active'), delta)
+  redis.call('INCRBY', k(K.ACTIVE), delta)
   local ok = owner_key(r)
-  if redis.call('HINCRBY', k('ao'), ok, delta) <= 0 then redis.call('HDEL', k('ao'), ok) end
+  if redis.call('HINCRBY', k(K.ACTIVE_BY_OWNER), ok, delta) <= 0 then redis.call('HDEL', k(K.ACTIVE_BY_OWNER), ok) end
 end
 
 local function index(r, cmd)
   local id = r.id
   if cmd == 'ZADD' then
-    redis.call('ZADD', k('all'), 0, id)
-    redis.call('ZADD', k('s:' .. r.st), 0, id)
-    redis.call('ZADD', k('y:' .. r.ty), 0, id)
-    if r.ow then redis.call('ZADD', k('o:' .. r.ow), 0, id) end
-    if r.rs then redis.call('ZADD', k('r:' .. r.rs), 0, id) end
+    redis.call('ZADD', k(K.ALL), 0, id)
+    redis.call('ZADD', k(K.BY_STATUS .. r.st), 0, id)
+    redis.call('ZADD', k(K.BY_TYPE .. r.ty), 0, id)
+    if r.ow then redis.call('ZADD', k(K.BY_OWNER .. r.ow), 0, id) end
+    if r.rs then redis.call('ZADD', k(K.BY_RESOURCE .. r.rs), 0, id) end
     count(r.ty, r.st, 1)
   else
-    redis.call('ZREM', k('all'), id)
-    redis.call('ZREM', k('s:' .. r.st), id)
-    redis.call('ZREM', k('y:' .. r.ty), id)
-    if r.ow then redis.call('ZREM', k('o:' .. r.ow), id) end
-    if r.rs then redis.call('ZREM', k('r:' .. r.rs), id) end
+    redis.call('ZREM', k(K.ALL), id)
+    redis.call('ZREM', k(K.BY_STATUS .. r.st), id)
+    redis.call('ZREM', k(K.BY_TYPE .. r.ty), id)
+    if r.ow then redis.call('ZREM', k(K.BY_OWNER .. r.ow), id) end
+    if r.rs then redis.call('ZREM', k(K.BY_RESOURCE .. r.rs), id) end
     count(r.ty, r.st, -1)
   end
 end
 
 local function emit(r)
-  local seqkey = k('seq')
+  local seqkey = k(K.SEQ)
   if redis.call('EXISTS', seqkey) == 0 then
     -- a new task space: event ids start at this instant (in microseconds), so they
     -- stay above any id a client kept from an earlier space under this prefix
     redis.call('SET', seqkey, NOW_US)
-    redis.call('SET', k('epoch'), NOW_US)
+    redis.call('SET', k(K.EPOCH), NOW_US)
   end
   local sq = string.format('%d', redis.call('INCR', seqkey))
   r.sq = sq
@@ -106,7 +108,7 @@ local function emit(r)
   -- only the record holds those, so a delete removes them everywhere, and the
   -- stream's size does not grow with results. Metadata never changes and a result
   -- or error is set only on the final version, so a reader takes them from the
-  -- record ('p' says there are some). Id and status beside it: a reader decodes
+  -- record (ENTRY_PAYLOAD says there are some). Id and status beside it: a reader decodes
   -- only what it has a use for.
   local held = {}
   for _, f in ipairs(PAYLOAD) do
@@ -116,25 +118,26 @@ local function emit(r)
   local some = false
   for f, v in pairs(held) do r[f] = v; some = true end
   if some then
-    redis.call('XADD', k('x'), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
-               'i', r.id, 's', r.st, 'r', entry, 'p', '1')
+    redis.call('XADD', k(K.CHANGES), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
+               K.ENTRY_ID, r.id, K.ENTRY_STATUS, r.st, K.ENTRY_RECORD, entry,
+               K.ENTRY_PAYLOAD, '1')
   else
-    redis.call('XADD', k('x'), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
-               'i', r.id, 's', r.st, 'r', entry)
+    redis.call('XADD', k(K.CHANGES), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
+               K.ENTRY_ID, r.id, K.ENTRY_STATUS, r.st, K.ENTRY_RECORD, entry)
   end
   return r
 end
 
 local function remove(r)
   index(r, 'ZREM')
-  redis.call('DEL', k('t:' .. r.id))
-  redis.call('ZREM', k('exp'), r.id)
-  redis.call('ZREM', k('hb'), r.id)
-  redis.call('ZREM', k('gr'), r.id)
+  redis.call('DEL', k(K.RECORD .. r.id))
+  redis.call('ZREM', k(K.EXPIRY), r.id)
+  redis.call('ZREM', k(K.HEARTBEATS), r.id)
+  redis.call('ZREM', k(K.GRACE), r.id)
   if ACTIVE[r.st] then
     active(r, -1)
-    if r.rs and redis.call('HGET', k('dk'), dedup_key(r.ow, r.ty, r.rs)) == r.id then
-      redis.call('HDEL', k('dk'), dedup_key(r.ow, r.ty, r.rs))
+    if r.rs and redis.call('HGET', k(K.DEDUP), dedup_key(r.ow, r.ty, r.rs)) == r.id then
+      redis.call('HDEL', k(K.DEDUP), dedup_key(r.ow, r.ty, r.rs))
     end
   end
 end
@@ -163,27 +166,27 @@ local function change(r, status, o)
   end
   if status == 'failed' or status == 'cancelled' then r.er = o.error else r.er = nil end
   if old ~= status then
-    redis.call('ZREM', k('s:' .. old), r.id)
-    redis.call('ZADD', k('s:' .. status), 0, r.id)
+    redis.call('ZREM', k(K.BY_STATUS .. old), r.id)
+    redis.call('ZADD', k(K.BY_STATUS .. status), 0, r.id)
     count(r.ty, old, -1)
     count(r.ty, status, 1)
     if TERMINAL[status] then
       active(r, -1)
       if r.rs then
         local dk = dedup_key(r.ow, r.ty, r.rs)
-        if redis.call('HGET', k('dk'), dk) == r.id then redis.call('HDEL', k('dk'), dk) end
+        if redis.call('HGET', k(K.DEDUP), dk) == r.id then redis.call('HDEL', k(K.DEDUP), dk) end
       end
-      redis.call('ZADD', k('exp'), num(tonumber(at) + tonumber(CFG['ttl_' .. status])), r.id)
-      redis.call('ZREM', k('hb'), r.id)
-      redis.call('ZREM', k('gr'), r.id)
-      if r.pr then redis.call('SREM', k('runs:' .. r.pr), r.id) end
+      redis.call('ZADD', k(K.EXPIRY), num(tonumber(at) + tonumber(CFG['ttl_' .. status])), r.id)
+      redis.call('ZREM', k(K.HEARTBEATS), r.id)
+      redis.call('ZREM', k(K.GRACE), r.id)
+      if r.pr then redis.call('SREM', k(K.RUNS .. r.pr), r.id) end
     elseif status == 'cancelling' then
-      redis.call('ZADD', k('gr'), num(tonumber(at) + tonumber(CFG.grace)), r.id)
+      redis.call('ZADD', k(K.GRACE), num(tonumber(at) + tonumber(CFG.grace)), r.id)
     end
   end
   emit(r)
   if TERMINAL[status] and r.cb then
-    redis.call('XADD', k('ob'), 'MAXLEN', '~', 100000, '*', 'r', cjson.encode(r))
+    redis.call('XADD', k(K.OUTBOX), 'MAXLEN', '~', 100000, '*', K.ENTRY_RECORD, cjson.encode(r))
   end
   return r
 end
@@ -196,13 +199,13 @@ local function reply(r, e)
 end
 
 local function beat(r)
-  if r.hb then redis.call('ZADD', k('hb'), num(tonumber(NOW) + tonumber(r.hb)), r.id) end
+  if r.hb then redis.call('ZADD', k(K.HEARTBEATS), num(tonumber(NOW) + tonumber(r.hb)), r.id) end
 end
 
 local function oldest_terminal()
   local best = nil
   for st, _ in pairs(TERMINAL) do
-    local head = redis.call('ZRANGE', k('s:' .. st), 0, 0)[1]
+    local head = redis.call('ZRANGE', k(K.BY_STATUS .. st), 0, 0)[1]
     if head and (best == nil or head < best) then best = head end
   end
   return best
@@ -217,26 +220,26 @@ local function insert(a, spawn)
   local ty, rs = a[2], a[3]
   if rs == '' then rs = nil end
   if rs then
-    local holder = redis.call('HGET', k('dk'), dedup_key(ow, ty, rs))
+    local holder = redis.call('HGET', k(K.DEDUP), dedup_key(ow, ty, rs))
     if holder then return err('conflict', holder, ty, rs) end
   end
   local quota = tonumber(CFG.quota)
-  if quota and (tonumber(redis.call('HGET', k('ao'), owner)) or 0) >= quota then
+  if quota and (tonumber(redis.call('HGET', k(K.ACTIVE_BY_OWNER), owner)) or 0) >= quota then
     return err('quota', CFG.quota)
   end
   local cap = tonumber(CFG.max_tasks)
-  if redis.call('ZCARD', k('all')) >= cap then
-    if (tonumber(redis.call('GET', k('active'))) or 0) >= cap then
+  if redis.call('ZCARD', k(K.ALL)) >= cap then
+    if (tonumber(redis.call('GET', k(K.ACTIVE))) or 0) >= cap then
       return err('full', CFG.max_tasks)
     end
-    while redis.call('ZCARD', k('all')) >= cap do
+    while redis.call('ZCARD', k(K.ALL)) >= cap do
       remove(getrec(oldest_terminal()))
     end
   end
   local stamp = tonumber(NOW_US)
-  local last = tonumber(redis.call('GET', k('stamp'))) or 0
+  local last = tonumber(redis.call('GET', k(K.STAMP))) or 0
   if stamp <= last then stamp = last + 1 end
-  redis.call('SET', k('stamp'), string.format('%d', stamp))
+  redis.call('SET', k(K.STAMP), string.format('%d', stamp))
   -- ids start with their creation instant in fixed-width hex: they sort in creation
   -- order, across every process, which is what the indexes and page cursors rely on
   local id = string.format('%013x', stamp) .. a[7]
@@ -247,13 +250,13 @@ local function insert(a, spawn)
   if a[6] ~= '' then r.hb = a[6] end
   if spawn then
     r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[8]
-    redis.call('SADD', k('runs:' .. a[8]), id)
-    redis.call('SADD', k('procs'), a[8])
+    redis.call('SADD', k(K.RUNS .. a[8]), id)
+    redis.call('SADD', k(K.PROCS), a[8])
   end
   index(r, 'ZADD')
   active(r, 1)
-  if rs then redis.call('HSET', k('dk'), dedup_key(ow, ty, rs), id) end
-  if r.hb then redis.call('ZADD', k('hb'), num(tonumber(at) + tonumber(r.hb)), id) end
+  if rs then redis.call('HSET', k(K.DEDUP), dedup_key(ow, ty, rs), id) end
+  if r.hb then redis.call('ZADD', k(K.HEARTBEATS), num(tonumber(at) + tonumber(r.hb)), id) end
   emit(r)
   return reply(r)
 end
@@ -360,13 +363,13 @@ OPS.delete = function(a)
 end
 
 OPS.stats = function(a)
-  return {'stats', redis.call('HGETALL', k('n')), redis.call('ZCARD', k('all')),
-          redis.call('GET', k('active')) or '0'}
+  return {'stats', redis.call('HGETALL', k(K.COUNTS)), redis.call('ZCARD', k(K.ALL)),
+          redis.call('GET', k(K.ACTIVE)) or '0'}
 end
 
 -- where change events stand: {epoch, latest sequence number}
 OPS.head = function(a)
-  return {'head', redis.call('GET', k('epoch')) or '0', redis.call('GET', k('seq')) or '0'}
+  return {'head', redis.call('GET', k(K.EPOCH)) or '0', redis.call('GET', k(K.SEQ)) or '0'}
 end
 
 local function first_score(key)
@@ -378,42 +381,42 @@ end
 -- Every deadline is re-checked against the record, so each fires once whichever
 -- process gets there first. Returns the earliest deadline left ('' if none).
 OPS.sweep = function(a)
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('exp'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
-    redis.call('ZREM', k('exp'), id)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k(K.EXPIRY), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
+    redis.call('ZREM', k(K.EXPIRY), id)
     local r = getrec(id)
     if r and TERMINAL[r.st] then remove(r) end
   end
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('hb'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
-    redis.call('ZREM', k('hb'), id)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k(K.HEARTBEATS), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
+    redis.call('ZREM', k(K.HEARTBEATS), id)
     local r = getrec(id)
     if r and ACTIVE[r.st] then change(r, 'failed', {error = TEXT.heartbeat_timeout}) end
   end
-  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k('gr'), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
-    redis.call('ZREM', k('gr'), id)
+  for _, id in ipairs(redis.call('ZRANGEBYSCORE', k(K.GRACE), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
+    redis.call('ZREM', k(K.GRACE), id)
     local r = getrec(id)
     if r and r.st == 'cancelling' then
       local due = tonumber(r.ua) + tonumber(CFG.grace)
       if due > tonumber(NOW) then
-        redis.call('ZADD', k('gr'), num(due), id)  -- it reported since
+        redis.call('ZADD', k(K.GRACE), num(due), id)  -- it reported since
       else
         change(r, 'cancelled', {error = TEXT.not_acknowledged})
       end
     end
   end
-  for _, p in ipairs(redis.call('SMEMBERS', k('procs'))) do
-    if redis.call('EXISTS', k('alive:' .. p)) == 0 then
-      for _, id in ipairs(redis.call('SMEMBERS', k('runs:' .. p))) do
+  for _, p in ipairs(redis.call('SMEMBERS', k(K.PROCS))) do
+    if redis.call('EXISTS', k(K.ALIVE .. p)) == 0 then
+      for _, id in ipairs(redis.call('SMEMBERS', k(K.RUNS .. p))) do
         local r = getrec(id)
         if r and ACTIVE[r.st] and r.pr == p then
           change(r, 'failed', {error = TEXT.process_lost})
         end
       end
-      redis.call('DEL', k('runs:' .. p))
-      redis.call('SREM', k('procs'), p)
+      redis.call('DEL', k(K.RUNS .. p))
+      redis.call('SREM', k(K.PROCS), p)
     end
   end
   local best = nil
-  for _, key in ipairs({k('exp'), k('hb'), k('gr')}) do
+  for _, key in ipairs({k(K.EXPIRY), k(K.HEARTBEATS), k(K.GRACE)}) do
     local s = first_score(key)
     if s and (best == nil or tonumber(s) < tonumber(best)) then best = s end
   end
@@ -434,22 +437,22 @@ OPS.list = function(a)
     local keys, size = {}, 0
     for st in string.gmatch(a[2], '[^,]+') do
       statuses[st] = true
-      keys[#keys + 1] = k('s:' .. st)
-      size = size + redis.call('ZCARD', k('s:' .. st))
+      keys[#keys + 1] = k(K.BY_STATUS .. st)
+      size = size + redis.call('ZCARD', k(K.BY_STATUS .. st))
     end
     options[#options + 1] = {size, keys}
   end
   if ty ~= '' then
-    options[#options + 1] = {redis.call('ZCARD', k('y:' .. ty)), {k('y:' .. ty)}}
+    options[#options + 1] = {redis.call('ZCARD', k(K.BY_TYPE .. ty)), {k(K.BY_TYPE .. ty)}}
   else ty = nil end
   if rs ~= '' then
-    options[#options + 1] = {redis.call('ZCARD', k('r:' .. rs)), {k('r:' .. rs)}}
+    options[#options + 1] = {redis.call('ZCARD', k(K.BY_RESOURCE .. rs)), {k(K.BY_RESOURCE .. rs)}}
   else rs = nil end
   if string.sub(scope, 1, 1) == 's' then
-    local key = k('o:' .. string.sub(scope, 2))
+    local key = k(K.BY_OWNER .. string.sub(scope, 2))
     options[#options + 1] = {redis.call('ZCARD', key), {key}}
   end
-  local keys = {k('all')}
+  local keys = {k(K.ALL)}
   local best = nil
   for _, o in ipairs(options) do
     if best == nil or o[1] < best then best = o[1]; keys = o[2] end
@@ -477,7 +480,7 @@ OPS.list = function(a)
       examined = examined + 1
       -- the four fields the filters need, not the whole record (a result can be
       -- a megabyte): the walk costs the same whatever the records hold
-      local f = redis.call('HMGET', k('t:' .. id), 'st', 'ty', 'rs', 'ow')
+      local f = redis.call('HMGET', k(K.RECORD .. id), 'st', 'ty', 'rs', 'ow')
       local st, fty, frs, fow = f[1], f[2], f[3], f[4]
       if st and (scope == '*' or (scope == '-' and not fow)
                  or (fow and fow == string.sub(scope, 2)))
@@ -499,26 +502,27 @@ end
 -- entries read (a full count means there may be more), {seq, record, ...}, and the
 -- sequence numbers of the last and the first entry read.
 OPS.replay = function(a)
-  local raw = redis.call('XRANGE', k('x'), a[1], '+', 'COUNT', a[2])
+  local raw = redis.call('XRANGE', k(K.CHANGES), a[1], '+', 'COUNT', a[2])
   local out = {}
   for _, e in ipairs(raw) do
     local f = {}
     for i = 1, #e[2], 2 do f[e[2][i]] = e[2][i + 1] end
-    if f.r and f.i then
+    local fi, fr = f[K.ENTRY_ID], f[K.ENTRY_RECORD]
+    if fr and fi then
       local text = nil
-      if f.p then
-        local v = redis.call('HMGET', k('t:' .. f.i), 'id', 'md', 'rz', 'er')
+      if f[K.ENTRY_PAYLOAD] then
+        local v = redis.call('HMGET', k(K.RECORD .. fi), 'id', unpack(PAYLOAD))
         if v[1] then
-          local r = cjson.decode(f.r)
+          local r = cjson.decode(fr)
           if v[2] then r.md = v[2] end
-          if TERMINAL[f.s] then
+          if TERMINAL[f[K.ENTRY_STATUS]] then
             if v[3] then r.rz = v[3] end
             if v[4] then r.er = v[4] end
           end
           text = cjson.encode(r)
         end
-      elseif redis.call('EXISTS', k('t:' .. f.i)) == 1 then
-        text = f.r
+      elseif redis.call('EXISTS', k(K.RECORD .. fi)) == 1 then
+        text = fr
       end
       if text then
         out[#out + 1] = string.match(e[1], '^(%d+)')

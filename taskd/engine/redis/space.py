@@ -5,11 +5,11 @@ command is one call of a server-side Lua script (``script.lua``, run with
 ``EVALSHA``), atomic, with the transition table generated from
 ``_models.TRANSITIONS``. A process's actor sends each mailbox batch as one pipeline
 (group commit). This module is the wire: the script's text, the connection, and
-the codec between ``TaskRecord`` and the record hash. ``_shared.SharedActor`` is the
-actor that uses it.
+the record hash decoded through ``codec``. ``engine.RedisEngine`` is the engine that
+uses it.
 
 Keys all start with ``{prefix}``: one hash tag, so one deployment lives in one Redis
-Cluster slot (see docs/scale-out.md for the layout).
+Cluster slot; every suffix is named in ``keys``, with the legend.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from types import MappingProxyType
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
 from ..._errors import (
@@ -38,18 +37,15 @@ from ..._errors import (
 )
 from ..._models import (
     ANY_OWNER,
-    DEFAULT_SPEC,
     JSON,
     OwnerScope,
     RawJSON,
     TaskRecord,
-    TaskSpec,
-    TaskStatus,
-    result_from_text,
 )
 from ..._retention import Retention
-from ..codec import PAYLOAD, REDIS_FIELDS
+from ..codec import PAYLOAD, REDIS_FIELDS, from_hash
 from ..rules import lua_tables
+from . import keys
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -94,7 +90,8 @@ class Op:
 
 def _script() -> str:
     text = resources.files(__package__).joinpath("script.lua").read_text(encoding="utf-8")
-    return text.replace("@RULES@", lua_tables(REDIS_FIELDS, PAYLOAD))
+    text = text.replace("@RULES@", lua_tables(REDIS_FIELDS, PAYLOAD))
+    return text.replace("@KEYS@", keys.lua_table())
 
 
 #: The script, and its SHA1 (EVALSHA's name for it: two taskd versions sharing one
@@ -136,43 +133,14 @@ def seconds(value: float) -> str:
     return repr(float(value))
 
 
-def _float(value: str | None) -> float | None:
-    return None if value is None else float(value)
-
-
 def decode_record(text: str, extra: Mapping[str, str] | None = None) -> tuple[TaskRecord, int]:
-    """A record as the script sends it (a JSON object of text fields), and the
-    sequence number of its latest change. ``extra`` are fields read beside it: a
+    """A record as the script sends it (a JSON object of its hash's text fields), and
+    the sequence number of its latest change. ``extra`` are fields read beside it: a
     change stream entry carries none of ``PAYLOAD``, which only the record holds."""
-    f: dict[str, str] = json.loads(text)
+    fields: dict[str, str] = json.loads(text)
     if extra:
-        f.update(extra)
-    md, ow, cb, hb = f.get("md"), f.get("ow"), f.get("cb"), f.get("hb")
-    ip = "ip" in f
-    if md is None and ow is None and cb is None and hb is None and not ip:
-        spec = DEFAULT_SPEC
-    else:
-        metadata: Mapping[str, JSON] = (
-            MappingProxyType(json.loads(md)) if md else MappingProxyType({})
-        )
-        spec = TaskSpec(metadata, ow, ip, cb, _float(hb))
-    rz = f.get("rz")
-    rec = TaskRecord(
-        f["id"],
-        f["ty"],
-        TaskStatus(f["st"]),
-        f.get("rs"),
-        float(f["ca"]),
-        float(f["ua"]),
-        _float(f.get("sa")),
-        _float(f.get("fa")),
-        _float(f.get("pg")),
-        f.get("ms"),
-        None if rz is None else result_from_text(rz),
-        f.get("er"),
-        spec,
-    )
-    return rec, int(f.get("sq", "0"))
+        fields.update(extra)
+    return from_hash(fields)
 
 
 class Decoder:
@@ -361,7 +329,7 @@ class RedisSpace:
     async def page_key(self) -> bytes:
         """The deployment's page-token key: made once (``SET NX``), then read by
         every process, so each accepts the tokens any of them handed out."""
-        key = self.key("pk")
+        key = self.key(keys.PAGE_KEY)
         value: object = await self.redis.get(key)
         if value is None:
             await self.redis.set(key, secrets.token_hex(32), nx=True)
@@ -380,11 +348,12 @@ class RedisSpace:
         deleted since gives nothing: its data is gone, and stays gone."""
         pipe = self.reader.pipeline(transaction=False)
         for task_id, _ in wanted:
-            pipe.hmget(self.key("t:" + task_id), PAYLOAD)
+            pipe.hmget(self.key(keys.RECORD + task_id), PAYLOAD)
         rows: list[Any] = await pipe.execute()
         out: list[dict[str, str]] = []
         for (_, terminal), row in zip(wanted, rows, strict=True):
-            fields = dict(zip(PAYLOAD, row, strict=True)) if terminal else {"md": row[0]}
+            # metadata (PAYLOAD's first) always; result and error once they are final
+            fields = dict(zip(PAYLOAD, row, strict=True)) if terminal else {PAYLOAD[0]: row[0]}
             out.append({f: v for f, v in fields.items() if v is not None})
         return out
 

@@ -1,0 +1,137 @@
+"""Every Redis key of a deployment, named once (arq's ``constants.py`` is the model).
+
+Each key is the deployment's base, ``{prefix}`` (one hash tag, so one deployment
+lives in one Redis Cluster slot), followed by one of the suffixes below; a suffix
+ending in ``:`` takes a name after it. The script (``script.lua``) gets them as its
+``K`` table (``lua_table``, rendered into it by ``space``), and the Python side uses
+these constants: no key is spelled anywhere else (``tests/test_redis.py`` checks).
+
+The legend: what each key holds, its Redis type, and who writes it. "script" is
+``script.lua`` (every write of a record goes through it, atomically).
+
+=================  ===========  =====================================================
+key                type         holds (writer)
+=================  ===========  =====================================================
+``t:<id>``         hash         the record: text fields named by ``codec.REDIS_FIELDS``
+                                (script)
+``all``            sorted set   every id, score 0, walked by lex: ids sort in creation
+                                order (script)
+``s:<status>``     sorted set   ids by status (script)
+``y:<type>``       sorted set   ids by task type (script)
+``o:<owner>``      sorted set   ids by owner (script)
+``r:<resource>``   sorted set   ids by resource id (script)
+``n``              hash         counts by (type, status), a newline between them (script)
+``active``         string       the number of active tasks (script)
+``ao``             hash         active tasks per owner scope, for the quota (script)
+``dk``             hash         active dedup keys: (owner, type, resource) → id (script)
+``exp``            sorted set   TTL expiry deadlines of finished tasks (script)
+``hb``             sorted set   heartbeat deadlines (script)
+``gr``             sorted set   cancel-grace deadlines of cancelling tasks (script)
+``x``              stream       the change stream: one entry per record version,
+                                ``ENTRY_*`` fields, trimmed to ``STREAM_LEN`` (script;
+                                read by every process's ``background`` reader)
+``ob``             stream       the webhook outbox, consumer group ``GROUP`` (script;
+                                consumed, acked and deleted by ``background``)
+``seq``            string       the change counter: the stream's entry ids (script)
+``epoch``          string       the counter's first value (script)
+``stamp``          string       the last id timestamp, in microseconds (script)
+``pk``             string       the page-token key, hex, made once with ``SET NX``
+                                (``space.page_key``)
+``procs``          set          the processes that run spawned tasks (script,
+                                ``background.announce``)
+``alive:<proc>``   string       a process's liveness key, with a ``PX`` expiry
+                                (``background.announce``; deleted on close by
+                                ``engine``)
+``runs:<proc>``    set          the spawned tasks a process runs (script)
+=================  ===========  =====================================================
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+__all__ = [
+    "ACTIVE",
+    "ACTIVE_BY_OWNER",
+    "ALIVE",
+    "ALL",
+    "BY_OWNER",
+    "BY_RESOURCE",
+    "BY_STATUS",
+    "BY_TYPE",
+    "CHANGES",
+    "COUNTS",
+    "DEDUP",
+    "ENTRY_ID",
+    "ENTRY_PAYLOAD",
+    "ENTRY_RECORD",
+    "ENTRY_STATUS",
+    "EPOCH",
+    "EXPIRY",
+    "GRACE",
+    "GROUP",
+    "HEARTBEATS",
+    "KEYS",
+    "OUTBOX",
+    "PAGE_KEY",
+    "PROCS",
+    "RECORD",
+    "RUNS",
+    "SEQ",
+    "STAMP",
+    "lua_table",
+]
+
+RECORD: Final = "t:"
+ALL: Final = "all"
+BY_STATUS: Final = "s:"
+BY_TYPE: Final = "y:"
+BY_OWNER: Final = "o:"
+BY_RESOURCE: Final = "r:"
+COUNTS: Final = "n"
+ACTIVE: Final = "active"
+ACTIVE_BY_OWNER: Final = "ao"
+DEDUP: Final = "dk"
+EXPIRY: Final = "exp"
+HEARTBEATS: Final = "hb"
+GRACE: Final = "gr"
+CHANGES: Final = "x"
+OUTBOX: Final = "ob"
+SEQ: Final = "seq"
+EPOCH: Final = "epoch"
+STAMP: Final = "stamp"
+PAGE_KEY: Final = "pk"
+PROCS: Final = "procs"
+ALIVE: Final = "alive:"
+RUNS: Final = "runs:"
+
+#: Every key suffix above, by its constant's name (the script's ``K`` table).
+KEYS: Final = {
+    name: value
+    for name, value in dict(globals()).items()
+    if name.isupper() and isinstance(value, str)
+}
+
+# The fields of a change stream entry (``x``) and of an outbox entry (``ob``: only
+# the record): the version's id and status, the version as JSON text without its
+# payload (``codec.PAYLOAD``), and "1" when it had one (a reader reads it back).
+ENTRY_ID: Final = "i"
+ENTRY_STATUS: Final = "s"
+ENTRY_RECORD: Final = "r"
+ENTRY_PAYLOAD: Final = "p"
+#: The outbox's consumer group.
+GROUP: Final = "webhooks"
+
+_ENTRY: Final = {
+    "ENTRY_ID": ENTRY_ID,
+    "ENTRY_STATUS": ENTRY_STATUS,
+    "ENTRY_RECORD": ENTRY_RECORD,
+    "ENTRY_PAYLOAD": ENTRY_PAYLOAD,
+}
+
+
+def lua_table() -> str:
+    """The key suffixes and entry fields as the script's ``K`` table."""
+    items = {**KEYS, **_ENTRY}
+    assert all("'" not in v and "\\" not in v for v in items.values())
+    return "local K = {" + ", ".join(f"{n} = '{v}'" for n, v in sorted(items.items())) + "}"
