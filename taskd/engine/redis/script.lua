@@ -21,11 +21,16 @@ local B, NOW, NOW_US, CFG
 local function k(s) return B .. s end
 local function num(x) return string.format('%.17g', x) end
 
+-- HMGET in FIELDS order, not HGETALL: a hash's own order changes with its encoding,
+-- and the table built here is what cjson.encode walks, so one record version always
+-- encodes to one text (the process's decoder cache is keyed by that text)
 local function getrec(id)
-  local flat = redis.call('HGETALL', k(K.RECORD .. id))
-  if #flat == 0 then return nil end
+  local vals = redis.call('HMGET', k(K.RECORD .. id), unpack(FIELDS))
+  if not vals[1] then return nil end
   local r = {}
-  for i = 1, #flat, 2 do r[flat[i]] = flat[i + 1] end
+  for i, f in ipairs(FIELDS) do
+    if vals[i] then r[f] = vals[i] end
+  end
   return r
 end
 
