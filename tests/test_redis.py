@@ -1004,6 +1004,31 @@ def test_the_script_spells_no_key_and_no_entry_field_by_hand() -> None:
     assert set(re.findall(r"\br\.([a-z]{2})\b", source)) <= set(codec.REDIS_FIELDS)
 
 
+async def test_the_library_is_loaded_again_when_redis_lost_it(
+    redis_server: RedisServer,
+) -> None:
+    """The commands are a Functions library named by its code's hash: a Redis that
+    lost its functions (restarted without persistence, ``FUNCTION FLUSH``) answers
+    "Function not found", and the batch goes again once the library is loaded; reads
+    go to the ``no-writes`` function."""
+    from taskd._retention import Retention
+    from taskd.engine.redis import space
+
+    assert space.SHA[:12] == space.FUNCTION.removeprefix("taskd_")
+    assert space.LIBRARY.startswith(f"#!lua name={space.FUNCTION}\n")
+    s = space.RedisSpace(redis_server.url, prefix(), Retention(), 5.0)
+    try:
+        for _ in range(2):
+            redis_server.command("FUNCTION", "FLUSH")
+            new = ("-", "x", "", "", "", "", uuid.uuid4().hex)
+            created, stats = await s.call([("create", new), ("stats", ())], time.time())
+            assert created[0] == "rec" and stats[0] == "stats"
+        listed = redis_server.command("FUNCTION", "LIST", "LIBRARYNAME", space.FUNCTION)
+        assert space.FUNCTION_RO.encode() in listed and b"no-writes" in listed
+    finally:
+        await s.aclose()
+
+
 async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -> None:
     """What a deployment leaves in Redis after every kind of command: each key is
     ``{prefix}`` and a suffix of ``taskd.engine.redis.keys``, and each record hash

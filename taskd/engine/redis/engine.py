@@ -287,6 +287,10 @@ class RedisEngine(Engine):
                 self._unexpected(reply.cause, f"sending {op.command[0]}")
                 raise StoreError(f"the shared store (Redis) could not take a command: {reply}")
             if isinstance(reply, Exception):
+                if op.command[0] == "sweep":
+                    # (a full Redis refuses the sweep's function outright): try
+                    # again later, or no sweep would be due any more
+                    self._sweep_at(self.actor.now + BEAT)
                 # A command Redis refused (out of memory, read-only replica, …): the
                 # store cannot take it, which is a 503, never a 500; one that says
                 # Redis refuses writes makes the tracker unhealthy until it takes one.

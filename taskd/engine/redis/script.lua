@@ -1,9 +1,10 @@
--- taskd's shared task space: every command is one call of this script, atomic.
--- KEYS[1] is the deployment's key base ("{prefix}"): every key starts with it, so a
--- deployment lives in one Redis Cluster slot. ARGV[1] is the command, ARGV[2] the
--- caller's clock (seconds, as text), ARGV[3] the same in whole microseconds; the
--- rest depends on the command. Records are hashes of text fields, never decoded
--- here: times and numbers are compared as numbers but stored as the caller sent them.
+-- taskd's shared task space: every command is one call of a function of this
+-- library (FCALL), atomic. keys[1] is the deployment's key base ("{prefix}"): every
+-- key starts with it, so a deployment lives in one Redis Cluster slot. args[1] is the
+-- command, args[2] the caller's clock (seconds, as text), args[3] the same in whole
+-- microseconds, args[4] the caller's settings (JSON); the rest depends on the
+-- command. Records are hashes of text fields, never decoded here: times and numbers
+-- are compared as numbers but stored as the caller sent them.
 -- The rule tables, field names and error texts below are generated from
 -- taskd.engine.rules and taskd.engine.codec, and every key suffix (K) from
 -- taskd.engine.redis.keys, where their legend is (taskd.engine.redis.space renders them).
@@ -543,14 +544,39 @@ OPS.replay = function(a)
   return {'replay', #raw, out, last, first}
 end
 
--- EVALSHA, not FCALL: on Redis 7.0 a function call costs ~20 us of overhead, a
--- script ~3 us, though this body (its definitions above) runs on every call.
-B = KEYS[1]
-NOW = ARGV[2]
-NOW_US = ARGV[3]
-CFG = cjson.decode(ARGV[4])
-local op = OPS[ARGV[1]]
-if op == nil then return redis.error_reply('taskd: unknown command ' .. ARGV[1]) end
-local a = {}
-for i = 5, #ARGV do a[#a + 1] = ARGV[i] end
-return op(a)
+-- The entry points. This file is a Redis Functions library (FUNCTION LOAD): the
+-- tables and functions above are built once, when the library loads, and each call
+-- runs only its command. Two functions share the code: @NAME@ for every command
+-- (it may write, so Redis refuses it when full or on a replica), and @NAME@_ro,
+-- flagged no-writes, for the commands that only read, which Redis still runs when it
+-- is over maxmemory: reads go on while writes are refused.
+-- (library code runs at load time without Lua's standard functions: no pairs here)
+local RO = {get = OPS.get, stats = OPS.stats, head = OPS.head, list = OPS.list,
+            replay = OPS.replay}
+local cfg_text = nil
+
+local function run(keys, args, ops)
+  B = keys[1]
+  NOW = args[2]
+  NOW_US = args[3]
+  -- every process sends its settings with each call: decoded once per text
+  if args[4] ~= cfg_text then
+    CFG = cjson.decode(args[4])
+    cfg_text = args[4]
+  end
+  local op = ops[args[1]]
+  if op == nil then return redis.error_reply('taskd: unknown command ' .. tostring(args[1])) end
+  local a = {}
+  for i = 5, #args do a[#a + 1] = args[i] end
+  return op(a)
+end
+
+redis.register_function{
+  function_name = '@NAME@',
+  callback = function(keys, args) return run(keys, args, OPS) end,
+}
+redis.register_function{
+  function_name = '@NAME@_ro',
+  callback = function(keys, args) return run(keys, args, RO) end,
+  flags = {'no-writes'},
+}

@@ -1,12 +1,12 @@
 """``RedisSpace``: one task space shared by many processes, held in Redis.
 
 Redis is the serial owner of shared state, as the actor is of local state: every
-command is one call of a server-side Lua script (``script.lua``, run with
-``EVALSHA``), atomic, with the transition table generated from
-``_models.TRANSITIONS``. A process's actor sends each mailbox batch as one pipeline
-(group commit). This module is the wire: the script's text, the connection, and
-the record hash decoded through ``codec``. ``engine.RedisEngine`` is the engine that
-uses it.
+command is one call of a server-side Lua function (``script.lua``, a Redis Functions
+library loaded with ``FUNCTION LOAD`` and run with ``FCALL``), atomic, with the
+transition table generated from ``_models.TRANSITIONS``. A process's actor sends
+each mailbox batch as one pipeline (group commit). This module is the wire: the
+library's text, the connection, and the record hash decoded through ``codec``.
+``engine.RedisEngine`` is the engine that uses it.
 
 Keys all start with ``{prefix}``: one hash tag, so one deployment lives in one Redis
 Cluster slot; every suffix is named in ``keys``, with the legend.
@@ -70,6 +70,10 @@ REFUSALS: Final = ("OOM", "READONLY", "MISCONF", "NOREPLICAS", "NOTREADY")
 Command = tuple[str, Sequence[str]]
 
 
+#: Script commands that only read: sent to the library's ``no-writes`` function,
+#: which Redis runs even when it is over maxmemory (the other one it then refuses).
+READS: Final = frozenset({"get", "stats", "head", "list", "replay"})
+
 #: Script commands that write a record (``save``): one that succeeds shows that
 #: Redis takes writes again.
 WRITES: Final = frozenset(
@@ -94,10 +98,16 @@ def _script() -> str:
     return text.replace("@KEYS@", keys.lua_table())
 
 
-#: The script, and its SHA1 (EVALSHA's name for it: two taskd versions sharing one
-#: Redis each call their own).
+#: The library's code as rendered (function names still ``@NAME@``), and its SHA1.
 SCRIPT = _script()
 SHA = hashlib.sha1(SCRIPT.encode()).hexdigest()
+#: The library's name, and that of its function for every command; ``FUNCTION``
+#: (read-only: ``no-writes``) for the commands in ``READS``. Versioned by the code's
+#: hash: two taskd versions sharing one Redis each load and call their own.
+FUNCTION: Final = "taskd_" + SHA[:12]
+FUNCTION_RO: Final = FUNCTION + "_ro"
+#: What ``FUNCTION LOAD`` takes.
+LIBRARY: Final = f"#!lua name={FUNCTION}\n" + SCRIPT.replace("@NAME@", FUNCTION)
 
 
 def check_redis_url(url: object) -> str:
@@ -210,6 +220,14 @@ def refusal(reply: object) -> str | None:
     return " ".join(text.split())
 
 
+def _not_loaded(reply: object) -> bool:
+    """Whether an error reply says the library's function is not loaded."""
+    from redis.exceptions import ResponseError
+
+    # redis-py strips the ERR code: "Function not found"
+    return isinstance(reply, ResponseError) and "Function not found" in str(reply)
+
+
 def raise_error(reply: Sequence[Any]) -> NoReturn:
     """Raise what an ``{'err', …}`` reply of the script means."""
     kind = reply[1]
@@ -290,8 +308,8 @@ class RedisSpace:
         return self.base + suffix
 
     async def load_script(self) -> None:
-        """Load the server-side script (idempotent)."""
-        await self.redis.script_load(SCRIPT)
+        """Load the server-side library (idempotent: ``REPLACE``)."""
+        await self.redis.function_load(LIBRARY, replace=True)
 
     async def check_policy(self) -> None:
         """Refuse a Redis that may evict keys (``PolicyError``): under ``allkeys-lru``
@@ -360,14 +378,24 @@ class RedisSpace:
     async def call(self, commands: Sequence[Command], now: float) -> list[Any]:
         """Run one batch of commands as one pipeline; a reply per command (an
         exception object where one failed). Connection failures raise ``StoreError``."""
-        from redis.exceptions import NoScriptError, RedisError
+        from redis.exceptions import RedisError
 
         now_s = repr(now)
         now_us = str(math.floor(now * 1_000_000))
         packed = [
             (name, *args)
             if name.isupper()  # a plain Redis command (a read)
-            else ("EVALSHA", SHA, 1, self.base, name, now_s, now_us, self._config, *args)
+            else (
+                "FCALL",
+                FUNCTION_RO if name in READS else FUNCTION,
+                1,
+                self.base,
+                name,
+                now_s,
+                now_us,
+                self._config,
+                *args,
+            )
             for name, args in commands
         ]
         for attempt in (0, 1):
@@ -384,11 +412,11 @@ class RedisSpace:
             except (RedisError, OSError) as exc:
                 await self._drop()
                 raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
-            missing = any(isinstance(r, NoScriptError) for r in replies)
+            missing = any(_not_loaded(r) for r in replies)
             if not missing or attempt:
                 return replies
-            # Redis restarted (scripts are not persisted) or was flushed: load it and go
-            # again (a command that failed for this did nothing).
+            # Redis restarted without persistence, or its functions were flushed: load
+            # the library and go again (a command that failed for this did nothing).
             try:
                 await self.load_script()
             except (RedisError, OSError) as exc:
