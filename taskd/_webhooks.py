@@ -201,6 +201,7 @@ def _post(url: str, body: bytes, headers: dict[str, str], timeout: float) -> int
             status: int = response.status
             return status
     except urllib.error.HTTPError as exc:
+        exc.close()  # it holds the response and its socket: close them now, not at GC
         return exc.code
     except (urllib.error.URLError, OSError, ValueError):
         return 0
