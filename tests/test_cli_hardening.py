@@ -128,8 +128,8 @@ def test_half_open_requests_beyond_the_fd_limit_leave_health_answering(
         try:
             for _ in range(1100):
                 conn = socket.create_connection(("127.0.0.1", s.port), timeout=5)
+                half_open.append(conn)  # before it is used: closed whatever happens next
                 conn.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # never ends
-                half_open.append(conn)
             started = time.monotonic()
             with urllib.request.urlopen(s.url + "/health", timeout=5) as resp:
                 assert resp.status == 200

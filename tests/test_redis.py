@@ -781,11 +781,13 @@ async def test_a_full_redis_is_visible(tmp_path: Path, http: aiohttp.ClientSessi
     import redis as redis_py
 
     redis = _redis_with(tmp_path, "--maxmemory", "4mb")
+    # The filler stays connected to the end (closing it frees memory in Redis), and is
+    # closed on every path (it connects on first use).
+    filler = redis_py.Redis(port=redis.port)
     try:
         async with Service(tmp_path, "--redis", redis.url) as s:
             body = await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
             tid = body["result"]["task_id"]
-            filler = redis_py.Redis(port=redis.port)
             # Large values first, then small ones: a refused large value frees its
             # query buffer, which leaves room for small writes.
             for size in (65536, 512):
@@ -810,11 +812,11 @@ async def test_a_full_redis_is_visible(tmp_path: Path, http: aiohttp.ClientSessi
 
             await eventually(healthy, 10)
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "x"})
-            filler.close()
         errors = [line for line in s.log().splitlines() if " ERROR " in line]
         assert len(errors) == 1 and "refuses writes" in errors[0], s.log()
         assert "takes writes again" in s.log()
     finally:
+        filler.close()
         redis.stop()
 
 
