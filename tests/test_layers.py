@@ -196,9 +196,15 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.codec",
         "taskd.engine.redis.space",
         "taskd.engine.redis.keys",
+        "taskd.engine.redis.wire",
     ),
     ("taskd.actor",),
-    ("taskd.engine.local", "taskd.engine.redis.engine", "taskd.engine.redis.background"),
+    (
+        "taskd.engine.local",
+        "taskd.engine.redis.engine",
+        "taskd.engine.redis.background",
+        "taskd.engine.redis.pages",
+    ),
     ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )
 

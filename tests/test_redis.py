@@ -1023,8 +1023,9 @@ async def test_the_library_is_loaded_again_when_redis_lost_it(
         for _ in range(2):
             redis_server.command("FUNCTION", "FLUSH")
             new = ("-", "x", "", "", "", "", uuid.uuid4().hex)
-            created, stats = await s.call([("create", new), ("stats", ())], time.time())
-            assert created[0] == "rec" and stats[0] == "stats"
+            replay = ("0-0", "10")
+            created, replayed = await s.call([("create", new), ("replay", replay)], time.time())
+            assert created[0] == "rec" and replayed[0] == "replay"
         listed = redis_server.command("FUNCTION", "LIST", "LIBRARYNAME", space.FUNCTION)
         assert space.FUNCTION_RO.encode() in listed and b"no-writes" in listed
     finally:
@@ -1033,8 +1034,8 @@ async def test_the_library_is_loaded_again_when_redis_lost_it(
 
 async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -> None:
     """What a deployment leaves in Redis after every kind of command: each key is
-    ``{prefix}`` and a suffix of ``taskd.engine.redis.keys``, and each record hash
-    holds only the codec's fields."""
+    ``{prefix}`` and a suffix of ``taskd.engine.redis.keys``, and each record (one
+    JSON string) holds only the codec's fields."""
     import redis as redis_py
 
     from taskd.engine import codec
@@ -1058,7 +1059,7 @@ async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -
         base = "{" + space + "}"
         found = [key.removeprefix(base) for key in client.scan_iter(base + "*")]
         records = [key for key in client.scan_iter(base + keys.RECORD + "*")]
-        fields = {f for key in records for f in client.hkeys(key)}
+        fields = {f for key in records for f in json.loads(client.get(key) or "{}")}
     finally:
         client.close()
     suffixes = set(keys.KEYS.values())

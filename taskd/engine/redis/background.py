@@ -7,21 +7,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import TaskdError
 from ..._models import TERMINAL, TaskRecord, TaskStatus
 from ...actor.engine import Host
+from ..codec import PAYLOAD
 from . import keys
 from .space import RedisSpace, decode_record, refusal
 
 if TYPE_CHECKING:
     from ..._webhooks import WebhookSender
 
-__all__ = ["BEAT", "Background", "Changes", "RawChange", "Resync", "Writable", "announce"]
+__all__ = [
+    "BEAT",
+    "Background",
+    "Changes",
+    "RawChange",
+    "Resync",
+    "Writable",
+    "announce",
+    "fan_out",
+    "wanted",
+]
 
 log = logging.getLogger("taskd")
 
@@ -32,9 +44,10 @@ BEAT: Final = 1.0
 CLAIM_IDLE_MS: Final = 30_000
 _TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
 
-#: A change stream entry as read: (sequence number, task id, status, record JSON,
-#: the payload fields read from the record, or None when the entry has none).
-RawChange = tuple[int, str, str, str, "dict[str, str] | None"]
+#: A change stream entry as read: (sequence number, task id, status, the version's
+#: JSON without its payload, whether it had a payload: metadata, result or error,
+#: which only the record holds).
+RawChange = tuple[int, str, str, str, bool]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,11 +130,10 @@ class Background:
         mailbox in order. After a failure, ask for a resync (Celery #5919's lesson:
         what changed while the connection was down must be re-read)."""
         space = self.space
-        key = space.key(keys.CHANGES)
         broken = False
         while True:
             try:
-                resp: Any = await space.reader.xread({key: f"{last}-0"}, count=512, block=1000)
+                read = await space.read_changes(last, 512, 1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -137,36 +149,23 @@ class Background:
             if broken and not self._closed():
                 broken = False
                 self._post(Resync())
-            if not resp:
+            if not read:
                 continue
-            entries: list[RawChange] = [
-                (
-                    int(eid.partition("-")[0]),
-                    f[keys.ENTRY_ID],
-                    f[keys.ENTRY_STATUS],
-                    f[keys.ENTRY_RECORD],
-                    {} if keys.ENTRY_PAYLOAD in f else None,
-                )
-                for eid, f in resp[0][1]
-                if f and keys.ENTRY_RECORD in f
-            ]
+            entries: list[RawChange] = []
+            for eid, flat in read:
+                f = dict(zip(flat[::2], flat[1::2], strict=True)) if flat else {}
+                if keys.ENTRY_RECORD in f:
+                    entries.append(
+                        (
+                            int(eid.partition("-")[0]),
+                            f[keys.ENTRY_ID],
+                            f[keys.ENTRY_STATUS],
+                            f[keys.ENTRY_RECORD],
+                            keys.ENTRY_PAYLOAD in f,
+                        )
+                    )
             if not entries:
                 continue
-            held = [e for e in entries if e[4] is not None]
-            if held:
-                try:
-                    found = await space.payloads([(e[1], e[2] in _TERMINAL_TEXT) for e in held])
-                except asyncio.CancelledError:
-                    raise
-                except Exception as exc:
-                    _cancelled()
-                    log.warning("the change stream cannot be read: %s", exc)
-                    broken = True
-                    await asyncio.sleep(0.2)
-                    continue  # read again from `last`
-                for entry, fields in zip(held, found, strict=True):
-                    assert entry[4] is not None
-                    entry[4].update(fields)
             if self._closed():
                 return  # the actor stopped while this read was in flight
             if last and entries[0][0] > last + 1:
@@ -227,15 +226,30 @@ def _cancelled() -> None:
         raise asyncio.CancelledError
 
 
+def wanted(a: Host, entry: RawChange) -> bool:
+    """Whether someone in this process follows this change with its payload: a
+    subscription, or (terminal) a waiter or this process's runner."""
+    task_id = entry[1]
+    hub = a.hub
+    return (
+        hub.follows_all
+        or hub.follows(task_id)
+        or (entry[2] in _TERMINAL_TEXT and (task_id in a.waiters or task_id in a.runners))
+    )
+
+
 def fan_out(
     a: Host,
     decode: Callable[[str], tuple[TaskRecord, int]],
     entries: Sequence[RawChange],
     applied: int,
+    records: Mapping[str, str],
 ) -> int:
     """Hand the change stream's entries after ``applied`` to this process: publish
     them to its subscriptions, wake its waiters, and stop or settle its runners that
-    another process cancelled or declared lost. Returns the last sequence applied."""
+    another process cancelled or declared lost. ``records`` are the current texts of
+    the records whose payload was read for the entries (``wanted``); an entry without
+    one is published as it is. Returns the last sequence applied."""
     # Decode only the changes someone here follows: every process reads every
     # change, and most concern nobody in it.
     hub = a.hub
@@ -243,7 +257,7 @@ def fan_out(
     runners = a.runners
     everything = hub.follows_all
     fresh: list[tuple[int, TaskRecord]] = []
-    for seq, task_id, status, text, extra in entries:
+    for seq, task_id, status, text, payload in entries:
         if seq <= applied:
             continue
         applied = seq
@@ -253,10 +267,20 @@ def fan_out(
             or hub.follows(task_id)
             or (task_id in waiters and status in _TERMINAL_TEXT)
         ):
-            # With a payload, decoded once here (not worth a cache entry). A
-            # record deleted before its payload was read is published without
-            # it: followers see the version's status, never the deleted data.
-            rec = decode(text)[0] if extra is None else decode_record(text, extra)[0]
+            current = records.get(task_id) if payload else None
+            if current is None:
+                # No payload, or its record was deleted before it was read: the
+                # version as it is (followers never see deleted data). Cached: the
+                # same text is what a GET of an unchanged record returns.
+                rec = decode(text)[0]
+            else:
+                # Metadata never changes; a result or error is final once terminal.
+                fields = json.loads(current)
+                extra = {PAYLOAD[0]: fields.get(PAYLOAD[0])}
+                if status in _TERMINAL_TEXT:
+                    extra[PAYLOAD[1]] = fields.get(PAYLOAD[1])
+                    extra[PAYLOAD[2]] = fields.get(PAYLOAD[2])
+                rec = decode_record(text, {f: v for f, v in extra.items() if v is not None})[0]
             fresh.append((seq, rec))
     if not fresh:
         return applied

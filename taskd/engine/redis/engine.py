@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import StoreError, TaskdError, TaskNotFound
-from ..._models import JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
+from ..._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
 from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Settle
@@ -44,23 +44,34 @@ from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
+from ..state import Page
 from . import keys
-from .background import BEAT, Background, Changes, Resync, Writable, announce, fan_out
+from .background import (
+    BEAT,
+    Background,
+    Changes,
+    RawChange,
+    Resync,
+    Writable,
+    announce,
+    fan_out,
+    wanted,
+)
+from .pages import Walk
 from .space import (
     SOCKET_TIMEOUT,
     WRITES,
     Op,
     PolicyError,
     RedisSpace,
-    Unsent,
     decode_record,
     ignore,
     insert_args,
-    opt,
     raise_error,
     refusal,
     scope,
 )
+from .wire import Unsent
 
 if TYPE_CHECKING:
     from ..._webhooks import WebhookSender
@@ -114,6 +125,11 @@ class RedisEngine(Engine):
         self.sender: WebhookSender | None = None
         self._ops: list[Op] = []
         self._applied = 0  # sequence number of the latest change fanned out here
+        # Changes read but not fanned out yet (their payloads are being fetched), and
+        # the latest sequence number read.
+        self._inbox: list[RawChange] = []
+        self._received = 0
+        self._fetching = False
         self._down_until = 0.0
         #: Why Redis cannot be reached (None while it can) and why it refuses writes
         #: (None while it takes them): /health reports either (``store_error``).
@@ -164,14 +180,17 @@ class RedisEngine(Engine):
             await space.load_script()
             self.page_key = await space.page_key()
             await announce(space, self.proc)
-            head = await space.call([("head", ())], self.actor.now)
+            head = await space.call(
+                [("GET", (space.key(keys.EPOCH),)), ("GET", (space.key(keys.SEQ),))],
+                self.actor.now,
+            )
         except PolicyError as exc:
             await space.aclose()
             raise StoreError(str(exc)) from None  # (the error table knows StoreError)
         except (RedisError, OSError, StoreError) as exc:
             await space.aclose()
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
-        epoch, seq = int(head[0][1]), int(head[0][2])
+        epoch, seq = int(head[0] or 0), int(head[1] or 0)
         # Event ids are global: an id below the space's first one is from an earlier
         # space (a flushed Redis). Replays are read from the stream, not kept here.
         self.boot_seq = epoch
@@ -218,11 +237,47 @@ class RedisEngine(Engine):
         done: Callable[[Any], object],
         fut: asyncio.Future[Any] | None,
         retry: object = None,
+        on_error: Callable[[], object] | None = None,
     ) -> Deferred:
         """Queue one server-side call for this batch; ``done`` gets its reply and
-        returns the caller's answer (raising answers with the exception)."""
-        self._ops.append(Op((name, args), done, fut, retry))
+        returns the caller's answer (raising answers with the exception);
+        ``on_error`` runs instead when the call fails."""
+        self._ops.append(Op((name, args), done, fut, retry, on_error))
         return DEFERRED
+
+    def _send_all(
+        self,
+        commands: Sequence[tuple[str, Sequence[str]]],
+        done: Callable[[list[Any]], object],
+        fut: asyncio.Future[Any] | None,
+    ) -> Deferred:
+        """Queue several calls for this batch; ``done`` gets all their replies (it is
+        not called if one fails: the caller gets that failure)."""
+        got: list[Any] = []
+
+        def part(reply: Any) -> object:
+            got.append(reply)
+            return done(got) if len(got) == len(commands) else DEFERRED
+
+        for name, args in commands:
+            self._send(name, args, part, fut)
+        return DEFERRED
+
+    def _get(
+        self, task_id: str, done: Callable[[str | None], object], fut: asyncio.Future[Any] | None
+    ) -> Deferred:
+        """Read a record with a plain GET (reads need no script): ``done`` gets its
+        text, or None."""
+        return self._send("GET", (self.space.key(keys.RECORD + task_id),), done, fut)
+
+    def _seen(self, text: str | None, owner: OwnerScope) -> TaskRecord | None:
+        """The record of a GET's reply, if ``owner`` may see it."""
+        if text is None:
+            return None
+        rec = self.space.decode(text)[0]
+        if owner is not ANY_OWNER and rec.owner != owner:
+            return None
+        return rec
 
     async def commit(self) -> bool:
         """Send the batch's calls as one pipeline, then answer each caller."""
@@ -231,12 +286,15 @@ class RedisEngine(Engine):
             held, self._held = self._held, []
             for msg in held:
                 a.dispatch(msg, None)
-        ops, self._ops = self._ops, []
-        if ops:
+        # A call's answer may queue the next round trip of its command (a listing's
+        # records after its index): sent before the batch's effects go out.
+        while self._ops:
+            ops, self._ops = self._ops, []
             try:
                 replies = await self.space.call([op.command for op in ops], a.now)
             except StoreError as exc:
                 self._went_down(exc, ops)
+                break
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -247,6 +305,7 @@ class RedisEngine(Engine):
                 self._unexpected(exc, "a batch")
                 await self.space.drop()
                 self._went_down(StoreError(f"the shared store (Redis) failed: {exc!r}"), ops)
+                break
             else:
                 if self._unreachable is not None:
                     log.warning("the shared store (Redis) answers again")
@@ -282,6 +341,8 @@ class RedisEngine(Engine):
 
     def _answer(self, op: Op, reply: Any) -> None:
         fut = op.fut
+        if isinstance(reply, Exception) and op.on_error is not None:
+            op.on_error()
         try:
             if isinstance(reply, Unsent):
                 self._unexpected(reply.cause, f"sending {op.command[0]}")
@@ -301,7 +362,7 @@ class RedisEngine(Engine):
                 raise StoreError(f"the shared store (Redis) refused a command: {reply}")
             if self._refusing is not None and op.command[0] in WRITES:
                 self._on_writable(Writable(None))
-            if isinstance(reply, list) and reply and reply[0] == "err":
+            if op.command[0].islower() and isinstance(reply, list) and reply[0] == "err":
                 raise_error(reply)
             value = op.done(reply)
         except (TaskdError, ValueError, TypeError) as exc:
@@ -330,6 +391,8 @@ class RedisEngine(Engine):
         if self._sweep_due == math.inf:  # the sweep in flight failed
             self._sweep_at(self._down_until)
         for op in ops:
+            if op.on_error is not None:
+                op.on_error()
             if op.fut is not None and not op.fut.done():
                 op.fut.set_exception(exc)
             elif op.retry is not None:
@@ -349,7 +412,7 @@ class RedisEngine(Engine):
 
     def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
         """A wait ran out, or a long-poll was released: the latest is in Redis."""
-        self._send("get", (task_id, "*"), self._latest, fut)
+        self._get(task_id, lambda text: (self._seen(text, ANY_OWNER), False), fut)
 
     def timed_out(self, task_id: str) -> None:
         """The runner was cancelled for its timeout: the script records cancelling."""
@@ -383,21 +446,52 @@ class RedisEngine(Engine):
     # --- fan-out -------------------------------------------------------------------------
 
     def _on_changes(self, msg: Changes, fut: object) -> None:
-        self._applied = fan_out(self.actor, self.space.decode, msg.entries, self._applied)
+        self._inbox.extend(msg.entries)
+        self._received = max(self._received, msg.entries[-1][0])
+        if not self._fetching:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Fan out what was read, in order. An entry leaves out its record's payload
+        (metadata, result, error): for the entries someone here follows, it is read
+        from the records first (one MGET in the batch), so that a process reads the
+        payloads of what it has in hand only. Later entries wait behind."""
+        entries, self._inbox = self._inbox, []
+        a = self.actor
+        want = [e[1] for e in entries if e[4] and e[0] > self._applied and wanted(a, e)]
+        if not want:
+            self._applied = fan_out(a, self.space.decode, entries, self._applied, {})
+            return
+        ids = list(dict.fromkeys(want))
+        self._fetching = True
+
+        def fetched(texts: list[str | None] | None) -> None:
+            found = {i: t for i, t in zip(ids, texts or (), strict=False) if t is not None}
+            self._fetching = False
+            self._applied = fan_out(a, self.space.decode, entries, self._applied, found)
+            if self._inbox:
+                self._drain()
+
+        self._send(
+            "MGET",
+            tuple(self.space.key(keys.RECORD + i) for i in ids),
+            fetched,
+            None,
+            on_error=lambda: fetched(None),
+        )
 
     def _on_resync(self, msg: Resync, fut: object) -> None:
         # Waiters may have missed their terminal change: read each task again.
         for task_id in list(self.actor.waiters):
-            self._send("get", (task_id, "*"), self._resynced, None)
+            self._get(task_id, self._resynced, None)
         # Event streams may have missed changes: end them; clients resume with
         # Last-Event-ID and get the current state.
         self.actor.hub.close()
 
-    def _resynced(self, reply: list[Any]) -> None:
-        if reply[0] == "rec":
-            rec = self.space.decode(reply[1])[0]
-            if rec.status in TERMINAL:
-                self.actor.wake_waiters(rec)
+    def _resynced(self, text: str | None) -> None:
+        rec = self._seen(text, ANY_OWNER)
+        if rec is not None and rec.status in TERMINAL:
+            self.actor.wake_waiters(rec)
 
     # --- handlers ----------------------------------------------------------------------
 
@@ -452,33 +546,27 @@ class RedisEngine(Engine):
         return self._send("delete", (msg.task_id, scope(msg.owner)), ignore, fut)
 
     def _remote_get(self, msg: m.Get, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("get", (msg.task_id, scope(msg.owner)), self._maybe, fut)
+        return self._get(msg.task_id, lambda text: self._seen(text, msg.owner), fut)
 
     def _remote_list(self, msg: m.ListTasks, fut: asyncio.Future[Any] | None) -> Deferred:
-        from ..state import Page
+        # The index, then its records, with plain commands: one round trip each
+        # (pages.Walk), sent in the batches' pipelines.
+        walk = Walk(msg, self.space.key, self.space.decode)
 
-        args = (
-            scope(msg.owner),
-            "" if msg.statuses is None else ",".join(sorted(s.value for s in msg.statuses)),
-            opt(msg.task_type),
-            opt(msg.resource_id),
-            str(msg.limit),
-            opt(msg.before),
-        )
+        def step(replies: list[Any]) -> object:
+            nxt = walk.feed(replies)
+            return nxt if isinstance(nxt, Page) else self._send_all(nxt, step, fut)
 
-        def done(reply: list[Any]) -> Page:
-            records = tuple(self.space.decode(text)[0] for text in reply[1])
-            return Page(records, reply[2] or None)
-
-        return self._send("list", args, done, fut)
+        return self._send_all(walk.start(), step, fut)
 
     def _remote_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> Deferred:
-        def done(reply: list[Any]) -> object:
-            if reply[0] != "rec":
+        def done(text: str | None) -> object:
+            rec = self._seen(text, msg.owner)
+            if rec is None:
                 raise TaskNotFound(msg.task_id)
-            return self.actor.wait_on(msg, fut, self.space.decode(reply[1])[0])
+            return self.actor.wait_on(msg, fut, rec)
 
-        return self._send("get", (msg.task_id, scope(msg.owner)), done, fut)
+        return self._get(msg.task_id, done, fut)
 
     def _remote_subscribe(
         self, msg: m.Subscribe, fut: asyncio.Future[Any] | None
@@ -514,29 +602,36 @@ class RedisEngine(Engine):
             if sub.task_id is None:
                 return DEFERRED
         if sub.task_id is None:
-            # Everything up to the latest change fanned out here is before it.
-            self.actor.hub.subscribe(sub, None, self._applied, ())
+            # Everything up to the latest change read here is before it (read, not yet
+            # fanned out: those wait for their payloads, decided without this one).
+            self.actor.hub.subscribe(sub, None, max(self._applied, self._received), ())
             return None
 
-        def done(reply: list[Any]) -> TaskRecord:
-            if reply[0] != "rec":
+        def done(text: str | None) -> TaskRecord:
+            rec = self._seen(text, sub.owner)
+            if rec is None:
                 raise TaskNotFound(sub.task_id or "")
-            rec, seq = self.space.decode(reply[1])
+            seq = self.space.decode(text or "")[1]
             self.actor.hub.subscribe(sub, rec, max(seq, head[0]), replay)
             return rec
 
-        return self._send("get", (sub.task_id, scope(sub.owner)), done, fut)
+        return self._get(sub.task_id, done, fut)
 
     def _remote_stats(self, msg: m.Stats, fut: asyncio.Future[Any] | None) -> Deferred:
-        def done(reply: list[Any]) -> TrackerStats:
-            flat = reply[1]
-            counts: dict[tuple[str, TaskStatus], int] = {}
-            for i in range(0, len(flat), 2):
-                task_type, _, status = flat[i].partition("\n")
-                counts[(task_type, TaskStatus(status))] = int(flat[i + 1])
-            return self.actor.stats(counts, int(reply[2]), int(reply[3]))
+        key = self.space.key
 
-        return self._send("stats", (), done, fut)
+        def done(replies: list[Any]) -> TrackerStats:
+            pairs, records, active = replies
+            if isinstance(pairs, list):  # RESP2 gives a flat list, RESP3 a map
+                pairs = dict(zip(pairs[::2], pairs[1::2], strict=True))
+            counts: dict[tuple[str, TaskStatus], int] = {}
+            for field, n in pairs.items():
+                task_type, _, status = field.partition("\n")
+                counts[(task_type, TaskStatus(status))] = int(n)
+            return self.actor.stats(counts, int(records), int(active or 0))
+
+        reads = [("HGETALL", (key(keys.COUNTS),)), ("ZCARD", (key(keys.ALL),))]
+        return self._send_all([*reads, ("GET", (key(keys.ACTIVE),))], done, fut)
 
     def end(
         self,
@@ -581,15 +676,6 @@ class RedisEngine(Engine):
                 runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec)
         else:
             runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
-
-    def _latest(self, reply: list[Any]) -> tuple[TaskRecord | None, bool]:
-        """A long-poll that ran out: the latest record, not terminal (or gone)."""
-        if reply[0] != "rec":
-            return (None, False)
-        return (self.space.decode(reply[1])[0], False)
-
-    def _maybe(self, reply: list[Any]) -> TaskRecord | None:
-        return self.space.decode(reply[1])[0] if reply[0] == "rec" else None
 
     def shut(self) -> None:
         """Calls queued but never sent: their callers get None (then TrackerClosed

@@ -12,8 +12,8 @@ The legend: what each key holds, its Redis type, and who writes it. "script" is
 =================  ===========  =====================================================
 key                type         holds (writer)
 =================  ===========  =====================================================
-``t:<id>``         hash         the record: text fields named by ``codec.REDIS_FIELDS``
-                                (script)
+``rec:<id>``       string       the record: a JSON object of the text fields named by
+                                ``codec.REDIS_FIELDS`` (script; read with GET/MGET)
 ``all``            sorted set   every id, score 0, walked by lex: ids sort in creation
                                 order (script)
 ``s:<status>``     sorted set   ids by status (script)
@@ -82,7 +82,7 @@ __all__ = [
     "lua_table",
 ]
 
-RECORD: Final = "t:"
+RECORD: Final = "rec:"
 ALL: Final = "all"
 BY_STATUS: Final = "s:"
 BY_TYPE: Final = "y:"

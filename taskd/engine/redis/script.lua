@@ -11,10 +11,6 @@
 
 @RULES@
 @KEYS@
--- One list call looks at most this many ids (~4 ms of Redis time): a filter that
--- matches nothing answers an empty page with a cursor to go on from.
-local WALK_BOUND = 1000
-local CHUNK = 256
 local SWEEP_BOUND = 256
 
 local B, NOW, NOW_US, CFG
@@ -22,32 +18,19 @@ local B, NOW, NOW_US, CFG
 local function k(s) return B .. s end
 local function num(x) return string.format('%.17g', x) end
 
--- HMGET in FIELDS order, not HGETALL: a hash's own order changes with its encoding,
--- and the table built here is what cjson.encode walks, so one record version always
--- encodes to one text (the process's decoder cache is keyed by that text)
+-- A record is one string key holding its JSON text (an object of text fields): a
+-- read is one plain GET (a process reads records without this library), and a
+-- write decodes it, changes it, and encodes it once.
 local function getrec(id)
-  local vals = redis.call('HMGET', k(K.RECORD .. id), unpack(FIELDS))
-  if not vals[1] then return nil end
-  local r = {}
-  for i, f in ipairs(FIELDS) do
-    if vals[i] then r[f] = vals[i] end
-  end
-  return r
-end
-
-local function flatten(r)
-  local out = {}
-  for _, f in ipairs(FIELDS) do
-    local v = r[f]
-    if v ~= nil then out[#out + 1] = f; out[#out + 1] = v end
-  end
-  return out
+  local text = redis.call('GET', k(K.RECORD .. id))
+  if not text then return nil end
+  return cjson.decode(text), text
 end
 
 local function save(r)
-  local key = k(K.RECORD .. r.id)
-  redis.call('DEL', key)
-  redis.call('HSET', key, unpack(flatten(r)))
+  local text = cjson.encode(r)
+  redis.call('SET', k(K.RECORD .. r.id), text)
+  return text
 end
 
 local function visible(r, scope)
@@ -109,7 +92,7 @@ local function emit(r)
   end
   local sq = string.format('%d', redis.call('INCR', seqkey))
   r.sq = sq
-  save(r)
+  local text = save(r)
   -- The entry carries the version without its payload (metadata, result, error):
   -- only the record holds those, so a delete removes them everywhere, and the
   -- stream's size does not grow with results. Metadata never changes and a result
@@ -131,7 +114,7 @@ local function emit(r)
     redis.call('XADD', k(K.CHANGES), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
                K.ENTRY_ID, r.id, K.ENTRY_STATUS, r.st, K.ENTRY_RECORD, entry)
   end
-  return r
+  return text
 end
 
 local function remove(r)
@@ -190,18 +173,18 @@ local function change(r, status, o)
       redis.call('ZADD', k(K.GRACE), num(tonumber(at) + tonumber(CFG.grace)), r.id)
     end
   end
-  emit(r)
+  local text = emit(r)
   if TERMINAL[status] and r.cb then
-    redis.call('XADD', k(K.OUTBOX), 'MAXLEN', '~', 100000, '*', K.ENTRY_RECORD, cjson.encode(r))
+    redis.call('XADD', k(K.OUTBOX), 'MAXLEN', '~', 100000, '*', K.ENTRY_RECORD, text)
   end
-  return r
+  return r, text
 end
 
--- Records travel as one JSON object of text fields: a reply of one bulk string is far
--- cheaper to parse on the client than an array of fields.
-local function reply(r, e)
-  if r == nil then return e end
-  return {'rec', cjson.encode(r)}
+-- Records travel as their stored JSON text: a reply of one bulk string is far cheaper
+-- to parse on the client than an array of fields. reply(r, text), or reply(nil, err).
+local function reply(r, x)
+  if r == nil then return x end
+  return {'rec', x}
 end
 
 local function beat(r)
@@ -263,14 +246,13 @@ local function insert(a, spawn)
   active(r, 1)
   if rs then redis.call('HSET', k(K.DEDUP), dedup_key(ow, ty, rs), id) end
   if r.hb then redis.call('ZADD', k(K.HEARTBEATS), num(tonumber(at) + tonumber(r.hb)), id) end
-  emit(r)
-  return reply(r)
+  return {'rec', emit(r)}
 end
 
 local function lookup(id, scope)
-  local r = getrec(id)
+  local r, text = getrec(id)
   if not visible(r, scope) then return nil, err('not_found', id) end
-  return r
+  return r, text
 end
 
 local function external(r, action)
@@ -284,11 +266,6 @@ local OPS = {}
 OPS.create = function(a) return insert(a, false) end
 OPS.spawn = function(a) return insert(a, true) end
 
-OPS.get = function(a)
-  local r = getrec(a[1])
-  if not visible(r, a[2]) then return {'none'} end
-  return reply(r)
-end
 
 OPS.start = function(a)
   local r, e = lookup(a[1], a[2])
@@ -332,11 +309,12 @@ end
 OPS.cancel = function(a)
   local r, e = lookup(a[1], a[2])
   if r == nil then return e end
+  local text = e
   -- the process that runs a spawned task hears of cancelling on its change stream and
   -- cancels the coroutine; the record turns cancelled once that has unwound
   local to = (r.ip and CANCEL_SPAWNED or CANCEL_EXTERNAL)[r.st]
   if to == nil then return err('invalid', r.id, r.st, 'cancel') end
-  if to == r.st then return reply(r) end
+  if to == r.st then return reply(r, text) end
   if to == 'cancelled' then return reply(change(r, to, {error = a[3]})) end
   return reply(change(r, to, {action = 'cancel'}))
 end
@@ -352,9 +330,9 @@ end
 -- Only the process that runs it may record it, and only while it is active: a process
 -- that was declared lost cannot write over what was recorded since.
 OPS.ended = function(a)
-  local r = getrec(a[1])
+  local r, text = getrec(a[1])
   if r == nil then return {'none'} end
-  if r.pr ~= a[2] or TERMINAL[r.st] then return {'was', cjson.encode(r)} end
+  if r.pr ~= a[2] or TERMINAL[r.st] then return {'was', text} end
   local o = {}
   if a[3] ~= 'completed' then o.error = a[5] elseif a[4] ~= '' then o.result = a[4] end
   return reply(change(r, a[3], o))
@@ -366,16 +344,6 @@ OPS.delete = function(a)
   if not DELETE_FROM[r.st] then return err('invalid', r.id, r.st, 'delete') end
   remove(r)
   return {'ok'}
-end
-
-OPS.stats = function(a)
-  return {'stats', redis.call('HGETALL', k(K.COUNTS)), redis.call('ZCARD', k(K.ALL)),
-          redis.call('GET', k(K.ACTIVE)) or '0'}
-end
-
--- where change events stand: {epoch, latest sequence number}
-OPS.head = function(a)
-  return {'head', redis.call('GET', k(K.EPOCH)) or '0', redis.call('GET', k(K.SEQ)) or '0'}
 end
 
 local function first_score(key)
@@ -429,79 +397,6 @@ OPS.sweep = function(a)
   return {'sweep', best or ''}
 end
 
--- One page, newest first: a = {scope, statuses (comma-separated or ''), type, resource,
--- limit, before}. Walks the smallest index that covers a filter, at most WALK_BOUND
--- ids per call: a page that hits the bound ends early with a cursor to go on from.
-OPS.list = function(a)
-  local scope, ty, rs = a[1], a[3], a[4]
-  local limit = tonumber(a[5])
-  local before = a[6]
-  local statuses = nil
-  local options = {}
-  if a[2] ~= '' then
-    statuses = {}
-    local keys, size = {}, 0
-    for st in string.gmatch(a[2], '[^,]+') do
-      statuses[st] = true
-      keys[#keys + 1] = k(K.BY_STATUS .. st)
-      size = size + redis.call('ZCARD', k(K.BY_STATUS .. st))
-    end
-    options[#options + 1] = {size, keys}
-  end
-  if ty ~= '' then
-    options[#options + 1] = {redis.call('ZCARD', k(K.BY_TYPE .. ty)), {k(K.BY_TYPE .. ty)}}
-  else ty = nil end
-  if rs ~= '' then
-    options[#options + 1] = {redis.call('ZCARD', k(K.BY_RESOURCE .. rs)), {k(K.BY_RESOURCE .. rs)}}
-  else rs = nil end
-  if string.sub(scope, 1, 1) == 's' then
-    local key = k(K.BY_OWNER .. string.sub(scope, 2))
-    options[#options + 1] = {redis.call('ZCARD', key), {key}}
-  end
-  local keys = {k(K.ALL)}
-  local best = nil
-  for _, o in ipairs(options) do
-    if best == nil or o[1] < best then best = o[1]; keys = o[2] end
-  end
-  local out = {}
-  local last = nil
-  local cursor = before
-  local examined = 0
-  local chunk = math.min(CHUNK, limit + 1)
-  while true do
-    local max = '+'
-    if cursor ~= '' then max = '(' .. cursor end
-    local merged, safe = {}, nil
-    for _, key in ipairs(keys) do
-      local ids = redis.call('ZREVRANGEBYLEX', key, max, '-', 'LIMIT', 0, chunk)
-      for _, id in ipairs(ids) do merged[#merged + 1] = id end
-      if #ids == chunk and (safe == nil or ids[#ids] > safe) then safe = ids[#ids] end
-    end
-    if #merged == 0 then return {'page', out, ''} end
-    if #keys > 1 then table.sort(merged, function(x, y) return x > y end) end
-    chunk = math.min(CHUNK, chunk * 2)
-    for _, id in ipairs(merged) do
-      if safe and id < safe then break end
-      cursor = id
-      examined = examined + 1
-      -- the four fields the filters need, not the whole record (a result can be
-      -- a megabyte): the walk costs the same whatever the records hold
-      local f = redis.call('HMGET', k(K.RECORD .. id), 'st', 'ty', 'rs', 'ow')
-      local st, fty, frs, fow = f[1], f[2], f[3], f[4]
-      if st and (scope == '*' or (scope == '-' and not fow)
-                 or (fow and fow == string.sub(scope, 2)))
-          and (statuses == nil or statuses[st])
-          and (ty == nil or fty == ty) and (rs == nil or frs == rs) then
-        if #out == limit then return {'page', out, last} end
-        out[#out + 1] = cjson.encode(getrec(id))
-        last = id
-      end
-      if examined >= WALK_BOUND then return {'page', out, cursor} end
-    end
-    if safe == nil then return {'page', out, ''} end
-  end
-end
-
 -- Changes after a Last-Event-ID: a = {first entry id, count}. Each entry gets its
 -- payload back from its record; an entry whose record is gone (deleted, expired,
 -- evicted) is left out: what was deleted is never replayed. Returns the number of
@@ -517,13 +412,14 @@ OPS.replay = function(a)
     if fr and fi then
       local text = nil
       if f[K.ENTRY_PAYLOAD] then
-        local v = redis.call('HMGET', k(K.RECORD .. fi), 'id', unpack(PAYLOAD))
-        if v[1] then
+        local now = getrec(fi)
+        if now then
+          -- metadata never changes; a result or error is final once terminal
           local r = cjson.decode(fr)
-          if v[2] then r.md = v[2] end
+          r[PAYLOAD[1]] = now[PAYLOAD[1]]
           if TERMINAL[f[K.ENTRY_STATUS]] then
-            if v[3] then r.rz = v[3] end
-            if v[4] then r.er = v[4] end
+            r[PAYLOAD[2]] = now[PAYLOAD[2]]
+            r[PAYLOAD[3]] = now[PAYLOAD[3]]
           end
           text = cjson.encode(r)
         end
@@ -551,8 +447,7 @@ end
 -- flagged no-writes, for the commands that only read, which Redis still runs when it
 -- is over maxmemory: reads go on while writes are refused.
 -- (library code runs at load time without Lua's standard functions: no pairs here)
-local RO = {get = OPS.get, stats = OPS.stats, head = OPS.head, list = OPS.list,
-            replay = OPS.replay}
+local RO = {replay = OPS.replay}
 local cfg_text = nil
 
 local function run(keys, args, ops)

@@ -46,6 +46,7 @@ from ..._retention import Retention
 from ..codec import PAYLOAD, REDIS_FIELDS, from_hash
 from ..rules import lua_tables
 from . import keys
+from .wire import READ_TIMEOUT, Wire
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -55,7 +56,7 @@ __all__ = ["RedisSpace", "check_redis_url", "decode_record"]
 log = logging.getLogger("taskd")
 
 #: Seconds a Redis call may take before the batch fails with 503.
-SOCKET_TIMEOUT: Final = 2.0
+SOCKET_TIMEOUT: Final = READ_TIMEOUT
 #: Entries the change stream keeps (``MAXLEN ~``): how far back a reader can fall.
 STREAM_LEN: Final = 10_000
 
@@ -72,7 +73,7 @@ Command = tuple[str, Sequence[str]]
 
 #: Script commands that only read: sent to the library's ``no-writes`` function,
 #: which Redis runs even when it is over maxmemory (the other one it then refuses).
-READS: Final = frozenset({"get", "stats", "head", "list", "replay"})
+READS: Final = frozenset({"replay"})
 
 #: Script commands that write a record (``save``): one that succeeds shows that
 #: Redis takes writes again.
@@ -90,6 +91,8 @@ class Op:
     fut: asyncio.Future[Any] | None = None
     #: The message, if it must be sent again after a failure (runner reports).
     retry: object = None
+    #: Called when the call fails (Redis unreachable, or an error reply).
+    on_error: Callable[[], object] | None = None
 
 
 def _script() -> str:
@@ -244,14 +247,6 @@ def raise_error(reply: Sequence[Any]) -> NoReturn:
     raise TaskdError(f"unexpected reply from the shared store: {reply!r}")
 
 
-class Unsent(Exception):
-    """A command of a batch that could not be sent (redis-py could not encode it)."""
-
-    def __init__(self, cause: Exception) -> None:
-        super().__init__(f"{type(cause).__name__}: {cause}")
-        self.cause = cause
-
-
 class RedisSpace:
     """The connection to one deployment's keys, and the calls the actor makes."""
 
@@ -293,13 +288,18 @@ class RedisSpace:
                 socket_connect_timeout=SOCKET_TIMEOUT,
                 retry=Retry(NoBackoff(), 0),
                 health_check_interval=0,
+                # RESP2 whatever redis-py's default: no push messages on a connection
+                # (the actor's Wire reads one reply per command), replies of one shape
+                protocol=2,
             )
 
         self._policy_checked = False
         self._policy_warned = False
         self.redis = client(SOCKET_TIMEOUT)
         # The actor's own connection for its batches (see _pipeline).
-        self._conn: Any = None
+        self._conn: Wire | None = None
+        # The change stream reader's connection (see read_changes).
+        self._stream: Wire | None = None
         #: For blocking reads (XREAD BLOCK): a connection of its own, longer timeout.
         self.reader = client(SOCKET_TIMEOUT + 2.0)
 
@@ -359,22 +359,6 @@ class RedisSpace:
         except (TypeError, ValueError):
             raise StoreError(f"Redis key {key} does not hold a taskd page-token key") from None
 
-    async def payloads(self, wanted: Sequence[tuple[str, bool]]) -> list[dict[str, str]]:
-        """For change entries (task id, terminal?) that left ``PAYLOAD`` out, those
-        fields from the records, on the reader's connection: metadata always, the
-        result and error of a terminal version only (they are final then). A record
-        deleted since gives nothing: its data is gone, and stays gone."""
-        pipe = self.reader.pipeline(transaction=False)
-        for task_id, _ in wanted:
-            pipe.hmget(self.key(keys.RECORD + task_id), PAYLOAD)
-        rows: list[Any] = await pipe.execute()
-        out: list[dict[str, str]] = []
-        for (_, terminal), row in zip(wanted, rows, strict=True):
-            # metadata (PAYLOAD's first) always; result and error once they are final
-            fields = dict(zip(PAYLOAD, row, strict=True)) if terminal else {PAYLOAD[0]: row[0]}
-            out.append({f: v for f, v in fields.items() if v is not None})
-        return out
-
     async def call(self, commands: Sequence[Command], now: float) -> list[Any]:
         """Run one batch of commands as one pipeline; a reply per command (an
         exception object where one failed). Connection failures raise ``StoreError``."""
@@ -426,39 +410,43 @@ class RedisSpace:
     async def _pipeline(self, packed: list[tuple[object, ...]]) -> list[Any]:
         """Send every command, then read every reply, on the actor's own connection.
 
-        redis-py's ``Pipeline`` does the same with ~100 µs more CPU per batch (its
-        command stack, response callbacks and pool lock); the actor is this
-        connection's only user, one batch at a time, so none of that is needed."""
-        from redis.exceptions import ResponseError
-
-        conn = self._conn
-        if conn is None:
+        redis-py makes the connection (authentication, TLS, database, protocol) and
+        the actor then speaks on it through hiredis directly (``Wire``): redis-py's
+        ``Pipeline`` costs ~100 µs more CPU per batch (its command stack, response
+        callbacks and pool lock) and even its bare ``pack_command``/``read_response``
+        a few µs per command; the actor is this connection's only user, one batch
+        at a time, so none of that is needed."""
+        wire = self._conn
+        if wire is None:
             pool = self.redis.connection_pool
-            conn = self._conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        unsent: dict[int, Exception] = {}
+            conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+            wire = self._conn = Wire(conn)
+        return await wire.roundtrip(packed)
+
+    async def read_changes(self, after: int, count: int, block_ms: int) -> list[Any]:
+        """Change stream entries after sequence number ``after``, waiting up to
+        ``block_ms`` for one: ``[entry id, [field, value, …]]`` each. On the reader's
+        own connection, through a ``Wire`` as the actor's batches are."""
+        wire = self._stream
+        if wire is None:
+            conn = await self.reader.connection_pool.get_connection()  # type: ignore[no-untyped-call]
+            wire = self._stream = Wire(conn)
+        command = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key(keys.CHANGES))
         try:
-            chunks = conn.pack_commands(packed)
-        except Exception:
-            # An argument redis-py cannot encode (a lone surrogate, …): pack each
-            # command alone, so that only the one that cannot be sent fails.
-            chunks = []
-            for i, args in enumerate(packed):
-                try:
-                    chunks.extend(conn.pack_command(*args))
-                except Exception as exc:
-                    unsent[i] = exc
-        if len(unsent) < len(packed):
-            await conn.send_packed_command(chunks, check_health=False)
-        replies: list[Any] = []
-        for i in range(len(packed)):
-            if i in unsent:
-                replies.append(Unsent(unsent[i]))
-                continue
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:  # this command's error reply; read on
-                replies.append(exc)
-        return replies
+            (reply,) = await wire.roundtrip([(*command, f"{after}-0")])
+        except BaseException:
+            # (cancelled included) a reply may be half read: never reuse it
+            await self._close_stream()
+            raise
+        if isinstance(reply, Exception):
+            raise reply
+        return [] if reply is None else list(reply[0][1])
+
+    async def _close_stream(self) -> None:
+        wire, self._stream = self._stream, None
+        if wire is not None:
+            await wire.conn.disconnect()
+            await self.reader.connection_pool.release(wire.conn)
 
     async def drop(self) -> None:
         """Close the actor's connection (its state is unknown after a failure)."""
@@ -466,15 +454,16 @@ class RedisSpace:
 
     async def _drop(self) -> None:
         self._policy_checked = False  # checked again on the next connection
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        wire, self._conn = self._conn, None
+        if wire is not None:
             # A reply may be half read: the connection cannot be reused.
-            await conn.disconnect()
-            await self.redis.connection_pool.release(conn)
+            await wire.conn.disconnect()
+            await self.redis.connection_pool.release(wire.conn)
 
     async def aclose(self) -> None:
-        """Close both connections."""
+        """Close every connection."""
         await self._drop()
+        await self._close_stream()
         await self.redis.aclose()
         await self.reader.aclose()
 
