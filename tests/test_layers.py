@@ -204,6 +204,8 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.engine",
         "taskd.engine.redis.background",
         "taskd.engine.redis.pages",
+        "taskd.engine.redis.notes",
+        "taskd.engine.redis.follow",
     ),
     ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )

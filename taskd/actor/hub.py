@@ -125,12 +125,18 @@ class Hub:
     def publish(
         self,
         changed: list[tuple[int, TaskRecord]],
-        on_terminal: Callable[[TaskRecord], None],
+        on_terminal: Callable[[TaskRecord], None] | None,
+        *,
+        tasks: bool = True,
+        everything: bool = True,
     ) -> None:
         """Hand committed changes to their subscribers; a per-task subscription ends
-        after its terminal change. ``on_terminal`` is called for each terminal one."""
-        task_subs = self._task_subs
-        global_subs = self._global_subs
+        after its terminal change. ``on_terminal`` is called for each terminal one.
+        An engine that reads changes from two sources (per-task notes, and a stream of
+        every change) publishes each to one kind: per-task subscriptions (``tasks``)
+        or those that follow every task (``everything``)."""
+        task_subs = self._task_subs if tasks else {}
+        global_subs = self._global_subs if everything else []
         recent = self._recent
         for seq, rec in changed:
             if recent is not None:
@@ -147,17 +153,20 @@ class Hub:
                     for sub in subs:
                         sub.end()
                     del task_subs[rec.task_id]
-                on_terminal(rec)
+                if on_terminal is not None:
+                    on_terminal(rec)
         if global_subs and any(s.ended for s in global_subs):
             # overflowed or ended from outside: drop them once, after the whole batch
             self._global_subs = [s for s in global_subs if not s.ended]
 
-    def close(self) -> None:
-        """End every subscription."""
-        for subs in self._task_subs.values():
-            for sub in subs:
+    def close(self, *, tasks: bool = True, everything: bool = True) -> None:
+        """End every subscription (per-task ones, those that follow every task)."""
+        if tasks:
+            for subs in self._task_subs.values():
+                for sub in subs:
+                    sub.end()
+            self._task_subs.clear()
+        if everything:
+            for sub in self._global_subs:
                 sub.end()
-        for sub in self._global_subs:
-            sub.end()
-        self._task_subs.clear()
-        self._global_subs.clear()
+            self._global_subs.clear()

@@ -52,14 +52,18 @@ RawChange = tuple[int, str, str, str, bool]
 
 @dataclass(frozen=True, slots=True)
 class Changes:
-    """Entries of the change stream, from the reader, not decoded yet."""
+    """Entries of the change stream, from the reader, not decoded yet; ``reader``
+    says which start of the reader read them (a stopped reader's are dropped)."""
 
     entries: tuple[RawChange, ...]
+    reader: int
 
 
 @dataclass(frozen=True, slots=True)
 class Resync:
     """The reader lost entries (Redis was away, or it fell behind the stream's length)."""
+
+    reader: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,13 +99,10 @@ class Background:
         self._refusing = refusing
         self._acks: list[str] = []
 
-    def start(self, applied: int, sender: WebhookSender | None) -> list[asyncio.Task[None]]:
-        """Start the reader (from ``applied``), the beat and, with webhooks, the outbox."""
+    def start(self, sender: WebhookSender | None) -> list[asyncio.Task[None]]:
+        """Start the beat and, with webhooks, the outbox."""
         loop = asyncio.get_running_loop()
-        tasks = [
-            loop.create_task(self._read_changes(applied), name="taskd-changes"),
-            loop.create_task(self._keep_alive(), name="taskd-liveness"),
-        ]
+        tasks = [loop.create_task(self._keep_alive(), name="taskd-liveness")]
         if sender is not None:
             tasks.append(loop.create_task(self._outbox(sender), name="taskd-outbox"))
         return tasks
@@ -125,10 +126,17 @@ class Background:
                 if self._refusing() and not self._closed():
                     self._post(Writable(None))
 
-    async def _read_changes(self, last: int) -> None:
-        """Read the change stream from where this process stands, post it to the
-        mailbox in order. After a failure, ask for a resync (Celery #5919's lesson:
-        what changed while the connection was down must be re-read)."""
+    def read_changes(self, last: int, reader: int) -> asyncio.Task[None]:
+        """Start reading the change stream after ``last`` (while an event stream
+        here follows every task; ``reader`` numbers this start)."""
+        return asyncio.get_running_loop().create_task(
+            self._read_changes(last, reader), name="taskd-changes"
+        )
+
+    async def _read_changes(self, last: int, reader: int) -> None:
+        """Read the change stream from ``last``, post it to the mailbox in order.
+        After a failure, ask for a resync (Celery #5919's lesson: what changed while
+        the connection was down must be re-read)."""
         space = self.space
         broken = False
         while True:
@@ -148,7 +156,7 @@ class Background:
             _cancelled()
             if broken and not self._closed():
                 broken = False
-                self._post(Resync())
+                self._post(Resync(reader))
             if not read:
                 continue
             entries: list[RawChange] = []
@@ -170,9 +178,9 @@ class Background:
                 return  # the actor stopped while this read was in flight
             if last and entries[0][0] > last + 1:
                 log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
-                self._post(Resync())
+                self._post(Resync(reader))
             last = entries[-1][0]
-            self._post(Changes(tuple(entries)))
+            self._post(Changes(tuple(entries), reader))
 
     async def _outbox(self, sender: WebhookSender) -> None:
         """Consume the webhook outbox (a consumer group: each entry goes to one live
@@ -226,15 +234,15 @@ def _cancelled() -> None:
         raise asyncio.CancelledError
 
 
-def wanted(a: Host, entry: RawChange) -> bool:
-    """Whether someone in this process follows this change with its payload: a
-    subscription, or (terminal) a waiter or this process's runner."""
+def wanted(a: Host, entry: RawChange, tasks: bool) -> bool:
+    """Whether someone in this process follows this change with its payload: from
+    the notes (``tasks``), a per-task subscription, a waiter or this process's runner
+    (terminal changes); from the stream, a subscription to every task."""
+    if not tasks:
+        return a.hub.follows_all
     task_id = entry[1]
-    hub = a.hub
-    return (
-        hub.follows_all
-        or hub.follows(task_id)
-        or (entry[2] in _TERMINAL_TEXT and (task_id in a.waiters or task_id in a.runners))
+    return a.hub.follows(task_id) or (
+        entry[2] in _TERMINAL_TEXT and (task_id in a.waiters or task_id in a.runners)
     )
 
 
@@ -244,26 +252,26 @@ def fan_out(
     entries: Sequence[RawChange],
     applied: int,
     records: Mapping[str, str],
+    tasks: bool,
 ) -> int:
-    """Hand the change stream's entries after ``applied`` to this process: publish
-    them to its subscriptions, wake its waiters, and stop or settle its runners that
-    another process cancelled or declared lost. ``records`` are the current texts of
-    the records whose payload was read for the entries (``wanted``); an entry without
-    one is published as it is. Returns the last sequence applied."""
-    # Decode only the changes someone here follows: every process reads every
-    # change, and most concern nobody in it.
+    """Hand change entries after ``applied`` to this process. From the notes
+    (``tasks``): publish them to per-task subscriptions, wake waiters, and stop or
+    settle this process's runners that another process cancelled or declared lost.
+    From the stream: publish them to the subscriptions that follow every task.
+    ``records`` are the current texts of the records whose payload was read for the
+    entries (``wanted``); an entry without one is published as it is. Returns the
+    last sequence number applied."""
     hub = a.hub
     waiters = a.waiters
     runners = a.runners
-    everything = hub.follows_all
     fresh: list[tuple[int, TaskRecord]] = []
-    for seq, task_id, status, text, payload in entries:
+    for entry in entries:
+        seq, task_id, status, text, payload = entry
         if seq <= applied:
             continue
         applied = seq
-        if (
-            everything
-            or task_id in runners
+        if not tasks or (
+            task_id in runners
             or hub.follows(task_id)
             or (task_id in waiters and status in _TERMINAL_TEXT)
         ):
@@ -284,9 +292,12 @@ def fan_out(
             fresh.append((seq, rec))
     if not fresh:
         return applied
+    if not tasks:
+        hub.publish(fresh, None, tasks=False)
+        return applied
     # Webhooks go through the outbox, not from here: one delivery per change,
     # whichever process made it.
-    hub.publish(fresh, a.wake_waiters)
+    hub.publish(fresh, a.wake_waiters, everything=False)
     for _, rec in fresh:
         runner = runners.get(rec.task_id)
         if runner is None:
@@ -305,3 +316,63 @@ def fan_out(
             else:
                 runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec)
     return applied
+
+
+class Feed:
+    """One source of changes (the notes, or the stream), fanned out in order.
+
+    An entry leaves out its record's payload (metadata, result, error): for the
+    entries someone here follows it is read from the records first (``fetch``: one
+    ``MGET`` in the actor's batch), so that a process reads the payloads of what it
+    has in hand only. Entries that arrive meanwhile wait behind, in order."""
+
+    __slots__ = ("_decode", "_fetch", "_fetching", "_inbox", "_tasks", "a", "applied", "received")
+
+    def __init__(
+        self,
+        a: Host,
+        decode: Callable[[str], tuple[TaskRecord, int]],
+        fetch: Callable[[list[str], Callable[[list[str | None] | None], None]], None],
+        *,
+        tasks: bool,
+    ) -> None:
+        self.a = a
+        self._decode = decode
+        self._fetch = fetch
+        self._tasks = tasks
+        #: The latest sequence number fanned out, and the latest read.
+        self.applied = 0
+        self.received = 0
+        self._inbox: list[RawChange] = []
+        self._fetching = False
+
+    def take(self, entries: Sequence[RawChange]) -> None:
+        """Entries read, in order."""
+        self._inbox.extend(entries)
+        self.received = max(self.received, entries[-1][0])
+        if not self._fetching:
+            self._drain()
+
+    def restart(self, at: int) -> None:
+        """The source starts again after sequence number ``at``."""
+        self._inbox.clear()
+        self.applied = self.received = at
+
+    def _drain(self) -> None:
+        entries, self._inbox = self._inbox, []
+        a, tasks = self.a, self._tasks
+        want = [e[1] for e in entries if e[4] and e[0] > self.applied and wanted(a, e, tasks)]
+        if not want:
+            self.applied = fan_out(a, self._decode, entries, self.applied, {}, tasks)
+            return
+        ids = list(dict.fromkeys(want))
+        self._fetching = True
+
+        def fetched(texts: list[str | None] | None) -> None:
+            found = {i: t for i, t in zip(ids, texts or (), strict=False) if t is not None}
+            self._fetching = False
+            self.applied = fan_out(a, self._decode, entries, self.applied, found, tasks)
+            if self._inbox:
+                self._drain()
+
+        self._fetch(ids, fetched)

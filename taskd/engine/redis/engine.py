@@ -39,24 +39,15 @@ from ..._errors import StoreError, TaskdError, TaskNotFound
 from ..._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
-from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Settle
+from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Host, Settle
 from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
 from ..state import Page
 from . import keys
-from .background import (
-    BEAT,
-    Background,
-    Changes,
-    RawChange,
-    Resync,
-    Writable,
-    announce,
-    fan_out,
-    wanted,
-)
+from .background import BEAT, Background, Writable, announce
+from .follow import Following
 from .pages import Walk
 from .space import (
     SOCKET_TIMEOUT,
@@ -124,12 +115,6 @@ class RedisEngine(Engine):
         #: The outbox's consumer, when webhooks are configured (``open``).
         self.sender: WebhookSender | None = None
         self._ops: list[Op] = []
-        self._applied = 0  # sequence number of the latest change fanned out here
-        # Changes read but not fanned out yet (their payloads are being fetched), and
-        # the latest sequence number read.
-        self._inbox: list[RawChange] = []
-        self._received = 0
-        self._fetching = False
         self._down_until = 0.0
         #: Why Redis cannot be reached (None while it can) and why it refuses writes
         #: (None while it takes them): /health reports either (``store_error``).
@@ -143,6 +128,24 @@ class RedisEngine(Engine):
         self._background: list[asyncio.Task[None]] = []
         # When the next sweep is due (inf while one is in flight).
         self._sweep_due = math.inf
+
+    def bind(self, actor: Host) -> None:
+        """Bind to the actor, and make what posts to its mailbox."""
+        super().bind(actor)
+        a = actor
+        self._tasks = Background(
+            self.space, self.proc, a.post, lambda: a.closed, lambda: self._refusing is not None
+        )
+        self.follow = Following(self.space, self.proc, a, self._plain, self._tasks)
+
+    def _plain(
+        self,
+        name: str,
+        args: tuple[str, ...],
+        done: Callable[[Any], object],
+        on_error: Callable[[], object],
+    ) -> object:
+        return self._send(name, args, done, None, on_error=on_error)
 
     def handlers(self) -> Mapping[type[Any], Handler]:
         """The handler of each command that touches records, and of the reader's."""
@@ -160,10 +163,9 @@ class RedisEngine(Engine):
             m.Wait: self._remote_wait,
             m.Subscribe: self._remote_subscribe,
             m.Stats: self._remote_stats,
-            Changes: self._on_changes,
-            Resync: self._on_resync,
             Writable: self._on_writable,
             _Ended: self._on_ended,
+            **self.follow.handlers(),
         }
 
     # --- opening and the loop ---------------------------------------------------------
@@ -179,34 +181,33 @@ class RedisEngine(Engine):
             await space.check_policy()
             await space.load_script()
             self.page_key = await space.page_key()
-            await announce(space, self.proc)
             head = await space.call(
                 [("GET", (space.key(keys.EPOCH),)), ("GET", (space.key(keys.SEQ),))],
                 self.actor.now,
             )
+            # (changes after the head reach this process's runners from here on)
+            await self.follow.open(int(head[1] or 0))
+            await announce(space, self.proc)
         except PolicyError as exc:
             await space.aclose()
             raise StoreError(str(exc)) from None  # (the error table knows StoreError)
         except (RedisError, OSError, StoreError) as exc:
             await space.aclose()
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
-        epoch, seq = int(head[0] or 0), int(head[1] or 0)
         # Event ids are global: an id below the space's first one is from an earlier
         # space (a flushed Redis). Replays are read from the stream, not kept here.
-        self.boot_seq = epoch
-        self._applied = seq
+        self.boot_seq = int(head[0] or 0)
         self._sweep_at(self.actor.now)
 
     def start(self) -> None:
-        """Start the change stream's reader, the liveness beat and the outbox."""
-        a = self.actor
-        self._background = Background(
-            self.space, self.proc, a.post, lambda: a.closed, lambda: self._refusing is not None
-        ).start(self._applied, self.sender)
-        a.timers.arm()
+        """Start reading the notes, the liveness beat and the outbox."""
+        self._background = self._tasks.start(self.sender)
+        self.follow.start()
+        self.actor.timers.arm()
 
     async def stop(self) -> None:
         """Stop the background tasks, say this process is gone, disconnect."""
+        await self.follow.stop()
         for task in self._background:
             task.cancel()
         if self._background:
@@ -313,6 +314,9 @@ class RedisEngine(Engine):
                     self._health()
                 for op, reply in zip(ops, replies, strict=True):
                     self._answer(op, reply)
+        # Channels nobody here needs any more are left; the stream reader stops when
+        # no subscription follows every task.
+        self.follow.tidy()
         a.send_replies()
         return True
 
@@ -443,56 +447,6 @@ class RedisEngine(Engine):
             return
         self._sweep_at(when)
 
-    # --- fan-out -------------------------------------------------------------------------
-
-    def _on_changes(self, msg: Changes, fut: object) -> None:
-        self._inbox.extend(msg.entries)
-        self._received = max(self._received, msg.entries[-1][0])
-        if not self._fetching:
-            self._drain()
-
-    def _drain(self) -> None:
-        """Fan out what was read, in order. An entry leaves out its record's payload
-        (metadata, result, error): for the entries someone here follows, it is read
-        from the records first (one MGET in the batch), so that a process reads the
-        payloads of what it has in hand only. Later entries wait behind."""
-        entries, self._inbox = self._inbox, []
-        a = self.actor
-        want = [e[1] for e in entries if e[4] and e[0] > self._applied and wanted(a, e)]
-        if not want:
-            self._applied = fan_out(a, self.space.decode, entries, self._applied, {})
-            return
-        ids = list(dict.fromkeys(want))
-        self._fetching = True
-
-        def fetched(texts: list[str | None] | None) -> None:
-            found = {i: t for i, t in zip(ids, texts or (), strict=False) if t is not None}
-            self._fetching = False
-            self._applied = fan_out(a, self.space.decode, entries, self._applied, found)
-            if self._inbox:
-                self._drain()
-
-        self._send(
-            "MGET",
-            tuple(self.space.key(keys.RECORD + i) for i in ids),
-            fetched,
-            None,
-            on_error=lambda: fetched(None),
-        )
-
-    def _on_resync(self, msg: Resync, fut: object) -> None:
-        # Waiters may have missed their terminal change: read each task again.
-        for task_id in list(self.actor.waiters):
-            self._get(task_id, self._resynced, None)
-        # Event streams may have missed changes: end them; clients resume with
-        # Last-Event-ID and get the current state.
-        self.actor.hub.close()
-
-    def _resynced(self, text: str | None) -> None:
-        rec = self._seen(text, ANY_OWNER)
-        if rec is not None and rec.status in TERMINAL:
-            self.actor.wake_waiters(rec)
-
     # --- handlers ----------------------------------------------------------------------
 
     def _record(self, reply: list[Any]) -> TaskRecord:
@@ -560,6 +514,9 @@ class RedisEngine(Engine):
         return self._send_all(walk.start(), step, fut)
 
     def _remote_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> Deferred:
+        if msg.timeout != 0 and fut is not None and not self.follow.ready(msg.task_id, msg, fut):
+            return DEFERRED  # handled again once this process follows the task's notes
+
         def done(text: str | None) -> object:
             rec = self._seen(text, msg.owner)
             if rec is None:
@@ -572,8 +529,10 @@ class RedisEngine(Engine):
         self, msg: m.Subscribe, fut: asyncio.Future[Any] | None
     ) -> TaskRecord | Deferred | None:
         sub = msg.subscription
+        if sub.task_id is not None and not self.follow.ready(sub.task_id, msg, fut):
+            return DEFERRED  # handled again once this process follows the task's notes
         replay: list[tuple[int, TaskRecord]] = []
-        head = [self._applied]  # changes up to here are in the reply or the replay
+        head = [0]  # changes up to here are in the reply or the replay
         after = sub.resume_from
         if after is not None and after >= self.boot_seq:
             # What the client missed, from the stream: any process can resume any id.
@@ -595,17 +554,16 @@ class RedisEngine(Engine):
                         # Nothing was trimmed: the gaps are changes of deleted tasks,
                         # left out on purpose; the replay covers everything since.
                         sub.resume_from = entries[0][0] - 1 if entries else head[0]
-                if sub.task_id is None:
-                    self.actor.hub.subscribe(sub, None, head[0], replay)
 
-            self._send("replay", args, missed, None if sub.task_id else fut)
-            if sub.task_id is None:
-                return DEFERRED
+            self._send("replay", args, missed, None)
         if sub.task_id is None:
-            # Everything up to the latest change read here is before it (read, not yet
-            # fanned out: those wait for their payloads, decided without this one).
-            self.actor.hub.subscribe(sub, None, max(self._applied, self._received), ())
-            return None
+            # The stream's head, read after the replay: the reader of every change
+            # starts there (or goes on from where it is).
+            def start(seq: str | None) -> None:
+                at = self.follow.subscribe_all(max(head[0], int(seq or 0)))
+                self.actor.hub.subscribe(sub, None, at, replay)
+
+            return self._send("GET", (self.space.key(keys.SEQ),), start, fut)
 
         def done(text: str | None) -> TaskRecord:
             rec = self._seen(text, sub.owner)
@@ -678,8 +636,9 @@ class RedisEngine(Engine):
             runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
 
     def shut(self) -> None:
-        """Calls queued but never sent: their callers get None (then TrackerClosed
-        for what the actor still holds)."""
+        """Calls queued but never sent, and messages held for a channel: their
+        callers get None (then TrackerClosed for what the actor still holds)."""
+        self.follow.shut()
         ops, self._ops = self._ops, []
         for op in ops:
             if op.fut is not None:

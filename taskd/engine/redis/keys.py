@@ -19,6 +19,7 @@ key                type         holds (writer)
 ``s:<status>``     sorted set   ids by status (script)
 ``y:<type>``       sorted set   ids by task type (script)
 ``o:<owner>``      sorted set   ids by owner (script)
+``unowned``        sorted set   ids of tasks without an owner (script)
 ``r:<resource>``   sorted set   ids by resource id (script)
 ``n``              hash         counts by (type, status), a newline between them (script)
 ``active``         string       the number of active tasks (script)
@@ -43,6 +44,11 @@ key                type         holds (writer)
                                 (``background.announce``; deleted on close by
                                 ``engine``)
 ``runs:<proc>``    set          the spawned tasks a process runs (script)
+``note:<id>``      channel      sharded pub/sub: each change of a task, as its change
+                                stream entry (script ``SPUBLISH``; followed by the
+                                processes holding waiters or event streams of it)
+``pnote:<proc>``   channel      the same for every task a process runs (followed by
+                                that process, for cancels and outcomes from elsewhere)
 =================  ===========  =====================================================
 """
 
@@ -79,6 +85,9 @@ __all__ = [
     "RUNS",
     "SEQ",
     "STAMP",
+    "UNOWNED",
+    "TASK_NOTES",
+    "PROC_NOTES",
     "lua_table",
 ]
 
@@ -87,6 +96,7 @@ ALL: Final = "all"
 BY_STATUS: Final = "s:"
 BY_TYPE: Final = "y:"
 BY_OWNER: Final = "o:"
+UNOWNED: Final = "unowned"
 BY_RESOURCE: Final = "r:"
 COUNTS: Final = "n"
 ACTIVE: Final = "active"
@@ -104,6 +114,8 @@ PAGE_KEY: Final = "pk"
 PROCS: Final = "procs"
 ALIVE: Final = "alive:"
 RUNS: Final = "runs:"
+TASK_NOTES: Final = "note:"
+PROC_NOTES: Final = "pnote:"
 
 #: Every key suffix above, by its constant's name (the script's ``K`` table).
 KEYS: Final = {

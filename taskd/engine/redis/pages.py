@@ -74,7 +74,9 @@ class Walk:
         if msg.resource_id is not None:
             options.append([key(keys.BY_RESOURCE + msg.resource_id)])
         owner = msg.owner
-        if owner is not ANY_OWNER and owner is not None:
+        if owner is None:
+            options.append([key(keys.UNOWNED)])
+        elif owner is not ANY_OWNER:
             options.append([key(keys.BY_OWNER + owner)])
         self._options = options
         self._index = options[0] if len(options) == 1 else [key(keys.ALL)]

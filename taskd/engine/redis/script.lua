@@ -69,14 +69,14 @@ local function index(r, cmd)
     redis.call('ZADD', k(K.ALL), 0, id)
     redis.call('ZADD', k(K.BY_STATUS .. r.st), 0, id)
     redis.call('ZADD', k(K.BY_TYPE .. r.ty), 0, id)
-    if r.ow then redis.call('ZADD', k(K.BY_OWNER .. r.ow), 0, id) end
+    if r.ow then redis.call('ZADD', k(K.BY_OWNER .. r.ow), 0, id) else redis.call('ZADD', k(K.UNOWNED), 0, id) end
     if r.rs then redis.call('ZADD', k(K.BY_RESOURCE .. r.rs), 0, id) end
     count(r.ty, r.st, 1)
   else
     redis.call('ZREM', k(K.ALL), id)
     redis.call('ZREM', k(K.BY_STATUS .. r.st), id)
     redis.call('ZREM', k(K.BY_TYPE .. r.ty), id)
-    if r.ow then redis.call('ZREM', k(K.BY_OWNER .. r.ow), id) end
+    if r.ow then redis.call('ZREM', k(K.BY_OWNER .. r.ow), id) else redis.call('ZREM', k(K.UNOWNED), id) end
     if r.rs then redis.call('ZREM', k(K.BY_RESOURCE .. r.rs), id) end
     count(r.ty, r.st, -1)
   end
@@ -106,14 +106,23 @@ local function emit(r)
   local entry = cjson.encode(r)
   local some = false
   for f, v in pairs(held) do r[f] = v; some = true end
+  local flag = ''
   if some then
+    flag = '1'
     redis.call('XADD', k(K.CHANGES), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
                K.ENTRY_ID, r.id, K.ENTRY_STATUS, r.st, K.ENTRY_RECORD, entry,
-               K.ENTRY_PAYLOAD, '1')
+               K.ENTRY_PAYLOAD, flag)
   else
     redis.call('XADD', k(K.CHANGES), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
                K.ENTRY_ID, r.id, K.ENTRY_STATUS, r.st, K.ENTRY_RECORD, entry)
   end
+  -- The same entry, as a note to the processes that follow this task (its channel:
+  -- waiters, event streams) and to the one that runs it (its process's channel), so
+  -- that a process reads the changes it has in hand, not the whole stream. Sharded
+  -- pub/sub: the channels hash to this deployment's slot. (The JSON has no newline.)
+  local note = sq .. '\n' .. r.id .. '\n' .. r.st .. '\n' .. flag .. '\n' .. entry
+  redis.call('SPUBLISH', k(K.TASK_NOTES .. r.id), note)
+  if r.pr then redis.call('SPUBLISH', k(K.PROC_NOTES .. r.pr), note) end
   return text
 end
 

@@ -95,3 +95,29 @@ class Wire:
             return got
         replies = iter(got)
         return [Unsent(unsent[i]) if i in unsent else next(replies) for i in range(len(commands))]
+
+    # --- a subscribed connection: commands go out, pushes come in ---------------------
+
+    def send(self, *command: object) -> None:
+        """Write one command without reading its reply (a subscribed connection's
+        confirmations arrive among its messages, read by ``pushes``)."""
+        from hiredis import pack_command
+
+        self._writer.write(pack_command(command))  # type: ignore[arg-type]
+
+    async def pushes(self) -> list[Any]:
+        """What arrived: at least one reply or push, and every other one already read
+        (waits for the first). Raises ``ConnectionError`` when the connection ends."""
+        parser = self._parser
+        got: list[Any] = []
+        while True:
+            reply = parser.gets()
+            if reply is not False:
+                got.append(reply)
+                continue
+            if got:
+                return got
+            chunk = await self._reader.read(1 << 16)
+            if not chunk:
+                raise ConnectionError("Redis closed the connection")
+            parser.feed(chunk)

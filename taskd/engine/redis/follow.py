@@ -1,0 +1,182 @@
+"""``Following``: what one process reads of the shared task space's changes.
+
+Two sources, each fanned out in order by a ``Feed`` of its own:
+
+- the **notes** (``notes.Notes``): sharded pub/sub, the channels of the tasks this
+  process holds a waiter or a per-task event stream of, and its own channel (its
+  runners). Per-task subscriptions, waiters and runners are fed from here only.
+- the **stream** (``keys.CHANGES``), read only while an event stream here follows
+  every task (``GET /events`` without a task): it gets every change, in order, from
+  here only. Read from where such a subscription starts; stopped when none is left.
+
+A wait or a per-task subscription is handled once its task's channel is confirmed
+(``ready``), so that a change after its read is never missed; channels nobody here
+needs any more are left at the end of each batch (``tidy``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+from ..._models import TERMINAL
+from ...actor.engine import Host
+from . import keys
+from .background import Background, Changes, Feed, RawChange, Resync, fan_out
+from .notes import Noted, NotedChanges, Notes, NotesLost
+
+if TYPE_CHECKING:
+    from .space import RedisSpace
+
+__all__ = ["Following"]
+
+#: Queue one plain Redis command in the actor's batch: (name, arguments, done, on_error).
+Send = Callable[[str, tuple[str, ...], Callable[[Any], object], Callable[[], object]], object]
+
+
+class Following:
+    """The notes and the stream of one process's Redis engine."""
+
+    def __init__(
+        self, space: RedisSpace, proc: str, a: Host, send: Send, background: Background
+    ) -> None:
+        self._space = space
+        self._a = a
+        self._send = send
+        self._background = background
+        self.notes = Notes(space, proc, a.post, lambda: a.closed)
+        decode = space.decode
+        self.tasks = Feed(a, decode, self._fetch, tasks=True)
+        self.everything = Feed(a, decode, self._fetch, tasks=False)
+        # Tasks whose channel is followed (confirmed), and those asked for with the
+        # messages held until Redis confirms.
+        self._noted: set[str] = set()
+        self._noting: dict[str, list[tuple[object, asyncio.Future[Any] | None]]] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._reader_no = 0
+        self._notes_task: asyncio.Task[None] | None = None
+
+    def handlers(self) -> dict[type[Any], Callable[[Any, object], None]]:
+        """The handlers of what the notes and the stream reader post."""
+        return {
+            NotedChanges: lambda msg, fut: self.tasks.take(msg.entries),
+            Noted: self._on_noted,
+            NotesLost: self._on_notes_lost,
+            Changes: self._on_changes,
+            Resync: self._on_resync,
+        }
+
+    async def open(self, seq: int) -> None:
+        """Follow this process's channel (before it spawns anything); changes up to
+        ``seq`` are before this process."""
+        self.tasks.restart(seq)
+        await self.notes.open()
+
+    def start(self) -> None:
+        """Start reading the notes."""
+        self._notes_task = asyncio.get_running_loop().create_task(
+            self.notes.run(), name="taskd-notes"
+        )
+
+    async def stop(self) -> None:
+        """Stop reading, close the connection."""
+        tasks = [t for t in (self._notes_task, self._reader) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
+        self._notes_task = self._reader = None
+        await self.notes.aclose()
+
+    # --- per-task channels ---------------------------------------------------------------
+
+    def ready(self, task_id: str, msg: object, fut: asyncio.Future[Any] | None) -> bool:
+        """Whether the task's channel is followed; if not, follow it and hold the
+        message until Redis confirms (then it is handled again)."""
+        if task_id in self._noted:
+            return True
+        held = self._noting.get(task_id)
+        if held is None:
+            held = self._noting[task_id] = []
+            self.notes.follow(task_id)
+        held.append((msg, fut))
+        return False
+
+    def _on_noted(self, msg: Noted, fut: object) -> None:
+        self._noted.add(msg.task_id)
+        for held, reply in self._noting.pop(msg.task_id, ()):
+            self._a.dispatch(held, reply)
+
+    def tidy(self) -> None:
+        """End of a batch: leave the channels of tasks nobody here waits on or
+        follows, and stop reading the stream if no subscription follows every task."""
+        a = self._a
+        gone = [t for t in self._noted if not a.waiters.get(t) and not a.hub.follows(t)]
+        for task_id in gone:
+            self._noted.discard(task_id)
+            self.notes.unfollow(task_id)
+        if self._reader is not None and not a.hub.follows_all:
+            self._reader.cancel()  # (awaited at stop; a stopped reader's posts are dropped)
+            self._reader = None
+
+    def _on_notes_lost(self, msg: NotesLost, fut: object) -> None:
+        # Every channel is followed again (and confirmed): the held messages go on;
+        # what was held may have missed changes: read again, end per-task streams
+        # (their clients resume with Last-Event-ID).
+        for task_id in list(self._noting):
+            self._on_noted(Noted(task_id), None)
+        a = self._a
+        for task_id in {*a.waiters, *a.runners}:
+            self._send("GET", (self._space.key(keys.RECORD + task_id),), self._reread, _no_op)
+        a.hub.close(everything=False)
+
+    def _reread(self, text: str | None) -> None:
+        if text is None:
+            return
+        rec, seq = self._space.decode(text)
+        if rec.status in TERMINAL or rec.task_id in self._a.runners:
+            # As a note of the record's latest version (the feed's order is kept:
+            # this one is applied out of it, by sequence number only for itself).
+            entry: RawChange = (seq, rec.task_id, rec.status.value, text, False)
+            fan_out(self._a, self._space.decode, [entry], seq - 1, {}, True)
+
+    def _fetch(self, ids: list[str], done: Callable[[list[str | None] | None], None]) -> None:
+        key = self._space.key
+        self._send("MGET", tuple(key(keys.RECORD + i) for i in ids), done, lambda: done(None))
+
+    # --- the stream, for subscriptions to every task ---------------------------------------
+
+    def subscribe_all(self, at: int) -> int:
+        """A subscription to every task starts after sequence number ``at`` (the
+        stream's head as read, or where its replay ended): start reading the stream
+        there. Returns where it starts: a reader already running goes on from its own
+        place (entries up to ``at`` it has yet to read are before the subscription)."""
+        if self._reader is not None:
+            return max(at, self.everything.received)
+        self._reader_no += 1
+        self.everything.restart(at)
+        self._reader = self._background.read_changes(at, self._reader_no)
+        return at
+
+    def _on_changes(self, msg: Changes, fut: object) -> None:
+        if msg.reader == self._reader_no and self._reader is not None:
+            self.everything.take(msg.entries)
+
+    def _on_resync(self, msg: Resync, fut: object) -> None:
+        if msg.reader == self._reader_no:
+            # The stream reader lost entries: end the subscriptions that follow every
+            # task; their clients resume with Last-Event-ID.
+            self._a.hub.close(tasks=False)
+
+    def shut(self) -> None:
+        """The loop is ending: held messages' callers get None (then TrackerClosed)."""
+        for held in self._noting.values():
+            for _, fut in held:
+                if fut is not None:
+                    self._a.replies.append((fut, None, None))
+        self._noting.clear()
+
+
+def _no_op() -> None:
+    return None

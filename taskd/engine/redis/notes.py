@@ -1,0 +1,193 @@
+"""``Notes``: the changes a process has in hand, by sharded pub/sub.
+
+Every change is an entry of the change stream (``keys.CHANGES``, kept for replays and
+for the event streams that follow every task) and, in the same script call, a note
+on two sharded pub/sub channels: the task's (``keys.TASK_NOTES``) and, for a spawned
+task, its process's (``keys.PROC_NOTES``). A process follows its own channel from the
+start (its runners learn of cancels and outcomes recorded elsewhere) and a task's
+channel while it holds a waiter or an event stream of that task, so what it reads
+grows with what it serves, not with the number of processes.
+
+No change is missed between a read and the follow: a waiter's record is read only
+once Redis confirmed the subscription (``Noted``), so a change after the read comes
+as a note. A note sent while the connection is down is gone: after a reconnect every
+channel is followed again and ``NotesLost`` tells the engine to read again what it
+holds (waiters, runners) and to end per-task event streams (their clients resume
+with ``Last-Event-ID``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+from . import keys
+from .wire import READ_TIMEOUT, Wire
+
+if TYPE_CHECKING:
+    from .background import RawChange
+    from .space import RedisSpace
+
+__all__ = ["Noted", "Notes", "NotesLost", "parse_note"]
+
+log = logging.getLogger("taskd")
+
+#: Seconds between attempts to connect again.
+RETRY: Final = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class Noted:
+    """Redis confirmed that this process follows the task's channel."""
+
+    task_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class NotesLost:
+    """The connection was lost and made again: notes may have been missed."""
+
+
+@dataclass(frozen=True, slots=True)
+class NotedChanges:
+    """Notes received, in order, not decoded yet."""
+
+    entries: tuple[RawChange, ...]
+
+
+def parse_note(text: str) -> RawChange:
+    """A note's text (sequence number, task id, status, payload flag, the version's
+    JSON, a newline between them) as a change entry."""
+    seq, task_id, status, flag, entry = text.split("\n", 4)
+    return (int(seq), task_id, status, entry, bool(flag))
+
+
+class Notes:
+    """The process's pub/sub connection (see the module docstring)."""
+
+    def __init__(
+        self,
+        space: RedisSpace,
+        proc: str,
+        post: Callable[[object], None],
+        closed: Callable[[], bool],
+    ) -> None:
+        self._space = space
+        self._post = post
+        self._closed = closed
+        self._own = space.key(keys.PROC_NOTES + proc)
+        self._prefix = space.key(keys.TASK_NOTES)
+        #: Every channel followed, or asked for (followed again after a reconnect).
+        self._channels: set[str] = set()
+        self._wire: Wire | None = None
+
+    async def open(self) -> None:
+        """Connect and follow this process's channel (before any task is spawned)."""
+        await self._connect()
+
+    async def _connect(self) -> None:
+        # Every channel is followed (and confirmed) before notes are read again, so
+        # that a re-read after NotesLost misses nothing.
+        pool = self._space.reader.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        wire = Wire(conn)
+        asked = {self._own, *self._channels}
+        try:
+            for channel in asked:
+                wire.send("SSUBSCRIBE", channel)
+            waiting = set(asked)
+            async with asyncio.timeout(READ_TIMEOUT):
+                while waiting:
+                    for push in await wire.pushes():
+                        if isinstance(push, Exception):  # NOPERM: an ACL without &channels
+                            raise ConnectionError(f"cannot follow change notes: {push}")
+                        if _kind(push) == "ssubscribe":
+                            waiting.discard(push[1])
+        except BaseException:
+            await conn.disconnect()
+            await pool.release(conn)
+            raise
+        self._wire = wire
+        for channel in self._channels - asked:  # asked for while connecting
+            wire.send("SSUBSCRIBE", channel)
+
+    def follow(self, task_id: str) -> None:
+        """Follow a task's channel; ``Noted`` is posted once Redis confirms it."""
+        channel = self._prefix + task_id
+        self._channels.add(channel)
+        if self._wire is not None:
+            self._wire.send("SSUBSCRIBE", channel)
+
+    def unfollow(self, task_id: str) -> None:
+        """Stop following a task's channel."""
+        channel = self._prefix + task_id
+        self._channels.discard(channel)
+        if self._wire is not None:
+            self._wire.send("SUNSUBSCRIBE", channel)
+
+    async def run(self) -> None:
+        """Read notes and confirmations, post them in order; reconnect on failure."""
+        lost = False
+        while True:
+            wire = self._wire
+            try:
+                if wire is None:
+                    await self._connect()
+                    if lost and not self._closed():
+                        self._post(NotesLost())
+                    lost = False
+                    continue
+                got = await wire.pushes()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                if not lost:
+                    log.warning("the change notes cannot be read: %s", exc)
+                lost = True
+                await self._drop()
+                await asyncio.sleep(RETRY)
+                continue
+            if self._closed():
+                return
+            try:
+                self._dispatch(got)
+            except ConnectionError as exc:
+                log.warning("the change notes cannot be read: %s", exc)
+                lost = True
+                await self._drop()
+
+    def _dispatch(self, got: list[Any]) -> None:
+        entries: list[RawChange] = []
+        prefix = self._prefix
+        for push in got:
+            if isinstance(push, Exception):  # a refused SSUBSCRIBE: start again
+                raise ConnectionError(f"a change note channel was refused: {push}")
+            kind = _kind(push)
+            if kind == "smessage":
+                entries.append(parse_note(push[2]))
+            elif kind == "ssubscribe" and push[1].startswith(prefix):
+                if entries:  # in order: the notes before the confirmation first
+                    self._post(NotedChanges(tuple(entries)))
+                    entries = []
+                self._post(Noted(push[1][len(prefix) :]))
+        if entries:
+            self._post(NotedChanges(tuple(entries)))
+
+    async def _drop(self) -> None:
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.conn.disconnect()
+            await self._space.reader.connection_pool.release(wire.conn)
+
+    async def aclose(self) -> None:
+        """Close the connection."""
+        await self._drop()
+
+
+def _kind(push: object) -> str | None:
+    if isinstance(push, list) and len(push) == 3 and isinstance(push[0], str):
+        return push[0]
+    return None
