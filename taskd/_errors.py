@@ -4,6 +4,7 @@ Every error that is taskd's own derives from :class:`TaskdError`::
 
     TaskdError
     ├── TaskNotFound         a call named an unknown, expired or evicted id   404 NOT_FOUND
+    │                        (``hint``: another process minted it; no shared space)
     ├── TaskConflict         an active task holds (owner, task_type, resource_id)
     │                                                                    409 CONFLICT
     ├── InvalidTransition    the record's status does not allow the change
@@ -107,21 +108,29 @@ def _text(details: Mapping[str, object], key: str) -> str:
 
 
 class TaskNotFound(TaskdError):
-    """No visible task has this id (never existed, expired, evicted or another owner's)."""
+    """No visible task has this id (never existed, expired, evicted or another owner's).
+
+    ``hint``, when set, says why the id cannot be found here: a process without a
+    shared task space was asked for an id another process minted since it started
+    (docs/scale-out.md). It depends on the id alone.
+    """
 
     code = "NOT_FOUND"
     http_status = 404
 
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, hint: str | None = None) -> None:
         super().__init__(f"task {task_id!r} not found")
         self.task_id = task_id
+        self.hint = hint
 
     def error_details(self) -> _Details:
-        return {"task_id": self.task_id}
+        if self.hint is None:
+            return {"task_id": self.task_id}
+        return {"task_id": self.task_id, "hint": self.hint}
 
     @classmethod
     def _from_wire(cls, message: str, details: Mapping[str, object]) -> TaskdError:
-        return cls(_text(details, "task_id"))
+        return cls(_text(details, "task_id"), _text(details, "hint") or None)
 
 
 class TaskConflict(TaskdError):

@@ -287,7 +287,10 @@ def document(
     if auth:
         common["401"] = _error("Missing or invalid credentials")
     bad = _error("Invalid query or body values, or malformed JSON")
-    missing = _error("Unknown, expired or evicted task, or another owner's")
+    missing = _error(
+        "Unknown, expired or evicted task, or another owner's; details.hint (naming "
+        "--redis) when another process minted the id since this one started"
+    )
     too_large = _error(f"Request body over the limit ({max_body} bytes here)")
     precondition = _error("The transition is not allowed from the task's current status")
     task_id = {

@@ -425,6 +425,13 @@ class Tracker:
                 return rec
         raise WouldBlock(task_id)
 
+    def not_found(self, task_id: str) -> TaskNotFound:
+        """The ``TaskNotFound`` this tracker raises for ``task_id``, for a caller that
+        turns ``get``'s None into an error (the HTTP GET route does): with ``hint`` set
+        when the id cannot be from this task space — minted by another process since
+        this one opened, with no shared store (docs/scale-out.md). From the id alone."""
+        return TaskNotFound(task_id, self._engine.hint(check_task_id(task_id)))
+
     # --- this process's share (aiojobs' Scheduler: len, active and pending counts) --
 
     def __len__(self) -> int:
@@ -551,7 +558,7 @@ class Tracker:
         rec: TaskRecord | None = reply[0]
         terminal: bool = reply[1]
         if rec is None:
-            raise TaskNotFound(tid)
+            raise self.not_found(tid)
         return rec, terminal
 
     async def watch(

@@ -355,6 +355,7 @@ def test_error_table_holds_the_documented_codes_and_the_openapi_document_lists_t
     "exc",
     [
         taskd.TaskNotFound("t1"),
+        taskd.TaskNotFound("t1", "minted elsewhere: use --redis"),
         taskd.TaskConflict("t1", "commit", "s1"),
         taskd.InvalidTransition("t1", "cancelled", "cancel"),
         taskd.QuotaExceeded("alice", 3),
@@ -370,6 +371,7 @@ def test_exceptions_rebuild_from_code_and_details(exc: taskd.TaskdError) -> None
     rebuilt = _errors.error_from_wire(exc.code, str(exc), details)
     assert type(rebuilt) is type(exc)
     assert str(rebuilt) == str(exc)
+    assert rebuilt.error_details() == exc.error_details()
 
 
 async def test_client_raises_what_the_server_raised(tmp_path: Path) -> None:

@@ -190,6 +190,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     (
         "taskd.engine.state",
+        "taskd.engine.ids",
         "taskd.engine.store",
         "taskd.engine.sqlite",
         "taskd.engine.rules",

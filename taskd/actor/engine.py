@@ -193,6 +193,12 @@ class Engine(abc.ABC):
         """A new task id and its instant, for the spawn fast path (``admits``)."""
         raise NotImplementedError
 
+    def hint(self, task_id: str) -> str | None:
+        """NOT_FOUND's ``details.hint`` for ``task_id``, from the id alone (never from
+        whether a record exists, or whose). Default: none — a shared engine holds
+        every process's records, so a miss there is a miss everywhere."""
+        return None
+
     def shut(self) -> None:
         """The loop is ending: answer what the engine still holds (before the actor
         fails every pending reply with ``TrackerClosed``). Default: nothing held."""

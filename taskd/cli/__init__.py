@@ -80,7 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServerUnreachable:
         print(f"taskd: cannot reach the server at {url}", file=sys.stderr)
     except TaskNotFound as exc:
-        print(f"taskd: no such task: {exc.task_id}", file=sys.stderr)
+        # The hint (if any) names the likely cause: servers without a shared task space.
+        hint = f" ({exc.hint})" if exc.hint else ""
+        print(f"taskd: no such task: {exc.task_id}{hint}", file=sys.stderr)
     except ApiError as exc:
         if exc.status == 404 or exc.code == "HTTP_ERROR":
             # Not a task's 404 (that is TaskNotFound): no taskd API at that URL.

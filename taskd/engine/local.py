@@ -106,6 +106,8 @@ class LocalEngine(Engine):
     async def open(self, sender: WebhookSender | None) -> None:
         """Load the store's records; tasks a gone process ran are failed."""
         records = await self.store.open()
+        # Ids minted from now on are told apart from other processes' (the hint).
+        self.state.ids.open(self._clock())
         kept = getattr(self.store, "page_key", None)
         if isinstance(kept, bytes) and kept:
             self.page_key = kept
@@ -404,6 +406,11 @@ class LocalEngine(Engine):
     def mint(self, now: float) -> tuple[str, float]:
         """A new task id, from the state's one sequence."""
         return self.state.mint(now)
+
+    def hint(self, task_id: str) -> str | None:
+        """Why an id minted by another process since this one opened is not here
+        (``engine/ids.py``): the records are this process's alone."""
+        return self.state.ids.hint(task_id)
 
     def _beat(self, task_id: str) -> None:
         if task_id in self._last_beat:

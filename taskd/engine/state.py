@@ -13,7 +13,6 @@ shared task space needs.
 from __future__ import annotations
 
 import heapq
-import secrets
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -33,6 +32,7 @@ from .._models import (
 )
 from .._retention import ExpiryQueues, Retention
 from .codec import new_spec as new_spec  # where the actor and tests import it from
+from .ids import IdSpace
 from .rules import DELETE_FROM
 
 __all__ = ["Page", "TaskState"]
@@ -66,7 +66,8 @@ class TaskState:
         self._quota = retention.max_active_per_owner
         self._active_by_owner: dict[str | None, int] = {}
         self._expiry = ExpiryQueues(retention)
-        self._last_stamp = 0
+        #: Minting, and NOT_FOUND's hint for an id another process minted.
+        self.ids = IdSpace()
         #: The sequence number of the latest change (event ids).
         self.seq = first_seq
         # Changes since the last take_changes(): latest version per id (None: removed),
@@ -94,10 +95,11 @@ class TaskState:
         return self._records.get(task_id)
 
     def visible(self, task_id: str, owner: OwnerScope) -> TaskRecord:
-        """The record if ``owner`` may see it, else ``TaskNotFound``."""
+        """The record if ``owner`` may see it, else ``TaskNotFound`` (with the id's
+        hint: from the id alone, so another owner's record answers as a missing one)."""
         rec = self._records.get(task_id)
         if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
-            raise TaskNotFound(task_id)
+            raise TaskNotFound(task_id, self.ids.hint(task_id))
         return rec
 
     def counts(self) -> dict[tuple[str, TaskStatus], int]:
@@ -124,7 +126,7 @@ class TaskState:
         for rec in sorted(records, key=lambda r: r.task_id):
             self._records[rec.task_id] = rec
             self._index_add(rec)
-            self._last_stamp = max(self._last_stamp, int(rec.task_id[:13], 16))
+            self.ids.saw(rec.task_id)
             if rec.status in TERMINAL:
                 finished.append(rec)
             else:
@@ -164,14 +166,10 @@ class TaskState:
         """A new id and its creation instant (``now``, or a microsecond past the last).
 
         The tracker also calls this for a spawn it answers itself (same thread, no
-        await between): one sequence of ids either way."""
-        stamp = int(now * 1_000_000)
-        if stamp <= self._last_stamp:
-            stamp = self._last_stamp + 1
-        self._last_stamp = stamp
-        # The id starts with its creation instant in fixed-width hex, so ids sort in
-        # creation order (which every index relies on), then carries 128 random bits.
-        return f"{stamp:013x}{secrets.token_urlsafe(16)}", stamp / 1_000_000
+        await between): one sequence of ids either way. Ids start with their creation
+        instant, so they sort in creation order, which every index relies on
+        (``engine/ids.py``)."""
+        return self.ids.mint(now)
 
     def insert_minted(self, rec: TaskRecord) -> TaskRecord:
         """Insert a record the tracker built (a spawn without resource_id, no quota,

@@ -12,7 +12,6 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import _metrics, _openapi
-from .._errors import TaskNotFound
 from .._models import (
     JSON,
     TaskRecord,
@@ -99,7 +98,7 @@ class _Handlers:
             except WouldBlock:
                 rec = await tracker.get(task_id, owner=owner)
             if rec is None:
-                raise TaskNotFound(task_id)
+                raise tracker.not_found(task_id)
         else:
             if not 0 < wait <= state.max_wait:
                 raise _invalid(
