@@ -198,7 +198,12 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.keys",
     ),
     ("taskd.actor",),
-    ("taskd.engine.local", "taskd.engine.redis.engine", "taskd.engine.redis.background"),
+    (
+        "taskd.engine.local",
+        "taskd.engine.redis.engine",
+        "taskd.engine.redis.background",
+        "taskd.engine.redis.tally",
+    ),
     ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )
 
