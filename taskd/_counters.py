@@ -1,19 +1,36 @@
-"""What the actor counts for ``/metrics`` and the dashboard: tasks finished by type
-and status, how long they ran and waited, and a per-minute series of the last hour.
+"""What ``/metrics`` and the dashboard count: tasks finished by type and status, how
+long they ran and waited, and a per-minute series of the last hour (``TaskCounters``);
+and each process's own series (``ProcessSeries``: its HTTP requests, mailbox,
+subscriptions, waiters, commands and webhooks).
 
-Counted by the actor as it commits transitions (no scans, no extra messages), read
-through the ``Stats`` message. In Redis mode each process counts the transitions it
-made itself; Prometheus sums the processes (docs/operations.md).
+The local engine counts tasks in process as it commits transitions (no scans, no extra
+messages). With Redis the counts are the deployment's totals, kept in Redis by the
+same calls that move tasks (``engine/redis/tally.lua``) and read into a
+``TaskCounters`` of the same shape; each process publishes its ``ProcessSeries`` and
+shows every live process's (docs/operations.md).
 """
 
 from __future__ import annotations
 
+import json
 from bisect import bisect_left
+from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from ._models import TERMINAL, TaskRecord, TaskStatus
 
-__all__ = ["BUCKETS", "HTTP_BUCKETS", "MAX_TASK_TYPES", "OTHER", "Histogram", "TaskCounters"]
+__all__ = [
+    "BUCKETS",
+    "HTTP_BUCKETS",
+    "MAX_TASK_TYPES",
+    "MINUTES",
+    "OTHER",
+    "Histogram",
+    "HttpCounters",
+    "ProcessSeries",
+    "TaskCounters",
+]
 
 #: Upper bounds (seconds) of the run- and wait-time histogram buckets: from a few
 #: milliseconds (a quick in-process job) to an hour (a batch job); +Inf is implied.
@@ -102,6 +119,17 @@ class Histogram:
         out.sum, out.count = self.sum, self.count
         return out
 
+    @classmethod
+    def of(cls, buckets: list[int], total: float, bounds: tuple[float, ...]) -> Histogram:
+        """A histogram from its per-bucket counts (``+Inf`` last) and sum, as another
+        process or Redis kept them; ``ValueError`` if they do not fit ``bounds``."""
+        if len(buckets) != len(bounds) + 1:
+            raise ValueError(f"{len(buckets)} buckets for {len(bounds)} bounds")
+        out = cls(bounds)
+        out.buckets = [int(n) for n in buckets]
+        out.sum, out.count = float(total), sum(out.buckets)
+        return out
+
 
 class TaskCounters:
     """The counts themselves; only the actor calls the ``on_*`` methods."""
@@ -168,6 +196,12 @@ class TaskCounters:
             out.append([minute * 60, *row])
         return out
 
+    def types(self) -> set[str]:
+        """The task types with series of their own (``_other`` aside)."""
+        out = {t for t, _ in self.finished} | set(self.run) | set(self.wait)
+        out.discard(OTHER)
+        return out
+
     def snapshot(self, now: float) -> TaskCounters:
         """A copy for one ``Stats`` reply, taken at ``now`` (the tracker's clock)."""
         out = TaskCounters()
@@ -196,3 +230,77 @@ def _label(families: dict[str, Histogram], task_type: str) -> Histogram:
         if hist is None:
             hist = families[task_type] = Histogram()
     return hist
+
+
+class HttpCounters:
+    """HTTP requests served, by (method, route, status code), and their durations, by
+    (method, route): counted by ``taskd serve``'s middleware (``taskd.web``), one per
+    tracker, read into this process's ``ProcessSeries``."""
+
+    __slots__ = ("counts", "durations")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str, int], int] = {}
+        self.durations: dict[tuple[str, str], Histogram] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class ProcessSeries:
+    """One process's own series at one instant: what its actor, its web layer and its
+    webhook sender counted. Without Redis, the one process's, exported without a
+    label; with Redis, each process publishes its own (``to_json``) and every
+    process's ``/metrics`` shows all live ones, labelled ``process``."""
+
+    #: The process's name in the task space (``host:pid:random``); None for the
+    #: only process of an in-process tracker (exported without a ``process`` label).
+    process: str | None
+    mailbox_depth: int
+    subscriptions: int
+    waiters: int
+    commands: int
+    #: (delivered, failed), or None without webhooks.
+    webhooks: tuple[int, int] | None
+    #: Snapshots (copies), never the live counters.
+    http: Mapping[tuple[str, str, int], int]
+    durations: Mapping[tuple[str, str], Histogram]
+
+    def to_json(self) -> str:
+        """A compact JSON text of these series (what a process publishes)."""
+        return json.dumps(
+            {
+                "p": self.process,
+                "g": [self.mailbox_depth, self.subscriptions, self.waiters],
+                "c": self.commands,
+                "w": None if self.webhooks is None else list(self.webhooks),
+                "h": [[m, r, code, n] for (m, r, code), n in self.http.items()],
+                "d": [[m, r, h.buckets, h.sum] for (m, r), h in self.durations.items()],
+            },
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ProcessSeries | None:
+        """The series another process published, or None if the text is not such a
+        record (a process of another version, say: it is left out, not fatal)."""
+        try:
+            d = json.loads(text)
+            process = d["p"]
+            if not isinstance(process, str):
+                return None
+            mailbox, subscriptions, waiters = (int(v) for v in d["g"])
+            hooks = d["w"]
+            return cls(
+                process,
+                mailbox,
+                subscriptions,
+                waiters,
+                int(d["c"]),
+                None if hooks is None else (int(hooks[0]), int(hooks[1])),
+                {(str(m), str(r), int(code)): int(n) for m, r, code, n in d["h"]},
+                {
+                    (str(m), str(r)): Histogram.of(buckets, total, HTTP_BUCKETS)
+                    for m, r, buckets, total in d["d"]
+                },
+            )
+        except (ValueError, TypeError, KeyError, IndexError):
+            return None

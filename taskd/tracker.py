@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from ._counters import HttpCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._models import (
     ANY_OWNER,
@@ -242,9 +243,6 @@ class Tracker:
         """
         if self._state is not TrackerState.OPEN or self._actor.closed:
             raise TrackerClosed(f"the tracker is {self.state.value}; it takes no commands")
-        return self._send(msg)
-
-    def _send(self, msg: m.Request[R]) -> asyncio.Future[R]:
         return self._actor.ask(msg)
 
     # --- creating -------------------------------------------------------------------
@@ -599,9 +597,11 @@ class Tracker:
         return self._engine.store_error
 
     async def stats(self) -> TrackerStats:
-        """Counters for metrics: records by (task_type, status), mailbox depth, commands."""
-        stats: TrackerStats = await self._call(m.Stats())
-        if self._sender is not None:
-            stats["webhooks_delivered"] = self._sender.delivered
-            stats["webhooks_failed"] = self._sender.failed
-        return stats
+        """Counters for /metrics: records, tasks finished, per-process series."""
+        return await self._call(m.Stats())
+
+    @property
+    def http(self) -> HttpCounters:
+        """The HTTP requests of this process and their durations, for ``/metrics``:
+        ``taskd serve``'s middleware counts into them (``taskd.web``)."""
+        return self._actor.http

@@ -207,6 +207,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.pages",
         "taskd.engine.redis.notes",
         "taskd.engine.redis.follow",
+        "taskd.engine.redis.tally",
     ),
     ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )

@@ -151,8 +151,9 @@ def test_serve_on_uvloop(tmp_path: Path) -> None:
 
 
 async def test_counters_on_both_engines(engine: Engine) -> None:
-    """Each process counts the transitions it made: external reports, its own
-    coroutines' ends, and spawned tasks' zero wait (docs/operations.md)."""
+    """Transitions are counted as they are made: external reports, coroutines'
+    ends, and spawned tasks' zero wait; in process in memory, in Redis (the
+    deployment's totals, here one tracker's) with Redis (docs/operations.md)."""
 
     async def ok() -> str:
         return "done"

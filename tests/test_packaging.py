@@ -60,7 +60,12 @@ def test_the_wheel_and_the_sdist_hold_the_package_data(dist: Path) -> None:
     (wheel,) = dist.glob("aiotaskd-*.whl")
     (sdist,) = dist.glob("aiotaskd-*.tar.gz")
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("taskd/py.typed", "taskd/static/dashboard.html", "taskd/engine/redis/script.lua"):
+    for name in (
+        "taskd/py.typed",
+        "taskd/static/dashboard.html",
+        "taskd/engine/redis/script.lua",
+        "taskd/engine/redis/tally.lua",
+    ):
         assert name in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)
     assert not any(n.startswith(("tests/", "bench/", "examples/")) for n in names)

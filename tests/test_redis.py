@@ -19,6 +19,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from prometheus_client.parser import text_string_to_metric_families
 
 import taskd
 from taskd.testing import eventually
@@ -31,6 +32,17 @@ API = "/api/v1"
 
 def prefix() -> str:
     return f"mp-{uuid.uuid4().hex[:10]}:"
+
+
+def total(text: str, name: str) -> float:
+    """The sum of a family's samples in a /metrics text: with Redis, a per-process
+    family has one series per process, labelled ``process`` (docs/operations.md)."""
+    return sum(
+        s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+        if s.name == name
+    )
 
 
 async def start_all(services: list[Service]) -> list[Service]:
@@ -245,7 +257,7 @@ async def test_long_poll_on_one_process_sees_another(
 
         async def parked(url: str = b.url) -> bool:
             async with http.get(f"{url}/metrics") as resp:
-                return "taskd_waiters 1.0" in await resp.text()
+                return total(await resp.text(), "taskd_waiters") == 1
 
         await eventually(parked, 15)
         await call(http, "POST", f"{a.url}{API}/tasks/{tid}/cancel", 202)
@@ -275,7 +287,7 @@ async def test_event_streams_are_global_and_resumable(
 
     async def subscribed(url: str) -> bool:
         async with http.get(f"{url}/metrics") as resp:
-            return "taskd_subscriptions 1.0" in await resp.text()
+            return total(await resp.text(), "taskd_subscriptions") == 1
 
     async with http.get(f"{a.url}{API}/events") as stream:
         await eventually(lambda: subscribed(a.url), 15)
@@ -843,7 +855,7 @@ async def test_a_deleted_task_is_gone_from_replays_and_from_redis(
 
             async def subscribed() -> bool:
                 async with http.get(f"{s.url}/metrics") as resp:
-                    return "taskd_subscriptions 1.0" in await resp.text()
+                    return total(await resp.text(), "taskd_subscriptions") == 1
 
             await eventually(subscribed, 15)
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "a"})
@@ -967,7 +979,7 @@ async def test_a_deleted_task_is_not_replayed_on_any_engine(
 
             async def subscribed() -> bool:
                 async with http.get(f"{s.url}/metrics") as resp:
-                    return "taskd_subscriptions 1.0" in await resp.text()
+                    return total(await resp.text(), "taskd_subscriptions") == 1
 
             await eventually(subscribed, 15)
             await call(http, "POST", f"{s.url}{API}/tasks", 201, json={"task_type": "a"})
@@ -985,15 +997,17 @@ async def test_a_deleted_task_is_not_replayed_on_any_engine(
 
 
 def test_the_script_spells_no_key_and_no_entry_field_by_hand() -> None:
-    """Every key suffix and stream entry field the script uses comes from
-    ``taskd.engine.redis.keys`` (its ``K`` table), and every name there is used."""
+    """Every key suffix and stream entry field the library uses (``script.lua`` and
+    ``tally.lua``) comes from ``taskd.engine.redis.keys`` (its ``K`` table), and every
+    name there is used."""
     import re
     from importlib import resources
 
     from taskd.engine import codec
     from taskd.engine.redis import keys, space
 
-    source = resources.files("taskd.engine.redis").joinpath("script.lua").read_text("utf-8")
+    files = resources.files("taskd.engine.redis")
+    source = "".join(files.joinpath(n).read_text("utf-8") for n in ("script.lua", "tally.lua"))
     assert re.findall(r"\bk\('", source) == []  # k(K.NAME ...) only
     used = set(re.findall(r"\bK\.([A-Z_]+)", source))
     named = set(keys.KEYS) | {n for n in keys.__all__ if n.startswith("ENTRY_")}

@@ -22,7 +22,7 @@ import logging
 from collections.abc import Callable, Coroutine, Mapping
 from typing import TYPE_CHECKING, Any, Final, TypeVar
 
-from .._counters import TaskCounters
+from .._counters import HttpCounters, ProcessSeries, TaskCounters
 from .._errors import TaskdError, TrackerClosed
 from .._models import JSON, TERMINAL, OwnerScope, TaskRecord, TaskStatus
 from ..engine.state import new_spec
@@ -72,8 +72,10 @@ class Actor:
         self.cancel_grace = cancel_grace
         self.closed = False
         self.commands = 0
-        #: What /metrics and the dashboard's chart count (transitions, as committed).
-        self.counters = TaskCounters()
+        #: This process's HTTP requests, counted by the web layer (``Tracker.http``).
+        self.http = HttpCounters()
+        #: The webhook sender, if any (``open``): its counts are this process's.
+        self.sender: WebhookSender | None = None
         #: The batch's clock reading (never backwards, so updated_at never is either).
         self.now = 0.0
         self.timers = Timers(clock, self._wake)
@@ -114,6 +116,7 @@ class Actor:
     async def open(self, sender: WebhookSender | None) -> None:
         """Open the engine (load or connect) before the loop starts."""
         self.tick()
+        self.sender = sender
         await self.engine.open(sender)
         # Event ids start at the engine's first sequence number (this boot's instant,
         # or the shared space's epoch): an id below it is from an earlier boot.
@@ -341,7 +344,6 @@ class Actor:
     def add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
         """Book the runner of a spawned record; it starts once the batch is committed."""
         runner = Runner(self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout)
-        self.counters.on_started(rec)  # running from its creation: it waited 0 s
         self.runners[rec.task_id] = runner
         self.launch.append(runner)
         if msg.timeout is not None:
@@ -468,20 +470,49 @@ class Actor:
         self.hub.unsubscribe(msg.subscription)
 
     def stats(
-        self, counts: dict[tuple[str, TaskStatus], int], records: int, active: int
+        self,
+        counts: dict[tuple[str, TaskStatus], int],
+        records: int,
+        active: int,
+        finished: TaskCounters,
+        processes: list[ProcessSeries] | None = None,
     ) -> TrackerStats:
-        """``Stats``' answer: the engine's counts and this process's own."""
-        return {
+        """``Stats``' answer: the engine's counts and this process's own. An engine
+        that shares its records passes every process's series, this one's first;
+        otherwise this process's alone, unlabelled."""
+        if not processes:
+            processes = [self.series()]
+        mine = processes[0]
+        out: TrackerStats = {
             "counts": counts,
             "records": records,
             "active": active,
-            "mailbox_depth": self.mailbox.qsize(),
-            "commands": self.commands,
+            "mailbox_depth": mine.mailbox_depth,
+            "commands": mine.commands,
             "runners": len(self.runners),
-            "subscriptions": len(self.hub),
-            "waiters": sum(map(len, self.waiters.values())),
-            "finished": self.counters.snapshot(self.now),
+            "subscriptions": mine.subscriptions,
+            "waiters": mine.waiters,
+            "finished": finished,
+            "processes": processes,
         }
+        if mine.webhooks is not None:
+            out["webhooks_delivered"], out["webhooks_failed"] = mine.webhooks
+        return out
+
+    def series(self, process: str | None = None) -> ProcessSeries:
+        """The series of this process now (``process``: its name, when it has one)."""
+        http = self.http
+        sender = self.sender
+        return ProcessSeries(
+            process,
+            self.mailbox.qsize(),
+            len(self.hub),
+            sum(map(len, self.waiters.values())),
+            self.commands,
+            None if sender is None else (sender.delivered, sender.failed),
+            dict(http.counts),
+            {key: h.copy() for key, h in http.durations.items()},
+        )
 
     # --- shutdown ---------------------------------------------------------------------
 

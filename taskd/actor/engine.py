@@ -21,7 +21,7 @@ import asyncio
 from collections.abc import Callable, Mapping
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from .._counters import TaskCounters
+from .._counters import ProcessSeries, TaskCounters
 from .._models import JSON, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from . import messages as m
 from .hub import Hub
@@ -60,7 +60,6 @@ class Host(Protocol):
     closed: bool
     timers: Timers
     hub: Hub
-    counters: TaskCounters
     mailbox: asyncio.Queue[tuple[object, asyncio.Future[Any] | None]]
     runners: dict[str, Runner]
     waiters: dict[str, set[asyncio.Future[Any]]]
@@ -91,9 +90,18 @@ class Host(Protocol):
         """Book the runner of a spawned record."""
 
     def stats(
-        self, counts: dict[tuple[str, TaskStatus], int], records: int, active: int
+        self,
+        counts: dict[tuple[str, TaskStatus], int],
+        records: int,
+        active: int,
+        finished: TaskCounters,
+        processes: list[ProcessSeries] | None = None,
     ) -> TrackerStats:
-        """``Stats``' answer from the engine's counts."""
+        """``Stats``' answer from the engine's counts and task counters (and every
+        process's series, this one's first, when the engine has them)."""
+
+    def series(self, process: str | None = None) -> ProcessSeries:
+        """The series of this process now."""
 
 
 class Engine(abc.ABC):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import TypedDict
 
-from .._counters import TaskCounters
+from .._counters import ProcessSeries, TaskCounters
 from .._models import TaskStatus
 
 __all__ = ["TrackerStats"]
@@ -25,6 +25,11 @@ class TrackerStats(TypedDict, total=False):
     waiters: int
     webhooks_delivered: int
     webhooks_failed: int
-    #: Tasks finished, run and wait times, and the last hour per minute, as this
-    #: process counted them (``TaskCounters``: docs/operations.md).
+    #: Tasks finished, run and wait times, and the last hour per minute: counted in
+    #: this process (memory, SQLite), or the deployment's totals (Redis), as
+    #: docs/operations.md says.
     finished: TaskCounters
+    #: Per-process series: this process's own (first) and, with Redis, every other
+    #: live process's as it last published them; ``mailbox_depth`` … ``waiters`` and
+    #: the webhook counts above are this process's.
+    processes: list[ProcessSeries]

@@ -14,6 +14,7 @@ import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
+from .._counters import TaskCounters
 from .._errors import InvalidTransition, StoreError, TaskdError
 from .._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from .._retention import Retention
@@ -73,6 +74,9 @@ class LocalEngine(Engine):
         # boot's start. An id below it is from an earlier boot: no replay is possible.
         self.boot_seq = int(clock() * 1_000_000)
         self.state = TaskState(retention, first_seq=self.boot_seq)
+        #: What /metrics and the dashboard's chart count, in this process: each
+        #: transition as it is committed (with Redis, the deployment's totals instead).
+        self.counters = TaskCounters()
         self._last_beat: dict[str, float] = {}
         self._retry_due = False
         #: Called with each terminal record that has a callback_url, after its commit.
@@ -298,7 +302,7 @@ class LocalEngine(Engine):
         )
         if rec.status is not new.status:
             tid = new.task_id
-            a.counters.on_change(rec.status, new)
+            self.counters.on_change(rec.status, new)
             if new.status in TERMINAL:
                 self._last_beat.pop(tid, None)
                 expires = self.state.expires_at(new)
@@ -363,6 +367,7 @@ class LocalEngine(Engine):
             )
 
         rec = self.state.insert(msg.task_type, msg.resource_id, msg.owner, self.actor.now, build)
+        self.counters.on_started(rec)  # running from its creation: it waited 0 s
         return self.actor.add_runner(msg, rec)
 
     def _spawn_minted(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
@@ -374,6 +379,7 @@ class LocalEngine(Engine):
             msg.coro.close()
             msg.done.set(TaskStatus.FAILED, None, exc)
             raise
+        self.counters.on_started(rec)
         return self.actor.add_runner(msg, rec)
 
     def admits(self) -> bool:
@@ -498,4 +504,5 @@ class LocalEngine(Engine):
 
     def _on_stats(self, msg: m.Stats, fut: object) -> object:
         state = self.state
-        return self.actor.stats(state.counts(), len(state), state.active)
+        finished = self.counters.snapshot(self.actor.now)
+        return self.actor.stats(state.counts(), len(state), state.active, finished)

@@ -155,8 +155,7 @@ def _setup(
         auth,
         wait_cap,
         ping,
-        {} if metrics else None,
-        {} if metrics else None,
+        tracker.http if metrics else None,
     )
     state.app = app
     app[_STATE] = state

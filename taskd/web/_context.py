@@ -14,7 +14,7 @@ from typing import Final, TypeVar
 
 from aiohttp import web
 
-from .._counters import Histogram
+from .._counters import HttpCounters
 from .._models import (
     TaskRecord,
 )
@@ -47,10 +47,9 @@ class _State:
     auth: AuthCallback | None
     max_wait: float
     sse_ping_interval: float
-    #: (method, route, status) -> requests served; None unless metrics are exported.
-    http_counts: dict[tuple[str, str, int], int] | None = None
-    #: (method, route) -> request durations, kept alongside ``http_counts``.
-    http_durations: dict[tuple[str, str], Histogram] | None = None
+    #: Requests served and their durations, by route (the tracker's: its process's
+    #: series); None unless this application exports metrics (``create_app``).
+    http: HttpCounters | None = None
     #: The request body limit, for the OpenAPI document (aiohttp's default: 1 MiB).
     max_body: int = MAX_BODY
     #: The application setup() was called on (maybe mounted as a sub-application).

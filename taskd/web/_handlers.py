@@ -262,7 +262,7 @@ class _Handlers:
 
     async def stats(self, request: web.Request) -> web.Response:
         """Counts for the dashboard: active tasks, records held, and tasks finished
-        per minute over the last hour (this process's counters)."""
+        per minute over the last hour (with Redis, the deployment's)."""
         state = self.state
         await _owner(request, state)  # with tokens, one is needed (as for /metrics)
         stats = await state.tracker.stats()
@@ -332,7 +332,8 @@ async def metrics_handler(request: web.Request) -> web.Response:
     ``app.router.add_get("/metrics", taskd.web.metrics_handler)``. With ``auth``,
     a scrape needs credentials too (task types name every owner's work). The HTTP
     request series are those of ``create_app``'s own routes, so an embedding
-    application gets the task series only."""
+    application gets the task series only (and, with Redis, every process's
+    per-process series, labelled ``process``)."""
     state = _state_of(request)
     if state.auth is not None:
         # With tokens, metrics (which name every owner's task types) need one too.
@@ -343,10 +344,5 @@ async def metrics_handler(request: web.Request) -> web.Response:
                 401, "UNAUTHENTICATED", exc.reason, None, {"WWW-Authenticate": "Bearer"}
             )
     stats = await state.tracker.stats()
-    body, content_type = _metrics.render(
-        stats,
-        state.http_counts or {},
-        state.http_durations or {},
-        accept=request.headers.get("Accept", ""),
-    )
+    body, content_type = _metrics.render(stats, accept=request.headers.get("Accept", ""))
     return web.Response(body=body, headers={"Content-Type": content_type})

@@ -44,9 +44,10 @@ def make_middleware(
     answers (unknown paths) and counts requests per route for ``/metrics``; with a
     ``screen`` (the browser guard's checks) it applies that first, as the outermost
     middleware would (its refusals are neither enveloped again nor counted)."""
-    counts = state.http_counts
-    durations = state.http_durations
-    timed = counts is not None and durations is not None  # the standalone app's metrics
+    http = state.http
+    timed = http is not None  # the standalone app's metrics
+    counts = {} if http is None else http.counts
+    durations = {} if http is None else http.durations
     clock = time.perf_counter
 
     @web.middleware
@@ -65,7 +66,6 @@ def make_middleware(
                 raise
             response = error_to_response(request, exc)
         if timed:
-            assert counts is not None and durations is not None
             route = request.match_info.route.resource
             method = request.method
             name = route.canonical if route is not None else "(unmatched)"

@@ -45,7 +45,7 @@ from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
 from ..state import Page
-from . import keys
+from . import keys, tally
 from .background import BEAT, Background, Writable, announce
 from .follow import Following
 from .pages import Walk
@@ -66,7 +66,6 @@ from .wire import Unsent
 
 if TYPE_CHECKING:
     from ..._webhooks import WebhookSender
-    from ...actor.stats import TrackerStats
 
 __all__ = ["RedisEngine"]
 
@@ -76,6 +75,8 @@ log = logging.getLogger("taskd")
 BACKOFF: Final = 0.5
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
 _TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
+#: This process's own keys, deleted on a clean exit: its liveness and its series.
+_MINE: Final = (keys.ALIVE, keys.SERIES)
 #: Messages that need Redis (refused at once while it is unreachable).
 _REMOTE: Final = frozenset(
     {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
@@ -126,8 +127,10 @@ class RedisEngine(Engine):
         self._held: list[object] = []  # runner reports to send again
         self._acks: list[str] = []
         self._background: list[asyncio.Task[None]] = []
-        # When the next sweep is due (inf while one is in flight).
+        # When the next sweep is due (inf while one is in flight); when this process's
+        # series are next published (with a sweep: ``fire``).
         self._sweep_due = math.inf
+        self._publish_due = 0.0
 
     def bind(self, actor: Host) -> None:
         """Bind to the actor, and make what posts to its mailbox."""
@@ -216,7 +219,7 @@ class RedisEngine(Engine):
             await asyncio.wait(self._background, timeout=SOCKET_TIMEOUT + 3.0)
         with contextlib.suppress(Exception):
             # A clean exit: nothing of ours runs any more.
-            await self.space.redis.delete(self.space.key(keys.ALIVE + self.proc))
+            await self.space.redis.delete(*(self.space.key(k + self.proc) for k in _MINE))
         await self.space.aclose()
 
     def refuses(self, msg: object, fut: asyncio.Future[Any] | None) -> bool:
@@ -409,6 +412,9 @@ class RedisEngine(Engine):
             # (else a stale entry: a later one is set)
             self._sweep_due = math.inf  # one sweep in flight at a time
             self._send("sweep", (), self._swept, None)
+            if self.actor.now >= self._publish_due:  # its own series, about once a beat
+                self._publish_due = self.actor.now + BEAT / 2
+                self._send(*tally.publish(self.space, self.actor.series(self.proc)), ignore, None)
 
     def fired(self) -> None:
         """Deadlines are swept in Redis: no expiry floor here."""
@@ -468,14 +474,7 @@ class RedisEngine(Engine):
         return self._send("spawn", args, done, fut)
 
     def _remote_start(self, msg: m.Start, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("start", (msg.task_id, scope(msg.owner)), self._moved, fut)
-
-    def _moved(self, reply: list[Any]) -> TaskRecord:
-        """The reply to a transition this process made (start, complete, fail,
-        cancel): counted here, by the process that made it."""
-        rec = self._record(reply)
-        self.actor.counters.on_change(None, rec)
-        return rec
+        return self._send("start", (msg.task_id, scope(msg.owner)), self._record, fut)
 
     def _remote_progress(self, msg: m.Progress, fut: asyncio.Future[Any] | None) -> Deferred:
         args = (
@@ -488,13 +487,13 @@ class RedisEngine(Engine):
 
     def _remote_complete(self, msg: m.Complete, fut: asyncio.Future[Any] | None) -> Deferred:
         args = (msg.task_id, scope(msg.owner), result_text(msg.result))
-        return self._send("complete", args, self._moved, fut)
+        return self._send("complete", args, self._record, fut)
 
     def _remote_fail(self, msg: m.Fail, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("fail", (msg.task_id, scope(msg.owner), msg.error), self._moved, fut)
+        return self._send("fail", (msg.task_id, scope(msg.owner), msg.error), self._record, fut)
 
     def _remote_cancel(self, msg: m.Cancel, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("cancel", (msg.task_id, scope(msg.owner), msg.reason), self._moved, fut)
+        return self._send("cancel", (msg.task_id, scope(msg.owner), msg.reason), self._record, fut)
 
     def _remote_delete(self, msg: m.Delete, fut: asyncio.Future[Any] | None) -> Deferred:
         return self._send("delete", (msg.task_id, scope(msg.owner)), ignore, fut)
@@ -576,20 +575,13 @@ class RedisEngine(Engine):
         return self._get(sub.task_id, done, fut)
 
     def _remote_stats(self, msg: m.Stats, fut: asyncio.Future[Any] | None) -> Deferred:
-        key = self.space.key
-
-        def done(replies: list[Any]) -> TrackerStats:
-            pairs, records, active = replies
-            if isinstance(pairs, list):  # RESP2 gives a flat list, RESP3 a map
-                pairs = dict(zip(pairs[::2], pairs[1::2], strict=True))
-            counts: dict[tuple[str, TaskStatus], int] = {}
-            for field, n in pairs.items():
-                task_type, _, status = field.partition("\n")
-                counts[(task_type, TaskStatus(status))] = int(n)
-            return self.actor.stats(counts, int(records), int(active or 0))
-
-        reads = [("HGETALL", (key(keys.COUNTS),)), ("ZCARD", (key(keys.ALL),))]
-        return self._send_all([*reads, ("GET", (key(keys.ACTIVE),))], done, fut)
+        """The deployment's totals and every live process's series (``tally``)."""
+        read = tally.StatsRead(self.space, self.actor, self.proc)
+        *queued, last = read.commands()  # its series, MULTI, the reads; EXEC answers
+        for command in queued:
+            self._send(*command, ignore, None)
+        then = functools.partial(self._send, fut=fut)
+        return self._send(*last, functools.partial(read.done, then=then), fut)
 
     def end(
         self,
@@ -620,7 +612,6 @@ class RedisEngine(Engine):
         if reply[0] == "rec":
             rec = self.space.decode(reply[1])[0]
             self._note(rec)
-            self.actor.counters.on_finished(rec)
             runner.outcome.set(*settle, rec)
         elif reply[0] == "was":
             # Already recorded (cancelled before it ran, or declared lost): the record

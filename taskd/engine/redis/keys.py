@@ -7,7 +7,9 @@ ending in ``:`` takes a name after it. The script (``script.lua``) gets them as 
 these constants: no key is spelled anywhere else (``tests/test_redis.py`` checks).
 
 The legend: what each key holds, its Redis type, and who writes it. "script" is
-``script.lua`` (every write of a record goes through it, atomically).
+``script.lua`` (every write of a record goes through it, atomically); "tally" is
+``tally.lua``, part of the same library, called by the script in the same call that
+moves a task (a count is written with the transition it counts).
 
 =================  ===========  =====================================================
 key                type         holds (writer)
@@ -49,6 +51,23 @@ key                type         holds (writer)
                                 processes holding waiters or event streams of it)
 ``pnote:<proc>``   channel      the same for every task a process runs (followed by
                                 that process, for cancels and outcomes from elsewhere)
+``fin``            hash         tasks finished by (type, status), a newline between
+                                them; never decremented (tally)
+``hr``, ``hw``     hash         run and wait time histograms, by slot and type (a
+                                newline between): slot 1 … ``len(BUCKETS)`` + 1 (the
+                                last +Inf) counts one bucket, slot ``s`` is the sum
+                                in whole microseconds (tally)
+``types``          set          the task types with series of their own, at most
+                                ``MAX_TASK_TYPES``; later ones count as ``_other``
+                                (tally)
+``fpm:<hour>``     hash         tasks finished per minute, one hash per hour (Unix
+                                time // 3600): (minute, status), a newline between
+                                them, → count; expires ``MINUTES_TTL`` after its
+                                first count (tally)
+``ps:<proc>``      string       a process's own series (``ProcessSeries`` as JSON),
+                                with the liveness key's ``PX`` expiry (``engine``:
+                                with its sweep, about once a second, and before it
+                                answers ``Stats``; deleted on close)
 =================  ===========  =====================================================
 """
 
@@ -74,20 +93,27 @@ __all__ = [
     "ENTRY_STATUS",
     "EPOCH",
     "EXPIRY",
+    "FINISHED",
     "GRACE",
     "GROUP",
     "HEARTBEATS",
     "KEYS",
+    "MINUTES_TTL",
     "OUTBOX",
     "PAGE_KEY",
+    "PER_MINUTE",
     "PROCS",
     "RECORD",
     "RUNS",
+    "RUN_SECONDS",
     "SEQ",
+    "SERIES",
     "STAMP",
     "UNOWNED",
     "TASK_NOTES",
     "PROC_NOTES",
+    "TASK_TYPES",
+    "WAIT_SECONDS",
     "lua_table",
 ]
 
@@ -116,6 +142,12 @@ ALIVE: Final = "alive:"
 RUNS: Final = "runs:"
 TASK_NOTES: Final = "note:"
 PROC_NOTES: Final = "pnote:"
+FINISHED: Final = "fin"
+RUN_SECONDS: Final = "hr"
+WAIT_SECONDS: Final = "hw"
+TASK_TYPES: Final = "types"
+PER_MINUTE: Final = "fpm:"
+SERIES: Final = "ps:"
 
 #: Every key suffix above, by its constant's name (the script's ``K`` table).
 KEYS: Final = {
@@ -133,6 +165,9 @@ ENTRY_RECORD: Final = "r"
 ENTRY_PAYLOAD: Final = "p"
 #: The outbox's consumer group.
 GROUP: Final = "webhooks"
+#: Seconds an hour's ``PER_MINUTE`` hash lives after its first count: the chart
+#: reads the last 60 minutes, so an hour's hash is read until the end of the next.
+MINUTES_TTL: Final = 3 * 3600
 
 _ENTRY: Final = {
     "ENTRY_ID": ENTRY_ID,

@@ -142,6 +142,7 @@ end
 
 local function err(...) return {'err', ...} end
 
+@TALLY@
 -- Move r to status if the table allows it (the same status: a progress report).
 -- Returns the new record, or nil and an error reply.
 local function change(r, status, o)
@@ -168,7 +169,9 @@ local function change(r, status, o)
     redis.call('ZADD', k(K.BY_STATUS .. status), 0, r.id)
     count(r.ty, old, -1)
     count(r.ty, status, 1)
+    if status == 'running' then tally_started(r) end
     if TERMINAL[status] then
+      tally_finished(r)
       active(r, -1)
       if r.rs then
         local dk = dedup_key(r.ow, r.ty, r.rs)
@@ -250,6 +253,7 @@ local function insert(a, spawn)
     r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[8]
     redis.call('SADD', k(K.RUNS .. a[8]), id)
     redis.call('SADD', k(K.PROCS), a[8])
+    tally_started(r)
   end
   index(r, 'ZADD')
   active(r, 1)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import TYPE_CHECKING, Any, Final, NoReturn, Protocol
 
+from ..._counters import BUCKETS, MAX_TASK_TYPES, OTHER
 from ..._errors import (
     InvalidTransition,
     QuotaExceeded,
@@ -95,8 +96,27 @@ class Op:
     on_error: Callable[[], object] | None = None
 
 
+def _read(name: str) -> str:
+    return resources.files(__package__).joinpath(name).read_text(encoding="utf-8")
+
+
+def _tally() -> str:
+    """``tally.lua`` (the deployment's task counters), with the histogram bounds, the
+    type cap and ``_other`` of ``taskd._counters`` and the per-minute expiry of
+    ``keys``: one source of each."""
+    constants = "\n".join(
+        (
+            "local BUCKETS = {" + ", ".join(map(repr, BUCKETS)) + "}",
+            f"local MAX_TYPES = {MAX_TASK_TYPES}",
+            f"local OTHER = '{OTHER}'",
+            f"local MINUTES_TTL = {keys.MINUTES_TTL}",
+        )
+    )
+    return _read("tally.lua").replace("@COUNTERS@", constants)
+
+
 def _script() -> str:
-    text = resources.files(__package__).joinpath("script.lua").read_text(encoding="utf-8")
+    text = _read("script.lua").replace("@TALLY@", _tally())
     text = text.replace("@RULES@", lua_tables(REDIS_FIELDS, PAYLOAD))
     return text.replace("@KEYS@", keys.lua_table())
 
