@@ -265,6 +265,68 @@ async def test_long_poll_on_one_process_sees_another(
         assert answer["result"]["status"] == "cancelled"
 
 
+async def test_a_process_follows_only_the_tasks_it_holds(
+    trio: Any, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    """docs/scale-out.md ("Streams and pub/sub"): a process follows a task's notes
+    channel while it holds a waiter of that task, and leaves it once answered; the
+    process that made the task does not follow it."""
+    from taskd.engine.redis import keys
+
+    space = prefix()
+    a, b = await trio(2, space=space)
+    body = await call(http, "POST", f"{a.url}{API}/tasks", 201, json={"task_type": "x"})
+    tid = body["result"]["task_id"]
+    channel = "{" + space + "}" + keys.TASK_NOTES + tid
+
+    def followers() -> int:
+        reply = redis_server.command("PUBSUB", "SHARDNUMSUB", channel)  # RESP: *2 … :n
+        return int(reply.split()[-1].lstrip(b":"))
+
+    assert followers() == 0
+    poll = asyncio.ensure_future(call(http, "GET", f"{b.url}{API}/tasks/{tid}?wait=30", 200))
+
+    async def parked() -> bool:
+        async with http.get(f"{b.url}/metrics") as resp:
+            return total(await resp.text(), "taskd_waiters") == 1
+
+    await eventually(parked, 15)
+    assert followers() == 1  # b alone
+    await call(http, "POST", f"{a.url}{API}/tasks/{tid}/cancel", 202)
+    assert (await asyncio.wait_for(poll, 10))["result"]["status"] == "cancelled"
+    await eventually(lambda: followers() == 0, 10)
+
+
+async def test_a_waiter_is_answered_across_a_lost_notes_connection(
+    trio: Any, http: aiohttp.ClientSession, redis_server: RedisServer
+) -> None:
+    """docs/scale-out.md: a note sent while a process's pub/sub connection is down is
+    gone; after the reconnect the process reads its waiters' records again. The
+    connections are killed, and the task ended at once, while they are down."""
+    a, b = await trio(2)
+    body = await call(http, "POST", f"{a.url}{API}/tasks", 201, json={"task_type": "x"})
+    tid = body["result"]["task_id"]
+    poll = asyncio.ensure_future(call(http, "GET", f"{b.url}{API}/tasks/{tid}?wait=30", 200))
+
+    async def parked() -> bool:
+        async with http.get(f"{b.url}/metrics") as resp:
+            return total(await resp.text(), "taskd_waiters") == 1
+
+    await eventually(parked, 15)
+    redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+    await call(http, "POST", f"{a.url}{API}/tasks/{tid}/cancel", 202)
+    answer = await asyncio.wait_for(poll, 15)  # far before the 30 s deadline
+    assert answer["result"]["status"] == "cancelled"
+    await eventually(lambda: "the change notes cannot be read" in b.log(), 10)
+    # and the process follows notes again: the next long-poll is woken too
+    body = await call(http, "POST", f"{a.url}{API}/tasks", 201, json={"task_type": "x"})
+    tid = body["result"]["task_id"]
+    poll = asyncio.ensure_future(call(http, "GET", f"{b.url}{API}/tasks/{tid}?wait=30", 200))
+    await eventually(parked, 15)
+    await call(http, "POST", f"{a.url}{API}/tasks/{tid}/cancel", 202)
+    assert (await asyncio.wait_for(poll, 10))["result"]["status"] == "cancelled"
+
+
 async def read_events(resp: aiohttp.ClientResponse, n: int) -> list[tuple[int, dict[str, Any]]]:
     out: list[tuple[int, dict[str, Any]]] = []
     event_id = None
@@ -304,6 +366,35 @@ async def test_event_streams_are_global_and_resumable(
     async with http.get(f"{c.url}{API}/events", headers=headers) as stream:
         replay = await asyncio.wait_for(read_events(stream, 2), 5)
     assert [e[0] for e in replay] == seqs[1:]
+
+
+async def test_the_stream_is_read_again_for_each_new_event_stream(
+    trio: Any, http: aiohttp.ClientSession
+) -> None:
+    """docs/scale-out.md: a process reads the change stream only while an event
+    stream there follows every task; one opened after the last one closed is fed
+    again, from its own start."""
+    a, b = await trio(2)
+
+    async def subscriptions(n: int) -> bool:
+        async with http.get(f"{b.url}/metrics") as resp:
+            return total(await resp.text(), "taskd_subscriptions") == n
+
+    last = 0
+    for _ in range(2):
+        async with http.get(f"{b.url}{API}/events") as stream:
+            await eventually(lambda: subscriptions(1), 15)
+            body = await call(http, "POST", f"{a.url}{API}/tasks", 201, json={"task_type": "e"})
+            [(seq, event)] = await asyncio.wait_for(read_events(stream, 1), 5)
+            assert event["task_id"] == body["result"]["task_id"] and seq > last
+            last = seq
+
+        async def gone() -> bool:
+            # the server learns that a client left when it next writes to it
+            await call(http, "POST", f"{a.url}{API}/tasks", 201, json={"task_type": "e"})
+            return await subscriptions(0)
+
+        await eventually(gone, 15)
 
 
 async def test_cancel_reaches_the_process_running_the_coroutine(
