@@ -60,7 +60,9 @@ class NotedChanges:
 
 def parse_note(text: str) -> RawChange:
     """A note's text (sequence number, task id, status, payload flag, the version's
-    JSON, a newline between them) as a change entry."""
+    JSON, a newline between them) as a change entry. A note carries the whole
+    version, payload included (it is not kept, so a delete leaves nothing behind):
+    its flag is empty, and a follower reads nothing more."""
     seq, task_id, status, flag, entry = text.split("\n", 4)
     return (int(seq), task_id, status, entry, bool(flag))
 
