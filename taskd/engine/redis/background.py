@@ -18,7 +18,7 @@ from ..._models import TERMINAL, TaskRecord, TaskStatus
 from ...actor.engine import Host
 from ..codec import PAYLOAD
 from . import keys
-from .space import RedisSpace, decode_record, refusal
+from .space import ChangeReader, RedisSpace, decode_record, refusal
 
 if TYPE_CHECKING:
     from ..._webhooks import WebhookSender
@@ -137,11 +137,17 @@ class Background:
         """Read the change stream from ``last``, post it to the mailbox in order.
         After a failure, ask for a resync (Celery #5919's lesson: what changed while
         the connection was down must be re-read)."""
-        space = self.space
+        stream = ChangeReader(self.space)
+        try:
+            await self._read_from(stream, last, reader)
+        finally:
+            await stream.aclose()
+
+    async def _read_from(self, stream: ChangeReader, last: int, reader: int) -> None:
         broken = False
         while True:
             try:
-                read = await space.read_changes(last, 512, 1000)
+                read = await stream.read(last, 512, 1000)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

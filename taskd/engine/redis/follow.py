@@ -54,6 +54,8 @@ class Following:
         self._noted: set[str] = set()
         self._noting: dict[str, list[tuple[object, asyncio.Future[Any] | None]]] = {}
         self._reader: asyncio.Task[None] | None = None
+        # Readers cancelled and not yet finished (awaited at stop).
+        self._stopping: set[asyncio.Task[None]] = set()
         self._reader_no = 0
         self._notes_task: asyncio.Task[None] | None = None
 
@@ -81,7 +83,7 @@ class Following:
 
     async def stop(self) -> None:
         """Stop reading, close the connection."""
-        tasks = [t for t in (self._notes_task, self._reader) if t is not None]
+        tasks = [t for t in (self._notes_task, self._reader, *self._stopping) if t is not None]
         for task in tasks:
             task.cancel()
         if tasks:
@@ -116,15 +118,21 @@ class Following:
         for task_id in gone:
             self._noted.discard(task_id)
             self.notes.unfollow(task_id)
-        if self._reader is not None and not a.hub.follows_all:
-            self._reader.cancel()  # (awaited at stop; a stopped reader's posts are dropped)
+        reader = self._reader
+        if reader is not None and not a.hub.follows_all:
+            # Cancelled now, awaited at stop (it closes its own connection); what it
+            # posts meanwhile is dropped (its number is no longer current).
+            reader.cancel()
+            self._stopping.add(reader)
+            reader.add_done_callback(self._stopping.discard)
             self._reader = None
 
     def _on_notes_lost(self, msg: NotesLost, fut: object) -> None:
-        # Every channel is followed again (and confirmed): the held messages go on;
-        # what was held may have missed changes: read again, end per-task streams
-        # (their clients resume with Last-Event-ID).
-        for task_id in list(self._noting):
+        # The channels asked for before the reconnect are followed again (and
+        # confirmed): their held messages go on (the others' confirmations follow as
+        # Noted); what was held may have missed changes: read again, end per-task
+        # streams (their clients resume with Last-Event-ID).
+        for task_id in [t for t in self._noting if t in msg.followed]:
             self._on_noted(Noted(task_id), None)
         a = self._a
         for task_id in {*a.waiters, *a.runners}:

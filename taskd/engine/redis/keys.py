@@ -46,8 +46,8 @@ key                type         holds (writer)
                                 (``background.announce``; deleted on close by
                                 ``engine``)
 ``runs:<proc>``    set          the spawned tasks a process runs (script)
-``note:<id>``      channel      sharded pub/sub: each change of a task, as its change
-                                stream entry (script ``SPUBLISH``; followed by the
+``note:<id>``      channel      sharded pub/sub: each change of a task, the whole
+                                version (script ``SPUBLISH``; followed by the
                                 processes holding waiters or event streams of it)
 ``pnote:<proc>``   channel      the same for every task a process runs (followed by
                                 that process, for cancels and outcomes from elsewhere)

@@ -48,7 +48,10 @@ class Noted:
 
 @dataclass(frozen=True, slots=True)
 class NotesLost:
-    """The connection was lost and made again: notes may have been missed."""
+    """The connection was lost and made again: notes may have been missed. The
+    tasks whose channels are confirmed again are ``followed``."""
+
+    followed: frozenset[str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,7 +63,9 @@ class NotedChanges:
 
 def parse_note(text: str) -> RawChange:
     """A note's text (sequence number, task id, status, payload flag, the version's
-    JSON, a newline between them) as a change entry."""
+    JSON, a newline between them) as a change entry. A note carries the whole
+    version, payload included (it is not kept, so a delete leaves nothing behind):
+    its flag is empty, and a follower reads nothing more."""
     seq, task_id, status, flag, entry = text.split("\n", 4)
     return (int(seq), task_id, status, entry, bool(flag))
 
@@ -88,7 +93,7 @@ class Notes:
         """Connect and follow this process's channel (before any task is spawned)."""
         await self._connect()
 
-    async def _connect(self) -> None:
+    async def _connect(self) -> frozenset[str]:
         # Every channel is followed (and confirmed) before notes are read again, so
         # that a re-read after NotesLost misses nothing.
         pool = self._space.reader.connection_pool
@@ -113,6 +118,8 @@ class Notes:
         self._wire = wire
         for channel in self._channels - asked:  # asked for while connecting
             wire.send("SSUBSCRIBE", channel)
+        n = len(self._prefix)
+        return frozenset(c[n:] for c in asked if c.startswith(self._prefix))
 
     def follow(self, task_id: str) -> None:
         """Follow a task's channel; ``Noted`` is posted once Redis confirms it."""
@@ -135,9 +142,9 @@ class Notes:
             wire = self._wire
             try:
                 if wire is None:
-                    await self._connect()
+                    followed = await self._connect()
                     if lost and not self._closed():
-                        self._post(NotesLost())
+                        self._post(NotesLost(followed))
                     lost = False
                     continue
                 got = await wire.pushes()

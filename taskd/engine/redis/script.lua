@@ -116,11 +116,13 @@ local function emit(r)
     redis.call('XADD', k(K.CHANGES), 'MAXLEN', '~', CFG.stream_len, sq .. '-0',
                K.ENTRY_ID, r.id, K.ENTRY_STATUS, r.st, K.ENTRY_RECORD, entry)
   end
-  -- The same entry, as a note to the processes that follow this task (its channel:
+  -- The change as a note to the processes that follow this task (its channel:
   -- waiters, event streams) and to the one that runs it (its process's channel), so
   -- that a process reads the changes it has in hand, not the whole stream. Sharded
-  -- pub/sub: the channels hash to this deployment's slot. (The JSON has no newline.)
-  local note = sq .. '\n' .. r.id .. '\n' .. r.st .. '\n' .. flag .. '\n' .. entry
+  -- pub/sub: the channels hash to this deployment's slot. A note is not kept (unlike
+  -- the entry): it carries the whole version, payload included, and a follower
+  -- reads nothing more. (JSON has no raw newline.)
+  local note = sq .. '\n' .. r.id .. '\n' .. r.st .. '\n\n' .. text
   redis.call('SPUBLISH', k(K.TASK_NOTES .. r.id), note)
   if r.pr then redis.call('SPUBLISH', k(K.PROC_NOTES .. r.pr), note) end
   return text

@@ -318,8 +318,6 @@ class RedisSpace:
         self.redis = client(SOCKET_TIMEOUT)
         # The actor's own connection for its batches (see _pipeline).
         self._conn: Wire | None = None
-        # The change stream reader's connection (see read_changes).
-        self._stream: Wire | None = None
         #: For blocking reads (XREAD BLOCK): a connection of its own, longer timeout.
         self.reader = client(SOCKET_TIMEOUT + 2.0)
 
@@ -443,31 +441,6 @@ class RedisSpace:
             wire = self._conn = Wire(conn)
         return await wire.roundtrip(packed)
 
-    async def read_changes(self, after: int, count: int, block_ms: int) -> list[Any]:
-        """Change stream entries after sequence number ``after``, waiting up to
-        ``block_ms`` for one: ``[entry id, [field, value, …]]`` each. On the reader's
-        own connection, through a ``Wire`` as the actor's batches are."""
-        wire = self._stream
-        if wire is None:
-            conn = await self.reader.connection_pool.get_connection()  # type: ignore[no-untyped-call]
-            wire = self._stream = Wire(conn)
-        command = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", self.key(keys.CHANGES))
-        try:
-            (reply,) = await wire.roundtrip([(*command, f"{after}-0")])
-        except BaseException:
-            # (cancelled included) a reply may be half read: never reuse it
-            await self._close_stream()
-            raise
-        if isinstance(reply, Exception):
-            raise reply
-        return [] if reply is None else list(reply[0][1])
-
-    async def _close_stream(self) -> None:
-        wire, self._stream = self._stream, None
-        if wire is not None:
-            await wire.conn.disconnect()
-            await self.reader.connection_pool.release(wire.conn)
-
     async def drop(self) -> None:
         """Close the actor's connection (its state is unknown after a failure)."""
         await self._drop()
@@ -483,9 +456,45 @@ class RedisSpace:
     async def aclose(self) -> None:
         """Close every connection."""
         await self._drop()
-        await self._close_stream()
         await self.redis.aclose()
         await self.reader.aclose()
+
+
+class ChangeReader:
+    """One reader of the change stream, on a connection of its own (from the reader's
+    pool), spoken through a ``Wire`` as the actor's batches are."""
+
+    __slots__ = ("_space", "_wire")
+
+    def __init__(self, space: RedisSpace) -> None:
+        self._space = space
+        self._wire: Wire | None = None
+
+    async def read(self, after: int, count: int, block_ms: int) -> list[Any]:
+        """Entries after sequence number ``after``, waiting up to ``block_ms`` for one:
+        ``[entry id, [field, value, …]]`` each."""
+        space = self._space
+        wire = self._wire
+        if wire is None:
+            pool = space.reader.connection_pool
+            wire = self._wire = Wire(await pool.get_connection())  # type: ignore[no-untyped-call]
+        command = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", space.key(keys.CHANGES))
+        try:
+            (reply,) = await wire.roundtrip([(*command, f"{after}-0")])
+        except BaseException:
+            # (cancelled included) a reply may be half read: never reuse the connection
+            await self.aclose()
+            raise
+        if isinstance(reply, Exception):
+            raise reply
+        return [] if reply is None else list(reply[0][1])
+
+    async def aclose(self) -> None:
+        """Close the connection (idempotent)."""
+        wire, self._wire = self._wire, None
+        if wire is not None:
+            await wire.conn.disconnect()
+            await self._space.reader.connection_pool.release(wire.conn)
 
 
 def insert_args(new: NewTask, heartbeat: str) -> tuple[str, ...]:
