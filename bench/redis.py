@@ -129,7 +129,8 @@ async def wake_lag(a: str, b: str, n: int = 50) -> list[float]:
             poll = asyncio.ensure_future(http.get(f"{b}{API}/tasks/{tid}?wait=30"))
             while True:  # parked once b's /metrics counts it
                 async with http.get(f"{b}/metrics") as resp:
-                    if "taskd_waiters 1.0" in await resp.text():
+                    # (with Redis the series is per process, labelled `process`)
+                    if re.search(r"^taskd_waiters(\{[^}]*\})? 1\.0$", await resp.text(), re.M):
                         break
                 await asyncio.sleep(0.005)
             t0 = time.perf_counter()

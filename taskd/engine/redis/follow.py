@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..._models import TERMINAL
 from ...actor.engine import Host
@@ -30,6 +30,11 @@ if TYPE_CHECKING:
     from .space import RedisSpace
 
 __all__ = ["Following"]
+
+#: Channels nobody needs are left at most this often (seconds), or at once when this
+#: many are followed.
+TIDY_EVERY: Final = 1.0
+TIDY_AT: Final = 1024
 
 #: Queue one plain Redis command in the actor's batch: (name, arguments, done, on_error).
 Send = Callable[[str, tuple[str, ...], Callable[[Any], object], Callable[[], object]], object]
@@ -53,6 +58,7 @@ class Following:
         # messages held until Redis confirms.
         self._noted: set[str] = set()
         self._noting: dict[str, list[tuple[object, asyncio.Future[Any] | None]]] = {}
+        self._next_tidy = 0.0
         self._reader: asyncio.Task[None] | None = None
         # Readers cancelled and not yet finished (awaited at stop).
         self._stopping: set[asyncio.Task[None]] = set()
@@ -111,13 +117,19 @@ class Following:
             self._a.dispatch(held, reply)
 
     def tidy(self) -> None:
-        """End of a batch: leave the channels of tasks nobody here waits on or
-        follows, and stop reading the stream if no subscription follows every task."""
+        """End of a batch: send the batch's follows; leave the channels of tasks
+        nobody here waits on or follows (at most once a second, all in one command:
+        a channel kept a little longer only costs the notes of a task nobody waits
+        on, and a wait on it meanwhile needs no new confirmation); stop reading the
+        stream if no subscription follows every task."""
         a = self._a
-        gone = [t for t in self._noted if not a.waiters.get(t) and not a.hub.follows(t)]
-        for task_id in gone:
-            self._noted.discard(task_id)
-            self.notes.unfollow(task_id)
+        noted = self._noted
+        if noted and (a.now >= self._next_tidy or len(noted) > TIDY_AT):
+            self._next_tidy = a.now + TIDY_EVERY
+            gone = [t for t in noted if not a.waiters.get(t) and not a.hub.follows(t)]
+            noted.difference_update(gone)
+            self.notes.unfollow(gone)
+        self.notes.flush()
         reader = self._reader
         if reader is not None and not a.hub.follows_all:
             # Cancelled now, awaited at stop (it closes its own connection); what it

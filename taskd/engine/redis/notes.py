@@ -87,6 +87,9 @@ class Notes:
         self._prefix = space.key(keys.TASK_NOTES)
         #: Every channel followed, or asked for (followed again after a reconnect).
         self._channels: set[str] = set()
+        # Channels to follow and to leave at the next flush.
+        self._follows: list[str] = []
+        self._unfollows: list[str] = []
         self._wire: Wire | None = None
 
     async def open(self) -> None:
@@ -122,18 +125,31 @@ class Notes:
         return frozenset(c[n:] for c in asked if c.startswith(self._prefix))
 
     def follow(self, task_id: str) -> None:
-        """Follow a task's channel; ``Noted`` is posted once Redis confirms it."""
+        """Follow a task's channel (sent at the next ``flush``); ``Noted`` is posted
+        once Redis confirms it."""
         channel = self._prefix + task_id
         self._channels.add(channel)
-        if self._wire is not None:
-            self._wire.send("SSUBSCRIBE", channel)
+        self._follows.append(channel)
 
-    def unfollow(self, task_id: str) -> None:
-        """Stop following a task's channel."""
-        channel = self._prefix + task_id
-        self._channels.discard(channel)
-        if self._wire is not None:
-            self._wire.send("SUNSUBSCRIBE", channel)
+    def unfollow(self, task_ids: list[str]) -> None:
+        """Stop following these tasks' channels (sent at the next ``flush``)."""
+        for task_id in task_ids:
+            channel = self._prefix + task_id
+            self._channels.discard(channel)
+            self._unfollows.append(channel)
+
+    def flush(self) -> None:
+        """Send what ``follow`` and ``unfollow`` asked for since the last flush, as one
+        command each: one write for a whole batch's channels, not one per channel.
+        While reconnecting, ``_connect`` follows every channel asked for."""
+        wire = self._wire
+        if wire is not None:
+            if self._unfollows:
+                wire.send("SUNSUBSCRIBE", *self._unfollows)
+            if self._follows:
+                wire.send("SSUBSCRIBE", *self._follows)
+        self._follows.clear()
+        self._unfollows.clear()
 
     async def run(self) -> None:
         """Read notes and confirmations, post them in order; reconnect on failure."""
