@@ -234,6 +234,7 @@ def main() -> None:
         rc = f"{r['redis_cpu_us']:.1f}" if "redis_cpu_us" in r else "-"
         cmd = f"{r['redis_cmd_us']:.1f}" if "redis_cmd_us" in r else "-"
         print(f"{labels[k]:28} {r['cpu_us']:15.1f} {r['rate']:8.0f} {rc:>17} {cmd:>17}")
+
     def ratios(x: str, y: str) -> str:
         runs = [
             f"{rx['cpu_us'] / ry['cpu_us']:.2f}"
