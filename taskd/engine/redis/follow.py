@@ -114,7 +114,8 @@ class Following:
     def _on_noted(self, msg: Noted, fut: object) -> None:
         self._noted.add(msg.task_id)
         for held, reply in self._noting.pop(msg.task_id, ()):
-            self._a.dispatch(held, reply)
+            if reply is None or not reply.done():  # (a caller gone meanwhile: nothing to do)
+                self._a.dispatch(held, reply)
 
     def tidy(self) -> None:
         """End of a batch: send the batch's follows; leave the channels of tasks
