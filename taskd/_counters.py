@@ -263,6 +263,8 @@ class ProcessSeries:
     #: Snapshots (copies), never the live counters.
     http: Mapping[tuple[str, str, int], int]
     durations: Mapping[tuple[str, str], Histogram]
+    #: How late (seconds) the event loop ran the actor's last timer.
+    loop_lag: float = 0.0
 
     def to_json(self) -> str:
         """A compact JSON text of these series (what a process publishes)."""
@@ -274,6 +276,7 @@ class ProcessSeries:
                 "w": None if self.webhooks is None else list(self.webhooks),
                 "h": [[m, r, code, n] for (m, r, code), n in self.http.items()],
                 "d": [[m, r, h.buckets, h.sum] for (m, r), h in self.durations.items()],
+                "l": round(self.loop_lag, 6),
             },
             separators=(",", ":"),
         )
@@ -301,6 +304,7 @@ class ProcessSeries:
                     (str(m), str(r)): Histogram.of(buckets, total, HTTP_BUCKETS)
                     for m, r, buckets, total in d["d"]
                 },
+                float(d.get("l", 0.0)),  # (a process of an earlier version has none)
             )
         except (ValueError, TypeError, KeyError, IndexError):
             return None

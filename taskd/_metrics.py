@@ -88,6 +88,14 @@ def _process_families(processes: list[ProcessSeries]) -> Iterator[Metric]:
         for p in rows:
             gauge.add_metric(label(p), value(p))
         yield gauge
+    lag = GaugeMetricFamily(
+        "taskd_event_loop_lag_seconds",
+        "How late the event loop ran the actor's last timer (its lag, at that moment)",
+        labels=extra,
+    )
+    for p in rows:
+        lag.add_metric(label(p), p.loop_lag)
+    yield lag
     commands = CounterMetricFamily(
         "taskd_commands", "Mailbox messages processed by the actor", labels=extra
     )

@@ -6,6 +6,7 @@ series carry a ``process`` label and every answer holds every live process's. On
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import uuid
@@ -245,6 +246,33 @@ async def test_a_status_emptied_reads_zero(aiohttp_client: Any, engine: Engine) 
     assert await tasks() == {**everything, "completed": 1}
     assert (await client.delete(f"{API}/tasks/{tid}")).status == 204
     assert await tasks() == everything
+
+
+async def test_a_blocked_event_loop_shows_as_lag(aiohttp_client: Any) -> None:
+    """``taskd_event_loop_lag_seconds`` (docs/operations.md): how late the loop ran the
+    actor's last timer. A wait's deadline falls while the loop is blocked (a
+    synchronous call in a handler, say): its timer runs late by at least the rest of
+    the block, and the gauge says so."""
+    import time
+
+    app = taskd.web.create_app()
+    client: TestClient[web.Request, web.Application] = await aiohttp_client(app)
+    tracker = taskd.web.get_tracker(app)
+    rec = await tracker.create("lag")
+
+    async def lag() -> float:
+        resp = await client.get("/metrics")
+        return samples(await resp.text())[("taskd_event_loop_lag_seconds", ())]
+
+    wait = asyncio.ensure_future(tracker.poll(rec.task_id, 0.05))
+
+    async def parked() -> bool:
+        return (await tracker.stats())["waiters"] == 1
+
+    await eventually(parked)
+    time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop is blocked past the deadline)
+    assert (await wait).status is taskd.TaskStatus.PENDING
+    assert await lag() >= 0.2
 
 
 def test_the_grafana_dashboard_is_importable_anywhere() -> None:

@@ -512,6 +512,7 @@ class Actor:
             None if sender is None else (sender.delivered, sender.failed),
             dict(http.counts),
             {key: h.copy() for key, h in http.durations.items()},
+            self.timers.lag,
         )
 
     # --- shutdown ---------------------------------------------------------------------

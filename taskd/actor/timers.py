@@ -46,6 +46,10 @@ class Timers:
         self.due = math.inf
         self._armed_at = math.inf
         self._handle: asyncio.TimerHandle | None = None
+        self._fire_at = 0.0
+        #: How late (seconds) the loop ran the last firing: the event loop's lag, as
+        #: this process's /metrics reports it.
+        self.lag = 0.0
 
     def push(
         self, when: float, kind: Kind, task_id: str, fut: asyncio.Future[Any] | None = None
@@ -79,10 +83,12 @@ class Timers:
             self._handle.cancel()
         loop = asyncio.get_running_loop()
         delay = max(self.due - self._clock(), 0.0)
-        self._handle = loop.call_at(loop.time() + delay, self._fire)
+        self._fire_at = loop.time() + delay
+        self._handle = loop.call_at(self._fire_at, self._fire)
         self._armed_at = self.due
 
     def _fire(self) -> None:
+        self.lag = max(asyncio.get_running_loop().time() - self._fire_at, 0.0)
         self._handle = None
         self._armed_at = math.inf
         self._wake()
