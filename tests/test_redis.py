@@ -538,6 +538,13 @@ async def test_redis_stalled_then_back(tmp_path: Path, http: aiohttp.ClientSessi
             tid = body["result"]["task_id"]
             redis.pause()
             started = time.monotonic()
+            # A long-poll first: it waits for its task's notes channel, which a
+            # stalled Redis never confirms; 503 as for any command, not a hang.
+            async with http.get(f"{s.url}{API}/tasks/{tid}?wait=30") as resp:
+                assert resp.status == 503
+                assert (await resp.json())["error"]["code"] == "UNAVAILABLE"
+            assert time.monotonic() - started < 5
+            started = time.monotonic()
             async with http.get(f"{s.url}{API}/tasks/{tid}") as resp:
                 assert resp.status == 503
                 assert resp.headers["Retry-After"]

@@ -20,8 +20,10 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
+from ..._errors import StoreError
 from ..._models import TERMINAL
 from ...actor.engine import Host
+from ...actor.timers import Kind
 from . import keys
 from .background import Background, Changes, Feed, RawChange, Resync, fan_out
 from .notes import Noted, NotedChanges, Notes, NotesLost
@@ -30,6 +32,10 @@ if TYPE_CHECKING:
     from .space import RedisSpace
 
 __all__ = ["Following"]
+
+#: Seconds a message may wait for its task's channel to be confirmed (the same as a
+#: command's socket timeout) before its caller gets 503.
+HOLD: Final = 2.0
 
 #: Channels nobody needs are left at most this often (seconds), or at once when this
 #: many are followed.
@@ -58,6 +64,8 @@ class Following:
         # messages held until Redis confirms.
         self._noted: set[str] = set()
         self._noting: dict[str, list[tuple[object, asyncio.Future[Any] | None]]] = {}
+        # When each task's channel was asked for: held past HOLD, its messages fail.
+        self._asked: dict[str, float] = {}
         self._next_tidy = 0.0
         self._reader: asyncio.Task[None] | None = None
         # Readers cancelled and not yet finished (awaited at stop).
@@ -106,13 +114,18 @@ class Following:
             return True
         held = self._noting.get(task_id)
         if held is None:
+            a = self._a
             held = self._noting[task_id] = []
+            self._asked[task_id] = a.now
+            # (wakes the loop then, so that tidy can fail what is still held)
+            a.timers.push(a.now + HOLD, Kind.RETRY, "")
             self.notes.follow(task_id)
         held.append((msg, fut))
         return False
 
     def _on_noted(self, msg: Noted, fut: object) -> None:
         self._noted.add(msg.task_id)
+        self._asked.pop(msg.task_id, None)
         for held, reply in self._noting.pop(msg.task_id, ()):
             if reply is None or not reply.done():  # (a caller gone meanwhile: nothing to do)
                 self._a.dispatch(held, reply)
@@ -124,6 +137,8 @@ class Following:
         on, and a wait on it meanwhile needs no new confirmation); stop reading the
         stream if no subscription follows every task."""
         a = self._a
+        if self._asked:
+            self._give_up(a.now - HOLD)
         noted = self._noted
         if noted and (a.now >= self._next_tidy or len(noted) > TIDY_AT):
             self._next_tidy = a.now + TIDY_EVERY
@@ -139,6 +154,20 @@ class Following:
             self._stopping.add(reader)
             reader.add_done_callback(self._stopping.discard)
             self._reader = None
+
+    def _give_up(self, before: float) -> None:
+        """Fail the messages held for a channel asked for before ``before`` and not
+        confirmed (Redis stalled, or the connection is down): 503, as any command
+        Redis does not answer in time, rather than a wait that hangs until it does."""
+        late = [t for t, at in self._asked.items() if at <= before]
+        for task_id in late:
+            del self._asked[task_id]
+            for _, reply in self._noting.pop(task_id, ()):
+                if reply is not None and not reply.done():
+                    reply.set_exception(
+                        StoreError("the shared store (Redis) did not confirm a subscription")
+                    )
+        self.notes.unfollow(late)
 
     def _on_notes_lost(self, msg: NotesLost, fut: object) -> None:
         # The channels asked for before the reconnect are followed again (and
