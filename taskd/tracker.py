@@ -237,10 +237,7 @@ class Tracker:
 
     def _call(self, msg: m.Request[R]) -> asyncio.Future[R]:
         """Send a command if the tracker is open; the future gets the actor's reply.
-
-        Deliberately not a coroutine: callers await the future directly, which saves a
-        coroutine frame on every call (this is the path every request takes).
-        """
+        Not a coroutine: callers await the future itself (a frame less per request)."""
         if self._state is not TrackerState.OPEN or self._actor.closed:
             raise TrackerClosed(f"the tracker is {self.state.value}; it takes no commands")
         return self._actor.ask(msg)
@@ -424,10 +421,8 @@ class Tracker:
         raise WouldBlock(task_id)
 
     def not_found(self, task_id: str) -> TaskNotFound:
-        """The ``TaskNotFound`` this tracker raises for ``task_id``, for a caller that
-        turns ``get``'s None into an error (the HTTP GET route does): with ``hint`` set
-        when the id cannot be from this task space — minted by another process since
-        this one opened, with no shared store (docs/scale-out.md). From the id alone."""
+        """The ``TaskNotFound`` for ``task_id`` (as the HTTP GET route raises for None),
+        with ``hint`` when the id alone shows another process minted it (docs/scale-out.md)."""
         return TaskNotFound(task_id, self._engine.hint(check_task_id(task_id)))
 
     # --- this process's share (aiojobs' Scheduler: len, active and pending counts) --
@@ -506,14 +501,8 @@ class Tracker:
             check_task_type(task_type)
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError("cursor must be a str")
-        msg = m.ListTasks(
-            check_statuses(status),
-            task_type,
-            check_resource_id(resource_id),
-            check_owner(owner),
-            limit,
-            cursor,
-        )
+        statuses, resource_id = check_statuses(status), check_resource_id(resource_id)
+        msg = m.ListTasks(statuses, task_type, resource_id, check_owner(owner), limit, cursor)
         return await self._call(msg)
 
     async def wait(
@@ -553,8 +542,7 @@ class Tracker:
             if not self._actor.closed:
                 self._actor.post(m.Unwait(tid, fut))
             raise
-        rec: TaskRecord | None = reply[0]
-        terminal: bool = reply[1]
+        rec, terminal = reply
         if rec is None:
             raise self.not_found(tid)
         return rec, terminal
@@ -602,6 +590,5 @@ class Tracker:
 
     @property
     def http(self) -> HttpCounters:
-        """The HTTP requests of this process and their durations, for ``/metrics``:
-        ``taskd serve``'s middleware counts into them (``taskd.web``)."""
+        """HTTP requests of this process and their durations (``taskd.web`` counts them)."""
         return self._actor.http

@@ -36,11 +36,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import StoreError, TaskdError, TaskNotFound
-from ..._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from ..._models import ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
 from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Host, Settle
-from ...actor.hub import RECENT_EVENTS
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
@@ -55,7 +54,6 @@ from .space import (
     Op,
     PolicyError,
     RedisSpace,
-    decode_record,
     ignore,
     insert_args,
     raise_error,
@@ -74,7 +72,6 @@ log = logging.getLogger("taskd")
 #: After Redis failed, commands are refused at once for this long before a retry.
 BACKOFF: Final = 0.5
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
-_TERMINAL_TEXT: Final = frozenset(s.value for s in TERMINAL)
 #: This process's own keys, deleted on a clean exit: its liveness and its series.
 _MINE: Final = (keys.ALIVE, keys.SERIES)
 #: Messages that need Redis (refused at once while it is unreachable).
@@ -139,16 +136,7 @@ class RedisEngine(Engine):
         self._tasks = Background(
             self.space, self.proc, a.post, lambda: a.closed, lambda: self._refusing is not None
         )
-        self.follow = Following(self.space, self.proc, a, self._plain, self._tasks)
-
-    def _plain(
-        self,
-        name: str,
-        args: tuple[str, ...],
-        done: Callable[[Any], object],
-        on_error: Callable[[], object],
-    ) -> object:
-        return self._send(name, args, done, None, on_error=on_error)
+        self.follow = Following(self.space, self.proc, a, self._send, self._tasks)
 
     def handlers(self) -> Mapping[type[Any], Handler]:
         """The handler of each command that touches records, and of the reader's."""
@@ -164,7 +152,7 @@ class RedisEngine(Engine):
             m.Get: self._remote_get,
             m.ListTasks: self._remote_list,
             m.Wait: self._remote_wait,
-            m.Subscribe: self._remote_subscribe,
+            m.Subscribe: lambda msg, fut: self.follow.subscribe(msg, fut, self.boot_seq),
             m.Stats: self._remote_stats,
             Writable: self._on_writable,
             _Ended: self._on_ended,
@@ -273,15 +261,6 @@ class RedisEngine(Engine):
         """Read a record with a plain GET (reads need no script): ``done`` gets its
         text, or None."""
         return self._send("GET", (self.space.key(keys.RECORD + task_id),), done, fut)
-
-    def _seen(self, text: str | None, owner: OwnerScope) -> TaskRecord | None:
-        """The record of a GET's reply, if ``owner`` may see it."""
-        if text is None:
-            return None
-        rec = self.space.decode(text)[0]
-        if owner is not ANY_OWNER and rec.owner != owner:
-            return None
-        return rec
 
     async def commit(self) -> bool:
         """Send the batch's calls as one pipeline, then answer each caller."""
@@ -422,7 +401,7 @@ class RedisEngine(Engine):
 
     def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
         """A wait ran out, or a long-poll was released: the latest is in Redis."""
-        self._get(task_id, lambda text: (self._seen(text, ANY_OWNER), False), fut)
+        self._get(task_id, lambda text: (self.space.seen(text, ANY_OWNER), False), fut)
 
     def timed_out(self, task_id: str) -> None:
         """The runner was cancelled for its timeout: the script records cancelling."""
@@ -499,7 +478,7 @@ class RedisEngine(Engine):
         return self._send("delete", (msg.task_id, scope(msg.owner)), ignore, fut)
 
     def _remote_get(self, msg: m.Get, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._get(msg.task_id, lambda text: self._seen(text, msg.owner), fut)
+        return self._get(msg.task_id, lambda text: self.space.seen(text, msg.owner), fut)
 
     def _remote_list(self, msg: m.ListTasks, fut: asyncio.Future[Any] | None) -> Deferred:
         # The index, then its records, with plain commands: one round trip each
@@ -517,62 +496,12 @@ class RedisEngine(Engine):
             return DEFERRED  # handled again once this process follows the task's notes
 
         def done(text: str | None) -> object:
-            rec = self._seen(text, msg.owner)
+            rec = self.space.seen(text, msg.owner)
             if rec is None:
                 raise TaskNotFound(msg.task_id)
             return self.actor.wait_on(msg, fut, rec)
 
         return self._get(msg.task_id, done, fut)
-
-    def _remote_subscribe(
-        self, msg: m.Subscribe, fut: asyncio.Future[Any] | None
-    ) -> TaskRecord | Deferred | None:
-        sub = msg.subscription
-        if sub.task_id is not None and not self.follow.ready(sub.task_id, msg, fut):
-            return DEFERRED  # handled again once this process follows the task's notes
-        replay: list[tuple[int, TaskRecord]] = []
-        head = [0]  # changes up to here are in the reply or the replay
-        after = sub.resume_from
-        if after is not None and after >= self.boot_seq:
-            # What the client missed, from the stream: any process can resume any id.
-            limit = RECENT_EVENTS + 1
-            args = (f"{after + 1}-0", str(limit))
-
-            def missed(reply: list[Any]) -> None:
-                # Entries of deleted tasks are not in the reply (the script drops them).
-                flat = reply[2]
-                entries = [
-                    (int(flat[i]), decode_record(flat[i + 1])[0]) for i in range(0, len(flat), 2)
-                ]
-                # Through the last entry read, kept or not: a deleted task's
-                # changes are not sent live either.
-                head[0] = max(head[0], int(reply[3] or 0))
-                if int(reply[1]) < limit:  # else too many to replay: the current state
-                    replay.extend(entries)
-                    if reply[4] and int(reply[4]) == after + 1:
-                        # Nothing was trimmed: the gaps are changes of deleted tasks,
-                        # left out on purpose; the replay covers everything since.
-                        sub.resume_from = entries[0][0] - 1 if entries else head[0]
-
-            self._send("replay", args, missed, None)
-        if sub.task_id is None:
-            # The stream's head, read after the replay: the reader of every change
-            # starts there (or goes on from where it is).
-            def start(seq: str | None) -> None:
-                at = self.follow.subscribe_all(max(head[0], int(seq or 0)))
-                self.actor.hub.subscribe(sub, None, at, replay)
-
-            return self._send("GET", (self.space.key(keys.SEQ),), start, fut)
-
-        def done(text: str | None) -> TaskRecord:
-            rec = self._seen(text, sub.owner)
-            if rec is None:
-                raise TaskNotFound(sub.task_id or "")
-            seq = self.space.decode(text or "")[1]
-            self.actor.hub.subscribe(sub, rec, max(seq, head[0]), replay)
-            return rec
-
-        return self._get(sub.task_id, done, fut)
 
     def _remote_stats(self, msg: m.Stats, fut: asyncio.Future[Any] | None) -> Deferred:
         """The deployment's totals and every live process's series (``tally``)."""

@@ -17,16 +17,19 @@ needs any more are left at the end of each batch (``tidy``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Final, Protocol
 
-from ..._errors import StoreError
-from ..._models import TERMINAL
-from ...actor.engine import Host
+from ..._errors import StoreError, TaskNotFound
+from ..._models import TERMINAL, TaskRecord
+from ...actor import messages as m
+from ...actor.engine import DEFERRED, Deferred, Host
+from ...actor.hub import RECENT_EVENTS
 from ...actor.timers import Kind
 from . import keys
 from .background import Background, Changes, Feed, RawChange, Resync, fan_out
 from .notes import Noted, NotedChanges, Notes, NotesLost
+from .space import decode_record
 
 if TYPE_CHECKING:
     from .space import RedisSpace
@@ -42,8 +45,20 @@ HOLD: Final = 2.0
 TIDY_EVERY: Final = 1.0
 TIDY_AT: Final = 1024
 
-#: Queue one plain Redis command in the actor's batch: (name, arguments, done, on_error).
-Send = Callable[[str, tuple[str, ...], Callable[[Any], object], Callable[[], object]], object]
+
+class Send(Protocol):
+    """The engine's ``_send``: queue one command in the actor's batch; ``done`` gets
+    its reply and returns the caller's answer, ``on_error`` runs if it fails."""
+
+    def __call__(
+        self,
+        name: str,
+        args: Sequence[str],
+        done: Callable[[Any], object],
+        fut: asyncio.Future[Any] | None,
+        retry: object = None,
+        on_error: Callable[[], object] | None = None,
+    ) -> Deferred: ...
 
 
 class Following:
@@ -178,7 +193,7 @@ class Following:
             self._on_noted(Noted(task_id), None)
         a = self._a
         for task_id in {*a.waiters, *a.runners}:
-            self._send("GET", (self._space.key(keys.RECORD + task_id),), self._reread, _no_op)
+            self._send("GET", (self._space.key(keys.RECORD + task_id),), self._reread, None)
         a.hub.close(everything=False)
 
     def _reread(self, text: str | None) -> None:
@@ -193,7 +208,61 @@ class Following:
 
     def _fetch(self, ids: list[str], done: Callable[[list[str | None] | None], None]) -> None:
         key = self._space.key
-        self._send("MGET", tuple(key(keys.RECORD + i) for i in ids), done, lambda: done(None))
+        keys_ = tuple(key(keys.RECORD + i) for i in ids)
+        self._send("MGET", keys_, done, None, on_error=lambda: done(None))
+
+    def subscribe(
+        self, msg: m.Subscribe, fut: asyncio.Future[Any] | None, boot_seq: int
+    ) -> Deferred:
+        """``Subscribe``: a per-task subscription once its channel is followed, from
+        the record; one to every task from the stream's head; either after a replay
+        of what a resuming client missed (from the stream: any process resumes any
+        id)."""
+        sub = msg.subscription
+        if sub.task_id is not None and not self.ready(sub.task_id, msg, fut):
+            return DEFERRED  # handled again once this process follows the task's notes
+        replay: list[tuple[int, TaskRecord]] = []
+        head = [0]  # changes up to here are in the reply or the replay
+        after = sub.resume_from
+        if after is not None and after >= boot_seq:
+            limit = RECENT_EVENTS + 1
+            args = (f"{after + 1}-0", str(limit))
+
+            def missed(reply: list[Any]) -> None:
+                # Entries of deleted tasks are not in the reply (the script drops them).
+                flat = reply[2]
+                entries = [
+                    (int(flat[i]), decode_record(flat[i + 1])[0]) for i in range(0, len(flat), 2)
+                ]
+                # Through the last entry read, kept or not: a deleted task's
+                # changes are not sent live either.
+                head[0] = max(head[0], int(reply[3] or 0))
+                if int(reply[1]) < limit:  # else too many to replay: the current state
+                    replay.extend(entries)
+                    if reply[4] and int(reply[4]) == after + 1:
+                        # Nothing was trimmed: the gaps are changes of deleted tasks,
+                        # left out on purpose; the replay covers everything since.
+                        sub.resume_from = entries[0][0] - 1 if entries else head[0]
+
+            self._send("replay", args, missed, None)
+        if sub.task_id is None:
+            # The stream's head, read after the replay: the reader of every change
+            # starts there (or goes on from where it is).
+            def start(seq: str | None) -> None:
+                at = self.subscribe_all(max(head[0], int(seq or 0)))
+                self._a.hub.subscribe(sub, None, at, replay)
+
+            return self._send("GET", (self._space.key(keys.SEQ),), start, fut)
+
+        def done(text: str | None) -> TaskRecord:
+            rec = self._space.seen(text, sub.owner)
+            if rec is None:
+                raise TaskNotFound(sub.task_id or "")
+            seq = self._space.decode(text or "")[1]
+            self._a.hub.subscribe(sub, rec, max(seq, head[0]), replay)
+            return rec
+
+        return self._send("GET", (self._space.key(keys.RECORD + sub.task_id),), done, fut)
 
     # --- the stream, for subscriptions to every task ---------------------------------------
 
@@ -226,7 +295,3 @@ class Following:
                 if fut is not None:
                     self._a.replies.append((fut, None, None))
         self._noting.clear()
-
-
-def _no_op() -> None:
-    return None

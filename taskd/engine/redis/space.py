@@ -325,6 +325,13 @@ class RedisSpace:
         """One of the deployment's keys."""
         return self.base + suffix
 
+    def seen(self, text: str | None, owner: OwnerScope) -> TaskRecord | None:
+        """The record of a GET's reply (its text, or None), if ``owner`` may see it."""
+        if text is None:
+            return None
+        rec = self.decode(text)[0]
+        return rec if owner is ANY_OWNER or rec.owner == owner else None
+
     async def load_script(self) -> None:
         """Load the server-side library (idempotent: ``REPLACE``)."""
         await self.redis.function_load(LIBRARY, replace=True)
