@@ -80,7 +80,9 @@ class Tracker:
     ``Webhooks``: signed callbacks on terminal transitions) and ``clock`` (wall-clock
     source, for tests). ``redis`` (a ``redis://`` URL) puts the task space in Redis,
     shared by every tracker given the same URL and ``redis_prefix`` (default
-    ``"taskd:"``), in any process or host; it excludes ``store``. Methods called
+    ``"taskd:"``), in any process or host; it excludes ``store``. ``redis_cluster``
+    (the URL of any node of a Redis Cluster) does the same sharded by owner
+    (docs/scale-out.md); it excludes ``redis`` and ``store``. Methods called
     before entry, after close, or once the actor has died
     raise ``TrackerClosed`` at once.
     """
@@ -96,14 +98,18 @@ class Tracker:
         clock: Callable[[], float] = time.time,
         redis: str | None = None,
         redis_prefix: str = "taskd:",
+        redis_cluster: str | None = None,
     ) -> None:
         if retention is None:
             retention = Retention()
         elif not isinstance(retention, Retention):
             raise TypeError(f"retention must be a taskd.Retention, not {type(retention).__name__}")
         explicit_store = store is not None
+        if redis_cluster is not None and redis is not None:
+            raise ValueError("redis and redis_cluster are exclusive: give one URL")
+        shared = redis if redis_cluster is None else redis_cluster
         if store is None:
-            store = None if redis is not None else MemoryStore()
+            store = None if shared is not None else MemoryStore()
         elif not isinstance(store, Store):
             raise TypeError(f"store must implement taskd.Store, not {type(store).__name__}")
         close_after = check_seconds(close_timeout, "close_timeout", allow_zero=True)
@@ -122,7 +128,7 @@ class Tracker:
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
         engine: Engine
-        if redis is not None:
+        if shared is not None:
             from .engine.redis.space import check_prefix, check_redis_url
 
             if explicit_store:
@@ -130,8 +136,9 @@ class Tracker:
             engine = RedisEngine(
                 retention=retention,
                 cancel_grace=grace,
-                url=check_redis_url(redis),
+                url=check_redis_url(shared),
                 prefix=check_prefix(redis_prefix),
+                cluster=redis_cluster is not None,
             )
         else:
             assert store is not None

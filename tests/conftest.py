@@ -9,7 +9,7 @@ import pytest
 import taskd
 from taskd.testing import FakeClock
 
-from .redis_server import RedisServer
+from .redis_server import RedisClusterServers, RedisServer
 
 
 @pytest.fixture
@@ -40,18 +40,33 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One real Redis Cluster for the session (3 masters, a replica each); each test
+    takes its own key prefix."""
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("cluster")).start()
+    yield cluster
+    cluster.stop()
+
+
 class Engine(TypedDict, total=False):
-    """The options that choose an engine (``Tracker`` and ``create_app`` take both)."""
+    """The options that choose an engine (``Tracker`` and ``create_app`` take them)."""
 
     redis: str
+    redis_cluster: str
     redis_prefix: str
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 def engine(request: pytest.FixtureRequest) -> Engine:
     """Options that pick the engine (``Tracker`` and ``create_app`` take them): in
-    memory, or a shared task space on a real Redis under a fresh prefix."""
+    memory, a shared task space on a real Redis under a fresh prefix, or the same on
+    a real 3-master Redis Cluster (sharded by owner)."""
     if request.param == "memory":
         return {}
+    prefix = f"test-{uuid.uuid4().hex[:12]}:"
+    if request.param == "cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        return {"redis_cluster": cluster.url, "redis_prefix": prefix}
     server: RedisServer = request.getfixturevalue("redis_server")
-    return {"redis": server.url, "redis_prefix": f"test-{uuid.uuid4().hex[:12]}:"}
+    return {"redis": server.url, "redis_prefix": prefix}

@@ -1,7 +1,9 @@
 """An aiohttp app embedding taskd on a shared Redis task space, with a route that
 spawns a coroutine in this process: what the multi-process tests run as "a worker".
 
-    python -m tests.redis_worker PORT REDIS_URL PREFIX
+    python -m tests.redis_worker PORT REDIS_URL PREFIX [cluster]
+
+(with ``cluster``, REDIS_URL names a node of a Redis Cluster)
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ async def health(request: web.Request) -> web.Response:
 def main() -> None:
     port, url, prefix = int(sys.argv[1]), sys.argv[2], sys.argv[3]
     app = web.Application()
-    taskd.web.setup(app, redis=url, redis_prefix=prefix, close_timeout=0.5)
+    if sys.argv[4:] == ["cluster"]:
+        taskd.web.setup(app, redis_cluster=url, redis_prefix=prefix, close_timeout=0.5)
+    else:
+        taskd.web.setup(app, redis=url, redis_prefix=prefix, close_timeout=0.5)
     app.router.add_post("/spawn", spawn)
     app.router.add_get("/runners", stats)
     app.router.add_get("/health", health)

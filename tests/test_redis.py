@@ -24,7 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import taskd
 from taskd.testing import eventually
 
-from .redis_server import RedisServer
+from .redis_server import RedisClusterServers, RedisServer
 from .service import Service, free_port
 
 API = "/api/v1"
@@ -56,18 +56,54 @@ async def http() -> AsyncIterator[aiohttp.ClientSession]:
         yield session
 
 
+class Shared:
+    """Where the task space lives: one Redis, or a 3-master Redis Cluster (with a
+    replica each); ``node`` is the server that holds a key, for raw commands."""
+
+    def __init__(self, server: RedisServer | None, cluster: RedisClusterServers | None) -> None:
+        self.server = server
+        self.cluster = cluster
+
+    @property
+    def flags(self) -> tuple[str, str]:
+        if self.cluster is not None:
+            return ("--redis-cluster", self.cluster.url)
+        assert self.server is not None
+        return ("--redis", self.server.url)
+
+    def node(self, key: str) -> RedisServer:
+        if self.cluster is not None:
+            return self.cluster.master_of(key)
+        assert self.server is not None
+        return self.server
+
+    def masters(self) -> list[RedisServer]:
+        if self.cluster is not None:
+            return [n for n in self.cluster.nodes if n.proc is not None]
+        assert self.server is not None
+        return [self.server]
+
+
+@pytest.fixture(params=["redis", "cluster"])
+def shared(request: pytest.FixtureRequest) -> Shared:
+    """The suites below run on one Redis and on a Redis Cluster (docs/scale-out.md)."""
+    if request.param == "cluster":
+        return Shared(None, request.getfixturevalue("redis_cluster"))
+    return Shared(request.getfixturevalue("redis_server"), None)
+
+
 @pytest.fixture
 async def trio(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, shared: Shared
 ) -> AsyncIterator[Callable[..., Awaitable[list[Service]]]]:
-    """Start N ``taskd serve --redis`` processes on one prefix (extra flags allowed)."""
+    """Start N ``taskd serve --redis`` (or ``--redis-cluster``) processes on one
+    prefix (extra flags allowed)."""
     started: list[Service] = []
 
     async def make(n: int = 3, *flags: str, space: str | None = None) -> list[Service]:
         space = space or prefix()
         services = [
-            Service(tmp_path, "--redis", redis_server.url, "--redis-prefix", space, *flags)
-            for _ in range(n)
+            Service(tmp_path, *shared.flags, "--redis-prefix", space, *flags) for _ in range(n)
         ]
         started.extend(services)
         return await start_all(services)
@@ -79,11 +115,11 @@ async def trio(
 class Worker:
     """``tests/redis_worker.py``: taskd embedded in an aiohttp app, spawning in-process."""
 
-    def __init__(self, tmp: Path, url: str, space: str) -> None:
+    def __init__(self, tmp: Path, url: str, space: str, *mode: str) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"worker-{self.port}.log"
-        self.argv = [sys.executable, "-m", "tests.redis_worker", str(self.port), url, space]
+        self.argv = [sys.executable, "-m", "tests.redis_worker", str(self.port), url, space, *mode]
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Worker:
@@ -112,12 +148,13 @@ class Worker:
 
 @pytest.fixture
 async def worker(
-    tmp_path: Path, redis_server: RedisServer
+    tmp_path: Path, shared: Shared
 ) -> AsyncIterator[Callable[[str], Awaitable[Worker]]]:
     started: list[Worker] = []
 
     async def make(space: str) -> Worker:
-        w = Worker(tmp_path, redis_server.url, space)
+        mode = ("cluster",) if shared.cluster is not None else ()
+        w = Worker(tmp_path, shared.flags[1], space, *mode)
         started.append(w)
         return await asyncio.to_thread(w.start)
 
@@ -266,7 +303,7 @@ async def test_long_poll_on_one_process_sees_another(
 
 
 async def test_a_process_follows_only_the_tasks_it_holds(
-    trio: Any, http: aiohttp.ClientSession, redis_server: RedisServer
+    trio: Any, http: aiohttp.ClientSession, shared: Shared
 ) -> None:
     """docs/scale-out.md ("Streams and pub/sub"): a process follows a task's notes
     channel while it holds a waiter of that task, and leaves it once answered; the
@@ -280,7 +317,7 @@ async def test_a_process_follows_only_the_tasks_it_holds(
     channel = "{" + space + "}" + keys.TASK_NOTES + tid
 
     def followers() -> int:
-        reply = redis_server.command("PUBSUB", "SHARDNUMSUB", channel)  # RESP: *2 … :n
+        reply = shared.node(channel).command("PUBSUB", "SHARDNUMSUB", channel)  # *2 … :n
         return int(reply.split()[-1].lstrip(b":"))
 
     assert followers() == 0
@@ -298,7 +335,7 @@ async def test_a_process_follows_only_the_tasks_it_holds(
 
 
 async def test_a_waiter_is_answered_across_a_lost_notes_connection(
-    trio: Any, http: aiohttp.ClientSession, redis_server: RedisServer
+    trio: Any, http: aiohttp.ClientSession, shared: Shared
 ) -> None:
     """docs/scale-out.md: a note sent while a process's pub/sub connection is down is
     gone; after the reconnect the process reads its waiters' records again. The
@@ -313,7 +350,8 @@ async def test_a_waiter_is_answered_across_a_lost_notes_connection(
             return total(await resp.text(), "taskd_waiters") == 1
 
     await eventually(parked, 15)
-    redis_server.command("CLIENT", "KILL", "TYPE", "pubsub")
+    for node in shared.masters():
+        node.command("CLIENT", "KILL", "TYPE", "pubsub")
     await call(http, "POST", f"{a.url}{API}/tasks/{tid}/cancel", 202)
     answer = await asyncio.wait_for(poll, 15)  # far before the 30 s deadline
     assert answer["result"]["status"] == "cancelled"
@@ -460,7 +498,7 @@ async def test_a_paused_process_cannot_write_a_stale_outcome(
 
 
 async def test_heartbeat_timeout_fires_once(
-    trio: Any, http: aiohttp.ClientSession, redis_server: RedisServer
+    trio: Any, http: aiohttp.ClientSession, shared: Shared
 ) -> None:
     space = prefix()
     a, b, c = await trio(3, space=space)
@@ -473,10 +511,11 @@ async def test_heartbeat_timeout_fires_once(
         return (await record(http, c.url, tid))["status"] == "failed"
 
     await eventually(failed, 10)
-    entries = redis_server.command("XRANGE", "{" + space + "}x", "-", "+").decode()
+    node = shared.node("{" + space + "}x")
+    entries = node.command("XRANGE", "{" + space + "}x", "-", "+").decode()
     assert entries.count(f'"id":"{tid}"') == 2  # created, then failed once: not twice
     assert (await record(http, b.url, tid))["error"] == "heartbeat timeout"
-    assert redis_server.command("ZSCORE", "{" + space + "}hb", tid).startswith(b"$-1")
+    assert node.command("ZSCORE", "{" + space + "}hb", tid).startswith(b"$-1")
 
 
 async def test_each_webhook_is_delivered_by_some_process(

@@ -30,7 +30,7 @@ def safe_url(url: str) -> str:
 _REDIS_FLAG = "--redis (env TASKD_REDIS)"
 
 
-def check_url(url: str) -> None:
+def check_url(url: str, flag: str = _REDIS_FLAG) -> None:
     """A ``--redis`` URL redis-py will take, else one line naming the flag (exit 1).
 
     redis-py's own errors ("Port could not be cast to integer value") name neither
@@ -40,7 +40,7 @@ def check_url(url: str) -> None:
         check_redis_url(url)
     except ValueError:
         raise CliError(
-            f"{_REDIS_FLAG} must be a redis://, rediss:// or unix:// URL, not {shown!r}",
+            f"{flag} must be a redis://, rediss:// or unix:// URL, not {shown!r}",
             EXIT_START,
         ) from None
     try:
@@ -53,26 +53,23 @@ def check_url(url: str) -> None:
             else "its port is not a number from 0 to 65535"
         )
         raise CliError(
-            f"{_REDIS_FLAG}: {shown!r} is not a usable URL: {problem} "
-            "(redis://[:PASSWORD@]HOST:PORT/DB)",
+            f"{flag}: {shown!r} is not a usable URL: {problem} (redis://[:PASSWORD@]HOST:PORT/DB)",
             EXIT_START,
         ) from None
     if parts.scheme == "unix":
         if not parts.path:
-            raise CliError(
-                f"{_REDIS_FLAG}: {shown!r} names no socket path (unix:///PATH)", EXIT_START
-            )
+            raise CliError(f"{flag}: {shown!r} names no socket path (unix:///PATH)", EXIT_START)
         return
     db = parts.path.strip("/")
     if db and not db.isdigit():
         raise CliError(
-            f"{_REDIS_FLAG}: {shown!r}: the database after the port must be a number "
+            f"{flag}: {shown!r}: the database after the port must be a number "
             "(redis://HOST:PORT/0)",
             EXIT_START,
         )
 
 
-def check_reachable(url: str) -> None:
+def check_reachable(url: str, flag: str = _REDIS_FLAG) -> None:
     """Ping Redis once before serving: a Redis that cannot be reached, wants a
     password or refuses the one given is one line in taskd's words naming the flag,
     instead of Redis's own ("NOAUTH HELLO must be called with the client already
@@ -100,7 +97,7 @@ def check_reachable(url: str) -> None:
             problem = "requires a password: give it in the URL (redis://:PASSWORD@HOST:PORT/0)"
         else:
             problem = "refused the user name or password in the URL (wrong password?)"
-        raise CliError(f"{_REDIS_FLAG}: Redis at {where} {problem}", EXIT_START) from None
+        raise CliError(f"{flag}: Redis at {where} {problem}", EXIT_START) from None
     except (RedisError, OSError) as exc:
         cause = exc.__cause__ or exc.__context__
         reason = (
@@ -111,7 +108,7 @@ def check_reachable(url: str) -> None:
             else " ".join(str(exc).split())
         )
         raise CliError(
-            f"{_REDIS_FLAG}: the shared store (Redis) at {where} cannot be reached: {reason}",
+            f"{flag}: the shared store (Redis) at {where} cannot be reached: {reason}",
             EXIT_START,
         ) from None
     finally:

@@ -109,9 +109,10 @@ def supervise(args: argparse.Namespace) -> int:
     stop them together. A worker that dies is started again; one that cannot start
     stops them all (exit 1). Workers watch a pipe from the supervisor and stop when
     it dies (SIGKILL included); the supervisor kills workers that do not stop."""
-    if not args.redis:
+    if not args.redis and not args.redis_cluster:
         raise CliError(
-            "--workers needs --redis: separate processes share tasks only through Redis",
+            "--workers needs --redis (or --redis-cluster): separate processes share tasks "
+            "only through Redis",
             EXIT_START,
         )
     if args.port == 0:

@@ -34,6 +34,9 @@ from ._workers import WORKER_ENV, supervise, watch_supervisor
 
 __all__ = ["add_parsers", "run"]
 
+#: How errors name the cluster flag.
+CLUSTER_FLAG = "--redis-cluster (env TASKD_REDIS_CLUSTER)"
+
 log = logging.getLogger("taskd")
 
 
@@ -69,6 +72,13 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         metavar="URL",
         help="redis://HOST:PORT/DB: one task space shared by every process given it "
         "(env TASKD_REDIS)",
+    )
+    serve.add_argument(
+        "--redis-cluster",
+        default=os.environ.get("TASKD_REDIS_CLUSTER") or None,
+        metavar="URL",
+        help="redis://HOST:PORT of any node of a Redis Cluster: the shared task space "
+        "sharded by owner (env TASKD_REDIS_CLUSTER)",
     )
     serve.add_argument(
         "--redis-prefix",
@@ -240,12 +250,24 @@ def run(args: argparse.Namespace) -> int:
             "raw UTF-8 bytes as the key (Standard Webhooks libraries expect whsec_<base64>)"
         )
     store = None
-    if args.db and args.redis:
+    if args.redis and args.redis_cluster:
         raise CliError(
-            "--db and --redis are exclusive: with --redis, Redis holds the tasks", EXIT_START
+            "--redis and --redis-cluster are exclusive: give the one Redis or the cluster",
+            EXIT_START,
         )
-    if args.redis:
-        check_url(args.redis)
+    shared, flag = (
+        (args.redis_cluster, CLUSTER_FLAG) if args.redis_cluster else (args.redis, "--redis")
+    )
+    if args.db and shared:
+        raise CliError(
+            f"--db and {flag.split()[0]} are exclusive: with {flag.split()[0]}, Redis holds "
+            "the tasks",
+            EXIT_START,
+        )
+    if shared:
+        check_url(shared, flag) if args.redis_cluster else check_url(shared)
+        if args.redis_cluster and shared.startswith("unix:"):
+            raise CliError(f"{flag} must be a redis:// or rediss:// URL", EXIT_START)
         try:
             check_prefix(args.redis_prefix)
         except ValueError as exc:
@@ -253,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
         if worker is None:
             # Once, before any worker starts: a Redis that cannot be used is one line
             # in taskd's words (not N workers' lines in Redis's words).
-            check_reachable(args.redis)
+            check_reachable(shared, flag) if args.redis_cluster else check_reachable(shared)
     if args.workers > 1:
         return supervise(args)
     if args.db:
@@ -275,6 +297,7 @@ def run(args: argparse.Namespace) -> int:
         webhooks=webhooks,
         cancel_grace=args.cancel_grace,
         redis=args.redis,
+        redis_cluster=args.redis_cluster,
         redis_prefix=args.redis_prefix,
         guard=BrowserGuard(
             check_host=not tokens, allowed_hosts=frozenset(hosts), cors_origins=frozenset(origins)
@@ -321,6 +344,8 @@ def run(args: argparse.Namespace) -> int:
                 if args.db
                 else f"redis {safe_url(args.redis)} prefix {args.redis_prefix!r}"
                 if args.redis
+                else f"redis cluster {safe_url(args.redis_cluster)} prefix {args.redis_prefix!r}"
+                if args.redis_cluster
                 else "in memory",
                 ", token auth" if tokens else "",
                 ", demo jobs" if runs_demo else "",

@@ -71,6 +71,8 @@ class Options(TypedDict, total=False):
     #: A redis:// URL: the task space lives in Redis, shared by every process using it.
     redis: str | None
     redis_prefix: str
+    #: The URL of any node of a Redis Cluster: the same, sharded by owner.
+    redis_cluster: str | None
 
 
 class SetupOptions(Options, total=False):
@@ -148,6 +150,7 @@ def _setup(
         webhooks=webhooks,
         redis=options.get("redis"),
         redis_prefix=options.get("redis_prefix", "taskd:"),
+        redis_cluster=options.get("redis_cluster"),
     )
     state = _State(
         tracker,
@@ -160,7 +163,7 @@ def _setup(
     state.app = app
     app[_STATE] = state
 
-    shared = options.get("redis") is not None
+    shared = options.get("redis") is not None or options.get("redis_cluster") is not None
 
     async def lifecycle(app: web.Application) -> AsyncIterator[None]:
         if not shared:

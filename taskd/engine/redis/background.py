@@ -9,7 +9,7 @@ import contextlib
 import functools
 import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -57,6 +57,8 @@ class Changes:
 
     entries: tuple[RawChange, ...]
     reader: int
+    #: The shard whose stream they are from.
+    base: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,12 +75,18 @@ class Writable:
     reason: str | None
 
 
-async def announce(space: RedisSpace, proc: str) -> None:
-    """Say this process is alive (a key with a PX expiry) and one of the space's."""
-    pipe = space.redis.pipeline(transaction=False)
-    pipe.set(space.key(keys.ALIVE + proc), "1", px=LIVENESS_MS)
-    pipe.sadd(space.key(keys.PROCS), proc)
-    await pipe.execute()
+async def announce(space: RedisSpace, proc: str, bases: Iterable[str] = ()) -> None:
+    """Say this process is alive (a key with a PX expiry) and one of the space's; on
+    a cluster, alive in every shard it ran a spawned task in too (``bases``: a
+    shard's sweep reads only its own keys)."""
+    home = space.base
+    for base in dict.fromkeys([home, *bases]):
+        alive = space.key(keys.ALIVE + proc, base)
+        pipe = (await space.client(alive)).pipeline(transaction=False)
+        pipe.set(alive, "1", px=LIVENESS_MS)
+        if base == home:
+            pipe.sadd(space.key(keys.PROCS), proc)
+        await pipe.execute()
 
 
 class Background:
@@ -97,15 +105,30 @@ class Background:
         self._post = post
         self._closed = closed
         self._refusing = refusing
-        self._acks: list[str] = []
+        #: The shards this process ran a spawned task in (besides the home base).
+        self.alive_in: set[str] = set()
+        self._sender: WebhookSender | None = None
+        #: The running tasks: the beat, and an outbox consumer per shard.
+        self.tasks: list[asyncio.Task[None]] = []
+        self._outboxes: set[str] = set()
 
     def start(self, sender: WebhookSender | None) -> list[asyncio.Task[None]]:
-        """Start the beat and, with webhooks, the outbox."""
+        """Start the beat and, with webhooks, the home shard's outbox."""
+        self._sender = sender
         loop = asyncio.get_running_loop()
-        tasks = [loop.create_task(self._keep_alive(), name="taskd-liveness")]
-        if sender is not None:
-            tasks.append(loop.create_task(self._outbox(sender), name="taskd-outbox"))
-        return tasks
+        self.tasks.append(loop.create_task(self._keep_alive(), name="taskd-liveness"))
+        self.consume(self.space.base)
+        return self.tasks
+
+    def consume(self, base: str) -> None:
+        """With webhooks, consume a shard's outbox (once per shard)."""
+        sender = self._sender
+        if sender is not None and base not in self._outboxes:
+            self._outboxes.add(base)
+            task = asyncio.get_running_loop().create_task(
+                self._outbox(sender, base), name="taskd-outbox"
+            )
+            self.tasks.append(task)
 
     async def _keep_alive(self) -> None:
         # The beat is a write (SET … PX): it also finds a Redis that refuses writes
@@ -113,7 +136,7 @@ class Background:
         while True:
             await asyncio.sleep(BEAT)
             try:
-                await announce(self.space, self.proc)
+                await announce(self.space, self.proc, self.alive_in)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -126,24 +149,24 @@ class Background:
                 if self._refusing() and not self._closed():
                     self._post(Writable(None))
 
-    def read_changes(self, last: int, reader: int) -> asyncio.Task[None]:
-        """Start reading the change stream after ``last`` (while an event stream
-        here follows every task; ``reader`` numbers this start)."""
+    def read_changes(self, last: int, reader: int, base: str) -> asyncio.Task[None]:
+        """Start reading a shard's change stream after ``last`` (while an event
+        stream here follows every task; ``reader`` numbers this start)."""
         return asyncio.get_running_loop().create_task(
-            self._read_changes(last, reader), name="taskd-changes"
+            self._read_changes(last, reader, base), name="taskd-changes"
         )
 
-    async def _read_changes(self, last: int, reader: int) -> None:
+    async def _read_changes(self, last: int, reader: int, base: str) -> None:
         """Read the change stream from ``last``, post it to the mailbox in order.
         After a failure, ask for a resync (Celery #5919's lesson: what changed while
         the connection was down must be re-read)."""
-        stream = ChangeReader(self.space)
+        stream = ChangeReader(self.space, base)
         try:
-            await self._read_from(stream, last, reader)
+            await self._read_from(stream, last, reader, base)
         finally:
             await stream.aclose()
 
-    async def _read_from(self, stream: ChangeReader, last: int, reader: int) -> None:
+    async def _read_from(self, stream: ChangeReader, last: int, reader: int, base: str) -> None:
         broken = False
         while True:
             try:
@@ -186,31 +209,35 @@ class Background:
                 log.warning("missed %d change(s) on the stream", entries[0][0] - last - 1)
                 self._post(Resync(reader))
             last = entries[-1][0]
-            self._post(Changes(tuple(entries), reader))
+            self._post(Changes(tuple(entries), reader, base))
 
-    async def _outbox(self, sender: WebhookSender) -> None:
-        """Consume the webhook outbox (a consumer group: each entry goes to one live
-        process; one a dead process held is claimed after CLAIM_IDLE_MS)."""
+    async def _outbox(self, sender: WebhookSender, base: str) -> None:
+        """Consume a shard's webhook outbox (a consumer group: each entry goes to one
+        live process; one a dead process held is claimed after CLAIM_IDLE_MS)."""
         from redis.exceptions import ResponseError
 
         space = self.space
-        r = space.reader
-        key = space.key(keys.OUTBOX)
+        key = space.key(keys.OUTBOX, base)
         loop = asyncio.get_running_loop()
         claim_at = 0.0
+        acked: list[str] = []
         while True:
             try:
+                redis = await space.client(key)
+                r = await space.client(key, reader=True)
                 with contextlib.suppress(ResponseError):  # BUSYGROUP: it exists
-                    await space.redis.xgroup_create(key, keys.GROUP, id="0", mkstream=True)
+                    await redis.xgroup_create(key, keys.GROUP, id="0", mkstream=True)
                 while True:
-                    if self._acks:
-                        acks, self._acks = self._acks, []
-                        await space.redis.xack(key, keys.GROUP, *acks)
-                        await space.redis.xdel(key, *acks)
+                    if acked:
+                        # (in place: the senders' callbacks hold this list)
+                        acks = acked[:]
+                        acked.clear()
+                        await redis.xack(key, keys.GROUP, *acks)
+                        await redis.xdel(key, *acks)
                     entries: list[tuple[str, dict[str, str]]] = []
                     if loop.time() >= claim_at:
                         claim_at = loop.time() + 10.0
-                        claimed: Any = await space.redis.xautoclaim(
+                        claimed: Any = await redis.xautoclaim(
                             key, keys.GROUP, self.proc, CLAIM_IDLE_MS, "0-0", count=32
                         )
                         entries.extend(claimed[1])
@@ -221,10 +248,10 @@ class Background:
                         entries.extend(resp2[0][1])
                     for eid, fields in entries:
                         if not fields:
-                            self._acks.append(eid)
+                            acked.append(eid)
                             continue
                         rec = space.decode(fields[keys.ENTRY_RECORD])[0]
-                        sender.submit(rec, done=functools.partial(self._acks.append, eid))
+                        sender.submit(rec, done=functools.partial(acked.append, eid))
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import StoreError, TaskdError, TaskNotFound
-from ..._models import ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
+from ..._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
 from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Host, Settle
@@ -45,9 +45,11 @@ from ...actor.timers import Kind
 from ..codec import result_text
 from ..state import Page
 from . import keys, tally
-from .background import BEAT, Background, Writable, announce
+from .background import BEAT, LIVENESS_MS, Background, Writable, announce
+from .cluster import Down
 from .follow import Following
-from .pages import Walk
+from .notes import OWN
+from .pages import Merge, Walk
 from .space import (
     SOCKET_TIMEOUT,
     WRITES,
@@ -104,8 +106,10 @@ class RedisEngine(Engine):
         cancel_grace: float,
         url: str,
         prefix: str,
+        cluster: bool = False,
     ) -> None:
-        self.space = RedisSpace(url, prefix, retention, cancel_grace)
+        self.space = RedisSpace(url, prefix, retention, cancel_grace, cluster=cluster)
+        self.shards = self.space.shards
         self._retention = retention
         self._cancel_grace = cancel_grace
         #: This process's name in the task space (liveness key, runner ownership).
@@ -152,7 +156,7 @@ class RedisEngine(Engine):
             m.Get: self._remote_get,
             m.ListTasks: self._remote_list,
             m.Wait: self._remote_wait,
-            m.Subscribe: lambda msg, fut: self.follow.subscribe(msg, fut, self.boot_seq),
+            m.Subscribe: self._remote_subscribe,
             m.Stats: self._remote_stats,
             Writable: self._on_writable,
             _Ended: self._on_ended,
@@ -187,7 +191,8 @@ class RedisEngine(Engine):
             raise StoreError(f"the shared store (Redis) cannot be reached: {exc}") from None
         # Event ids are global: an id below the space's first one is from an earlier
         # space (a flushed Redis). Replays are read from the stream, not kept here.
-        self.boot_seq = int(head[0] or 0)
+        # (On a cluster each shard numbers its own: docs/scale-out.md.)
+        self.boot_seq = 0 if self.shards.cluster else int(head[0] or 0)
         self._sweep_at(self.actor.now)
 
     def start(self) -> None:
@@ -199,15 +204,19 @@ class RedisEngine(Engine):
     async def stop(self) -> None:
         """Stop the background tasks, say this process is gone, disconnect."""
         await self.follow.stop()
-        for task in self._background:
+        background = self._tasks.tasks
+        for task in background:
             task.cancel()
-        if self._background:
+        if background:
             # redis-py can swallow a cancellation that races a socket timeout; the
             # loops check for that (_cancelled), and this wait is bounded regardless.
-            await asyncio.wait(self._background, timeout=SOCKET_TIMEOUT + 3.0)
+            await asyncio.wait(background, timeout=SOCKET_TIMEOUT + 3.0)
         with contextlib.suppress(Exception):
             # A clean exit: nothing of ours runs any more.
-            await self.space.redis.delete(*(self.space.key(k + self.proc) for k in _MINE))
+            space = self.space
+            for base in [space.base, *self._tasks.alive_in]:
+                mine = [space.key(k + self.proc, base) for k in _MINE]
+                await (await space.client(mine[0])).delete(*mine)
         await self.space.aclose()
 
     def refuses(self, msg: object, fut: asyncio.Future[Any] | None) -> bool:
@@ -230,11 +239,13 @@ class RedisEngine(Engine):
         fut: asyncio.Future[Any] | None,
         retry: object = None,
         on_error: Callable[[], object] | None = None,
+        base: str | None = None,
     ) -> Deferred:
         """Queue one server-side call for this batch; ``done`` gets its reply and
         returns the caller's answer (raising answers with the exception);
-        ``on_error`` runs instead when the call fails."""
-        self._ops.append(Op((name, args), done, fut, retry, on_error))
+        ``on_error`` runs instead when the call fails. A script command runs in
+        shard ``base`` (the home base where None)."""
+        self._ops.append(Op((name, args), done, fut, retry, on_error, base))
         return DEFERRED
 
     def _send_all(
@@ -256,11 +267,89 @@ class RedisEngine(Engine):
         return DEFERRED
 
     def _get(
-        self, task_id: str, done: Callable[[str | None], object], fut: asyncio.Future[Any] | None
+        self,
+        task_id: str,
+        done: Callable[[str | None], object],
+        fut: asyncio.Future[Any] | None,
+        base: str | None = None,
     ) -> Deferred:
         """Read a record with a plain GET (reads need no script): ``done`` gets its
         text, or None."""
-        return self._send("GET", (self.space.key(keys.RECORD + task_id),), done, fut)
+        return self._send("GET", (self.space.key(keys.RECORD + task_id, base),), done, fut)
+
+    # --- shards (one on a single Redis; one per owner on a cluster) ----------------------
+
+    def _at(
+        self,
+        task_id: str,
+        owner: OwnerScope,
+        fut: asyncio.Future[Any] | None,
+        go: Callable[[str], object],
+    ) -> Deferred:
+        """Run ``go`` with the shard of a task: its owner's, or, for any owner, the
+        one its id names (the registry read first if this process does not know it;
+        an id no shard minted is not found)."""
+        shards = self.shards
+        if owner is not ANY_OWNER:
+            go(shards.of_owner(owner))
+            return DEFERRED
+        base = shards.of_id(task_id)
+        if base is not None:
+            go(base)
+            return DEFERRED
+
+        def known(_: object) -> object:
+            found = shards.of_id(task_id)
+            if found is None:
+                raise TaskNotFound(task_id)
+            go(found)
+            return DEFERRED
+
+        return self._registry(known, fut)
+
+    def _registry(
+        self, then: Callable[[object], object], fut: asyncio.Future[Any] | None
+    ) -> Deferred:
+        """Read the registry of shards (``Shards``), then ``then``."""
+
+        def read(reply: list[str] | dict[str, str]) -> object:
+            flat = (
+                reply
+                if isinstance(reply, dict)
+                else dict(zip(reply[::2], reply[1::2], strict=True))
+            )
+            before = set(self.shards.registered)
+            self.shards.learn(flat)
+            for base in self.shards.registered - before:
+                self._tasks.consume(base)
+                self.follow.new_shard(base)
+            return then(None)
+
+        return self._send("HGETALL", (self.space.key(keys.SHARDS),), read, fut)
+
+    def _shards(
+        self, then: Callable[[list[str]], object], fut: asyncio.Future[Any] | None
+    ) -> Deferred:
+        """Run ``then`` with every shard: the home base on a single Redis, every
+        registered shard (read now) on a cluster."""
+        if not self.shards.cluster:
+            then([self.space.base])
+            return DEFERRED
+        return self._registry(lambda _: then(self.shards.all()), fut)
+
+    def _register(self, base: str) -> None:
+        """A shard this process writes to: in the registry, and (for spawns) alive
+        in it, before the batch's call that needs it (the same master, in order)."""
+        space = self.shards
+        if base not in space.registered:
+            space.registered.add(base)
+            args = (self.space.key(keys.SHARDS), space.code(base), base)
+
+            def failed() -> None:
+                space.registered.discard(base)
+
+            self._send("HSET", args, ignore, None, on_error=failed)
+            self._tasks.consume(base)
 
     async def commit(self) -> bool:
         """Send the batch's calls as one pipeline, then answer each caller."""
@@ -274,7 +363,9 @@ class RedisEngine(Engine):
         while self._ops:
             ops, self._ops = self._ops, []
             try:
-                replies = await self.space.call([op.command for op in ops], a.now)
+                replies = await self.space.call(
+                    [op.command for op in ops], a.now, [op.base for op in ops]
+                )
             except StoreError as exc:
                 self._went_down(exc, ops)
                 break
@@ -290,12 +381,20 @@ class RedisEngine(Engine):
                 self._went_down(StoreError(f"the shared store (Redis) failed: {exc!r}"), ops)
                 break
             else:
-                if self._unreachable is not None:
+                down = [r for r in replies if isinstance(r, Down)]
+                if down:
+                    # One master of a cluster failed: its commands' callers get 503,
+                    # runner reports are kept; the others are answered.
+                    self._went_down(
+                        down[0], [o for o, r in zip(ops, replies, strict=True) if r in down], 0.0
+                    )
+                elif self._unreachable is not None:
                     log.warning("the shared store (Redis) answers again")
                     self._unreachable = None
                     self._health()
                 for op, reply in zip(ops, replies, strict=True):
-                    self._answer(op, reply)
+                    if not isinstance(reply, Down):
+                        self._answer(op, reply)
         # Channels nobody here needs any more are left; the stream reader stops when
         # no subscription follows every task.
         self.follow.tidy()
@@ -365,15 +464,15 @@ class RedisEngine(Engine):
             if fut is not None and value is not DEFERRED and not fut.done():
                 fut.set_result(value)
 
-    def _went_down(self, exc: StoreError, ops: list[Op]) -> None:
+    def _went_down(self, exc: StoreError, ops: list[Op], backoff: float = BACKOFF) -> None:
         reason = str(exc)
         if self._unreachable is None:
             log.error("%s; refusing commands until it answers", reason)
         self._unreachable = reason
         self._health()
-        self._down_until = self.actor.now + BACKOFF
+        self._down_until = self.actor.now + backoff
         # Wakes the loop when the back-off ends, so that held runner reports go out.
-        self.actor.timers.push(self._down_until, Kind.RETRY, "")
+        self.actor.timers.push(self.actor.now + BACKOFF, Kind.RETRY, "")
         if self._sweep_due == math.inf:  # the sweep in flight failed
             self._sweep_at(self._down_until)
         for op in ops:
@@ -390,7 +489,12 @@ class RedisEngine(Engine):
         if kind is Kind.SWEEP and self.actor.now >= self._sweep_due:
             # (else a stale entry: a later one is set)
             self._sweep_due = math.inf  # one sweep in flight at a time
-            self._send("sweep", (), self._swept, None)
+            if self.shards.cluster:
+                # every shard, each in its own slot; the registry read again first
+                # (shards other processes made)
+                self._shards(self._sweep_shards, None)
+            else:
+                self._send("sweep", (), self._swept, None)
             if self.actor.now >= self._publish_due:  # its own series, about once a beat
                 self._publish_due = self.actor.now + BEAT / 2
                 self._send(*tally.publish(self.space, self.actor.series(self.proc)), ignore, None)
@@ -399,13 +503,18 @@ class RedisEngine(Engine):
         """Deadlines are swept in Redis: no expiry floor here."""
         self.actor.timers.reset_due(None)
 
+    def _sweep_shards(self, bases: list[str]) -> None:
+        for base in bases:
+            self._send("sweep", (), self._swept, None, base=base)
+
     def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
         """A wait ran out, or a long-poll was released: the latest is in Redis."""
-        self._get(task_id, lambda text: (self.space.seen(text, ANY_OWNER), False), fut)
+        done = lambda text: (self.space.seen(text, ANY_OWNER), False)  # noqa: E731
+        self._get(task_id, done, fut, self.shards.of_id(task_id))
 
     def timed_out(self, task_id: str) -> None:
         """The runner was cancelled for its timeout: the script records cancelling."""
-        self._send("timeout", (task_id, self.proc), ignore, None)
+        self._send("timeout", (task_id, self.proc), ignore, None, base=self.shards.of_id(task_id))
 
     def _swept(self, reply: list[str]) -> None:
         nxt = self.actor.now + BEAT
@@ -441,50 +550,88 @@ class RedisEngine(Engine):
 
     def _remote_create(self, msg: m.Create, fut: asyncio.Future[Any] | None) -> Deferred:
         hb = msg.heartbeat_timeout
-        args = insert_args(msg, "" if hb is None else repr(float(hb)))
-        return self._send("create", args, self._record, fut)
+        base = self.shards.of_owner(msg.owner)
+        self._register(base)
+        args = insert_args(
+            msg, "" if hb is None else repr(float(hb)), self.shards.random_part(base)
+        )
+        return self._send("create", args, self._record, fut, base=base)
 
     def _remote_spawn(self, msg: m.Spawn, fut: asyncio.Future[Any] | None) -> Deferred:
-        args = (*insert_args(msg, ""), self.proc)
+        base = self.shards.of_owner(msg.owner)
+        if base != self.space.base:
+            # (a cluster) this process follows its channel in the task's shard, and
+            # is alive there, before it runs a task there
+            if fut is not None and not self.follow.ready(OWN, msg, fut, base):
+                return DEFERRED
+            self._register(base)
+            if base not in self._tasks.alive_in:
+                self._tasks.alive_in.add(base)
+                alive = (self.space.key(keys.ALIVE + self.proc, base), "1", "PX", str(LIVENESS_MS))
+                self._send("SET", alive, ignore, None)
+        args = (*insert_args(msg, "", self.shards.random_part(base)), self.proc)
 
         def done(reply: list[Any]) -> TaskRecord:
             return self.actor.add_runner(msg, self.space.decode(reply[1])[0])
 
-        return self._send("spawn", args, done, fut)
+        return self._send("spawn", args, done, fut, base=base)
+
+    def _by_id(
+        self,
+        name: str,
+        msg: m.Start | m.Progress | m.Complete | m.Fail | m.Cancel | m.Delete,
+        args: tuple[str, ...],
+        done: Callable[[Any], object],
+        fut: asyncio.Future[Any] | None,
+    ) -> Deferred:
+        """A script command on one task, in its shard."""
+        return self._at(
+            msg.task_id,
+            msg.owner,
+            fut,
+            lambda base: self._send(
+                name, (msg.task_id, scope(msg.owner), *args), done, fut, base=base
+            ),
+        )
 
     def _remote_start(self, msg: m.Start, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("start", (msg.task_id, scope(msg.owner)), self._record, fut)
+        return self._by_id("start", msg, (), self._record, fut)
 
     def _remote_progress(self, msg: m.Progress, fut: asyncio.Future[Any] | None) -> Deferred:
         args = (
-            msg.task_id,
-            scope(msg.owner),
             "" if msg.progress is None else repr(float(msg.progress)),
             "\0" if msg.message is None else msg.message,
         )
-        return self._send("progress", args, self._record, fut)
+        return self._by_id("progress", msg, args, self._record, fut)
 
     def _remote_complete(self, msg: m.Complete, fut: asyncio.Future[Any] | None) -> Deferred:
-        args = (msg.task_id, scope(msg.owner), result_text(msg.result))
-        return self._send("complete", args, self._record, fut)
+        return self._by_id("complete", msg, (result_text(msg.result),), self._record, fut)
 
     def _remote_fail(self, msg: m.Fail, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("fail", (msg.task_id, scope(msg.owner), msg.error), self._record, fut)
+        return self._by_id("fail", msg, (msg.error,), self._record, fut)
 
     def _remote_cancel(self, msg: m.Cancel, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("cancel", (msg.task_id, scope(msg.owner), msg.reason), self._record, fut)
+        return self._by_id("cancel", msg, (msg.reason,), self._record, fut)
 
     def _remote_delete(self, msg: m.Delete, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._send("delete", (msg.task_id, scope(msg.owner)), ignore, fut)
+        return self._by_id("delete", msg, (), ignore, fut)
 
     def _remote_get(self, msg: m.Get, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._get(msg.task_id, lambda text: self.space.seen(text, msg.owner), fut)
+        done = lambda text: self.space.seen(text, msg.owner)  # noqa: E731
+        return self._at(msg.task_id, msg.owner, fut, lambda b: self._get(msg.task_id, done, fut, b))
 
     def _remote_list(self, msg: m.ListTasks, fut: asyncio.Future[Any] | None) -> Deferred:
         # The index, then its records, with plain commands: one round trip each
-        # (pages.Walk), sent in the batches' pipelines.
-        walk = Walk(msg, self.space.key, self.space.decode)
+        # (pages.Walk), sent in the batches' pipelines; an admin's listing on a
+        # cluster walks every shard at once (pages.Merge).
+        if msg.owner is not ANY_OWNER or not self.shards.cluster:
+            base = self.shards.of_owner(None if msg.owner is ANY_OWNER else msg.owner)
+            return self._walk(Walk(msg, lambda s: self.space.key(s, base), self.space.decode), fut)
+        return self._shards(
+            lambda bases: self._walk(Merge(msg, bases, self.space.key, self.space.decode), fut), fut
+        )
 
+    def _walk(self, walk: Walk | Merge, fut: asyncio.Future[Any] | None) -> Deferred:
         def step(replies: list[Any]) -> object:
             nxt = walk.feed(replies)
             return nxt if isinstance(nxt, Page) else self._send_all(nxt, step, fut)
@@ -492,7 +639,14 @@ class RedisEngine(Engine):
         return self._send_all(walk.start(), step, fut)
 
     def _remote_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> Deferred:
-        if msg.timeout != 0 and fut is not None and not self.follow.ready(msg.task_id, msg, fut):
+        return self._at(msg.task_id, msg.owner, fut, lambda base: self._wait(msg, fut, base))
+
+    def _wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None, base: str) -> Deferred:
+        if (
+            msg.timeout != 0
+            and fut is not None
+            and not self.follow.ready(msg.task_id, msg, fut, base)
+        ):
             return DEFERRED  # handled again once this process follows the task's notes
 
         def done(text: str | None) -> object:
@@ -501,16 +655,40 @@ class RedisEngine(Engine):
                 raise TaskNotFound(msg.task_id)
             return self.actor.wait_on(msg, fut, rec)
 
-        return self._get(msg.task_id, done, fut)
+        return self._get(msg.task_id, done, fut, base)
+
+    def _remote_subscribe(self, msg: m.Subscribe, fut: asyncio.Future[Any] | None) -> Deferred:
+        sub = msg.subscription
+        follow = self.follow
+        if sub.task_id is not None:
+            go = lambda base: follow.subscribe(msg, fut, self.boot_seq, [base])  # noqa: E731
+            return self._at(sub.task_id, sub.owner, fut, go)
+        if sub.owner is not ANY_OWNER or not self.shards.cluster:
+            base = self.shards.of_owner(None if sub.owner is ANY_OWNER else sub.owner)
+            return follow.subscribe(msg, fut, self.boot_seq, [base])
+        return self._shards(lambda bases: follow.subscribe(msg, fut, self.boot_seq, bases), fut)
 
     def _remote_stats(self, msg: m.Stats, fut: asyncio.Future[Any] | None) -> Deferred:
         """The deployment's totals and every live process's series (``tally``)."""
-        read = tally.StatsRead(self.space, self.actor, self.proc)
-        *queued, last = read.commands()  # its series, MULTI, the reads; EXEC answers
-        for command in queued:
-            self._send(*command, ignore, None)
+        return self._shards(lambda bases: self._stats(bases, fut), fut)
+
+    def _stats(self, bases: list[str], fut: asyncio.Future[Any] | None) -> Deferred:
+        read = tally.StatsRead(self.space, self.actor, self.proc, bases)
         then = functools.partial(self._send, fut=fut)
-        return self._send(*last, functools.partial(read.done, then=then), fut)
+        got: list[Any] = [None] * len(bases)
+        left = [len(bases)]
+
+        def one(i: int, reply: Any) -> object:
+            got[i] = reply
+            left[0] -= 1
+            return read.done(got, then) if not left[0] else DEFERRED
+
+        for i, commands in enumerate(read.commands()):
+            *queued, last = commands  # its series, MULTI, the reads; EXEC answers
+            for command in queued:
+                self._send(*command, ignore, None)
+            self._send(*last, functools.partial(one, i), fut)
+        return DEFERRED
 
     def end(
         self,
@@ -525,7 +703,8 @@ class RedisEngine(Engine):
         a failed send is kept and sent again (``refuses``, ``_went_down``)."""
         args = (runner.task_id, self.proc, status.value, result_text(result), error or "")
         retry = _Ended(runner, status, result, error, settle)
-        self._send("ended", args, functools.partial(self._ended, runner, settle), None, retry)
+        done = functools.partial(self._ended, runner, settle)
+        self._send("ended", args, done, None, retry, base=self.shards.of_id(runner.task_id))
 
     def _on_ended(self, msg: _Ended, fut: object) -> None:
         """A runner's end held while Redis was away: send it again."""

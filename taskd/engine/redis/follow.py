@@ -17,6 +17,7 @@ needs any more are left at the end of each batch (``tidy``).
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Final, Protocol
 
@@ -25,10 +26,11 @@ from ..._models import TERMINAL, TaskRecord
 from ...actor import messages as m
 from ...actor.engine import DEFERRED, Deferred, Host
 from ...actor.hub import RECENT_EVENTS
+from ...actor.subscription import Subscription
 from ...actor.timers import Kind
 from . import keys
 from .background import Background, Changes, Feed, RawChange, Resync, fan_out
-from .notes import Noted, NotedChanges, Notes, NotesLost
+from .notes import OWN, Noted, NotedChanges, Notes, NotesLost
 from .space import decode_record
 
 if TYPE_CHECKING:
@@ -58,40 +60,73 @@ class Send(Protocol):
         fut: asyncio.Future[Any] | None,
         retry: object = None,
         on_error: Callable[[], object] | None = None,
+        base: str | None = None,
     ) -> Deferred: ...
 
 
 class Following:
-    """The notes and the stream of one process's Redis engine."""
+    """The notes and the stream of one process's Redis engine: one notes connection,
+    feed and stream reader per shard (on a single Redis, the only one)."""
 
     def __init__(
         self, space: RedisSpace, proc: str, a: Host, send: Send, background: Background
     ) -> None:
         self._space = space
+        self._proc = proc
         self._a = a
         self._send = send
         self._background = background
-        self.notes = Notes(space, proc, a.post, lambda: a.closed)
-        decode = space.decode
-        self.tasks = Feed(a, decode, self._fetch, tasks=True)
-        self.everything = Feed(a, decode, self._fetch, tasks=False)
-        # Tasks whose channel is followed (confirmed), and those asked for with the
-        # messages held until Redis confirms.
-        self._noted: set[str] = set()
+        #: Each shard's notes connection, made when first needed.
+        self.notes: dict[str, Notes] = {}
+        self._notes_tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        # Shards whose notes connection follows this process's channel.
+        self._own: set[str] = set()
+        self.tasks: dict[str, Feed] = {}
+        self.everything: dict[str, Feed] = {}
+        # Tasks whose channel is followed (confirmed), with their shard, and those
+        # asked for with the messages held until Redis confirms.
+        self._noted: dict[str, str] = {}
         self._noting: dict[str, list[tuple[object, asyncio.Future[Any] | None]]] = {}
         # When each task's channel was asked for: held past HOLD, its messages fail.
-        self._asked: dict[str, float] = {}
+        self._asked: dict[str, tuple[float, str]] = {}
         self._next_tidy = 0.0
-        self._reader: asyncio.Task[None] | None = None
+        self._readers: dict[str, asyncio.Task[None]] = {}
         # Readers cancelled and not yet finished (awaited at stop).
         self._stopping: set[asyncio.Task[None]] = set()
         self._reader_no = 0
-        self._notes_task: asyncio.Task[None] | None = None
+        # The number of the running reader of each shard's stream.
+        self._reader_ids: dict[str, int] = {}
+
+    def _feed(self, feeds: dict[str, Feed], base: str, *, tasks: bool) -> Feed:
+        feed = feeds.get(base)
+        if feed is None:
+            fetch = functools.partial(self._fetch, base)
+            feed = feeds[base] = Feed(self._a, self._space.decode, fetch, tasks=tasks)
+        return feed
+
+    def notes_of(self, base: str) -> Notes:
+        """A shard's notes connection (made, and read once started, on first use)."""
+        notes = self.notes.get(base)
+        if notes is None:
+            a = self._a
+            notes = self.notes[base] = Notes(
+                self._space, self._proc, a.post, lambda: a.closed, base
+            )
+            if self._started:
+                self._run(notes)
+        return notes
+
+    def _run(self, notes: Notes) -> None:
+        task = asyncio.get_running_loop().create_task(notes.run(), name="taskd-notes")
+        self._notes_tasks.append(task)
 
     def handlers(self) -> dict[type[Any], Callable[[Any, object], None]]:
         """The handlers of what the notes and the stream reader post."""
         return {
-            NotedChanges: lambda msg, fut: self.tasks.take(msg.entries),
+            NotedChanges: lambda msg, fut: self._feed(self.tasks, msg.base, tasks=True).take(
+                msg.entries
+            ),
             Noted: self._on_noted,
             NotesLost: self._on_notes_lost,
             Changes: self._on_changes,
@@ -101,45 +136,57 @@ class Following:
     async def open(self, seq: int) -> None:
         """Follow this process's channel (before it spawns anything); changes up to
         ``seq`` are before this process."""
-        self.tasks.restart(seq)
-        await self.notes.open()
+        home = self._space.base
+        self._feed(self.tasks, home, tasks=True).restart(seq)
+        await self.notes_of(home).open()
+        self._own.add(home)
 
     def start(self) -> None:
         """Start reading the notes."""
-        self._notes_task = asyncio.get_running_loop().create_task(
-            self.notes.run(), name="taskd-notes"
-        )
+        self._started = True
+        for notes in self.notes.values():
+            self._run(notes)
 
     async def stop(self) -> None:
-        """Stop reading, close the connection."""
-        tasks = [t for t in (self._notes_task, self._reader, *self._stopping) if t is not None]
+        """Stop reading, close the connections."""
+        tasks = [*self._notes_tasks, *self._readers.values(), *self._stopping]
         for task in tasks:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=5.0)
-        self._notes_task = self._reader = None
-        await self.notes.aclose()
+        self._notes_tasks.clear()
+        self._readers.clear()
+        for notes in self.notes.values():
+            await notes.aclose()
 
     # --- per-task channels ---------------------------------------------------------------
 
-    def ready(self, task_id: str, msg: object, fut: asyncio.Future[Any] | None) -> bool:
-        """Whether the task's channel is followed; if not, follow it and hold the
-        message until Redis confirms (then it is handled again)."""
-        if task_id in self._noted:
+    def ready(self, task_id: str, msg: object, fut: asyncio.Future[Any] | None, base: str) -> bool:
+        """Whether the task's channel (in shard ``base``) is followed; if not, follow
+        it and hold the message until Redis confirms (then it is handled again).
+        ``OWN`` for a task id: whether the shard's notes follow this process's
+        channel (a spawn there waits for it)."""
+        if task_id in self._noted or (task_id == OWN and base in self._own):
             return True
-        held = self._noting.get(task_id)
+        key = task_id if task_id != OWN else OWN + base
+        held = self._noting.get(key)
         if held is None:
             a = self._a
-            held = self._noting[task_id] = []
-            self._asked[task_id] = a.now
+            held = self._noting[key] = []
+            self._asked[key] = (a.now, base)
             # (wakes the loop then, so that tidy can fail what is still held)
             a.timers.push(a.now + HOLD, Kind.RETRY, "")
-            self.notes.follow(task_id)
+            notes = self.notes_of(base)
+            if task_id != OWN:
+                notes.follow(task_id)
         held.append((msg, fut))
         return False
 
     def _on_noted(self, msg: Noted, fut: object) -> None:
-        self._noted.add(msg.task_id)
+        if msg.task_id.startswith(OWN):
+            self._own.add(msg.task_id[len(OWN) :])
+        else:
+            self._noted[msg.task_id] = msg.base
         self._asked.pop(msg.task_id, None)
         for held, reply in self._noting.pop(msg.task_id, ()):
             if reply is None or not reply.done():  # (a caller gone meanwhile: nothing to do)
@@ -158,31 +205,33 @@ class Following:
         if noted and (a.now >= self._next_tidy or len(noted) > TIDY_AT):
             self._next_tidy = a.now + TIDY_EVERY
             gone = [t for t in noted if not a.waiters.get(t) and not a.hub.follows(t)]
-            noted.difference_update(gone)
-            self.notes.unfollow(gone)
-        self.notes.flush()
-        reader = self._reader
-        if reader is not None and not a.hub.follows_all:
-            # Cancelled now, awaited at stop (it closes its own connection); what it
-            # posts meanwhile is dropped (its number is no longer current).
-            reader.cancel()
-            self._stopping.add(reader)
-            reader.add_done_callback(self._stopping.discard)
-            self._reader = None
+            for task_id in gone:
+                self.notes_of(noted.pop(task_id)).unfollow([task_id])
+        for notes in self.notes.values():
+            notes.flush()
+        if self._readers and not a.hub.follows_all:
+            # Cancelled now, awaited at stop (each closes its own connection); what
+            # they post meanwhile is dropped (their number is no longer current).
+            for reader in self._readers.values():
+                reader.cancel()
+                self._stopping.add(reader)
+                reader.add_done_callback(self._stopping.discard)
+            self._readers.clear()
 
     def _give_up(self, before: float) -> None:
         """Fail the messages held for a channel asked for before ``before`` and not
         confirmed (Redis stalled, or the connection is down): 503, as any command
         Redis does not answer in time, rather than a wait that hangs until it does."""
-        late = [t for t, at in self._asked.items() if at <= before]
-        for task_id in late:
+        late = [(t, base) for t, (at, base) in self._asked.items() if at <= before]
+        for task_id, base in late:
             del self._asked[task_id]
             for _, reply in self._noting.pop(task_id, ()):
                 if reply is not None and not reply.done():
                     reply.set_exception(
                         StoreError("the shared store (Redis) did not confirm a subscription")
                     )
-        self.notes.unfollow(late)
+            if not task_id.startswith(OWN):
+                self.notes_of(base).unfollow([task_id])
 
     def _on_notes_lost(self, msg: NotesLost, fut: object) -> None:
         # The channels asked for before the reconnect are followed again (and
@@ -190,10 +239,15 @@ class Following:
         # Noted); what was held may have missed changes: read again, end per-task
         # streams (their clients resume with Last-Event-ID).
         for task_id in [t for t in self._noting if t in msg.followed]:
-            self._on_noted(Noted(task_id), None)
+            self._on_noted(Noted(task_id, msg.base), None)
         a = self._a
+        shards = self._space.shards
         for task_id in {*a.waiters, *a.runners}:
-            self._send("GET", (self._space.key(keys.RECORD + task_id),), self._reread, None)
+            base = self._noted.get(task_id) or shards.of_id(task_id)
+            if base == msg.base:
+                self._send(
+                    "GET", (self._space.key(keys.RECORD + task_id, base),), self._reread, None
+                )
         a.hub.close(everything=False)
 
     def _reread(self, text: str | None) -> None:
@@ -206,20 +260,31 @@ class Following:
             entry: RawChange = (seq, rec.task_id, rec.status.value, text, False)
             fan_out(self._a, self._space.decode, [entry], seq - 1, {}, True)
 
-    def _fetch(self, ids: list[str], done: Callable[[list[str | None] | None], None]) -> None:
+    def _fetch(
+        self, base: str, ids: list[str], done: Callable[[list[str | None] | None], None]
+    ) -> None:
         key = self._space.key
-        keys_ = tuple(key(keys.RECORD + i) for i in ids)
+        keys_ = tuple(key(keys.RECORD + i, base) for i in ids)
         self._send("MGET", keys_, done, None, on_error=lambda: done(None))
 
     def subscribe(
-        self, msg: m.Subscribe, fut: asyncio.Future[Any] | None, boot_seq: int
+        self,
+        msg: m.Subscribe,
+        fut: asyncio.Future[Any] | None,
+        boot_seq: int,
+        bases: list[str],
     ) -> Deferred:
         """``Subscribe``: a per-task subscription once its channel is followed, from
         the record; one to every task from the stream's head; either after a replay
         of what a resuming client missed (from the stream: any process resumes any
-        id)."""
+        id). ``bases``: the task's shard, or the shards a subscription to every task
+        follows: with several (an admin's, on a cluster), each shard's stream from its
+        head, and no replay (event ids are per shard)."""
         sub = msg.subscription
-        if sub.task_id is not None and not self.ready(sub.task_id, msg, fut):
+        if len(bases) > 1:
+            return self._subscribe_shards(sub, fut, bases)
+        base = bases[0]
+        if sub.task_id is not None and not self.ready(sub.task_id, msg, fut, base):
             return DEFERRED  # handled again once this process follows the task's notes
         replay: list[tuple[int, TaskRecord]] = []
         head = [0]  # changes up to here are in the reply or the replay
@@ -244,15 +309,15 @@ class Following:
                         # left out on purpose; the replay covers everything since.
                         sub.resume_from = entries[0][0] - 1 if entries else head[0]
 
-            self._send("replay", args, missed, None)
+            self._send("replay", args, missed, None, base=base)
         if sub.task_id is None:
             # The stream's head, read after the replay: the reader of every change
             # starts there (or goes on from where it is).
             def start(seq: str | None) -> None:
-                at = self.subscribe_all(max(head[0], int(seq or 0)))
+                at = self.subscribe_all(max(head[0], int(seq or 0)), base)
                 self._a.hub.subscribe(sub, None, at, replay)
 
-            return self._send("GET", (self._space.key(keys.SEQ),), start, fut)
+            return self._send("GET", (self._space.key(keys.SEQ, base),), start, fut)
 
         def done(text: str | None) -> TaskRecord:
             rec = self._space.seen(text, sub.owner)
@@ -262,29 +327,60 @@ class Following:
             self._a.hub.subscribe(sub, rec, max(seq, head[0]), replay)
             return rec
 
-        return self._send("GET", (self._space.key(keys.RECORD + sub.task_id),), done, fut)
+        return self._send("GET", (self._space.key(keys.RECORD + sub.task_id, base),), done, fut)
+
+    def _subscribe_shards(
+        self, sub: Subscription, fut: asyncio.Future[Any] | None, bases: list[str]
+    ) -> Deferred:
+        heads: dict[str, int] = {}
+
+        def start(base: str, seq: str | None) -> object:
+            heads[base] = int(seq or 0)
+            if len(heads) < len(bases):
+                return DEFERRED
+            for b, at in heads.items():
+                self.subscribe_all(at, b)
+            # Each shard's events are numbered by its own stream: none is held back as
+            # "before the subscription" by another shard's number.
+            sub.resume_from = None
+            self._a.hub.subscribe(sub, None, 0, [])
+            return None
+
+        for base in bases:
+            done = functools.partial(start, base)
+            self._send("GET", (self._space.key(keys.SEQ, base),), done, fut, base=base)
+        return DEFERRED
 
     # --- the stream, for subscriptions to every task ---------------------------------------
 
-    def subscribe_all(self, at: int) -> int:
+    def subscribe_all(self, at: int, base: str) -> int:
         """A subscription to every task starts after sequence number ``at`` (the
-        stream's head as read, or where its replay ended): start reading the stream
-        there. Returns where it starts: a reader already running goes on from its own
-        place (entries up to ``at`` it has yet to read are before the subscription)."""
-        if self._reader is not None:
-            return max(at, self.everything.received)
+        shard's stream head as read, or where its replay ended): start reading the
+        stream there. Returns where it starts: a reader already running goes on from
+        its own place (entries up to ``at`` it has yet to read are before the
+        subscription)."""
+        feed = self._feed(self.everything, base, tasks=False)
+        if base in self._readers:
+            return max(at, feed.received)
         self._reader_no += 1
-        self.everything.restart(at)
-        self._reader = self._background.read_changes(at, self._reader_no)
+        self._reader_ids[base] = self._reader_no
+        feed.restart(at)
+        self._readers[base] = self._background.read_changes(at, self._reader_no, base)
         return at
 
+    def new_shard(self, base: str) -> None:
+        """A shard this process had not seen: while subscriptions follow every
+        task, read its stream from its start (all of it is newer than they are)."""
+        if self._readers and base not in self._readers:
+            self.subscribe_all(0, base)
+
     def _on_changes(self, msg: Changes, fut: object) -> None:
-        if msg.reader == self._reader_no and self._reader is not None:
-            self.everything.take(msg.entries)
+        if self._reader_ids.get(msg.base) == msg.reader and msg.base in self._readers:
+            self._feed(self.everything, msg.base, tasks=False).take(msg.entries)
 
     def _on_resync(self, msg: Resync, fut: object) -> None:
-        if msg.reader == self._reader_no:
-            # The stream reader lost entries: end the subscriptions that follow every
+        if msg.reader in self._reader_ids.values():
+            # A stream reader lost entries: end the subscriptions that follow every
             # task; their clients resume with Last-Event-ID.
             self._a.hub.close(tasks=False)
 

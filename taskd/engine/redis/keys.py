@@ -64,6 +64,9 @@ key                type         holds (writer)
                                 time // 3600): (minute, status), a newline between
                                 them, → count; expires ``MINUTES_TTL`` after its
                                 first count (tally)
+``shards``         hash         on a Redis Cluster, every shard that ever held a task:
+                                its code (in its ids) → its base (``engine``, before
+                                its first write there; ``shards`` has the legend)
 ``ps:<proc>``      string       a process's own series (``ProcessSeries`` as JSON),
                                 with the liveness key's ``PX`` expiry (``engine``:
                                 with its sweep, about once a second, and before it
@@ -108,6 +111,7 @@ __all__ = [
     "RUN_SECONDS",
     "SEQ",
     "SERIES",
+    "SHARDS",
     "STAMP",
     "UNOWNED",
     "TASK_NOTES",
@@ -148,6 +152,7 @@ WAIT_SECONDS: Final = "hw"
 TASK_TYPES: Final = "types"
 PER_MINUTE: Final = "fpm:"
 SERIES: Final = "ps:"
+SHARDS: Final = "shards"
 
 #: Every key suffix above, by its constant's name (the script's ``K`` table).
 KEYS: Final = {

@@ -28,10 +28,12 @@ from . import keys
 from .wire import READ_TIMEOUT, Wire
 
 if TYPE_CHECKING:
+    import redis.asyncio
+
     from .background import RawChange
     from .space import RedisSpace
 
-__all__ = ["Noted", "Notes", "NotesLost", "parse_note"]
+__all__ = ["OWN", "Noted", "Notes", "NotesLost", "parse_note"]
 
 log = logging.getLogger("taskd")
 
@@ -39,11 +41,18 @@ log = logging.getLogger("taskd")
 RETRY: Final = 0.2
 
 
+#: What ``Noted`` names, before a shard's base, when that shard's notes connection
+#: follows this process's own channel (made when first needed: see ``Following``).
+OWN: Final = "@"
+
+
 @dataclass(frozen=True, slots=True)
 class Noted:
-    """Redis confirmed that this process follows the task's channel."""
+    """Redis confirmed that this process follows the task's channel (in shard
+    ``base``)."""
 
     task_id: str
+    base: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,13 +61,15 @@ class NotesLost:
     tasks whose channels are confirmed again are ``followed``."""
 
     followed: frozenset[str]
+    base: str
 
 
 @dataclass(frozen=True, slots=True)
 class NotedChanges:
-    """Notes received, in order, not decoded yet."""
+    """Notes received, in order, not decoded yet, from the shard ``base``."""
 
     entries: tuple[RawChange, ...]
+    base: str
 
 
 def parse_note(text: str) -> RawChange:
@@ -71,7 +82,8 @@ def parse_note(text: str) -> RawChange:
 
 
 class Notes:
-    """The process's pub/sub connection (see the module docstring)."""
+    """The process's pub/sub connection to one shard (``base``; on a single Redis,
+    the only one): see the module docstring."""
 
     def __init__(
         self,
@@ -79,12 +91,15 @@ class Notes:
         proc: str,
         post: Callable[[object], None],
         closed: Callable[[], bool],
+        base: str,
     ) -> None:
         self._space = space
         self._post = post
         self._closed = closed
-        self._own = space.key(keys.PROC_NOTES + proc)
-        self._prefix = space.key(keys.TASK_NOTES)
+        self.base = base
+        self._own = space.key(keys.PROC_NOTES + proc, base)
+        self._prefix = space.key(keys.TASK_NOTES, base)
+        self._client: redis.asyncio.Redis | None = None
         #: Every channel followed, or asked for (followed again after a reconnect).
         self._channels: set[str] = set()
         # Channels to follow and to leave at the next flush.
@@ -99,7 +114,8 @@ class Notes:
     async def _connect(self) -> frozenset[str]:
         # Every channel is followed (and confirmed) before notes are read again, so
         # that a re-read after NotesLost misses nothing.
-        pool = self._space.reader.connection_pool
+        client = self._client = await self._space.client(self._own, reader=True)
+        pool = client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         wire = Wire(conn)
         asked = {self._own, *self._channels}
@@ -160,7 +176,13 @@ class Notes:
                 if wire is None:
                     followed = await self._connect()
                     if lost and not self._closed():
-                        self._post(NotesLost(followed))
+                        self._post(NotesLost(followed, self.base))
+                    elif not self._closed():
+                        # A first connection (a shard's, made when first needed):
+                        # what was held for it goes on.
+                        self._post(Noted(OWN + self.base, self.base))
+                        for task_id in followed:
+                            self._post(Noted(task_id, self.base))
                     lost = False
                     continue
                 got = await wire.pushes()
@@ -193,17 +215,17 @@ class Notes:
                 entries.append(parse_note(push[2]))
             elif kind == "ssubscribe" and push[1].startswith(prefix):
                 if entries:  # in order: the notes before the confirmation first
-                    self._post(NotedChanges(tuple(entries)))
+                    self._post(NotedChanges(tuple(entries), self.base))
                     entries = []
-                self._post(Noted(push[1][len(prefix) :]))
+                self._post(Noted(push[1][len(prefix) :], self.base))
         if entries:
-            self._post(NotedChanges(tuple(entries)))
+            self._post(NotedChanges(tuple(entries), self.base))
 
     async def _drop(self) -> None:
         wire, self._wire = self._wire, None
-        if wire is not None:
+        if wire is not None and self._client is not None:
             await wire.conn.disconnect()
-            await self._space.reader.connection_pool.release(wire.conn)
+            await self._client.connection_pool.release(wire.conn)
 
     async def aclose(self) -> None:
         """Close the connection."""

@@ -16,6 +16,7 @@ nothing answers an empty page with a cursor to go on from (``Tracker.list`` foll
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -24,7 +25,7 @@ from ...actor import messages as m
 from ..state import Page
 from . import keys
 
-__all__ = ["CHUNK", "WALK_BOUND", "Step", "Walk"]
+__all__ = ["CHUNK", "WALK_BOUND", "Merge", "Step", "Walk"]
 
 #: Ids examined by one list call at most (the rest of the walk is the next call's).
 WALK_BOUND: Final = 1000
@@ -164,3 +165,60 @@ class Walk:
         if self._safe is None:  # every index is read to its end
             return Page(tuple(out), None)
         return self._range()
+
+
+class Merge:
+    """An admin's listing on a Redis Cluster: one ``Walk`` per shard, stepped
+    together (each round trip carries every unfinished walk's commands), then their
+    pages merged. Ids sort in creation order across shards, so the merged page is
+    exact with the same cursor as one shard's: each walk's matches are complete
+    down to its own cursor, the merge keeps what lies above the highest of those,
+    and the next page goes on from where it stopped."""
+
+    __slots__ = ("_limit", "_pages", "_steps", "_walks")
+
+    def __init__(
+        self,
+        msg: m.ListTasks,
+        bases: Sequence[str],
+        key: Callable[[str, str], str],
+        decode: Callable[[str], tuple[TaskRecord, int]],
+    ) -> None:
+        self._limit = msg.limit
+        self._walks = {b: Walk(msg, functools.partial(_keyed, key, b), decode) for b in bases}
+        self._steps: dict[str, Step] = {}
+        self._pages: list[Page] = []
+
+    def start(self) -> Step:
+        """Every walk's first round trip."""
+        self._steps = {b: w.start() for b, w in self._walks.items()}
+        return [c for step in self._steps.values() for c in step]
+
+    def feed(self, replies: Sequence[object]) -> Step | Page:
+        """The replies of the last step: the next step, or the merged page."""
+        at = 0
+        steps: dict[str, Step] = {}
+        for base, step in self._steps.items():
+            nxt = self._walks[base].feed(replies[at : at + len(step)])
+            at += len(step)
+            if isinstance(nxt, Page):
+                self._pages.append(nxt)
+            else:
+                steps[base] = nxt
+        self._steps = steps
+        if steps:
+            return [c for step in steps.values() for c in step]
+        cursors = [p.next_cursor for p in self._pages if p.next_cursor is not None]
+        bound = max(cursors) if cursors else None
+        found = sorted(
+            (r for p in self._pages for r in p.records if bound is None or r.task_id >= bound),
+            key=lambda r: r.task_id,
+            reverse=True,
+        )
+        if len(found) > self._limit:
+            return Page(tuple(found[: self._limit]), found[self._limit - 1].task_id)
+        return Page(tuple(found), bound)
+
+
+def _keyed(key: Callable[[str, str], str], base: str, suffix: str) -> str:
+    return key(suffix, base)

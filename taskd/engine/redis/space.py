@@ -47,6 +47,8 @@ from ..._retention import Retention
 from ..codec import PAYLOAD, REDIS_FIELDS, from_hash
 from ..rules import lua_tables
 from . import keys
+from .cluster import Nodes
+from .shards import Shards
 from .wire import READ_TIMEOUT, Wire
 
 if TYPE_CHECKING:
@@ -94,6 +96,8 @@ class Op:
     retry: object = None
     #: Called when the call fails (Redis unreachable, or an error reply).
     on_error: Callable[[], object] | None = None
+    #: The shard a script command runs in (None: the home base).
+    base: str | None = None
 
 
 def _read(name: str) -> str:
@@ -268,9 +272,18 @@ def raise_error(reply: Sequence[Any]) -> NoReturn:
 
 
 class RedisSpace:
-    """The connection to one deployment's keys, and the calls the actor makes."""
+    """The connection to one deployment's keys, and the calls the actor makes; on a
+    Redis Cluster (``cluster``), routed to each owner's master (``shards``)."""
 
-    def __init__(self, url: str, prefix: str, retention: Retention, cancel_grace: float) -> None:
+    def __init__(
+        self,
+        url: str,
+        prefix: str,
+        retention: Retention,
+        cancel_grace: float,
+        *,
+        cluster: bool = False,
+    ) -> None:
         try:
             import redis.asyncio as aioredis
             from redis.asyncio.retry import Retry
@@ -281,7 +294,9 @@ class RedisSpace:
             ) from None
         self.url = url
         self.prefix = prefix
-        self.base = "{" + prefix + "}"
+        self.shards = Shards(prefix, cluster=cluster)
+        #: The home base: tasks without an owner, and the deployment's shared keys.
+        self.base = self.shards.home
         self.decode = Decoder()
         quota = retention.max_active_per_owner
         # Every process sends its own settings with each call: a deployment's processes
@@ -298,11 +313,11 @@ class RedisSpace:
             }
         )
 
-        def client(timeout: float | None) -> redis.asyncio.Redis:
+        def client(timeout: float | None, at: str = url) -> redis.asyncio.Redis:
             # No retries inside redis-py: a failed call becomes a 503 at once and the
             # actor decides when to try again.
             return aioredis.Redis.from_url(
-                url,
+                at,
                 decode_responses=True,
                 socket_timeout=timeout,
                 socket_connect_timeout=SOCKET_TIMEOUT,
@@ -315,15 +330,34 @@ class RedisSpace:
 
         self._policy_checked = False
         self._policy_warned = False
+        #: On a cluster: the slot map and a connection per master.
+        self.nodes = Nodes(url, lambda at, timeout: client(timeout, at)) if cluster else None
         self.redis = client(SOCKET_TIMEOUT)
         # The actor's own connection for its batches (see _pipeline).
         self._conn: Wire | None = None
         #: For blocking reads (XREAD BLOCK): a connection of its own, longer timeout.
         self.reader = client(SOCKET_TIMEOUT + 2.0)
 
-    def key(self, suffix: str) -> str:
-        """One of the deployment's keys."""
-        return self.base + suffix
+    def key(self, suffix: str, base: str | None = None) -> str:
+        """One of the deployment's keys (under ``base``; the home base by default)."""
+        return (base or self.base) + suffix
+
+    async def client(self, key: str, *, reader: bool = False) -> redis.asyncio.Redis:
+        """The redis-py client that reaches ``key`` (on a cluster, its master's);
+        ``reader``: the one with the longer timeout, for blocking reads."""
+        nodes = self.nodes
+        if nodes is None:
+            return self.reader if reader else self.redis
+        await nodes.ensure()
+        return nodes.client(nodes.addr_of(key), SOCKET_TIMEOUT + 2.0 if reader else SOCKET_TIMEOUT)
+
+    async def _everywhere(self) -> list[redis.asyncio.Redis]:
+        """A client per master (the one Redis, or every master of the cluster)."""
+        nodes = self.nodes
+        if nodes is None:
+            return [self.redis]
+        await nodes.ensure()
+        return [nodes.client(addr, SOCKET_TIMEOUT) for addr in nodes.masters()]
 
     def seen(self, text: str | None, owner: OwnerScope) -> TaskRecord | None:
         """The record of a GET's reply (its text, or None), if ``owner`` may see it."""
@@ -333,18 +367,24 @@ class RedisSpace:
         return rec if owner is ANY_OWNER or rec.owner == owner else None
 
     async def load_script(self) -> None:
-        """Load the server-side library (idempotent: ``REPLACE``)."""
-        await self.redis.function_load(LIBRARY, replace=True)
+        """Load the server-side library on every master (idempotent: ``REPLACE``)."""
+        for client in await self._everywhere():
+            await client.function_load(LIBRARY, replace=True)
 
     async def check_policy(self) -> None:
         """Refuse a Redis that may evict keys (``PolicyError``): under ``allkeys-lru``
         most acknowledged tasks silently became 404 and dedup broke. Where ``CONFIG``
         is not allowed (an ACL, a managed Redis), one WARNING says it could not be
         checked, and taskd goes on."""
+        for client in await self._everywhere():
+            await self._check_policy(client)
+        self._policy_checked = True
+
+    async def _check_policy(self, client: redis.asyncio.Redis) -> None:
         from redis.exceptions import ResponseError
 
         try:
-            reply: Any = await self.redis.config_get("maxmemory-policy")
+            reply: Any = await client.config_get("maxmemory-policy")
         except ResponseError as exc:
             if not self._policy_warned:
                 self._policy_warned = True
@@ -354,7 +394,6 @@ class RedisSpace:
                     " ".join(str(exc).split()),
                     POLICY,
                 )
-            self._policy_checked = True
             return
         policy = reply.get("maxmemory-policy") if isinstance(reply, dict) else None
         if policy is None:
@@ -367,16 +406,16 @@ class RedisSpace:
                 f"policy Redis drops tasks when full): set maxmemory-policy {POLICY} in "
                 "its configuration, or CONFIG SET maxmemory-policy noeviction"
             )
-        self._policy_checked = True
 
     async def page_key(self) -> bytes:
         """The deployment's page-token key: made once (``SET NX``), then read by
         every process, so each accepts the tokens any of them handed out."""
         key = self.key(keys.PAGE_KEY)
-        value: object = await self.redis.get(key)
+        client = await self.client(key)
+        value: object = await client.get(key)
         if value is None:
-            await self.redis.set(key, secrets.token_hex(32), nx=True)
-            value = await self.redis.get(key)
+            await client.set(key, secrets.token_hex(32), nx=True)
+            value = await client.get(key)
         try:
             if not isinstance(value, str):
                 raise TypeError(key)
@@ -384,13 +423,19 @@ class RedisSpace:
         except (TypeError, ValueError):
             raise StoreError(f"Redis key {key} does not hold a taskd page-token key") from None
 
-    async def call(self, commands: Sequence[Command], now: float) -> list[Any]:
+    async def call(
+        self, commands: Sequence[Command], now: float, bases: Sequence[str | None] | None = None
+    ) -> list[Any]:
         """Run one batch of commands as one pipeline; a reply per command (an
-        exception object where one failed). Connection failures raise ``StoreError``."""
+        exception object where one failed). A script command runs under its base in
+        ``bases`` (the home base where None). Connection failures raise
+        ``StoreError``; on a cluster, a master's failure makes its commands' replies
+        ``cluster.Down`` instead (the other masters' are answered)."""
         from redis.exceptions import RedisError
 
         now_s = repr(now)
         now_us = str(math.floor(now * 1_000_000))
+        home = self.base
         packed = [
             (name, *args)
             if name.isupper()  # a plain Redis command (a read)
@@ -398,14 +443,14 @@ class RedisSpace:
                 "FCALL",
                 FUNCTION_RO if name in READS else FUNCTION,
                 1,
-                self.base,
+                (bases[i] if bases is not None else None) or home,
                 name,
                 now_s,
                 now_us,
                 self._config,
                 *args,
             )
-            for name, args in commands
+            for i, (name, args) in enumerate(commands)
         ]
         for attempt in (0, 1):
             try:
@@ -441,6 +486,8 @@ class RedisSpace:
         callbacks and pool lock) and even its bare ``pack_command``/``read_response``
         a few µs per command; the actor is this connection's only user, one batch
         at a time, so none of that is needed."""
+        if self.nodes is not None:
+            return await self._routed(packed)
         wire = self._conn
         if wire is None:
             pool = self.redis.connection_pool
@@ -448,12 +495,34 @@ class RedisSpace:
             wire = self._conn = Wire(conn)
         return await wire.roundtrip(packed)
 
+    async def _routed(self, packed: list[tuple[object, ...]]) -> list[Any]:
+        """A batch on a cluster: each command to its key's master (``Nodes``)."""
+        assert self.nodes is not None
+        routes: list[str] = []
+        writes: list[bool] = []
+        for i, command in enumerate(packed):
+            name = command[0]
+            if name == "FCALL":
+                routes.append(str(command[3]))
+                writes.append(command[1] == FUNCTION)
+                continue
+            if name == "MULTI":  # with the transaction's first command
+                routes.append(str(packed[i + 1][1]))
+            elif name == "EXEC":
+                routes.append(routes[-1])
+            else:
+                routes.append(str(command[1]))
+            writes.append(name in ("SET", "DEL", "HSET", "HSETNX", "SADD"))
+        return await self.nodes.roundtrip(packed, routes, writes)
+
     async def drop(self) -> None:
         """Close the actor's connection (its state is unknown after a failure)."""
         await self._drop()
 
     async def _drop(self) -> None:
         self._policy_checked = False  # checked again on the next connection
+        if self.nodes is not None:
+            await self.nodes.drop()
         wire, self._conn = self._conn, None
         if wire is not None:
             # A reply may be half read: the connection cannot be reused.
@@ -465,27 +534,33 @@ class RedisSpace:
         await self._drop()
         await self.redis.aclose()
         await self.reader.aclose()
+        if self.nodes is not None:
+            await self.nodes.aclose()
 
 
 class ChangeReader:
     """One reader of the change stream, on a connection of its own (from the reader's
     pool), spoken through a ``Wire`` as the actor's batches are."""
 
-    __slots__ = ("_space", "_wire")
+    __slots__ = ("_base", "_client", "_space", "_wire")
 
-    def __init__(self, space: RedisSpace) -> None:
+    def __init__(self, space: RedisSpace, base: str | None = None) -> None:
         self._space = space
+        self._base = base or space.base
         self._wire: Wire | None = None
+        self._client: redis.asyncio.Redis | None = None
 
     async def read(self, after: int, count: int, block_ms: int) -> list[Any]:
         """Entries after sequence number ``after``, waiting up to ``block_ms`` for one:
         ``[entry id, [field, value, …]]`` each."""
         space = self._space
+        stream = space.key(keys.CHANGES, self._base)
         wire = self._wire
         if wire is None:
-            pool = space.reader.connection_pool
+            client = self._client = await space.client(stream, reader=True)
+            pool = client.connection_pool
             wire = self._wire = Wire(await pool.get_connection())  # type: ignore[no-untyped-call]
-        command = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", space.key(keys.CHANGES))
+        command = ("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS", stream)
         try:
             (reply,) = await wire.roundtrip([(*command, f"{after}-0")])
         except BaseException:
@@ -499,14 +574,14 @@ class ChangeReader:
     async def aclose(self) -> None:
         """Close the connection (idempotent)."""
         wire, self._wire = self._wire, None
-        if wire is not None:
+        if wire is not None and self._client is not None:
             await wire.conn.disconnect()
-            await self._space.reader.connection_pool.release(wire.conn)
+            await self._client.connection_pool.release(wire.conn)
 
 
-def insert_args(new: NewTask, heartbeat: str) -> tuple[str, ...]:
+def insert_args(new: NewTask, heartbeat: str, random: str) -> tuple[str, ...]:
     """The script's arguments for a new record (owner, type, resource, metadata,
-    callback, heartbeat, the id's random part)."""
+    callback, heartbeat, the id's random part: ``Shards.random_part``)."""
     return (
         "-" if new.owner is None else "s" + new.owner,
         new.task_type,
@@ -514,7 +589,7 @@ def insert_args(new: NewTask, heartbeat: str) -> tuple[str, ...]:
         _metadata(new.metadata),
         opt(new.callback_url),
         heartbeat,
-        secrets.token_urlsafe(16),
+        random,
     )
 
 

@@ -39,14 +39,17 @@ def publish(space: RedisSpace, mine: ProcessSeries) -> Command:
     return ("SET", (key, mine.to_json(), "PX", str(LIVENESS_MS)))
 
 
-def reads(space: RedisSpace, now: float) -> list[Command]:
+def reads(space: RedisSpace, now: float, base: str | None = None) -> list[Command]:
     """The deployment's counts as one transaction (answered by ``EXEC``): records by
     (type, status), records, active tasks, tasks finished, the run and wait
     histograms, the hours that hold the last ``MINUTES`` minutes up to ``now``, and
-    the processes of the space."""
+    the processes of the space; of one shard (``base``) on a cluster."""
     last = int(now // 60)
     hours = sorted({(last - MINUTES + 1) // 60, last // 60})
-    k = space.key
+
+    def k(suffix: str) -> str:
+        return space.key(suffix, base)
+
     return [
         ("MULTI", ()),
         ("HGETALL", (k(keys.COUNTS),)),
@@ -61,7 +64,7 @@ def reads(space: RedisSpace, now: float) -> list[Command]:
     ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Totals:
     """What ``reads`` found."""
 
@@ -96,6 +99,30 @@ class Totals:
                 row[_COLUMN[status]] += int(n)
         return cls(counts, int(records), int(active or 0), counters, list(procs))
 
+    def add(self, other: Totals) -> None:
+        """Add another shard's totals to these (its processes are not: every
+        process announces itself under the home base, whose totals these are)."""
+        self.records += other.records
+        self.active += other.active
+        for key, n in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + n
+        mine, theirs = self.counters, other.counters
+        for field, n in theirs.finished.items():
+            mine.finished[field] = mine.finished.get(field, 0) + n
+        for own, more in ((mine.run, theirs.run), (mine.wait, theirs.wait)):
+            for task_type, h in more.items():
+                have = own.get(task_type)
+                if have is None:
+                    own[task_type] = h
+                else:
+                    have.buckets = [a + b for a, b in zip(have.buckets, h.buckets, strict=True)]
+                    have.sum += h.sum
+                    have.count += h.count
+        for minute, row in theirs.minutes.items():
+            into = mine.minutes.setdefault(minute, [0, 0, 0])
+            for i, n in enumerate(row):
+                into[i] += n
+
 
 def others(space: RedisSpace, procs: Sequence[str]) -> Command:
     """Read the series the given processes published."""
@@ -119,22 +146,30 @@ class StatsRead:
     written first (``publish``), the deployment's counts (``reads``), then the other
     live processes' series (``others``)."""
 
-    __slots__ = ("actor", "mine", "now", "space")
+    __slots__ = ("actor", "bases", "mine", "now", "space")
 
-    def __init__(self, space: RedisSpace, actor: Host, proc: str) -> None:
+    def __init__(self, space: RedisSpace, actor: Host, proc: str, bases: list[str]) -> None:
         self.space = space
         self.actor = actor
         self.now = actor.now
         self.mine = actor.series(proc)
+        #: The shards read (the home base first).
+        self.bases = bases
 
-    def commands(self) -> list[Command]:
-        """What to send now: the last one's reply (``EXEC``) goes to ``done``."""
-        return [publish(self.space, self.mine), *reads(self.space, self.now)]
+    def commands(self) -> list[list[Command]]:
+        """What to send now: this process's series, then each shard's reads, whose
+        last command's reply (``EXEC``) goes to ``done``, in order."""
+        first = [publish(self.space, self.mine)]
+        return [first + reads(self.space, self.now, self.bases[0])] + [
+            reads(self.space, self.now, base) for base in self.bases[1:]
+        ]
 
-    def done(self, reply: Sequence[Any], then: Then) -> TrackerStats | Deferred:
-        """The answer, once ``EXEC`` replied; or, when other processes are live, the
-        read of their series (queued with ``then``), which answers."""
-        t = Totals.decode(reply, self.now)
+    def done(self, replies: Sequence[Sequence[Any]], then: Then) -> TrackerStats | Deferred:
+        """The answer, once every ``EXEC`` replied; or, when other processes are
+        live, the read of their series (queued with ``then``), which answers."""
+        t = Totals.decode(replies[0], self.now)
+        for reply in replies[1:]:
+            t.add(Totals.decode(reply, self.now))
         stats = self.actor.stats(t.counts, t.records, t.active, t.counters, [self.mine])
         procs = [p for p in t.procs if p != self.mine.process]
         if not procs:
