@@ -134,10 +134,21 @@ class Nodes:
                 continue
             self._starts = [r[0] for r in ranges]
             self._masters = [r[2] for r in ranges]
-            self.replicas = {r[2]: r[3] for r in ranges}
+            # Replicas as each master sees them (ROLE: those connected to it now); the
+            # map's lists lag behind while the cluster's gossip spreads.
+            self.replicas = {m: await self._replicas(m) for m in self.masters()}
             self.stale = False
             return
         raise StoreError(f"no Redis Cluster node answers ({', '.join(tried)}): {last}")
+
+    async def _replicas(self, addr: str) -> int:
+        from redis.exceptions import RedisError
+
+        try:
+            role: Any = await self.client(addr, 2.0).execute_command("ROLE")  # type: ignore[no-untyped-call]
+        except (RedisError, OSError):
+            return 0
+        return len(role[2]) if isinstance(role, list) and len(role) > 2 else 0
 
     def masters(self) -> list[str]:
         """Every master in the map."""
