@@ -23,6 +23,7 @@ ended through the other (goal: within 100 ms), on idle servers before the load.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import os
 import re
 import socket
@@ -39,6 +40,8 @@ TASKS = 1500
 CONCURRENCY = 16
 REQUESTS_PER_TASK = 6
 REPEATS = int(os.environ.get("BENCH_REPEATS", "3"))
+#: BENCH_CLUSTER=0 leaves out the Redis Cluster rows.
+CLUSTER = os.environ.get("BENCH_CLUSTER", "1") != "0"
 API = "/api/v1"
 TICKS = os.sysconf("SC_CLK_TCK")
 
@@ -82,20 +85,25 @@ def serve(*flags: str) -> tuple[subprocess.Popen[bytes], str]:
     return proc, url
 
 
-async def drive(urls: list[str]) -> int:
-    """Run the mix for TASKS tasks; returns the number of requests sent."""
+async def drive(urls: list[str], tokens: list[str] | None = None) -> int:
+    """Run the mix for TASKS tasks; returns the number of requests sent. With
+    ``tokens``, task i is sent with token i mod their number (one owner each)."""
     sent = 0
+    owner: contextvars.ContextVar[int] = contextvars.ContextVar("owner", default=0)
     conn = aiohttp.TCPConnector(limit=0)
     async with aiohttp.ClientSession(connector=conn) as http:
 
         async def req(method: str, url: str, **kw: object) -> dict[str, object]:
             nonlocal sent
             sent += 1
+            if tokens:
+                kw["headers"] = {"Authorization": f"Bearer {tokens[owner.get()]}"}
             async with http.request(method, url, **kw) as resp:  # type: ignore[arg-type]
                 assert resp.status < 300, await resp.text()
                 return await resp.json()  # type: ignore[no-any-return]
 
         async def one(i: int) -> None:
+            owner.set(i % len(tokens or [""]))
             a = urls[i % len(urls)]
             b = urls[(i + 1) % len(urls)]
             body = await req("POST", f"{a}{API}/tasks", json={"task_type": f"t{i % 4}"})
@@ -151,14 +159,21 @@ def redis_usec(port: int) -> int:
 
 
 def measure(
-    procs: list[subprocess.Popen[bytes]], urls: list[str], redis: int | None
+    procs: list[subprocess.Popen[bytes]],
+    urls: list[str],
+    redis: int | list[int] | None,
+    tokens: list[str] | None = None,
 ) -> dict[str, float]:
+    """CPU per request of the taskd processes and every redis-server given (one
+    port, or several: a cluster's nodes, replicas included); ``redis_cpu_us`` is all
+    the servers', ``node<port>`` each one's."""
     pids = [p.pid for p in procs]
-    if redis is not None:
-        subprocess.run(["redis-cli", "-p", str(redis), "CONFIG", "RESETSTAT"], capture_output=True)
+    ports = [] if redis is None else [redis] if isinstance(redis, int) else redis
+    for port in ports:
+        subprocess.run(["redis-cli", "-p", str(port), "CONFIG", "RESETSTAT"], capture_output=True)
         rpid = int(
             subprocess.run(
-                ["redis-cli", "-p", str(redis), "INFO", "server"], capture_output=True, text=True
+                ["redis-cli", "-p", str(port), "INFO", "server"], capture_output=True, text=True
             )
             .stdout.split("process_id:")[1]
             .split()[0]
@@ -166,18 +181,69 @@ def measure(
         pids.append(rpid)
     before = [cpu_seconds(p) for p in pids]
     t0 = time.perf_counter()
-    n = asyncio.run(drive(urls))
+    n = asyncio.run(drive(urls, tokens))
     wall = time.perf_counter() - t0
     after = [cpu_seconds(p) for p in pids]
-    out = {
-        "requests": n,
-        "cpu_us": sum(a - b for a, b in zip(after, before, strict=True)) / n * 1e6,
-        "rate": n / wall,
-    }
-    if redis is not None:
-        out["redis_cpu_us"] = (after[-1] - before[-1]) / n * 1e6
-        out["redis_cmd_us"] = redis_usec(redis) / n
+    used = [a - b for a, b in zip(after, before, strict=True)]
+    out = {"requests": n, "cpu_us": sum(used) / n * 1e6, "rate": n / wall}
+    if ports:
+        servers = used[len(procs) :]
+        out["redis_cpu_us"] = sum(servers) / n * 1e6
+        out["redis_cmd_us"] = sum(redis_usec(port) for port in ports) / n
+        for port, cpu in zip(ports, servers, strict=True):
+            out[f"node{port}"] = cpu / n * 1e6
     return out
+
+
+#: The cluster rows' owners: one bearer token each.
+OWNERS = 6
+
+
+def cluster_rows(url: str) -> dict[str, list[dict[str, float]]]:
+    """The Redis Cluster rows: (b6) one process on one Redis with OWNERS owners,
+    (e) the same on a 3-master Redis Cluster without replicas, (f) with a replica per
+    master (writes then wait for one: WAIT 1); CPU counts every redis-server."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from tests.redis_server import RedisClusterServers
+
+    tokens = [f"tok{i}" for i in range(OWNERS)]
+    flags = [arg for i, t in enumerate(tokens) for arg in ("--token", f"user{i}={t}")]
+    rows: dict[str, list[dict[str, float]]] = {"b6": [], "e": [], "f": []}
+    spread: list[tuple[int, int, float]] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for replicas, name in ((0, "e"), (1, "f")):
+            cluster = RedisClusterServers(Path(tmp) / name, replicas=replicas).start()
+            try:
+                ports = [n.port for n in cluster.nodes]
+                for _ in range(REPEATS):
+                    space = f"bench-{uuid.uuid4().hex[:8]}:"
+                    proc = serve("--redis-cluster", cluster.url, "--redis-prefix", space, *flags)
+                    try:
+                        got = measure([proc[0]], [proc[1]], ports, tokens)
+                        rows[name].append(got)
+                    finally:
+                        proc[0].terminate()
+                        proc[0].wait()
+                    if name == "e" and not spread:
+                        for node in cluster.nodes:
+                            owned = sum(
+                                cluster.master_of("{" + space + f"user{i}" + "}") is node
+                                for i in range(OWNERS)
+                            )
+                            spread.append((node.port, owned, got[f"node{node.port}"]))
+            finally:
+                cluster.stop()
+    for _ in range(REPEATS):
+        where = ["--redis", url, "--redis-prefix", f"bench-{uuid.uuid4().hex[:8]}:"]
+        proc = serve(*where, *flags)
+        try:
+            rport = int(url.rsplit(":", 1)[1].split("/")[0])
+            rows["b6"].append(measure([proc[0]], [proc[1]], rport, tokens))
+        finally:
+            proc[0].terminate()
+            proc[0].wait()
+    rows["spread"] = [{"port": p, "owners": o, "cpu_us": c} for p, o, c in spread]
+    return rows
 
 
 def main() -> None:
@@ -214,6 +280,7 @@ def main() -> None:
                         for p, _ in procs:
                             p.terminate()
                             p.wait()
+            cluster = cluster_rows(url) if CLUSTER else None
         finally:
             redis.terminate()
             redis.wait()
@@ -258,6 +325,34 @@ def main() -> None:
         f"({per_req:.1f} us of redis-server CPU per request; "
         f"{best['c']['redis_cmd_us']:.1f} us inside commands)"
     )
+    if cluster is None:
+        return
+    print()
+    print(
+        f"Redis Cluster, {OWNERS} owners (one token each), 1 process; CPU counts every redis-server"
+    )
+    names = {
+        "b6": "(b6) one Redis",
+        "e": "(e) 3 masters",
+        "f": "(f) 3 masters + replicas",
+    }
+    for k, label in names.items():
+        runs = cluster[k]
+        cpu = ", ".join(f"{r['cpu_us']:.0f}" for r in runs)
+        rcpu = ", ".join(f"{r['redis_cpu_us']:.0f}" for r in runs)
+        rate = ", ".join(f"{r['rate']:.0f}" for r in runs)
+        print(f"{label:28} CPU us/req {cpu:>16}   Redis {rcpu:>14}   req/s {rate}")
+
+    def by_run(x: str, y: str) -> str:
+        pairs = zip(cluster[x], cluster[y], strict=True)
+        return ", ".join(f"{rx['cpu_us'] / ry['cpu_us']:.2f}" for rx, ry in pairs)
+
+    print(f"(e)/(b6) by run: {by_run('e', 'b6')}   (goal <= 1.2)")
+    print(f"(f)/(e) by run: {by_run('f', 'e')}   (what WAIT 1 and the replicas cost)")
+    spread = ", ".join(
+        f"{int(r['owners'])} owners: {r['cpu_us']:.1f} us" for r in cluster["spread"]
+    )
+    print(f"Redis CPU per request by master, first run of (e): {spread}")
 
 
 if __name__ == "__main__":

@@ -82,9 +82,8 @@ class Tracker:
     shared by every tracker given the same URL and ``redis_prefix`` (default
     ``"taskd:"``), in any process or host; it excludes ``store``. ``redis_cluster``
     (the URL of any node of a Redis Cluster) does the same sharded by owner
-    (docs/scale-out.md); it excludes ``redis`` and ``store``. Methods called
-    before entry, after close, or once the actor has died
-    raise ``TrackerClosed`` at once.
+    (docs/scale-out.md); it excludes ``redis`` and ``store``. Methods called before
+    entry, after close, or once the actor has died raise ``TrackerClosed`` at once.
     """
 
     def __init__(
@@ -107,7 +106,7 @@ class Tracker:
         explicit_store = store is not None
         if redis_cluster is not None and redis is not None:
             raise ValueError("redis and redis_cluster are exclusive: give one URL")
-        shared = redis if redis_cluster is None else redis_cluster
+        shared = redis_cluster or redis
         if store is None:
             store = None if shared is not None else MemoryStore()
         elif not isinstance(store, Store):

@@ -245,3 +245,63 @@ async def test_one_redis_and_a_cluster_are_exclusive() -> None:
         taskd.Tracker(store=taskd.MemoryStore(), redis_cluster="redis://127.0.0.1:2")
     with pytest.raises(ValueError):
         taskd.Tracker(redis_cluster="http://127.0.0.1:2")
+
+
+def test_cluster_flags_are_checked(tmp_path: Path, redis_cluster: RedisClusterServers) -> None:
+    """docs/cli.md: ``--redis-cluster`` excludes ``--redis`` and ``--db``, takes a TCP
+    URL, and an unreachable node is one line naming the flag."""
+    from .service import cli, free_port
+
+    port = str(free_port())
+    out = cli("serve", "--redis-cluster", redis_cluster.url, "--redis", "redis://127.0.0.1:1/0")
+    assert out.returncode == 1 and "exclusive" in out.stderr
+    db = str(tmp_path / "x.db")
+    out = cli("serve", "--redis-cluster", redis_cluster.url, "--db", db, "--port", port)
+    assert out.returncode == 1 and "exclusive" in out.stderr
+    out = cli("serve", "--redis-cluster", "unix:///tmp/x.sock", "--port", port)
+    assert out.returncode == 1 and "--redis-cluster" in out.stderr
+    out = cli("serve", "--redis-cluster", f"redis://127.0.0.1:{free_port()}", "--port", port)
+    assert out.returncode == 1 and "--redis-cluster (env TASKD_REDIS_CLUSTER)" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1, out.stderr
+
+
+async def test_workers_share_one_port_on_a_cluster(
+    tmp_path: Path, redis_cluster: RedisClusterServers
+) -> None:
+    """``--workers 2`` with ``--redis-cluster`` (from its environment variable):
+    tasks of several owners, each created through a fresh connection, are read back
+    through another, whichever worker answers."""
+    import aiohttp
+
+    from .service import Service
+
+    tokens = [f"{owner}={token}" for token, owner in TOKENS.items()]
+    s = Service(
+        tmp_path,
+        "--redis-prefix",
+        prefix(),
+        "--workers",
+        "2",
+        *(arg for t in tokens for arg in ("--token", t)),
+        env={"TASKD_REDIS_CLUSTER": redis_cluster.url},
+    )
+    async with s:
+        made: list[tuple[str, str]] = []
+        for i in range(12):
+            token = f"token-{i % len(TOKENS)}"
+            headers = {"Authorization": f"Bearer {token}"}
+            async with aiohttp.ClientSession(headers=headers) as fresh:
+                resp = await fresh.post(f"{s.url}{API}/tasks", json={"task_type": "w"})
+                assert resp.status == 201, await resp.text()
+                made.append((token, (await resp.json())["result"]["task_id"]))
+        for token, tid in made:
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {token}"}) as fresh:
+                resp = await fresh.get(f"{s.url}{API}/tasks/{tid}")
+                assert resp.status == 200, await resp.text()
+                other = "token-0" if token != "token-0" else "token-1"
+                resp = await fresh.get(
+                    f"{s.url}{API}/tasks/{tid}", headers={"Authorization": f"Bearer {other}"}
+                )
+                assert resp.status == 404  # another owner's task is not there for it
+        assert s.stop() == 0
+        assert "warn" not in s.log().lower(), s.log()

@@ -198,6 +198,9 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.space",
         "taskd.engine.redis.keys",
         "taskd.engine.redis.wire",
+        "taskd.engine.redis.cluster",
+        "taskd.engine.redis.shards",
+        "taskd.engine.redis.decoder",
     ),
     ("taskd.actor",),
     (
@@ -208,6 +211,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.notes",
         "taskd.engine.redis.follow",
         "taskd.engine.redis.tally",
+        "taskd.engine.redis.routing",
     ),
     ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )

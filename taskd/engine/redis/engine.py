@@ -1,24 +1,20 @@
-"""``RedisEngine``: the records in a shared task space on Redis.
+"""``RedisEngine``: the records in a shared task space on Redis (or a Redis Cluster).
 
 Redis owns the records (``space``); each process keeps its actor, which owns what is
-local to it: the runners of the coroutines it spawned, its waiters (long-polls,
-``wait``), its subscriptions. This engine turns every command of a batch that
-touches records into one server-side call, sends the batch as one pipeline, then
-answers; one reader of the change stream feeds the actor.
-
-Changes reach this process only through the change stream, whoever made them: the
-reader posts each entry to the mailbox, and the actor wakes waiters and feeds
-subscriptions from it, and cancels or settles its own runners when another process
-cancelled them or declared them lost. Deadlines (TTL expiry, heartbeat timeouts,
-cancel grace, lost processes) are swept by whichever process gets there first; the
-script re-checks each against its record, so each fires once.
+local to it: its runners, waiters and subscriptions. Every command of a batch that
+touches records becomes a plain read or one server-side call, in the shard it
+belongs to (``routing``); the batch goes as one pipeline (per master on a cluster),
+then each caller is answered. Changes reach this process as notes of what it holds
+and, while a subscription follows every task, from the change stream (``follow``).
+Deadlines are swept by whichever process gets there first; the script re-checks each
+against its record, so each fires once.
 
 When Redis cannot be reached, the batch's callers get ``StoreError`` (503 with
 Retry-After) and, for a short back-off, so does every command that needs Redis;
 reports from this process's own runners are kept and sent again, so an outcome is
-never lost. Liveness: a key with a PX expiry per process, renewed every second by a
-task of its own; a process whose key lapsed is lost, and its running coroutines'
-records fail ("interrupted: process lost").
+never lost. Liveness: a key with a PX expiry per process (and shard), renewed every
+second; a process whose key lapsed is lost, and its running coroutines' records fail
+("interrupted: process lost").
 """
 
 from __future__ import annotations
@@ -32,24 +28,22 @@ import os
 import secrets
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 from ..._errors import StoreError, TaskdError, TaskNotFound
-from ..._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from ..._models import ANY_OWNER, JSON, TERMINAL, RawJSON, TaskRecord, TaskStatus
 from ..._retention import Retention
 from ...actor import messages as m
 from ...actor.engine import DEFERRED, Deferred, Engine, Handler, Host, Settle
 from ...actor.runner import Runner
 from ...actor.timers import Kind
 from ..codec import result_text
-from ..state import Page
 from . import keys, tally
-from .background import BEAT, LIVENESS_MS, Background, Writable, announce
+from .background import BEAT, Background, Writable, announce
 from .cluster import Down
 from .follow import Following
 from .notes import OWN
-from .pages import Merge, Walk
+from .routing import Ended, Router, settled
 from .space import (
     SOCKET_TIMEOUT,
     WRITES,
@@ -81,17 +75,6 @@ _REMOTE: Final = frozenset(
     {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
     | {m.Get, m.ListTasks, m.Wait, m.Subscribe, m.Stats, m.RunnerFinished, m.Abandon}
 )
-
-
-@dataclass(frozen=True, slots=True)
-class _Ended:
-    """A runner's end whose call failed, kept to be sent again."""
-
-    runner: Runner
-    status: TaskStatus
-    result: JSON | RawJSON
-    error: str | None
-    settle: Settle
 
 
 class RedisEngine(Engine):
@@ -141,6 +124,12 @@ class RedisEngine(Engine):
             self.space, self.proc, a.post, lambda: a.closed, lambda: self._refusing is not None
         )
         self.follow = Following(self.space, self.proc, a, self._send, self._tasks)
+        self.router = Router(
+            self.space, self.proc, self._send, self._send_all, self._tasks, self.follow
+        )
+        self._at = self.router.at
+        self._shards = self.router.shards
+        self._register = self.router.register
 
     def handlers(self) -> Mapping[type[Any], Handler]:
         """The handler of each command that touches records, and of the reader's."""
@@ -159,7 +148,7 @@ class RedisEngine(Engine):
             m.Subscribe: self._remote_subscribe,
             m.Stats: self._remote_stats,
             Writable: self._on_writable,
-            _Ended: self._on_ended,
+            Ended: self._on_ended,
             **self.follow.handlers(),
         }
 
@@ -276,80 +265,6 @@ class RedisEngine(Engine):
         """Read a record with a plain GET (reads need no script): ``done`` gets its
         text, or None."""
         return self._send("GET", (self.space.key(keys.RECORD + task_id, base),), done, fut)
-
-    # --- shards (one on a single Redis; one per owner on a cluster) ----------------------
-
-    def _at(
-        self,
-        task_id: str,
-        owner: OwnerScope,
-        fut: asyncio.Future[Any] | None,
-        go: Callable[[str], object],
-    ) -> Deferred:
-        """Run ``go`` with the shard of a task: its owner's, or, for any owner, the
-        one its id names (the registry read first if this process does not know it;
-        an id no shard minted is not found)."""
-        shards = self.shards
-        if owner is not ANY_OWNER:
-            go(shards.of_owner(owner))
-            return DEFERRED
-        base = shards.of_id(task_id)
-        if base is not None:
-            go(base)
-            return DEFERRED
-
-        def known(_: object) -> object:
-            found = shards.of_id(task_id)
-            if found is None:
-                raise TaskNotFound(task_id)
-            go(found)
-            return DEFERRED
-
-        return self._registry(known, fut)
-
-    def _registry(
-        self, then: Callable[[object], object], fut: asyncio.Future[Any] | None
-    ) -> Deferred:
-        """Read the registry of shards (``Shards``), then ``then``."""
-
-        def read(reply: list[str] | dict[str, str]) -> object:
-            flat = (
-                reply
-                if isinstance(reply, dict)
-                else dict(zip(reply[::2], reply[1::2], strict=True))
-            )
-            before = set(self.shards.registered)
-            self.shards.learn(flat)
-            for base in self.shards.registered - before:
-                self._tasks.consume(base)
-                self.follow.new_shard(base)
-            return then(None)
-
-        return self._send("HGETALL", (self.space.key(keys.SHARDS),), read, fut)
-
-    def _shards(
-        self, then: Callable[[list[str]], object], fut: asyncio.Future[Any] | None
-    ) -> Deferred:
-        """Run ``then`` with every shard: the home base on a single Redis, every
-        registered shard (read now) on a cluster."""
-        if not self.shards.cluster:
-            then([self.space.base])
-            return DEFERRED
-        return self._registry(lambda _: then(self.shards.all()), fut)
-
-    def _register(self, base: str) -> None:
-        """A shard this process writes to: in the registry, and (for spawns) alive
-        in it, before the batch's call that needs it (the same master, in order)."""
-        space = self.shards
-        if base not in space.registered:
-            space.registered.add(base)
-            args = (self.space.key(keys.SHARDS), space.code(base), base)
-
-            def failed() -> None:
-                space.registered.discard(base)
-
-            self._send("HSET", args, ignore, None, on_error=failed)
-            self._tasks.consume(base)
 
     async def commit(self) -> bool:
         """Send the batch's calls as one pipeline, then answer each caller."""
@@ -492,7 +407,8 @@ class RedisEngine(Engine):
             if self.shards.cluster:
                 # every shard, each in its own slot; the registry read again first
                 # (shards other processes made)
-                self._shards(self._sweep_shards, None)
+                sweep = functools.partial(self._send, "sweep", (), self._swept, None)
+                self._shards(lambda bases: [sweep(base=b) for b in bases], None)
             else:
                 self._send("sweep", (), self._swept, None)
             if self.actor.now >= self._publish_due:  # its own series, about once a beat
@@ -502,10 +418,6 @@ class RedisEngine(Engine):
     def fired(self) -> None:
         """Deadlines are swept in Redis: no expiry floor here."""
         self.actor.timers.reset_due(None)
-
-    def _sweep_shards(self, bases: list[str]) -> None:
-        for base in bases:
-            self._send("sweep", (), self._swept, None, base=base)
 
     def latest(self, task_id: str, fut: asyncio.Future[Any]) -> None:
         """A wait ran out, or a long-poll was released: the latest is in Redis."""
@@ -564,11 +476,7 @@ class RedisEngine(Engine):
             # is alive there, before it runs a task there
             if fut is not None and not self.follow.ready(OWN, msg, fut, base):
                 return DEFERRED
-            self._register(base)
-            if base not in self._tasks.alive_in:
-                self._tasks.alive_in.add(base)
-                alive = (self.space.key(keys.ALIVE + self.proc, base), "1", "PX", str(LIVENESS_MS))
-                self._send("SET", alive, ignore, None)
+            self.router.alive_in(base)
         args = (*insert_args(msg, "", self.shards.random_part(base)), self.proc)
 
         def done(reply: list[Any]) -> TaskRecord:
@@ -621,22 +529,7 @@ class RedisEngine(Engine):
         return self._at(msg.task_id, msg.owner, fut, lambda b: self._get(msg.task_id, done, fut, b))
 
     def _remote_list(self, msg: m.ListTasks, fut: asyncio.Future[Any] | None) -> Deferred:
-        # The index, then its records, with plain commands: one round trip each
-        # (pages.Walk), sent in the batches' pipelines; an admin's listing on a
-        # cluster walks every shard at once (pages.Merge).
-        if msg.owner is not ANY_OWNER or not self.shards.cluster:
-            base = self.shards.of_owner(None if msg.owner is ANY_OWNER else msg.owner)
-            return self._walk(Walk(msg, lambda s: self.space.key(s, base), self.space.decode), fut)
-        return self._shards(
-            lambda bases: self._walk(Merge(msg, bases, self.space.key, self.space.decode), fut), fut
-        )
-
-    def _walk(self, walk: Walk | Merge, fut: asyncio.Future[Any] | None) -> Deferred:
-        def step(replies: list[Any]) -> object:
-            nxt = walk.feed(replies)
-            return nxt if isinstance(nxt, Page) else self._send_all(nxt, step, fut)
-
-        return self._send_all(walk.start(), step, fut)
+        return self.router.list(msg, fut)
 
     def _remote_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> Deferred:
         return self._at(msg.task_id, msg.owner, fut, lambda base: self._wait(msg, fut, base))
@@ -658,37 +551,11 @@ class RedisEngine(Engine):
         return self._get(msg.task_id, done, fut, base)
 
     def _remote_subscribe(self, msg: m.Subscribe, fut: asyncio.Future[Any] | None) -> Deferred:
-        sub = msg.subscription
-        follow = self.follow
-        if sub.task_id is not None:
-            go = lambda base: follow.subscribe(msg, fut, self.boot_seq, [base])  # noqa: E731
-            return self._at(sub.task_id, sub.owner, fut, go)
-        if sub.owner is not ANY_OWNER or not self.shards.cluster:
-            base = self.shards.of_owner(None if sub.owner is ANY_OWNER else sub.owner)
-            return follow.subscribe(msg, fut, self.boot_seq, [base])
-        return self._shards(lambda bases: follow.subscribe(msg, fut, self.boot_seq, bases), fut)
+        return self.router.subscribe(msg, fut, self.boot_seq)
 
     def _remote_stats(self, msg: m.Stats, fut: asyncio.Future[Any] | None) -> Deferred:
         """The deployment's totals and every live process's series (``tally``)."""
-        return self._shards(lambda bases: self._stats(bases, fut), fut)
-
-    def _stats(self, bases: list[str], fut: asyncio.Future[Any] | None) -> Deferred:
-        read = tally.StatsRead(self.space, self.actor, self.proc, bases)
-        then = functools.partial(self._send, fut=fut)
-        got: list[Any] = [None] * len(bases)
-        left = [len(bases)]
-
-        def one(i: int, reply: Any) -> object:
-            got[i] = reply
-            left[0] -= 1
-            return read.done(got, then) if not left[0] else DEFERRED
-
-        for i, commands in enumerate(read.commands()):
-            *queued, last = commands  # its series, MULTI, the reads; EXEC answers
-            for command in queued:
-                self._send(*command, ignore, None)
-            self._send(*last, functools.partial(one, i), fut)
-        return DEFERRED
+        return self._shards(lambda bases: self.router.stats(self.actor, bases, fut), fut)
 
     def end(
         self,
@@ -702,37 +569,19 @@ class RedisEngine(Engine):
         """Record how a runner ended (the script checks it is still this process's);
         a failed send is kept and sent again (``refuses``, ``_went_down``)."""
         args = (runner.task_id, self.proc, status.value, result_text(result), error or "")
-        retry = _Ended(runner, status, result, error, settle)
+        retry = Ended(runner, status, result, error, settle)
         done = functools.partial(self._ended, runner, settle)
         self._send("ended", args, done, None, retry, base=self.shards.of_id(runner.task_id))
 
-    def _on_ended(self, msg: _Ended, fut: object) -> None:
+    def _on_ended(self, msg: Ended, fut: object) -> None:
         """A runner's end held while Redis was away: send it again."""
         self.end(msg.runner, msg.status, result=msg.result, error=msg.error, settle=msg.settle)
 
-    def _ended(
-        self,
-        runner: Runner,
-        settle: tuple[TaskStatus, object, BaseException | None],
-        reply: list[Any],
-    ) -> None:
+    def _ended(self, runner: Runner, settle: Settle, reply: list[Any]) -> None:
         self.actor.runners.pop(runner.task_id, None)
-        if reply[0] == "rec":
-            rec = self.space.decode(reply[1])[0]
+        rec = settled(runner, settle, reply, self.space.decode)
+        if rec is not None and reply[0] == "rec":
             self._note(rec)
-            runner.outcome.set(*settle, rec)
-        elif reply[0] == "was":
-            # Already recorded (cancelled before it ran, or declared lost): the record
-            # stands, and the handle says what it says.
-            rec = self.space.decode(reply[1])[0]
-            if rec.status is TaskStatus.COMPLETED:
-                runner.outcome.set(*settle, rec)
-            elif rec.status is TaskStatus.CANCELLED:
-                runner.outcome.set(TaskStatus.CANCELLED, None, None, rec)
-            else:
-                runner.outcome.set(TaskStatus.FAILED, None, TaskdError(rec.error or "failed"), rec)
-        else:
-            runner.outcome.set(TaskStatus.FAILED, None, TaskNotFound(runner.task_id))
 
     def shut(self) -> None:
         """Calls queued but never sent, and messages held for a channel: their

@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import secrets
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -40,14 +39,14 @@ from ..._models import (
     ANY_OWNER,
     JSON,
     OwnerScope,
-    RawJSON,
     TaskRecord,
 )
 from ..._retention import Retention
-from ..codec import PAYLOAD, REDIS_FIELDS, from_hash
+from ..codec import PAYLOAD, REDIS_FIELDS
 from ..rules import lua_tables
 from . import keys
 from .cluster import Nodes
+from .decoder import Decoder, decode_record
 from .shards import Shards
 from .wire import READ_TIMEOUT, Wire
 
@@ -168,62 +167,6 @@ def opt(value: str | None) -> str:
 
 def seconds(value: float) -> str:
     return repr(float(value))
-
-
-def decode_record(text: str, extra: Mapping[str, str] | None = None) -> tuple[TaskRecord, int]:
-    """A record as the script sends it (a JSON object of its hash's text fields), and
-    the sequence number of its latest change. ``extra`` are fields read beside it: a
-    change stream entry carries none of ``PAYLOAD``, which only the record holds."""
-    fields: dict[str, str] = json.loads(text)
-    if extra:
-        fields.update(extra)
-    return from_hash(fields)
-
-
-class Decoder:
-    """Decodes records, and hands back the same object for the same record version:
-    a page of 20 records, re-read every poll, is then decoded and rendered to JSON once
-    (the web layer's render cache is keyed by the record object).
-
-    Bounded by bytes, not by count: a cache of 8,192 versions held 8 GiB once results
-    were 1 MiB each. The oldest entries go first; a record over 1/8 of the budget is
-    decoded but never kept (it would flush the cache for one entry)."""
-
-    __slots__ = ("_cache", "bytes")
-
-    #: The most the cache holds: its keys (record texts) and the large results kept
-    #: as text beside them, counted with ``sys.getsizeof``.
-    BUDGET: Final = 32 * 1024 * 1024
-    #: Entries at most (many tiny records cost more in dict slots than in text).
-    SIZE: Final = 8192
-
-    def __init__(self) -> None:
-        self._cache: dict[str, tuple[tuple[TaskRecord, int], int]] = {}
-        #: What the entries held now cost (the budget's accounting).
-        self.bytes = 0
-
-    def __len__(self) -> int:
-        return len(self._cache)
-
-    def __call__(self, text: str) -> tuple[TaskRecord, int]:
-        hit = self._cache.get(text)
-        if hit is not None:
-            return hit[0]
-        decoded = decode_record(text)
-        result = decoded[0].result_data
-        cost = sys.getsizeof(text) + (
-            sys.getsizeof(result.text) if isinstance(result, RawJSON) else 0
-        )
-        if cost > self.BUDGET // 8:
-            return decoded
-        cache = self._cache
-        while cache and (self.bytes + cost > self.BUDGET or len(cache) >= self.SIZE):
-            # dicts keep insertion order: the first entry is the oldest
-            oldest = next(iter(cache))
-            self.bytes -= cache.pop(oldest)[1]
-        cache[text] = (decoded, cost)
-        self.bytes += cost
-        return decoded
 
 
 class PolicyError(StoreError):
