@@ -111,6 +111,8 @@ class RedisClusterServers:
                     "--cluster-node-timeout", "1000",
                     "--cluster-replica-validity-factor", "0",
                     "--cluster-allow-reads-when-down", "no",
+                    "--repl-diskless-sync", "yes",
+                    "--repl-diskless-sync-delay", "0",
                     port=port,
                 )
             )  # fmt: skip

@@ -216,8 +216,10 @@ async def test_a_master_fails_over_under_load_and_nothing_acknowledged_is_lost(
         loads = [asyncio.ensure_future(_load(t, o, acked[o], refused[o], stop)) for o in owners]
         try:
             await eventually(lambda: all(len(a) >= 20 for a in acked.values()), 30)
-            # writes were acknowledged only once a replica had them (WAIT 1)
-            assert b"cmdstat_wait:calls=" in victim.command("INFO", "commandstats")
+            # writes are acknowledged only once a replica has them (WAIT 1)
+            await eventually(
+                lambda: b"cmdstat_wait:calls=" in victim.command("INFO", "commandstats"), 10
+            )
             assert victim.proc is not None
             victim.stop(signal.SIGKILL)  # no goodbye: its replica takes over
             before = len(acked[owners[0]])

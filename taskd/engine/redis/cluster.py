@@ -44,8 +44,10 @@ log = logging.getLogger("taskd")
 
 #: Milliseconds a batch's writes wait for a replica to confirm them.
 WAIT_MS: Final = 1000
-#: Seconds the slot map is trusted before it is read again anyway.
+#: Seconds the slot map is trusted before it is read again anyway; while a master
+#: has no replica, the replicas are counted again this often.
 REFRESH: Final = 10.0
+REFRESH_UNREPLICATED: Final = 1.0
 
 
 class Down(StoreError):
@@ -100,9 +102,11 @@ class Nodes:
         """Read the map if it is stale, or older than ``REFRESH`` (replicas added or
         promoted meanwhile), one reader at a time."""
         now = asyncio.get_running_loop().time()
-        if self.stale or now >= self._read_at + REFRESH:
+        # (sooner while a master has no replica: one may be attaching)
+        every = REFRESH if all(self.replicas.values()) else REFRESH_UNREPLICATED
+        if self.stale or now >= self._read_at + every:
             async with self._lock:
-                if self.stale or now >= self._read_at + REFRESH:
+                if self.stale or now >= self._read_at + every:
                     await self._refresh()
                     self._read_at = now
 
