@@ -203,7 +203,10 @@ def cluster_rows(url: str) -> dict[str, list[dict[str, float]]]:
     """The Redis Cluster rows: (b6) one process on one Redis with OWNERS owners,
     (e) the same on a 3-master Redis Cluster without replicas, (f) with a replica per
     master (writes then wait for one: WAIT 1); CPU counts every redis-server."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    # This file is named redis.py: its folder must not shadow the redis package.
+    here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != here]
+    sys.path.insert(0, str(here.parent))
     from tests.redis_server import RedisClusterServers
 
     tokens = [f"tok{i}" for i in range(OWNERS)]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Final
 from urllib.parse import urlsplit, urlunsplit
 
 from ..._errors import StoreError
-from .wire import Wire
+from .wire import Sent, Wire
 
 if TYPE_CHECKING:
     import redis.asyncio
@@ -177,80 +177,86 @@ class Nodes:
         groups: dict[str, list[int]] = {}
         for i, key in enumerate(routes):
             groups.setdefault(self.addr_of(key), []).append(i)
-        await asyncio.gather(
-            *(self._send(addr, idx, packed, writes, replies) for addr, idx in groups.items())
-        )
+        await self._send(groups, packed, writes, replies)
         moved = [i for i, r in enumerate(replies) if _redirect(r) is not None]
         if moved:
             # Slots moved (a failover, a resharding): those commands did nothing.
             self.stale = True
-            asks: dict[str, list[int]] = {}
-            again: dict[str, list[int]] = {}
             redirects = [_redirect(replies[i]) for i in moved]
             await self.ensure()
+            asks: dict[str, list[int]] = {}
+            again: dict[str, list[int]] = {}
             for i, where in zip(moved, redirects, strict=True):
                 assert where is not None
                 if where[0] == "ASK":
                     asks.setdefault(where[1], []).append(i)
                 else:
                     again.setdefault(self.addr_of(routes[i]), []).append(i)
-            await asyncio.gather(
-                *(self._send(addr, idx, packed, writes, replies) for addr, idx in again.items()),
-                *(
-                    self._send(addr, idx, packed, writes, replies, asking=True)
-                    for addr, idx in asks.items()
-                ),
-            )
+            await self._send(again, packed, writes, replies)
+            await self._send(asks, packed, writes, replies, asking=True)
         return replies
 
     async def _send(
         self,
-        addr: str,
-        idx: list[int],
+        groups: dict[str, list[int]],
         packed: Sequence[tuple[object, ...]],
         writes: Sequence[bool],
         replies: list[Any],
         *,
         asking: bool = False,
     ) -> None:
+        """Each master's commands written, then each one's replies read: all the
+        masters work at once, and no task is made per master."""
         from redis.exceptions import RedisError
 
-        commands: list[tuple[object, ...]] = []
-        for i in idx:
-            if asking:
-                commands.append(("ASKING",))
-            commands.append(packed[i])
-        wait = any(writes[i] for i in idx) and self.replicas.get(addr, 0) > 0
-        if wait:
-            commands.append(("WAIT", "1", str(WAIT_MS)))
-        try:
-            wire = self._wires.get(addr)
-            if wire is None:
-                pool = self.client(addr, 2.0).connection_pool
-                conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-                wire = self._wires[addr] = Wire(conn)
-            got = await wire.roundtrip(commands)
-        except (TimeoutError, RedisError, OSError) as exc:
-            await self.drop(addr)
-            self.stale = True
-            down = Down(f"the shared store (Redis Cluster node {addr}) cannot be reached: {exc}")
+        flight: list[tuple[str, list[int], Wire, Sent, bool]] = []
+        for addr, idx in groups.items():
+            commands: list[tuple[object, ...]] = []
             for i in idx:
-                replies[i] = down
-            return
-        if asking:
-            got = got[1::2]
-        if wait:
-            acked = got.pop()
-            if not isinstance(acked, int) or acked < 1:
-                down = Down(
-                    f"the shared store (Redis Cluster node {addr}): no replica confirmed "
-                    f"a write within {WAIT_MS} ms"
-                )
-                got = [down if writes[i] else r for i, r in zip(idx, got, strict=True)]
-        for i, reply in zip(idx, got, strict=True):
-            if isinstance(reply, Exception) and str(reply).startswith(("CLUSTERDOWN", "TRYAGAIN")):
-                self.stale = True
-            replies[i] = reply
+                if asking:
+                    commands.append(("ASKING",))
+                commands.append(packed[i])
+            wait = any(writes[i] for i in idx) and self.replicas.get(addr, 0) > 0
+            if wait:
+                commands.append(("WAIT", "1", str(WAIT_MS)))
+            try:
+                wire = self._wires.get(addr)
+                if wire is None:
+                    pool = self.client(addr, 2.0).connection_pool
+                    conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+                    wire = self._wires[addr] = Wire(conn)
+                flight.append((addr, idx, wire, wire.write(commands), wait))
+            except (RedisError, OSError) as exc:
+                await self._down(addr, idx, replies, exc)
+        for addr, idx, wire, sent, wait in flight:
+            try:
+                got = await wire.read(sent)
+            except (RedisError, OSError) as exc:
+                await self._down(addr, idx, replies, exc)
+                continue
+            if asking:
+                got = got[1::2] if not wait else [*got[1:-1:2], got[-1]]
+            if wait:
+                acked = got.pop()
+                if not isinstance(acked, int) or acked < 1:
+                    down = Down(
+                        f"the shared store (Redis Cluster node {addr}): no replica confirmed "
+                        f"a write within {WAIT_MS} ms"
+                    )
+                    got = [down if writes[i] else r for i, r in zip(idx, got, strict=True)]
+            for i, reply in zip(idx, got, strict=True):
+                if isinstance(reply, Exception) and str(reply).startswith(
+                    ("CLUSTERDOWN", "TRYAGAIN")
+                ):
+                    self.stale = True
+                replies[i] = reply
+
+    async def _down(self, addr: str, idx: list[int], replies: list[Any], exc: Exception) -> None:
+        await self.drop(addr)
+        self.stale = True
+        down = Down(f"the shared store (Redis Cluster node {addr}) cannot be reached: {exc}")
+        for i in idx:
+            replies[i] = down
 
     async def drop(self, addr: str | None = None) -> None:
         """Close the actor's connection to one master (every one: None)."""

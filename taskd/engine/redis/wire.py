@@ -11,12 +11,12 @@ the next command's.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, NamedTuple
 
 if TYPE_CHECKING:
     from redis.asyncio.connection import AbstractConnection
 
-__all__ = ["READ_TIMEOUT", "Unsent", "Wire"]
+__all__ = ["READ_TIMEOUT", "Sent", "Unsent", "Wire"]
 
 #: Seconds a batch's replies may take before the batch fails (Redis unreachable).
 READ_TIMEOUT: Final = 2.0
@@ -31,6 +31,13 @@ class Unsent(Exception):
     def __init__(self, cause: Exception) -> None:
         super().__init__(f"{type(cause).__name__}: {cause}")
         self.cause = cause
+
+
+class Sent(NamedTuple):
+    """What ``Wire.write`` sent: how many commands, and those it could not encode."""
+
+    total: int
+    unsent: dict[int, Exception]
 
 
 class Wire:
@@ -59,6 +66,14 @@ class Wire:
         error reply, or ``Unsent`` for a command that could not be encoded (the
         others still go). Raises ``OSError`` (``TimeoutError``, ``ConnectionError``)
         when the connection fails: its state is then unknown."""
+        sent = self.write(commands)
+        if self._writer.transport.get_write_buffer_size() > _HIGH_WATER:
+            await self._writer.drain()
+        return await self.read(sent)
+
+    def write(self, commands: list[tuple[object, ...]]) -> Sent:
+        """Write the commands (``read`` takes their replies): several connections'
+        batches can be in flight at once with no task per connection."""
         from hiredis import pack_command
 
         unsent: dict[int, Exception] = {}
@@ -72,13 +87,14 @@ class Wire:
                 except Exception as exc:
                     unsent[i] = exc
             data = b"".join(chunks)
-        expected = len(commands) - len(unsent)
-        writer = self._writer
-        if expected:
-            writer.write(data)
-            transport = writer.transport
-            if transport.get_write_buffer_size() > _HIGH_WATER:
-                await writer.drain()
+        if len(unsent) < len(commands):
+            self._writer.write(data)
+        return Sent(len(commands), unsent)
+
+    async def read(self, sent: Sent) -> list[Any]:
+        """The replies of what ``write`` sent, in order (see ``roundtrip``)."""
+        unsent = sent.unsent
+        expected = sent.total - len(unsent)
         got: list[Any] = []
         parser = self._parser
         async with asyncio.timeout(READ_TIMEOUT):
@@ -94,7 +110,7 @@ class Wire:
         if not unsent:
             return got
         replies = iter(got)
-        return [Unsent(unsent[i]) if i in unsent else next(replies) for i in range(len(commands))]
+        return [Unsent(unsent[i]) if i in unsent else next(replies) for i in range(sent.total)]
 
     # --- a subscribed connection: commands go out, pushes come in ---------------------
 
