@@ -43,6 +43,7 @@ from .actor import messages as m
 from .actor.actor import Actor
 from .actor.engine import Deferred, Engine
 from .actor.outcome import Outcome
+from .actor.runner import ContextExecutor
 from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
 from .engine.local import LocalEngine
@@ -163,10 +164,8 @@ class Tracker:
     @property
     def page_key(self) -> bytes:
         """The deployment's key for signing page tokens (HMAC-SHA256; read-only).
-
-        Kept by the store so that every process and restart of one deployment accepts
-        the same tokens: a row of the SQLite file, a key in Redis; with the in-memory
-        store, random per tracker (its cursors die with it anyway)."""
+        Kept by the store, so every process and restart of one deployment accepts the
+        same tokens (in memory: random per tracker, as its cursors die with it)."""
         return self._page_key
 
     @property
@@ -182,7 +181,9 @@ class Tracker:
         await self._actor.open(self._sender)
         if self._engine.page_key:
             self._page_key = self._engine.page_key
-        task = asyncio.get_running_loop().create_task(self._actor.run(), name="taskd-actor")
+        loop = asyncio.get_running_loop()
+        ContextExecutor.install(loop)  # run_in_executor keeps a spawned task's context
+        task = loop.create_task(self._actor.run(), name="taskd-actor")
         task.add_done_callback(self._actor.task_done)  # fails callers if it never ran
         self._actor_task = task
         self._state = TrackerState.OPEN
@@ -451,8 +452,7 @@ class Tracker:
 
     @property
     def pending_count(self) -> int:
-        """Spawned tasks of this process accepted but not started yet (their batch
-        is not committed, or the mailbox still holds the spawn)."""
+        """Spawned tasks of this process accepted but not started yet."""
         return sum(1 for r in self._actor.runners.values() if r.task is None)
 
     @property

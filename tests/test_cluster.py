@@ -225,7 +225,7 @@ async def test_a_master_fails_over_under_load_and_nothing_acknowledged_is_lost(
             before = len(acked[owners[0]])
             # 503s while the replica is elected, then the same shard serves again,
             # with no restart of anything
-            await eventually(lambda: refused[owners[0]], 30)
+            await eventually(lambda: bool(refused[owners[0]]), 30)
             await eventually(lambda: len(acked[owners[0]]) >= before + 20, 60)
         finally:
             stop.set()

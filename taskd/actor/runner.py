@@ -10,6 +10,7 @@ otherwise warn "never awaited") and reports the cancellation.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 from collections.abc import Callable, Coroutine
@@ -21,17 +22,19 @@ from .._redact import redact_error, redact_message
 from .messages import Progress, RunnerFinished
 from .outcome import Outcome
 
-__all__ = ["Runner", "report_progress"]
+__all__ = ["ContextExecutor", "Runner", "report_progress"]
 
 #: Posts a fire-and-forget message to the actor; raises TrackerClosed once it stopped.
 Post = Callable[[object], None]
 T = TypeVar("T")
 
 
-# (post, task_id) of the spawned task whose runner this context belongs to. Not the
-# runner itself: the runner holds its task, which holds this context (a cycle only
-# the cyclic collector would free).
-_current: contextvars.ContextVar[tuple[Post, str]] = contextvars.ContextVar("taskd_current_task")
+# (post, task_id, loop) of the spawned task whose runner this context belongs to.
+# Not the runner itself: the runner holds its task, which holds this context (a cycle
+# only the cyclic collector would free).
+_current: contextvars.ContextVar[tuple[Post, str, asyncio.AbstractEventLoop]] = (
+    contextvars.ContextVar("taskd_current_task")
+)
 
 
 def report_progress(fraction: float | None, message: str | None = None) -> None:
@@ -39,17 +42,62 @@ def report_progress(fraction: float | None, message: str | None = None) -> None:
 
     A plain function: it queues the update for the tracker and returns at once.
     ``fraction`` is 0.0–1.0 (or None to change only the message, which is redacted
-    like an error). Raises
-    ``RuntimeError`` outside a task started by ``Tracker.spawn`` and
-    ``TrackerClosed`` once its tracker has stopped.
+    like an error). Thread-safe: it may be called from a thread the task started
+    (``asyncio.to_thread``, ``loop.run_in_executor``: see ``ContextExecutor``), and
+    then hands the update to the task's event loop. Raises ``RuntimeError`` outside a
+    task started by ``Tracker.spawn`` and ``TrackerClosed`` once its tracker has
+    stopped.
     """
     progress = check_progress(fraction)
     text = redact_message(message)
     reporter = _current.get(None)
     if reporter is None:
         raise RuntimeError("report_progress() must be called inside a task started by spawn()")
-    post, task_id = reporter
-    post(Progress(task_id, progress, text, ANY_OWNER))
+    post, task_id, loop = reporter
+    msg = Progress(task_id, progress, text, ANY_OWNER)
+    if _running_loop() is loop:
+        post(msg)
+        return
+    # Another thread: the mailbox is the loop's alone (asyncio.Queue is not
+    # thread-safe), so the loop posts it.
+    try:
+        loop.call_soon_threadsafe(_post_quietly, post, msg)
+    except RuntimeError:  # the loop is closed
+        raise TrackerClosed("the tracker's event loop is closed") from None
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
+def _post_quietly(post: Post, msg: object) -> None:
+    # (run by the loop for a thread: the tracker may have stopped meanwhile, and
+    # a progress update for a stopped tracker is dropped, as its task was ended)
+    with contextlib.suppress(TrackerClosed):
+        post(msg)
+
+
+class ContextExecutor(concurrent.futures.ThreadPoolExecutor):
+    """A thread pool whose jobs run in the context of the code that submitted them,
+    as ``asyncio.to_thread``'s do: ``loop.run_in_executor(None, fn)`` from a spawned
+    task then runs ``fn`` where ``report_progress`` knows its task. A tracker makes
+    one its loop's default executor when the loop has none (``install``)."""
+
+    def submit(
+        self, fn: Callable[..., T], /, *args: Any, **kwargs: Any
+    ) -> concurrent.futures.Future[T]:
+        """Run ``fn(*args, **kwargs)`` in a copy of the submitter's context."""
+        return super().submit(contextvars.copy_context().run, fn, *args, **kwargs)
+
+    @classmethod
+    def install(cls, loop: asyncio.AbstractEventLoop) -> None:
+        """Make one the loop's default executor, if the loop has none yet (one set
+        by the application is left alone)."""
+        if getattr(loop, "_default_executor", False) is None:
+            loop.set_default_executor(cls(thread_name_prefix="asyncio"))
 
 
 class Runner:
@@ -101,8 +149,9 @@ class Runner:
         context = cast(contextvars.Context, self.context)
         coro = cast("Coroutine[Any, Any, Any]", self.coro)
         self.coro = self.context = None
-        context.run(_current.set, (self.post, self.task_id))
-        self.task = task = asyncio.get_running_loop().create_task(coro, context=context)
+        loop = asyncio.get_running_loop()
+        context.run(_current.set, (self.post, self.task_id, loop))
+        self.task = task = loop.create_task(coro, context=context)
         task.add_done_callback(self)
 
     def close(self) -> None:
