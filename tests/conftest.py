@@ -9,6 +9,7 @@ import pytest
 import taskd
 from taskd.testing import FakeClock
 
+from .clients import CLIENTS, MakeClient
 from .redis_server import RedisClusterServers, RedisServer
 
 
@@ -70,3 +71,10 @@ def engine(request: pytest.FixtureRequest) -> Engine:
         return {"redis_cluster": cluster.url, "redis_prefix": prefix}
     server: RedisServer = request.getfixturevalue("redis_server")
     return {"redis": server.url, "redis_prefix": prefix}
+
+
+@pytest.fixture(params=sorted(CLIENTS))
+def make_client(request: pytest.FixtureRequest) -> MakeClient:
+    """Each Python client (``TaskdClient``, and ``SyncTaskdClient`` awaited through
+    threads): the client tests run on both (docs/sync.md)."""
+    return CLIENTS[request.param]

@@ -20,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from taskd.client import TaskdClient
-
+from .clients import MakeClient
 from .redis_server import RedisServer
 from .service import Service, cli, free_port, wait_for
 from .test_serve import create, http
@@ -232,8 +231,8 @@ def test_url_of_something_else_says_to_check_the_flag(service: Service) -> None:
     assert "HTTP 404" in line and "check --url / TASKD_URL" in line, line
 
 
-async def test_client_accepts_the_api_url(service: Service) -> None:
-    async with TaskdClient(service.url + API) as client:
+async def test_client_accepts_the_api_url(service: Service, make_client: MakeClient) -> None:
+    async with make_client(service.url + API) as client:
         assert client.base_url == service.url
         assert await client.health()
         rec = await client.create("job")

@@ -24,9 +24,10 @@ from standardwebhooks.webhooks import Webhook
 import taskd
 import taskd.web
 from taskd import _errors
-from taskd.client import ApiError, TaskdClient
+from taskd.client import ApiError
 from taskd.testing import FakeClock, eventually
 
+from .clients import MakeClient as MakeTaskdClient
 from .service import Service, cli, free_port
 from .test_serve import http
 
@@ -374,9 +375,11 @@ def test_exceptions_rebuild_from_code_and_details(exc: taskd.TaskdError) -> None
     assert rebuilt.error_details() == exc.error_details()
 
 
-async def test_client_raises_what_the_server_raised(tmp_path: Path) -> None:
+async def test_client_raises_what_the_server_raised(
+    tmp_path: Path, make_client: MakeTaskdClient
+) -> None:
     async with Service(tmp_path) as s:
-        async with TaskdClient(s.url) as client:
+        async with make_client(s.url) as client:
             rec = await client.create("commit", resource_id="s1")
             with pytest.raises(taskd.TaskConflict) as conflict:
                 await client.create("commit", resource_id="s1")

@@ -22,6 +22,7 @@ import taskd.web
 from taskd.client import TaskdClient
 from taskd.testing import eventually
 
+from .clients import MakeClient
 from .conftest import Engine
 from .service import cli
 
@@ -119,8 +120,10 @@ async def test_stream_headers_and_keepalive_pings(app_client: Client) -> None:
     resp.close()
 
 
-async def test_last_event_id_resumes_missed_changes(app_client: Client) -> None:
-    async with TaskdClient(base_url(app_client)) as c:
+async def test_last_event_id_resumes_missed_changes(
+    app_client: Client, make_client: MakeClient
+) -> None:
+    async with make_client(base_url(app_client)) as c:
         stream = c.events()
         reader = asyncio.ensure_future(collect(stream, 2))
         await subscribed(app_client, 1)

@@ -16,9 +16,9 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from taskd.client import TaskdClient
 from taskd.testing import eventually
 
+from .clients import MakeClient
 from .service import Lines, Service, cli, free_port, metric, wait_for
 
 API = "/api/v1"
@@ -269,8 +269,8 @@ def test_python_m_taskd_version() -> None:
 # --- the Python client -----------------------------------------------------------
 
 
-async def test_client_methods(service: Service) -> None:
-    async with TaskdClient(service.url) as client:
+async def test_client_methods(service: Service, make_client: MakeClient) -> None:
+    async with make_client(service.url) as client:
         assert await client.health()
         rec = await client.create("job", resource_id="r", metadata={"k": 1})
         assert rec.status.value == "pending" and dict(rec.metadata) == {"k": 1}
@@ -294,10 +294,12 @@ async def test_client_methods(service: Service) -> None:
         assert (await client.openapi())["openapi"] == "3.1.0"
 
 
-async def test_client_wait_survives_a_server_restart(tmp_path: Path) -> None:
+async def test_client_wait_survives_a_server_restart(
+    tmp_path: Path, make_client: MakeClient
+) -> None:
     db = tmp_path / "tasks.db"
     s = await asyncio.to_thread(Service(tmp_path, "--db", str(db)).start)
-    async with TaskdClient(s.url) as client:
+    async with make_client(s.url) as client:
         rec = await client.create("job")
         await client.start(rec.task_id)
         waiter = asyncio.ensure_future(client.wait(rec.task_id, timeout=60, poll_wait=2))

@@ -13,6 +13,7 @@ import pytest
 
 import taskd
 from taskd import report_progress
+from taskd.testing import eventually
 
 
 async def _progress_of(tracker: taskd.Tracker, task_id: str) -> tuple[float | None, str | None]:
@@ -41,7 +42,7 @@ async def test_progress_from_to_thread_and_run_in_executor(tracker: taskd.Tracke
     async def quarter() -> bool:
         return await _progress_of(tracker, handle.task_id) == (0.25, "to_thread")
 
-    await taskd.testing.eventually(quarter)
+    await eventually(quarter)
     go.set()
     assert await handle == "executor"
     assert all(name != threading.main_thread().name for name in seen)
@@ -82,7 +83,7 @@ async def test_a_thread_pool_of_reporters(tracker: taskd.Tracker) -> None:
         progress, message = await _progress_of(tracker, handle.task_id)
         return progress == 1.0 and message is not None and message.endswith("step 50")
 
-    await taskd.testing.eventually(finished_reports)
+    await eventually(finished_reports)
     done.set()
     assert sorted(await handle) == list(range(8))
 
