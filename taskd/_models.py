@@ -121,6 +121,9 @@ class TaskSpec(msgspec.Struct, frozen=True, gc=False):
     in_process: bool = False
     callback_url: str | None = None
     heartbeat_timeout: float | None = None
+    #: The W3C trace context of the task's span (docs/tracing.md), or the one the
+    #: creator sent when no tracer records spans here.
+    traceparent: str | None = None
 
 
 DEFAULT_SPEC = TaskSpec()
@@ -152,6 +155,7 @@ FIELDS: Final[tuple[tuple[str, str, str, bool], ...]] = (
     ("in_process", "ip", "INTEGER NOT NULL", False),
     ("callback_url", "cb", "TEXT", False),
     ("heartbeat_timeout", "hb", "REAL", False),
+    ("traceparent", "tp", "TEXT", True),
     ("process", "pr", "", False),
     ("seq", "sq", "", False),
 )
@@ -216,6 +220,11 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         return self.spec.heartbeat_timeout
 
     @property
+    def traceparent(self) -> str | None:
+        """The W3C trace context of the task's span, if traced (docs/tracing.md)."""
+        return self.spec.traceparent
+
+    @property
     def history(self) -> tuple[tuple[TaskStatus, float], ...]:
         """The statuses this task passed through, oldest first, with the instant it
         entered each: ``pending`` at creation (tasks run elsewhere; a spawned task
@@ -277,6 +286,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             self.error,
             dict(self.spec.metadata),
             [{"status": status.value, "at": at} for status, at in self.history],
+            self.spec.traceparent,
         )
         return dict(zip(JSON_KEYS, values, strict=True))
 
@@ -290,7 +300,12 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             metadata = data.get("metadata") or {}
             if not isinstance(metadata, Mapping):
                 raise TypeError("metadata")
-            spec = DEFAULT_SPEC if not metadata else TaskSpec(MappingProxyType(dict(metadata)))
+            traceparent = _opt_str(data.get("traceparent"))
+            spec = (
+                DEFAULT_SPEC
+                if not metadata and traceparent is None
+                else TaskSpec(MappingProxyType(dict(metadata)), traceparent=traceparent)
+            )
             return cls(
                 _str(data["task_id"]),
                 _str(data["task_type"]),

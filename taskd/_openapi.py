@@ -69,6 +69,10 @@ _RECORD_FIELDS: Final[_Doc] = {
             },
         },
     },
+    "traceparent": {
+        "type": ["string", "null"],
+        "description": "the W3C trace context of the task's span (docs/tracing.md)",
+    },
 }
 
 
@@ -232,6 +236,17 @@ _LAST_EVENT_ID: Final[_Doc] = {
 }
 
 
+_TRACEPARENT: Final[_Doc] = {
+    "name": "traceparent",
+    "in": "header",
+    "required": False,
+    "description": "The caller's W3C trace context: the task's span is its child, and "
+    "the record's traceparent continues the trace (docs/tracing.md). One that is not "
+    "W3C trace context is ignored, as the W3C rules say.",
+    "schema": {"type": "string"},
+}
+
+
 def _list_filters() -> list[_Doc]:
     return [
         {
@@ -364,6 +379,7 @@ def document(
             "post": {
                 "summary": "Register an external task (it starts pending)",
                 "operationId": "createTask",
+                "parameters": [_TRACEPARENT],
                 "requestBody": _body("CreateTask", required=True),
                 "responses": _responses(
                     {

@@ -296,6 +296,9 @@ class WebhookSender:
                 "webhook-timestamp": str(timestamp),
                 "webhook-signature": sign(cfg.secret, msg_id, timestamp, body),
             }
+            if rec.traceparent is not None:
+                # the receiver's work continues the task's trace (docs/tracing.md)
+                headers["traceparent"] = rec.traceparent
             status = await loop.run_in_executor(self._pool, _post, url, body, headers, cfg.timeout)
             if 200 <= status < 300:
                 self.delivered += 1

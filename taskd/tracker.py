@@ -38,6 +38,8 @@ from ._models import (
 )
 from ._redact import redact_error, redact_message
 from ._retention import Retention
+from ._tracing import check_traceparent
+from ._tracing import make as make_tracing
 from ._webhooks import Webhooks, WebhookSender, check_callback
 from .actor import messages as m
 from .actor.actor import Actor
@@ -145,6 +147,7 @@ class Tracker:
             engine = LocalEngine(retention=retention, store=store, clock=clock, cancel_grace=grace)
         self._engine = engine
         self._actor = Actor(mailbox=asyncio.Queue(), engine=engine, clock=clock, cancel_grace=grace)
+        self._actor.tracing = self._tracing = make_tracing()
         self._actor_task: asyncio.Task[None] | None = None
         self._closing: asyncio.Future[None] | None = None
         # The key page tokens are signed with (docs/scale-out.md): random per tracker in
@@ -268,9 +271,8 @@ class Tracker:
         its (JSON) return value, ``failed`` with its redacted exception, or
         ``cancelled``. ``timeout`` fails it with ``TimeoutError`` on overrun. Raises
         ``TaskConflict`` while an active task holds (owner, task_type, resource_id)
-        and ``TrackerFull`` when the cap is full of active tasks; the coroutine is
-        then closed without running.
-        """
+        and ``TrackerFull`` when the cap is full of active tasks (the coroutine is
+        then closed without running)."""
         try:
             if not inspect.iscoroutine(coro):
                 raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
@@ -282,25 +284,20 @@ class Tracker:
             callback_url = check_callback(self._webhooks, callback_url)
             seconds = check_seconds(timeout, "timeout")
             actor = self._actor
+            trace = (None, None) if self._tracing is None else self._tracing.start(task_type, None)
             if resource_id is None and self._state is TrackerState.OPEN and actor.admits():
                 # The fast path: no dedup to answer, nothing to commit, and room under
                 # the cap whatever the mailbox holds, so the caller builds the record
                 # (from the actor's one id sequence) and nothing needs to be awaited.
                 # The message is in the mailbox before this returns: any later command
                 # of this caller sees the task.
-                rec = actor.spawn_now(coro, task_type, metadata, owner, callback_url, seconds, done)
-                return TaskHandle(self, rec, done)
+                args = (coro, task_type, metadata, owner, callback_url, seconds, done, trace)
+                return TaskHandle(self, actor.spawn_now(*args), done)
+            ctx = contextvars.copy_context()
             msg = m.Spawn(
-                coro,
-                task_type,
-                resource_id,
-                metadata,
-                owner,
-                callback_url,
-                seconds,
-                contextvars.copy_context(),
-                done,
-            )
+                coro, task_type, resource_id, metadata, owner, callback_url, seconds, ctx, done,
+                None, trace[1], trace[0],
+            )  # fmt: skip
             rec = await self._call(msg)
         except BaseException:
             if inspect.iscoroutine(coro):
@@ -317,13 +314,13 @@ class Tracker:
         owner: str | None = None,
         callback_url: str | None = None,
         heartbeat_timeout: float | None = None,
+        traceparent: str | None = None,
     ) -> TaskRecord:
         """Register a task run elsewhere (an external worker); it starts ``pending``.
-
         With ``heartbeat_timeout``, a task with no report (start, progress) for that
-        many seconds fails with ``"heartbeat timeout"``.
-        """
-        msg = m.Create(
+        many seconds fails with ``"heartbeat timeout"``. ``traceparent``: the creator's
+        W3C trace context, if not the current span's (docs/tracing.md)."""
+        args = (
             check_task_type(task_type),
             check_resource_id(resource_id),
             check_metadata(metadata),
@@ -331,7 +328,10 @@ class Tracker:
             check_callback(self._webhooks, callback_url),
             check_seconds(heartbeat_timeout, "heartbeat_timeout"),
         )
-        return await self._call(msg)
+        span, tp = None, check_traceparent(traceparent)
+        if self._tracing is not None:
+            span, tp = self._tracing.start(args[0], tp)
+        return await self._call(m.Create(*args, tp, span))
 
     # --- changing -------------------------------------------------------------------
 

@@ -187,6 +187,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd._metrics",
         "taskd._openapi",
         "taskd._webhooks",
+        "taskd._tracing",
     ),
     (
         "taskd.engine.state",

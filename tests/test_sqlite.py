@@ -194,8 +194,30 @@ async def test_the_table_is_derived_from_the_field_list_and_unchanged(tmp_path: 
     with contextlib.closing(sqlite3.connect(db)) as conn:
         (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks'").fetchone()
         columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(tasks)"))
-    assert sql == SCHEMA_V1
+    # version 1's table, then the columns added since, as SQLite writes ADD COLUMN
+    assert sql == SCHEMA_V1.replace(") WITHOUT ROWID", ", traceparent TEXT) WITHOUT ROWID")
     assert columns == codec.COLUMNS
+
+
+async def test_a_version_1_file_gets_the_added_columns(tmp_path: Path) -> None:
+    """A file written before ``traceparent`` existed opens, keeps its records, and
+    stores the new field from then on."""
+    db = tmp_path / "old.db"
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute("CREATE TABLE taskd_schema (version INTEGER NOT NULL)")
+        conn.execute("INSERT INTO taskd_schema VALUES (1)")
+        conn.execute(SCHEMA_V1)
+        conn.execute(
+            "INSERT INTO tasks (task_id, task_type, status, created_at, updated_at, in_process)"
+            " VALUES ('0000000000001aaaaaaaaaaaaaaaaaaaaaaaa', 'old', 'pending', 1.0, 1.0, 0)"
+        )
+        conn.commit()
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as tracker:
+        old = await tracker.get("0000000000001aaaaaaaaaaaaaaaaaaaaaaaa")
+        assert old is not None and old.task_type == "old" and old.traceparent is None
+        new = await tracker.create("new")
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as tracker:
+        assert await tracker.get(new.task_id) is not None
 
 
 async def test_a_file_an_older_taskd_wrote_reads_back(tmp_path: Path) -> None:

@@ -35,6 +35,7 @@ from .stats import TrackerStats
 from .timers import Kind, Timers
 
 if TYPE_CHECKING:
+    from .._tracing import Tracing
     from .._webhooks import WebhookSender
 
 __all__ = ["Actor", "MailboxItem"]
@@ -71,6 +72,8 @@ class Actor:
         self.clock = clock
         self.cancel_grace = cancel_grace
         self.closed = False
+        #: The tasks' spans, with OpenTelemetry (``_tracing``; set by the tracker).
+        self.tracing: Tracing | None = None
         self.commands = 0
         #: This process's HTTP requests, counted by the web layer (``Tracker.http``).
         self.http = HttpCounters()
@@ -345,6 +348,8 @@ class Actor:
         """Book the runner of a spawned record; it starts once the batch is committed."""
         runner = Runner(self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout)
         self.runners[rec.task_id] = runner
+        if msg.span is not None and self.tracing is not None:
+            self.tracing.opened(msg.span, rec.task_id)
         self.launch.append(runner)
         if msg.timeout is not None:
             self.timers.push(self.now + msg.timeout, Kind.TIMEOUT, rec.task_id)
@@ -400,16 +405,20 @@ class Actor:
         callback_url: str | None,
         timeout: float | None,
         done: Outcome[Any],
+        trace: tuple[object, str | None] = (None, None),
     ) -> TaskRecord:
         """The spawn fast path (``admits`` said yes): the record is built here, from
         the engine's one id sequence, and the spawn posted; nothing to await. The
         message is in the mailbox before this returns: any later command of this
         caller sees the task."""
         task_id, at = self.engine.mint(self.clock())
-        spec = new_spec(metadata, owner, True, callback_url, None)
+        span, tp = trace
+        spec = new_spec(metadata, owner, True, callback_url, None, tp)
         rec = TaskRecord(task_id, task_type, TaskStatus.RUNNING, None, at, at, at, spec=spec)
         ctx = contextvars.copy_context()
-        msg = m.Spawn(coro, task_type, None, metadata, owner, callback_url, timeout, ctx, done, rec)
+        msg = m.Spawn(
+            coro, task_type, None, metadata, owner, callback_url, timeout, ctx, done, rec, tp, span
+        )
         self.mailbox.put_nowait((msg, None))
         return rec
 

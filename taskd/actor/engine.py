@@ -30,6 +30,7 @@ from .stats import TrackerStats
 from .timers import Kind, Timers
 
 if TYPE_CHECKING:
+    from .._tracing import Tracing
     from .._webhooks import WebhookSender
 
 __all__ = ["DEFERRED", "Deferred", "Engine", "Handler", "Host", "Reply", "Settle"]
@@ -67,6 +68,8 @@ class Host(Protocol):
     replies: list[tuple[asyncio.Future[Any], BaseException | None, object]]
     #: Runners to start, and handles to settle, once the batch is committed.
     launch: list[Runner]
+    #: The tasks' spans, with OpenTelemetry (``_tracing``).
+    tracing: Tracing | None
     settle: list[tuple[Runner, TaskRecord]]
 
     def post(self, msg: object) -> None:

@@ -44,6 +44,9 @@ class Create(Request[TaskRecord]):
     owner: str | None
     callback_url: str | None
     heartbeat_timeout: float | None
+    #: What the record keeps of the trace (``_tracing``), and the task's span.
+    traceparent: str | None = None
+    span: object = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +65,9 @@ class Spawn(Request[TaskRecord]):
     #: The record, when the caller built it (the fast path: nothing to answer; see
     #: ``Actor.admits``), else None and the actor builds it and replies.
     minted: TaskRecord | None = None
+    #: What the record keeps of the trace (``_tracing``), and the task's span.
+    traceparent: str | None = None
+    span: object = None
 
 
 @dataclass(frozen=True, slots=True)

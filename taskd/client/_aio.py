@@ -60,7 +60,7 @@ class TaskdClient(Base):
                 self._url(call),
                 params=call.params or None,
                 data=None if body is None else json.dumps(body),
-                headers={"Content-Type": "application/json"} if body is not None else None,
+                headers=_headers(call),
                 timeout=aiohttp.ClientTimeout(total=call.timeout or self._timeout),
             ) as resp:
                 raw = await resp.read()
@@ -205,3 +205,10 @@ class TaskdClient(Base):
                 if rec.is_terminal:
                     return rec
         raise AssertionError("follow() ends with the terminal record")  # pragma: no cover
+
+
+def _headers(call: Call[T]) -> dict[str, str] | None:
+    headers = dict(call.headers or {})
+    if call.body is not None:
+        headers["Content-Type"] = "application/json"
+    return headers or None

@@ -13,6 +13,7 @@ from typing import Final, Generic, TypeVar
 
 from .._errors import TaskdError, error_from_wire
 from .._models import JSON, TaskRecord
+from .._tracing import current_traceparent
 
 __all__ = [
     "DEFAULT_URL",
@@ -75,6 +76,7 @@ class Call(Generic[T]):
     body: Mapping[str, object] | None = None
     timeout: float | None = None
     server: bool = False
+    headers: Mapping[str, str] | None = None
 
 
 class Base:
@@ -175,7 +177,10 @@ def create(
     ):
         if value is not None:
             body[key] = value
-    return Call("POST", "/tasks", record, body=body)
+    # The span current here becomes the task span's parent (docs/tracing.md).
+    traceparent = current_traceparent()
+    headers = None if traceparent is None else {"traceparent": traceparent}
+    return Call("POST", "/tasks", record, body=body, headers=headers)
 
 
 def action(task_id: str, verb: str, body: Mapping[str, object] | None = None) -> Call[TaskRecord]:

@@ -60,6 +60,7 @@ class SyncTaskdClient(Base):
                 self._url(call),
                 params=list(call.params) or None,
                 json=call.body,
+                headers=call.headers,
                 timeout=call.timeout or self._timeout,
             )
         except httpx.TransportError as exc:

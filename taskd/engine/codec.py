@@ -29,6 +29,7 @@ from .._models import (
 )
 
 __all__ = [
+    "ADDED_COLUMNS",
     "COLUMNS",
     "CREATE_TABLE",
     "PAYLOAD",
@@ -43,10 +44,16 @@ __all__ = [
 
 #: The SQLite columns, in table order: every field with a column type.
 COLUMNS: Final = tuple(name for name, _, sql, _ in FIELDS if sql)
-#: The table, as it has always been written (the text SQLite keeps in the file).
+#: Columns added after schema version 1 (``ALTER TABLE … ADD COLUMN`` on every file
+#: that lacks them: additive, no version bump), with their type.
+ADDED_COLUMNS: Final = (("traceparent", "TEXT"),)
+#: The table, as it has always been written (the text SQLite keeps in the file):
+#: version 1's columns; ``ADDED_COLUMNS`` follow.
 CREATE_TABLE: Final = (
     "CREATE TABLE IF NOT EXISTS tasks ("
-    + ",".join(f" {name} {sql}" for name, _, sql, _ in FIELDS if sql)
+    + ",".join(
+        f" {name} {sql}" for name, _, sql, _ in FIELDS if sql and name not in dict(ADDED_COLUMNS)
+    )
     + ") WITHOUT ROWID"
 )
 #: The Redis hash fields, in the order the script writes them.
@@ -74,6 +81,7 @@ def new_spec(
     in_process: bool,
     callback_url: str | None,
     heartbeat_timeout: float | None,
+    traceparent: str | None = None,
 ) -> TaskSpec:
     """The one way a ``TaskSpec`` is made (new tasks, rows, hashes): the shared
     default when every field is the default, so most records hold one spec."""
@@ -83,9 +91,10 @@ def new_spec(
         and not in_process
         and callback_url is None
         and heartbeat_timeout is None
+        and traceparent is None
     ):
         return DEFAULT_SPEC
-    return TaskSpec(metadata, owner, in_process, callback_url, heartbeat_timeout)
+    return TaskSpec(metadata, owner, in_process, callback_url, heartbeat_timeout, traceparent)
 
 
 def result_text(data: JSON | RawJSON) -> str:
@@ -119,6 +128,7 @@ def to_row(rec: TaskRecord) -> tuple[object, ...]:
         1 if spec.in_process else 0,
         spec.callback_url,
         spec.heartbeat_timeout,
+        spec.traceparent,
     )
 
 
@@ -143,6 +153,7 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         in_process,
         callback_url,
         heartbeat_timeout,
+        traceparent,
     ) = row
     meta = json.loads(metadata) if metadata else None
     spec = new_spec(
@@ -151,6 +162,7 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         bool(in_process),
         callback_url,
         heartbeat_timeout,
+        traceparent,
     )
     return TaskRecord(
         task_id,

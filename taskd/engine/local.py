@@ -217,9 +217,13 @@ class LocalEngine(Engine):
             a.runners.pop(runner.task_id, None)
 
     def _on_terminal(self, rec: TaskRecord) -> None:
-        """A terminal record was committed: wake its waiters, send its webhook."""
+        """A terminal record was committed: wake its waiters, send its webhook, end
+        its span."""
         if rec.spec.callback_url is not None and self._on_webhook is not None:
             self._on_webhook(rec)
+        tracing = self.actor.tracing
+        if tracing is not None:
+            tracing.ended(rec)
         self.actor.wake_waiters(rec)
 
     def shut(self) -> None:
@@ -339,7 +343,9 @@ class LocalEngine(Engine):
     # --- handlers ---------------------------------------------------------------------
 
     def _on_create(self, msg: m.Create, fut: object) -> TaskRecord:
-        spec = new_spec(msg.metadata, msg.owner, False, msg.callback_url, msg.heartbeat_timeout)
+        spec = new_spec(
+            msg.metadata, msg.owner, False, msg.callback_url, msg.heartbeat_timeout, msg.traceparent
+        )
 
         def build(task_id: str, at: float) -> TaskRecord:
             return TaskRecord(
@@ -348,6 +354,8 @@ class LocalEngine(Engine):
 
         a = self.actor
         rec = self.state.insert(msg.task_type, msg.resource_id, msg.owner, a.now, build)
+        if msg.span is not None and a.tracing is not None:
+            a.tracing.opened(msg.span, rec.task_id)
         if msg.heartbeat_timeout is not None:
             self._last_beat[rec.task_id] = rec.created_at
             a.timers.push(rec.created_at + msg.heartbeat_timeout, Kind.HEARTBEAT, rec.task_id)
@@ -356,7 +364,7 @@ class LocalEngine(Engine):
     def _on_spawn(self, msg: m.Spawn, fut: object) -> TaskRecord:
         if msg.minted is not None:
             return self._spawn_minted(msg, msg.minted)
-        spec = new_spec(msg.metadata, msg.owner, True, msg.callback_url, None)
+        spec = new_spec(msg.metadata, msg.owner, True, msg.callback_url, None, msg.traceparent)
 
         def build(task_id: str, at: float) -> TaskRecord:
             # Running from the start: the runner is launched right after this batch

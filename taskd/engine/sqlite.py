@@ -28,7 +28,7 @@ from typing import Final, TypeVar, TypeVarTuple, Unpack
 
 from .._errors import StoreError
 from .._models import TaskRecord
-from .codec import COLUMNS, CREATE_TABLE, from_row, to_row
+from .codec import ADDED_COLUMNS, COLUMNS, CREATE_TABLE, from_row, to_row
 
 __all__ = ["SQLiteStore", "StoreError"]
 
@@ -137,6 +137,12 @@ class SQLiteStore:
                 conn.execute("INSERT INTO taskd_schema VALUES (?)", (SCHEMA_VERSION,))
             # The id sorts in creation order, so the primary key is also the load order.
             conn.execute(CREATE_TABLE)
+            # Columns added since version 1, additive (a file from before gets them on
+            # its first open, NULL in every row it holds).
+            have = {row[1] for row in conn.execute("PRAGMA table_info(tasks)")}
+            for column, sql in ADDED_COLUMNS:
+                if column not in have:
+                    conn.execute(f"ALTER TABLE tasks ADD COLUMN {column} {sql}")
             # Additive (no schema version bump): a file from before this table gets it
             # on its first open, and the key is made once and kept.
             conn.execute(

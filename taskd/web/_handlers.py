@@ -18,6 +18,7 @@ from .._models import (
     TaskStatus,
     check_limit,
 )
+from .._tracing import check_traceparent
 from ..actor.subscription import Subscription
 from ..handle import WouldBlock
 from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
@@ -166,6 +167,8 @@ class _Handlers:
             owner=owner,
             callback_url=callback_url,
             heartbeat_timeout=_field(data, "heartbeat_timeout", float),
+            # (the caller's W3C trace context; one that is not valid is ignored)
+            traceparent=check_traceparent(request.headers.get("traceparent")),
         )
         return _record_response(state, rec, 201, {"Location": state.task_url(rec.task_id)})
 

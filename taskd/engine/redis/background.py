@@ -274,8 +274,10 @@ def wanted(a: Host, entry: RawChange, tasks: bool) -> bool:
     if not tasks:
         return a.hub.follows_all
     task_id = entry[1]
-    return a.hub.follows(task_id) or (
-        entry[2] in _TERMINAL_TEXT and (task_id in a.waiters or task_id in a.runners)
+    return (
+        a.hub.follows(task_id)
+        or (entry[2] in _TERMINAL_TEXT and (task_id in a.waiters or task_id in a.runners))
+        or (a.tracing is not None and a.tracing.holds(task_id))
     )
 
 
@@ -297,6 +299,7 @@ def fan_out(
     hub = a.hub
     waiters = a.waiters
     runners = a.runners
+    tracing = a.tracing
     fresh: list[tuple[int, TaskRecord]] = []
     for entry in entries:
         seq, task_id, status, text, payload = entry
@@ -306,7 +309,10 @@ def fan_out(
         if not tasks or (
             task_id in runners
             or hub.follows(task_id)
-            or (task_id in waiters and status in _TERMINAL_TEXT)
+            or (
+                status in _TERMINAL_TEXT
+                and (task_id in waiters or (tracing is not None and tracing.holds(task_id)))
+            )
         ):
             current = records.get(task_id) if payload else None
             if current is None:
@@ -332,6 +338,8 @@ def fan_out(
     # whichever process made it.
     hub.publish(fresh, a.wake_waiters, everything=False)
     for _, rec in fresh:
+        if tracing is not None and rec.status in TERMINAL:
+            tracing.ended(rec)  # (a task this process created, ended elsewhere)
         runner = runners.get(rec.task_id)
         if runner is None:
             continue

@@ -43,7 +43,7 @@ from .background import BEAT, Background, Writable, announce
 from .cluster import Down
 from .follow import Following
 from .notes import OWN
-from .routing import Ended, Router, settled
+from .routing import Ended, Router, Traced, settled
 from .space import (
     SOCKET_TIMEOUT,
     WRITES,
@@ -149,6 +149,7 @@ class RedisEngine(Engine):
             m.Stats: self._remote_stats,
             Writable: self._on_writable,
             Ended: self._on_ended,
+            Traced: lambda msg, fut: self.router.reread(msg, self._note),
             **self.follow.handlers(),
         }
 
@@ -441,8 +442,10 @@ class RedisEngine(Engine):
 
     def _note(self, rec: TaskRecord) -> None:
         """Sweep no later than the deadline this change set (the sweep timer covers
-        deadlines other processes set)."""
+        deadlines other processes set); end the span of a task ended here."""
         if rec.status in TERMINAL:
+            if self.actor.tracing is not None:
+                self.actor.tracing.ended(rec)
             assert rec.finished_at is not None
             when = rec.finished_at + self._retention.ttl(rec.status)
         elif rec.status is TaskStatus.CANCELLING:
@@ -467,7 +470,10 @@ class RedisEngine(Engine):
         args = insert_args(
             msg, "" if hb is None else repr(float(hb)), self.shards.random_part(base)
         )
-        return self._send("create", args, self._record, fut, base=base)
+        done: Callable[[list[Any]], TaskRecord] = self._record
+        if msg.span is not None:
+            done = self.router.traced(msg.span, base, done, self.actor)
+        return self._send("create", args, done, fut, base=base)
 
     def _remote_spawn(self, msg: m.Spawn, fut: asyncio.Future[Any] | None) -> Deferred:
         base = self.shards.of_owner(msg.owner)
@@ -580,7 +586,7 @@ class RedisEngine(Engine):
     def _ended(self, runner: Runner, settle: Settle, reply: list[Any]) -> None:
         self.actor.runners.pop(runner.task_id, None)
         rec = settled(runner, settle, reply, self.space.decode)
-        if rec is not None and reply[0] == "rec":
+        if rec is not None:
             self._note(rec)
 
     def shut(self) -> None:

@@ -38,6 +38,11 @@ if TYPE_CHECKING:
 
 __all__ = ["Following"]
 
+
+def _never(task_id: str) -> bool:
+    return False
+
+
 #: Seconds a message may wait for its task's channel to be confirmed (the same as a
 #: command's socket timeout) before its caller gets 503.
 HOLD: Final = 2.0
@@ -204,7 +209,10 @@ class Following:
         noted = self._noted
         if noted and (a.now >= self._next_tidy or len(noted) > TIDY_AT):
             self._next_tidy = a.now + TIDY_EVERY
-            gone = [t for t in noted if not a.waiters.get(t) and not a.hub.follows(t)]
+            traced = a.tracing.holds if a.tracing is not None else _never
+            gone = [
+                t for t in noted if not a.waiters.get(t) and not a.hub.follows(t) and not traced(t)
+            ]
             for task_id in gone:
                 self.notes_of(noted.pop(task_id)).unfollow([task_id])
         for notes in self.notes.values():
@@ -242,7 +250,8 @@ class Following:
             self._on_noted(Noted(task_id, msg.base), None)
         a = self._a
         shards = self._space.shards
-        for task_id in {*a.waiters, *a.runners}:
+        traced = a.tracing.held() if a.tracing is not None else ()
+        for task_id in {*a.waiters, *a.runners, *traced}:
             base = self._noted.get(task_id) or shards.of_id(task_id)
             if base == msg.base:
                 self._send(

@@ -22,7 +22,16 @@ from .follow import Following, Send
 from .pages import Merge, Walk
 from .space import RedisSpace, ignore
 
-__all__ = ["Ended", "Router", "settled"]
+__all__ = ["Ended", "Router", "Traced", "settled"]
+
+
+@dataclass(frozen=True, slots=True)
+class Traced:
+    """The notes of a task whose span this process holds are followed: read it again
+    (it may have ended before the follow)."""
+
+    task_id: str
+    base: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +162,36 @@ class Router:
             base = self._shards.of_owner(None if sub.owner is ANY_OWNER else sub.owner)
             return follow.subscribe(msg, fut, boot_seq, [base])
         return self.shards(lambda bases: follow.subscribe(msg, fut, boot_seq, bases), fut)
+
+    def traced(
+        self,
+        span: object,
+        base: str,
+        record: Callable[[list[Any]], TaskRecord],
+        actor: Host,
+    ) -> Callable[[list[Any]], TaskRecord]:
+        """What answers a create with a span: the record, and then the span held and
+        the task's notes followed until it ends (another process may end it); once
+        Redis confirms the follow, ``Traced`` reads it again (``reread``)."""
+
+        def done(reply: list[Any]) -> TaskRecord:
+            rec = record(reply)
+            if actor.tracing is not None:
+                actor.tracing.opened(span, rec.task_id)
+                self._follow.ready(rec.task_id, Traced(rec.task_id, base), None, base)
+            return rec
+
+        return done
+
+    def reread(self, msg: Traced, note: Callable[[TaskRecord], None]) -> None:
+        """``Traced``: read the task; ``note`` a terminal record (its span ends)."""
+
+        def done(text: str | None) -> None:
+            rec = self._space.seen(text, ANY_OWNER)
+            if rec is not None and rec.is_terminal:
+                note(rec)
+
+        self._send("GET", (self._space.key(keys.RECORD + msg.task_id, msg.base),), done, None)
 
     def stats(self, actor: Host, bases: list[str], fut: asyncio.Future[Any] | None) -> Deferred:
         """``Stats`` over ``bases``: each shard's counts (one ``MULTI … EXEC`` each),

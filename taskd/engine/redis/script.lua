@@ -215,7 +215,7 @@ local function oldest_terminal()
 end
 
 -- create / spawn: a = {scope-or-owner, type, resource, metadata, callback, heartbeat,
--- random, process (spawn only)}
+-- random, traceparent, process (spawn only)}
 local function insert(a, spawn)
   local owner = a[1]
   local ow = nil
@@ -251,10 +251,11 @@ local function insert(a, spawn)
   if a[4] ~= '' then r.md = a[4] end
   if a[5] ~= '' then r.cb = a[5] end
   if a[6] ~= '' then r.hb = a[6] end
+  if a[8] ~= '' then r.tp = a[8] end
   if spawn then
-    r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[8]
-    redis.call('SADD', k(K.RUNS .. a[8]), id)
-    redis.call('SADD', k(K.PROCS), a[8])
+    r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[9]
+    redis.call('SADD', k(K.RUNS .. a[9]), id)
+    redis.call('SADD', k(K.PROCS), a[9])
     tally_started(r)
   end
   index(r, 'ZADD')

@@ -524,7 +524,7 @@ class ChangeReader:
 
 def insert_args(new: NewTask, heartbeat: str, random: str) -> tuple[str, ...]:
     """The script's arguments for a new record (owner, type, resource, metadata,
-    callback, heartbeat, the id's random part: ``Shards.random_part``)."""
+    callback, heartbeat, the id's random part: ``Shards.random_part``, traceparent)."""
     return (
         "-" if new.owner is None else "s" + new.owner,
         new.task_type,
@@ -533,6 +533,7 @@ def insert_args(new: NewTask, heartbeat: str, random: str) -> tuple[str, ...]:
         opt(new.callback_url),
         heartbeat,
         random,
+        opt(new.traceparent),
     )
 
 
@@ -549,6 +550,8 @@ class NewTask(Protocol):
     def metadata(self) -> Mapping[str, JSON]: ...
     @property
     def callback_url(self) -> str | None: ...
+    @property
+    def traceparent(self) -> str | None: ...
 
 
 def _metadata(metadata: Mapping[str, JSON]) -> str:
