@@ -1,8 +1,8 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterator
-from typing import TypedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypedDict
 
 import pytest
 
@@ -63,14 +63,52 @@ def engine(request: pytest.FixtureRequest) -> Engine:
     """Options that pick the engine (``Tracker`` and ``create_app`` take them): in
     memory, a shared task space on a real Redis under a fresh prefix, or the same on
     a real 3-master Redis Cluster (sharded by owner)."""
-    if request.param == "memory":
+    return _engine(request, request.param)
+
+
+def _engine(request: pytest.FixtureRequest, kind: str) -> Engine:
+    if kind == "memory":
         return {}
     prefix = f"test-{uuid.uuid4().hex[:12]}:"
-    if request.param == "cluster":
+    if kind == "cluster":
         cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
         return {"redis_cluster": cluster.url, "redis_prefix": prefix}
     server: RedisServer = request.getfixturevalue("redis_server")
     return {"redis": server.url, "redis_prefix": prefix}
+
+
+#: How the HTTP and push suites are served: aiohttp on each engine, and the ASGI
+#: application (``taskd.asgi``) under a real uvicorn (docs/asgi.md).
+STACKS = ("memory", "redis", "cluster", "asgi", "asgi-redis")
+
+
+@pytest.fixture(params=STACKS)
+async def serve(
+    request: pytest.FixtureRequest, aiohttp_client: Any
+) -> AsyncIterator[Callable[..., Awaitable[Any]]]:
+    """Serve ``create_app``'s options (the stack's engine added) and return a client
+    of it: aiohttp's ``TestClient``, or an ``AsgiClient`` of ``taskd.asgi.app`` under
+    uvicorn, with the same methods."""
+    import taskd.asgi
+    import taskd.web
+
+    from .asgi_server import AsgiClient
+
+    kind: str = request.param
+    engine = _engine(request, {"asgi": "memory", "asgi-redis": "redis"}.get(kind, kind))
+    started: list[AsgiClient] = []
+
+    async def make(**options: Any) -> Any:
+        opts = {**engine, **options}
+        if not kind.startswith("asgi"):
+            return await aiohttp_client(taskd.web.create_app(**opts))
+        client = await AsgiClient(taskd.asgi.app(**opts)).start()
+        started.append(client)
+        return client
+
+    yield make
+    for client in started:
+        await client.close()
 
 
 @pytest.fixture(params=sorted(CLIENTS))

@@ -1,11 +1,12 @@
-"""examples/session_commit.py: the reference's nine integration scenarios, on taskd."""
+"""examples/session_commit.py (aiohttp) and examples/fastapi_app.py (FastAPI, served
+by uvicorn): the reference's nine integration scenarios, on taskd, on both."""
 
 from __future__ import annotations
 
 import asyncio
 import importlib.util
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +14,22 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
-_spec = importlib.util.spec_from_file_location(
-    "session_commit", Path(__file__).parent.parent / "examples" / "session_commit.py"
-)
-assert _spec is not None and _spec.loader is not None
-session_commit = importlib.util.module_from_spec(_spec)
-sys.modules["session_commit"] = session_commit
-_spec.loader.exec_module(session_commit)
+from .asgi_server import AsgiClient
+
+
+def _load(name: str) -> Any:
+    spec = importlib.util.spec_from_file_location(
+        name, Path(__file__).parent.parent / "examples" / f"{name}.py"
+    )
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+session_commit = _load("session_commit")
+fastapi_app = _load("fastapi_app")
 
 Client = TestClient[web.Request, web.Application]
 API = "/api/v1"
@@ -46,11 +56,20 @@ def commit() -> ControlledCommit:
     return ControlledCommit()
 
 
-@pytest.fixture
+@pytest.fixture(params=["aiohttp", "fastapi"])
 async def client(
-    aiohttp_client: Callable[..., Awaitable[Client]], commit: ControlledCommit
-) -> Client:
-    return await aiohttp_client(session_commit.create_app(commit=commit))
+    request: pytest.FixtureRequest,
+    aiohttp_client: Callable[..., Awaitable[Client]],
+    commit: ControlledCommit,
+) -> AsyncIterator[Any]:
+    if request.param == "aiohttp":
+        yield await aiohttp_client(session_commit.create_app(commit=commit))
+        return
+    served = await AsgiClient(fastapi_app.create_app(commit=commit)).start()
+    try:
+        yield served
+    finally:
+        await served.close()
 
 
 async def start_background(client: Client, sid: str) -> dict[str, Any]:
@@ -196,3 +215,55 @@ async def test_default_commit_runs(aiohttp_client: Callable[..., Awaitable[Clien
     resp = await client.post(f"{API}/sessions/abc/commit")
     body = await resp.json()
     assert resp.status == 200 and body["result"]["status"] == "committed"
+
+
+def test_the_fastapi_example_runs_under_uvicorn(tmp_path: Path) -> None:
+    """``uvicorn examples.fastapi_app:app``, as its docstring says: a real process, a
+    commit in the background, its task polled through the mounted task API."""
+    import json
+    import subprocess
+    import urllib.request
+
+    from .service import free_port, wait_for
+
+    port = free_port()
+    root = Path(__file__).parent.parent
+    log = (tmp_path / "uvicorn.log").open("wb")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "examples.fastapi_app:app", "--port", str(port)],
+        cwd=root,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    def call(method: str, path: str) -> tuple[int, dict[str, Any]]:
+        req = urllib.request.Request(base + path, method=method)
+        try:
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                return resp.status, json.loads(resp.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read())
+
+    def up() -> bool:
+        try:
+            return call("GET", "/health")[0] == 200
+        except OSError:
+            return False
+
+    try:
+        wait_for(up, 20)
+        status, body = call("POST", f"{API}/sessions/s9/commit?wait=false")
+        assert status == 202, body
+        tid = body["result"]["task_id"]
+        status, body = call("GET", f"{API}/tasks/{tid}?wait=10")
+        assert status == 200 and body["result"]["status"] == "completed", body
+        assert body["result"]["result"]["memories_extracted"] >= 1
+    finally:
+        proc.terminate()
+        proc.wait(20)
+        log.close()
+    # (uvicorn re-raises SIGTERM once it has shut down cleanly: -15)
+    text = (tmp_path / "uvicorn.log").read_text()
+    assert proc.returncode in (0, -15) and "Application shutdown complete" in text, text
+    assert "Traceback" not in text and "ERROR" not in text, text

@@ -32,10 +32,9 @@ SECRET = "whsec_" + base64.b64encode(b"0123456789abcdef0123456789abcdef").decode
 
 
 @pytest.fixture
-async def app_client(aiohttp_client: Callable[..., Awaitable[Client]], engine: Engine) -> Client:
-    return await aiohttp_client(
-        taskd.web.create_app(sse_ping_interval=0.2, close_timeout=0.2, **engine)
-    )
+async def app_client(serve: Callable[..., Awaitable[Client]]) -> Client:
+    """The standalone application on each engine, and ``taskd.asgi`` under uvicorn."""
+    return await serve(sse_ping_interval=0.2, close_timeout=0.2)
 
 
 def base_url(client: Client) -> str:

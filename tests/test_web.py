@@ -18,16 +18,15 @@ import taskd
 import taskd.web
 from taskd.testing import eventually
 
-from .conftest import Engine
-
 Client = TestClient[web.Request, web.Application]
 MakeClient = Callable[..., Awaitable[Client]]
 API = "/api/v1"
 
 
 @pytest.fixture
-async def client(aiohttp_client: MakeClient, engine: Engine) -> Client:
-    return await aiohttp_client(taskd.web.create_app(close_timeout=0.2, **engine))
+async def client(serve: MakeClient) -> Client:
+    """The standalone application on each engine, and ``taskd.asgi`` under uvicorn."""
+    return await serve(close_timeout=0.2)
 
 
 async def ok(resp: Any, status: int = 200) -> Any:
@@ -331,8 +330,8 @@ def bearer_auth(request: web.Request) -> str:
 
 
 @pytest.fixture
-async def auth_client(aiohttp_client: MakeClient, engine: Engine) -> Client:
-    return await aiohttp_client(taskd.web.create_app(auth=bearer_auth, **engine))
+async def auth_client(serve: MakeClient) -> Client:
+    return await serve(auth=bearer_auth)
 
 
 def as_(token: str | None) -> dict[str, str]:

@@ -12,7 +12,7 @@ import logging
 import os
 import sys
 from collections.abc import AsyncIterator, Coroutine, Mapping
-from typing import Any, TypedDict, TypeVar, Unpack
+from typing import Any, Final, TypedDict, TypeVar, Unpack
 
 from aiohttp import web
 
@@ -36,9 +36,16 @@ from ._context import (
     _State,
     _state_of,
 )
-from ._errors import Handler, method_not_allowed
+from ._errors import method_not_allowed
 from ._guard import BrowserGuard, Screen
-from ._handlers import _dashboard_handler, _Handlers, _ok, health_handler, metrics_handler
+from ._handlers import (
+    _dashboard_handler,
+    _Handlers,
+    _ok,
+    health_handler,
+    metrics_handler,
+    routes,
+)
 from ._middleware import enveloped, make_middleware
 
 log = logging.getLogger("taskd.web")
@@ -121,45 +128,12 @@ def _setup(
     metrics: bool,
     screen: Screen | None = None,
 ) -> Tracker:
-    retention = options.get("retention")
-    store = options.get("store")
-    close_timeout = options.get("close_timeout", 5.0)
-    cancel_grace = options.get("cancel_grace", 60.0)
-    prefix = options.get("prefix", "/api/v1")
-    auth = options.get("auth")
-    max_wait = options.get("max_wait", MAX_WAIT)
-    webhooks = options.get("webhooks")
-    sse_ping_interval = options.get("sse_ping_interval", 15.0)
     if not isinstance(app, web.Application):
         raise TypeError(f"setup() needs an aiohttp web.Application, not {type(app).__name__}")
     if _STATE in app:
         raise RuntimeError("taskd.web.setup() was already called on this application")
-    if auth is not None and not callable(auth):
-        raise TypeError("auth must be callable")
-    wait_cap = check_seconds(max_wait, "max_wait")
-    ping = check_seconds(sse_ping_interval, "sse_ping_interval")
-    if wait_cap is None or ping is None:
-        raise TypeError("max_wait and sse_ping_interval must be numbers of seconds")
-    if wait_cap > MAX_WAIT:
-        raise ValueError(f"max_wait must be <= {MAX_WAIT:g}")
-    tracker = Tracker(
-        retention=retention,
-        store=store,
-        close_timeout=close_timeout,
-        cancel_grace=cancel_grace,
-        webhooks=webhooks,
-        redis=options.get("redis"),
-        redis_prefix=options.get("redis_prefix", "taskd:"),
-        redis_cluster=options.get("redis_cluster"),
-    )
-    state = _State(
-        tracker,
-        _check_prefix(prefix),
-        auth,
-        wait_cap,
-        ping,
-        tracker.http if metrics else None,
-    )
+    state = make_state(options, metrics=metrics)
+    tracker = state.tracker
     state.app = app
     app[_STATE] = state
 
@@ -171,6 +145,67 @@ def _setup(
         async with tracker:
             yield
 
+    app.cleanup_ctx.append(lifecycle)
+    return _wire(app, state, dashboard, metrics=metrics, screen=screen)
+
+
+#: The options that make a tracker (not taken with ``tracker=``: it is made already).
+_TRACKER_OPTIONS: Final = frozenset(
+    {"retention", "store", "close_timeout", "cancel_grace", "webhooks", "redis", "redis_prefix"}
+    | {"redis_cluster"}
+)
+
+
+def make_state(options: Options, *, metrics: bool, tracker: Tracker | None = None) -> _State:
+    """The application's state from the options, with a tracker made from them (or
+    the one given, when none of the tracker's own options are)."""
+    retention = options.get("retention")
+    store = options.get("store")
+    close_timeout = options.get("close_timeout", 5.0)
+    cancel_grace = options.get("cancel_grace", 60.0)
+    prefix = options.get("prefix", "/api/v1")
+    auth = options.get("auth")
+    max_wait = options.get("max_wait", MAX_WAIT)
+    webhooks = options.get("webhooks")
+    sse_ping_interval = options.get("sse_ping_interval", 15.0)
+    if auth is not None and not callable(auth):
+        raise TypeError("auth must be callable")
+    wait_cap = check_seconds(max_wait, "max_wait")
+    ping = check_seconds(sse_ping_interval, "sse_ping_interval")
+    if wait_cap is None or ping is None:
+        raise TypeError("max_wait and sse_ping_interval must be numbers of seconds")
+    if wait_cap > MAX_WAIT:
+        raise ValueError(f"max_wait must be <= {MAX_WAIT:g}")
+    if tracker is None:
+        tracker = Tracker(
+            retention=retention,
+            store=store,
+            close_timeout=close_timeout,
+            cancel_grace=cancel_grace,
+            webhooks=webhooks,
+            redis=options.get("redis"),
+            redis_prefix=options.get("redis_prefix", "taskd:"),
+            redis_cluster=options.get("redis_cluster"),
+        )
+    elif not isinstance(tracker, Tracker):
+        raise TypeError(f"tracker must be a taskd.Tracker, not {type(tracker).__name__}")
+    elif given := sorted(_TRACKER_OPTIONS & set(options)):
+        raise TypeError(f"{', '.join(given)}: options of a tracker made here; one was given")
+    return _State(
+        tracker, _check_prefix(prefix), auth, wait_cap, ping, tracker.http if metrics else None
+    )
+
+
+def _wire(
+    app: web.Application,
+    state: _State,
+    dashboard: bool | str,
+    *,
+    metrics: bool,
+    screen: Screen | None,
+) -> Tracker:
+    tracker = state.tracker
+
     async def end_streams(app: web.Application) -> None:
         # Runs before the server waits for open requests: event streams and long-polls
         # would otherwise hold shutdown until their clients hang up or time out.
@@ -178,26 +213,11 @@ def _setup(
             sub.end()
         await tracker.release_polls()
 
-    app.cleanup_ctx.append(lifecycle)
     app.on_shutdown.append(end_streams)
     app.middlewares.append(make_middleware(state, standalone=metrics, screen=screen))
     r = app.router
     p = state.prefix
-    h = _Handlers(state)
-    table: list[tuple[str, dict[str, Handler]]] = [
-        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task}),
-        (p + "/tasks/{task_id}", {"GET": h.get_task, "DELETE": h.delete_task}),
-        (p + "/tasks/{task_id}/start", {"POST": h.start_task}),
-        (p + "/tasks/{task_id}/progress", {"POST": h.progress_task}),
-        (p + "/tasks/{task_id}/complete", {"POST": h.complete_task}),
-        (p + "/tasks/{task_id}/fail", {"POST": h.fail_task}),
-        (p + "/tasks/{task_id}/cancel", {"POST": h.cancel_task}),
-        (p + "/tasks/{task_id}/events", {"GET": h.task_events}),
-        (p + "/events", {"GET": h.events}),
-        (p + "/stats", {"GET": h.stats}),
-        (p + "/openapi.json", {"GET": h.openapi_doc}),
-    ]
-    for path, methods in table:
+    for path, methods in routes(_Handlers(state), p):
         name = _ROUTE_LIST if path == p + "/tasks" else None
         resource = r.add_resource(path, name=name)
         for method, handler in methods.items():

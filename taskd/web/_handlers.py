@@ -22,7 +22,7 @@ from .._tracing import check_traceparent
 from ..actor.subscription import Subscription
 from ..handle import WouldBlock
 from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
-from ._errors import _invalid, error_response
+from ._errors import Handler, _invalid, error_response
 from ._params import (
     _body,
     _decode_token,
@@ -33,7 +33,7 @@ from ._params import (
     _number_query,
     _one_query,
 )
-from ._sse import _last_event_id, _stream
+from ._sse import _last_event_id, _streamer
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")
@@ -240,7 +240,7 @@ class _Handlers:
         try:
             if rec.is_terminal and sub.resumed and not sub.queued:
                 return web.Response(status=204)  # nothing missed: stop reconnecting
-            return await _stream(state, request, sub, None if sub.resumed else rec)
+            return await _streamer(request)(state, request, sub, None if sub.resumed else rec)
         finally:
             state.tracker.unsubscribe(sub)
 
@@ -259,7 +259,7 @@ class _Handlers:
         )
         await state.tracker.subscribe(sub)
         try:
-            return await _stream(state, request, sub, None)
+            return await _streamer(request)(state, request, sub, None)
         finally:
             state.tracker.unsubscribe(sub)
 
@@ -286,6 +286,24 @@ class _Handlers:
             max_body=state.max_body,
         )
         return web.Response(body=_json_body(doc), content_type=_JSON)
+
+
+def routes(h: _Handlers, p: str) -> list[tuple[str, dict[str, Handler]]]:
+    """The API's routes under ``p``: (path, handler by method), one table for every
+    framework that serves them (aiohttp here, ``taskd.asgi``)."""
+    return [
+        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task}),
+        (p + "/tasks/{task_id}", {"GET": h.get_task, "DELETE": h.delete_task}),
+        (p + "/tasks/{task_id}/start", {"POST": h.start_task}),
+        (p + "/tasks/{task_id}/progress", {"POST": h.progress_task}),
+        (p + "/tasks/{task_id}/complete", {"POST": h.complete_task}),
+        (p + "/tasks/{task_id}/fail", {"POST": h.fail_task}),
+        (p + "/tasks/{task_id}/cancel", {"POST": h.cancel_task}),
+        (p + "/tasks/{task_id}/events", {"GET": h.task_events}),
+        (p + "/events", {"GET": h.events}),
+        (p + "/stats", {"GET": h.stats}),
+        (p + "/openapi.json", {"GET": h.openapi_doc}),
+    ]
 
 
 _DASHBOARD_CSP: Final = (

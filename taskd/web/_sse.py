@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
@@ -25,6 +26,19 @@ def _last_event_id(request: web.Request) -> int | None:
     # is no resumption point, and the client gets the current state.
     text = request.headers.get("Last-Event-ID", "").strip()
     return int(text) if text.isdigit() and len(text) < 19 else None
+
+
+#: Writes a subscription as an event stream (``_stream`` for aiohttp; the ASGI adapter
+#: gives its requests their own, as ``sse``).
+Streamer = Callable[
+    [_State, web.Request, Subscription, TaskRecord | None], Awaitable[web.StreamResponse]
+]
+
+
+def _streamer(request: web.Request) -> Streamer:
+    """How to stream to this request: aiohttp's, or the one its adapter brings."""
+    own: Streamer | None = getattr(request, "sse", None)
+    return _stream if own is None else own
 
 
 async def _stream(
