@@ -159,6 +159,16 @@ def _schemas() -> _Doc:
             "properties": {"error": {"type": "string"}},
         },
         "Empty": {"type": "object", "additionalProperties": False, "maxProperties": 0},
+        "Cancel": {
+            "type": "object",
+            "additionalProperties": False,
+            "properties": {
+                "confirm": {
+                    "type": "boolean",
+                    "description": "the worker of an external task acknowledges: cancelled",
+                }
+            },
+        },
         "StatsEnvelope": {
             "type": "object",
             "additionalProperties": False,
@@ -315,7 +325,9 @@ def document(
         "schema": {"type": "string"},
     }
 
-    def mutation(summary: str, op_id: str, body: _Doc, ok: str, status: str = "200") -> _Doc:
+    def mutation(
+        summary: str, op_id: str, body: _Doc, ok: str, status: str = "200", **more: _Doc
+    ) -> _Doc:
         return {
             "post": {
                 "summary": summary,
@@ -325,6 +337,7 @@ def document(
                 "responses": _responses(
                     {
                         status: _record(ok),
+                        **more,
                         "400": bad,
                         "404": missing,
                         "409": precondition,
@@ -478,11 +491,14 @@ def document(
             "Failed",
         ),
         f"{prefix}/tasks/{{task_id}}/cancel": mutation(
-            "Cancel a task: cancelling (running) or cancelled",
+            "Cancel a task: cancelling (running) or cancelled; idempotent on a task "
+            "cancelling or cancelled already (200, the record unchanged); "
+            '`{"confirm": true}`: the worker acknowledges (cancelled)',
             "cancelTask",
-            _body("Empty", required=False),
-            "Cancellation accepted",
+            _body("Cancel", required=False),
+            "Cancellation accepted: the record changed",
             "202",
+            **{"200": _record("Cancelling or cancelled already: the record as it is")},
         ),
         f"{prefix}/tasks/{{task_id}}/events": {
             "get": {

@@ -43,14 +43,13 @@ from ._tracing import make as make_tracing
 from ._webhooks import Webhooks, WebhookSender, check_callback
 from .actor import messages as m
 from .actor.actor import Actor
-from .actor.engine import Deferred, Engine
+from .actor.engine import Deferred
 from .actor.outcome import Outcome
 from .actor.runner import ContextExecutor
 from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
-from .engine.local import LocalEngine
-from .engine.redis.engine import RedisEngine
-from .engine.store import MemoryStore, Store
+from .engine.choice import make_engine
+from .engine.store import Store
 from .handle import TaskHandle, TaskPage, TrackerState, WouldBlock
 
 __all__ = ["Tracker"]
@@ -106,14 +105,6 @@ class Tracker:
             retention = Retention()
         elif not isinstance(retention, Retention):
             raise TypeError(f"retention must be a taskd.Retention, not {type(retention).__name__}")
-        explicit_store = store is not None
-        if redis_cluster is not None and redis is not None:
-            raise ValueError("redis and redis_cluster are exclusive: give one URL")
-        shared = redis_cluster or redis
-        if store is None:
-            store = None if shared is not None else MemoryStore()
-        elif not isinstance(store, Store):
-            raise TypeError(f"store must implement taskd.Store, not {type(store).__name__}")
         close_after = check_seconds(close_timeout, "close_timeout", allow_zero=True)
         if close_after is None:
             raise TypeError("close_timeout must be a number of seconds")
@@ -127,24 +118,11 @@ class Tracker:
         self._webhooks = webhooks
         self._clock = clock
         self._sender: WebhookSender | None = None
+        engine, store = make_engine(
+            retention, store, grace, clock, redis, redis_cluster, redis_prefix
+        )
         self._options = _Options(retention, store, close_after)
         self._state = TrackerState.NEW
-        engine: Engine
-        if shared is not None:
-            from .engine.redis.space import check_prefix, check_redis_url
-
-            if explicit_store:
-                raise ValueError("store and redis are exclusive: Redis holds the records")
-            engine = RedisEngine(
-                retention=retention,
-                cancel_grace=grace,
-                url=check_redis_url(shared),
-                prefix=check_prefix(redis_prefix),
-                cluster=redis_cluster is not None,
-            )
-        else:
-            assert store is not None
-            engine = LocalEngine(retention=retention, store=store, clock=clock, cancel_grace=grace)
         self._engine = engine
         self._actor = Actor(mailbox=asyncio.Queue(), engine=engine, clock=clock, cancel_grace=grace)
         self._actor.tracing = self._tracing = make_tracing()
@@ -376,15 +354,33 @@ class Tracker:
         )
 
     async def cancel(
-        self, task_id: str, *, reason: str = "cancelled", owner: OwnerScope = ANY_OWNER
+        self,
+        task_id: str,
+        *,
+        reason: str = "cancelled",
+        owner: OwnerScope = ANY_OWNER,
+        confirm: bool = False,
     ) -> TaskRecord:
         """Cancel a task: ``pending`` becomes ``cancelled``; a running spawned task is
         cancelled (``cancelling`` until it unwinds); a running external task becomes
-        ``cancelling`` until its worker confirms with another ``cancel`` or finishes.
-        Raises ``InvalidTransition`` on a terminal task."""
-        return await self._call(
-            m.Cancel(check_task_id(task_id), redact_error(reason), check_owner(owner))
-        )
+        ``cancelling`` until its worker confirms (``confirm=True``: ``cancelled``) or
+        finishes. Idempotent on ``cancelling`` and ``cancelled`` (the record as it is);
+        ``InvalidTransition`` on ``completed`` or ``failed``."""
+        return (await self.cancel_changed(task_id, reason=reason, owner=owner, confirm=confirm))[0]
+
+    async def cancel_changed(
+        self,
+        task_id: str,
+        *,
+        reason: str = "cancelled",
+        owner: OwnerScope = ANY_OWNER,
+        confirm: bool = False,
+    ) -> tuple[TaskRecord, bool]:
+        """``cancel``, and whether it changed the record (HTTP answers 202 or 200)."""
+        if not isinstance(confirm, bool):
+            raise TypeError("confirm must be a bool")
+        msg = m.Cancel(check_task_id(task_id), redact_error(reason), check_owner(owner), confirm)
+        return await self._call(msg)
 
     async def delete(self, task_id: str, *, owner: OwnerScope = ANY_OWNER) -> None:
         """Remove a terminal task; an active one raises ``InvalidTransition``."""

@@ -386,17 +386,21 @@ async def test_client_raises_what_the_server_raised(
             assert str(conflict.value) == (
                 f"an active 'commit' task for resource 's1' already exists: {rec.task_id}"
             )
-            await client.cancel(rec.task_id)
+            cancelled = await client.cancel(rec.task_id)
+            assert await client.cancel(rec.task_id) == cancelled  # idempotent
+            done = await client.create("commit")
+            await client.start(done.task_id)
+            await client.complete(done.task_id, 1)
             with pytest.raises(taskd.InvalidTransition) as again:
-                await client.cancel(rec.task_id)
-            assert str(again.value) == f"cannot cancel task '{rec.task_id}': it is cancelled"
+                await client.cancel(done.task_id)
+            assert str(again.value) == f"cannot cancel task '{done.task_id}': it is completed"
             with pytest.raises(ApiError) as bad:
                 await client.list(limit=0)
             assert isinstance(bad.value, taskd.TaskdError) and bad.value.code == "INVALID_ARGUMENT"
-        out = await asyncio.to_thread(cli, "cancel", rec.task_id, "--url", s.url)
+        out = await asyncio.to_thread(cli, "cancel", done.task_id, "--url", s.url)
     assert out.returncode == 3
     assert out.stderr.strip() == (
-        f"taskd: cannot cancel task '{rec.task_id}': it is cancelled [FAILED_PRECONDITION]"
+        f"taskd: cannot cancel task '{done.task_id}': it is completed [FAILED_PRECONDITION]"
     )
 
 

@@ -216,6 +216,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.follow",
         "taskd.engine.redis.tally",
         "taskd.engine.redis.routing",
+        "taskd.engine.choice",
     ),
     ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
 )

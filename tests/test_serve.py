@@ -202,7 +202,7 @@ def test_cli_wait_exit_status(service: Service, end: str, code: int) -> None:
     )
     http("POST", service.url + API + f"/tasks/{tid}/{end}", body)
     if end == "cancel":  # running external task: cancelling, then the worker confirms
-        http("POST", service.url + API + f"/tasks/{tid}/cancel")
+        http("POST", service.url + API + f"/tasks/{tid}/cancel", {"confirm": True})
     stdout, stderr = proc.communicate(timeout=30)
     assert proc.returncode == code, stdout + stderr
     assert "Traceback" not in stderr

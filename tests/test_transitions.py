@@ -59,22 +59,28 @@ async def _move(t: taskd.Tracker, tid: str, target: S) -> taskd.TaskRecord:
         return await t.complete(tid, {"done": True})
     if target is S.FAILED:
         return await t.fail(tid, "it broke")
-    if target in (S.CANCELLING, S.CANCELLED):
+    if target is S.CANCELLING:
         return await t.cancel(tid)
+    if target is S.CANCELLED:
+        return await t.cancel(tid, confirm=True)  # (the worker's acknowledgement)
     raise AssertionError(target)
 
 
-# cancel() picks cancelling or cancelled by itself, so through the public API it can
-# express only these moves (or a refusal on a terminal task); the table test covers
-# the rest of the table.
-VIA_CANCEL = {S.RUNNING: S.CANCELLING, S.PENDING: S.CANCELLED, S.CANCELLING: S.CANCELLED}
+# cancel() picks cancelling or cancelled by itself (confirm=True: cancelled), so
+# through the public API it can express only these moves (or a refusal on a terminal
+# task); the table test covers the rest of the table.
+VIA_CANCEL = {
+    S.RUNNING: {S.CANCELLING, S.CANCELLED},
+    S.PENDING: {S.CANCELLED},
+    S.CANCELLING: {S.CANCELLED},
+}
 PAIRS = [
     (a, b)
     for a in ALL
     for b in ALL
     if b is not S.PENDING
     and a is not b
-    and (b not in (S.CANCELLING, S.CANCELLED) or a.is_terminal or VIA_CANCEL.get(a) is b)
+    and (b not in (S.CANCELLING, S.CANCELLED) or a.is_terminal or b in VIA_CANCEL.get(a, ()))
 ]
 
 
@@ -89,6 +95,9 @@ async def test_transition(tracker: taskd.Tracker, source: S, target: S) -> None:
         assert after.updated_at >= before.updated_at
         if target.is_terminal:
             assert after.finished_at is not None
+    elif source is S.CANCELLED and target in (S.CANCELLING, S.CANCELLED):
+        # cancel is idempotent on a cancelled task: the record as it is, no error
+        assert await _move(tracker, tid, target) == before
     else:
         with pytest.raises(taskd.InvalidTransition):
             await _move(tracker, tid, target)
@@ -104,10 +113,17 @@ async def test_terminal_records_never_change(tracker: taskd.Tracker, terminal: S
         tracker.progress(tid, 0.5, message="late"),
         tracker.complete(tid, {"late": True}),
         tracker.fail(tid, "late failure"),
-        tracker.cancel(tid),
     ):
         with pytest.raises(taskd.InvalidTransition):
             await attempt
+    if terminal is S.CANCELLED:
+        # idempotent (docs/http-api.md): a retried cancel answers the record as it is
+        assert await tracker.cancel(tid) == before
+        assert await tracker.cancel(tid, confirm=True) == before
+    else:
+        for confirm in (False, True):
+            with pytest.raises(taskd.InvalidTransition):
+                await tracker.cancel(tid, confirm=confirm)
     assert await tracker.get(tid) == before
 
 
@@ -140,8 +156,7 @@ async def test_cancel_of_a_spawned_task_asks_then_its_runner_records_it(
         await handle
     rec = await tracker.get(handle.task_id)
     assert rec is not None and rec.status is S.CANCELLED
-    with pytest.raises(taskd.InvalidTransition):
-        await tracker.cancel(handle.task_id)
+    assert await tracker.cancel(handle.task_id) == rec  # idempotent once cancelled
 
 
 async def test_progress_allowed_while_active(tracker: taskd.Tracker) -> None:
@@ -157,8 +172,11 @@ async def test_external_cancel_asks_then_worker_confirms(tracker: taskd.Tracker)
     assert asked.status is S.CANCELLING
     seen = await tracker.progress(tid, 0.9)
     assert seen.status is S.CANCELLING  # the worker learns on its next report
-    done = await tracker.cancel(tid)
+    again = await tracker.cancel(tid)  # a client's retry: nothing changes
+    assert again == seen
+    done = await tracker.cancel(tid, confirm=True)  # the worker acknowledges
     assert done.status is S.CANCELLED and done.error
+    assert await tracker.cancel(tid, confirm=True) == done  # and may retry that too
 
 
 async def test_cancelling_worker_may_still_complete(tracker: taskd.Tracker) -> None:

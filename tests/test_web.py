@@ -104,9 +104,25 @@ async def test_cancel_running_external_then_worker_sees_it(client: Client) -> No
     assert rec["status"] == "cancelling"
     seen = await ok(await client.post(f"{API}/tasks/{tid}/progress", json={"progress": 0.9}))
     assert seen["status"] == "cancelling"
-    rec = await ok(await client.post(f"{API}/tasks/{tid}/cancel"), 202)
+    # a client's retried cancel: 200, the record as it is (docs/http-api.md)
+    assert await ok(await client.post(f"{API}/tasks/{tid}/cancel"), 200) == seen
+    # the worker acknowledges
+    confirm = {"confirm": True}
+    rec = await ok(await client.post(f"{API}/tasks/{tid}/cancel", json=confirm), 202)
     assert rec["status"] == "cancelled"
-    await err(await client.post(f"{API}/tasks/{tid}/cancel"), 409, "FAILED_PRECONDITION")
+    assert await ok(await client.post(f"{API}/tasks/{tid}/cancel"), 200) == rec
+    assert await ok(await client.post(f"{API}/tasks/{tid}/cancel", json=confirm), 200) == rec
+    await err(
+        await client.post(f"{API}/tasks/{tid}/cancel", json={"confirm": "yes"}),
+        400,
+        "INVALID_ARGUMENT",
+    )
+    done = (await create(client))["task_id"]
+    await ok(await client.post(f"{API}/tasks/{done}/start"))
+    await ok(await client.post(f"{API}/tasks/{done}/complete", json={"result": 1}))
+    for body in (None, confirm):
+        resp = await client.post(f"{API}/tasks/{done}/cancel", json=body)
+        await err(resp, 409, "FAILED_PRECONDITION")
 
 
 async def test_conflict_names_the_active_task(client: Client) -> None:

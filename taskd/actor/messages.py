@@ -99,10 +99,14 @@ class Fail(Request[TaskRecord]):
 
 
 @dataclass(frozen=True, slots=True)
-class Cancel(Request[TaskRecord]):
+class Cancel(Request[tuple[TaskRecord, bool]]):
+    """Answered with the record and whether this cancel changed it."""
+
     task_id: str
     reason: str
     owner: OwnerScope
+    #: The worker of an external task acknowledges: cancelled (``CONFIRM_EXTERNAL``).
+    confirm: bool = False
 
 
 @dataclass(frozen=True, slots=True)

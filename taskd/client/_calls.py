@@ -197,6 +197,10 @@ def progress(task_id: str, fraction: float | None, message: str | None) -> Call[
     return action(task_id, "progress", body)
 
 
+def cancel(task_id: str, confirm: bool) -> Call[TaskRecord]:
+    return action(task_id, "cancel", {"confirm": True} if confirm else None)
+
+
 def delete(task_id: str) -> Call[None]:
     return Call("DELETE", f"/tasks/{task_id}", lambda d: None)
 

@@ -123,9 +123,11 @@ class SyncTaskdClient(Base):
         """``POST /tasks/{id}/fail`` (the server redacts ``error``)."""
         return self._do(c.action(task_id, "fail", {"error": error}))
 
-    def cancel(self, task_id: str) -> TaskRecord:
-        """``POST /tasks/{id}/cancel``: the record, ``cancelling`` or ``cancelled``."""
-        return self._do(c.action(task_id, "cancel"))
+    def cancel(self, task_id: str, *, confirm: bool = False) -> TaskRecord:
+        """``POST /tasks/{id}/cancel``: the record, ``cancelling`` or ``cancelled``
+        (as it is when it was already: idempotent); ``confirm=True``, a worker
+        acknowledging a cancel: ``cancelled``."""
+        return self._do(c.cancel(task_id, confirm))
 
     def delete(self, task_id: str) -> None:
         """``DELETE /tasks/{id}`` (terminal tasks only)."""

@@ -25,6 +25,7 @@ from .codec import new_spec
 from .rules import (
     CANCEL_EXTERNAL,
     CANCEL_SPAWNED,
+    CONFIRM_EXTERNAL,
     HEARTBEAT_TIMEOUT,
     NOT_ACKNOWLEDGED,
     PROGRESS_ON,
@@ -459,7 +460,7 @@ class LocalEngine(Engine):
         rec = self._external(msg, "fail")
         return self._change(rec, TaskStatus.FAILED, error=msg.error, action="fail")
 
-    def _on_cancel(self, msg: m.Cancel, fut: object) -> TaskRecord:
+    def _on_cancel(self, msg: m.Cancel, fut: object) -> tuple[TaskRecord, bool]:
         a = self.actor
         rec = self.state.visible(msg.task_id, msg.owner)
         runner = a.runners.get(rec.task_id)
@@ -470,19 +471,19 @@ class LocalEngine(Engine):
             a.launch.remove(runner)
             runner.close()
             del a.runners[rec.task_id]
-            return new
-        to = (CANCEL_EXTERNAL if runner is None else CANCEL_SPAWNED).get(rec.status)
+            return new, True
+        table = CANCEL_EXTERNAL if not msg.confirm or rec.in_process else CONFIRM_EXTERNAL
+        to = (CANCEL_SPAWNED if runner is not None else table).get(rec.status)
         if to is None:
             raise InvalidTransition(rec.task_id, rec.status.value, "cancel")
-        if runner is not None:
+        if runner is not None and runner.task is not None:
             # Spawned and running: cancelling until the coroutine has unwound.
-            assert runner.task is not None
             runner.task.cancel()
         if to is rec.status:
-            return rec
+            return rec, False  # asked before, or done: idempotent
         if to is TaskStatus.CANCELLED:
-            return self._change(rec, to, error=msg.reason)
-        return self._change(rec, to, action="cancel")
+            return self._change(rec, to, error=msg.reason), True
+        return self._change(rec, to, action="cancel"), True
 
     def _on_delete(self, msg: m.Delete, fut: object) -> None:
         self.state.delete(msg.task_id, msg.owner)

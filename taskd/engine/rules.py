@@ -17,6 +17,7 @@ from .._models import ACTIVE, TERMINAL, TRANSITIONS, TaskStatus
 __all__ = [
     "CANCEL_EXTERNAL",
     "CANCEL_SPAWNED",
+    "CONFIRM_EXTERNAL",
     "DELETE_FROM",
     "HEARTBEAT_TIMEOUT",
     "NOT_ACKNOWLEDGED",
@@ -41,12 +42,20 @@ DELETE_FROM: Final = TERMINAL
 #: ``cancel`` of an external task: pending stops at once, running is asked, and a
 #: second cancel of a cancelling one is the worker confirming.
 CANCEL_EXTERNAL: Final[Mapping[TaskStatus, TaskStatus]] = MappingProxyType(
-    {S.PENDING: S.CANCELLED, S.RUNNING: S.CANCELLING, S.CANCELLING: S.CANCELLED}
+    {S.PENDING: S.CANCELLED, S.RUNNING: S.CANCELLING}
+    # idempotent: a cancel already asked for, or done, changes nothing
+    | {S.CANCELLING: S.CANCELLING, S.CANCELLED: S.CANCELLED}
+)
+#: ``cancel(confirm=True)``: the worker of an external task acknowledges (or stops
+#: on its own): cancelled; a confirm already recorded changes nothing.
+CONFIRM_EXTERNAL: Final[Mapping[TaskStatus, TaskStatus]] = MappingProxyType(
+    {S.PENDING: S.CANCELLED, S.RUNNING: S.CANCELLED, S.CANCELLING: S.CANCELLED}
+    | {S.CANCELLED: S.CANCELLED}
 )
 #: ``cancel`` of a spawned task: cancelling until its coroutine has unwound (its
 #: runner records cancelled); cancelling again changes nothing.
 CANCEL_SPAWNED: Final[Mapping[TaskStatus, TaskStatus]] = MappingProxyType(
-    {S.RUNNING: S.CANCELLING, S.CANCELLING: S.CANCELLING}
+    {S.RUNNING: S.CANCELLING, S.CANCELLING: S.CANCELLING, S.CANCELLED: S.CANCELLED}
 )
 
 # --- the texts the rules write into records and refusals --------------------------
@@ -100,6 +109,7 @@ def lua_tables(fields: tuple[str, ...], payload: tuple[str, ...]) -> str:
         f"local DELETE_FROM = {_set(DELETE_FROM)}",
         f"local CANCEL_EXTERNAL = {_map(CANCEL_EXTERNAL)}",
         f"local CANCEL_SPAWNED = {_map(CANCEL_SPAWNED)}",
+        f"local CONFIRM_EXTERNAL = {_map(CONFIRM_EXTERNAL)}",
         "local TEXT = {" + ", ".join(f"{k} = {_text(v)}" for k, v in texts.items()) + "}",
         "local FIELDS = {" + ", ".join(_text(f) for f in fields) + "}",
         "local PAYLOAD = {" + ", ".join(_text(f) for f in payload) + "}",

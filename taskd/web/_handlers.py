@@ -209,11 +209,19 @@ class _Handlers:
         return _record_response(state, rec)
 
     async def cancel_task(self, request: web.Request) -> web.Response:
+        """202 when this cancel changed the task; 200 with the record as it is when
+        it was cancelling or cancelled already (idempotent: a retry changes nothing).
+        ``{"confirm": true}``: the worker acknowledges (cancelled)."""
         state = self.state
         owner = await _owner(request, state)
-        await _body(request, frozenset())
-        rec = await state.tracker.cancel(request.match_info["task_id"], owner=owner)
-        return _record_response(state, rec, 202)
+        data = await _body(request, frozenset({"confirm"}))
+        confirm = data.get("confirm", False)
+        if not isinstance(confirm, bool):
+            raise _invalid("field 'confirm' must be a boolean", field="confirm")
+        rec, changed = await state.tracker.cancel_changed(
+            request.match_info["task_id"], owner=owner, confirm=confirm
+        )
+        return _record_response(state, rec, 202 if changed else 200)
 
     async def delete_task(self, request: web.Request) -> web.Response:
         state = self.state

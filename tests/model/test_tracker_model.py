@@ -156,6 +156,8 @@ class TrackerModel(RuleBasedStateMachine):
             rec = self.run(call)
             target = allowed[t.status]
             assert rec.status is target, (rec.status, target)
+            if target is t.status and target not in ACTIVE:
+                return  # idempotent on a terminal task (cancel): nothing changed
             if target in ACTIVE:
                 t.status = target
             else:
@@ -187,8 +189,17 @@ class TrackerModel(RuleBasedStateMachine):
     @rule(tid=tasks, actor=st.sampled_from([taskd.ANY_OWNER, None, "bob"]))
     def cancel(self, tid: str, actor: object) -> None:
         call = self.tracker.cancel(tid, owner=actor)  # type: ignore[arg-type]
-        allowed = {S.PENDING: S.CANCELLED, S.RUNNING: S.CANCELLING, S.CANCELLING: S.CANCELLED}
+        allowed = {S.PENDING: S.CANCELLED, S.RUNNING: S.CANCELLING}
+        # idempotent (docs/http-api.md): asked before, or done, changes nothing
+        allowed |= {S.CANCELLING: S.CANCELLING, S.CANCELLED: S.CANCELLED}
         self._mutate(tid, actor, allowed, call)
+
+    @rule(tid=tasks)
+    def confirm_cancel(self, tid: str) -> None:
+        """The worker acknowledges: cancelled from any active status."""
+        call = self.tracker.cancel(tid, confirm=True)
+        allowed = {s: S.CANCELLED for s in (*ACTIVE, S.CANCELLED)}
+        self._mutate(tid, taskd.ANY_OWNER, allowed, call)
 
     @rule(tid=tasks)
     def delete(self, tid: str) -> None:

@@ -525,7 +525,11 @@ class RedisEngine(Engine):
         return self._by_id("fail", msg, (msg.error,), self._record, fut)
 
     def _remote_cancel(self, msg: m.Cancel, fut: asyncio.Future[Any] | None) -> Deferred:
-        return self._by_id("cancel", msg, (msg.reason,), self._record, fut)
+        def done(reply: list[Any]) -> tuple[TaskRecord, bool]:
+            return self._record(reply), reply[0] == "rec"
+
+        args = (msg.reason, "1" if msg.confirm else "")
+        return self._by_id("cancel", msg, args, done, fut)
 
     def _remote_delete(self, msg: m.Delete, fut: asyncio.Future[Any] | None) -> Deferred:
         return self._by_id("delete", msg, (), ignore, fut)

@@ -328,9 +328,13 @@ OPS.cancel = function(a)
   local text = e
   -- the process that runs a spawned task hears of cancelling on its change stream and
   -- cancels the coroutine; the record turns cancelled once that has unwound
-  local to = (r.ip and CANCEL_SPAWNED or CANCEL_EXTERNAL)[r.st]
+  -- a[4] '1': the worker of an external task acknowledges (confirm)
+  local table = CANCEL_EXTERNAL
+  if r.ip then table = CANCEL_SPAWNED elseif a[4] == '1' then table = CONFIRM_EXTERNAL end
+  local to = table[r.st]
   if to == nil then return err('invalid', r.id, r.st, 'cancel') end
-  if to == r.st then return reply(r, text) end
+  -- asked before, or done: idempotent, the record as it is
+  if to == r.st then return {'same', text} end
   if to == 'cancelled' then return reply(change(r, to, {error = a[3]})) end
   return reply(change(r, to, {action = 'cancel'}))
 end
