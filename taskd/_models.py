@@ -156,6 +156,7 @@ FIELDS: Final[tuple[tuple[str, str, str, bool], ...]] = (
     ("callback_url", "cb", "TEXT", False),
     ("heartbeat_timeout", "hb", "REAL", False),
     ("traceparent", "tp", "TEXT", True),
+    ("stage", "sg", "TEXT", True),
     ("process", "pr", "", False),
     ("seq", "sq", "", False),
 )
@@ -187,6 +188,8 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     result_data: JSON | RawJSON = None
     error: str | None = None
     spec: TaskSpec = DEFAULT_SPEC
+    #: A short machine-readable stage (``queued``, ``parsing``, …) set with progress.
+    stage: str | None = None
 
     @property
     def result(self) -> JSON:
@@ -287,6 +290,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             dict(self.spec.metadata),
             [{"status": status.value, "at": at} for status, at in self.history],
             self.spec.traceparent,
+            self.stage,
         )
         return dict(zip(JSON_KEYS, values, strict=True))
 
@@ -320,6 +324,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
                 cast(JSON, data.get("result")),
                 _opt_str(data.get("error")),
                 spec,
+                _opt_str(data.get("stage")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a task record: {exc!r}") from None
@@ -335,6 +340,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         message: str | None,
         result: JSON | RawJSON,
         error: str | None,
+        stage: str | None = None,
     ) -> TaskRecord:
         """A copy with the mutable-by-transition fields replaced (by hand: the actor's
         hot path, where ``dataclasses.replace`` would introspect on every call)."""
@@ -352,6 +358,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             result,
             error,
             self.spec,
+            stage,
         )
 
 
@@ -459,6 +466,18 @@ def check_task_type(task_type: object) -> str:
     if len(_KNOWN_TYPES) < 1024:
         _KNOWN_TYPES.add(task_type)
     return task_type
+
+
+def check_stage(stage: object) -> str | None:
+    """Return ``stage`` if it is None or follows ``task_type``'s rules (1–128
+    characters of ``[A-Za-z0-9_.:-]``)."""
+    if stage is None:
+        return None
+    if not isinstance(stage, str):
+        raise TypeError(f"stage must be a str, not {type(stage).__name__}")
+    if not _TASK_TYPE_RE.fullmatch(stage):
+        raise ValueError(f"stage must be 1-128 characters of [A-Za-z0-9_.:-], got {stage[:140]!r}")
+    return stage
 
 
 def check_resource_id(resource_id: object) -> str | None:

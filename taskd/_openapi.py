@@ -69,6 +69,10 @@ _RECORD_FIELDS: Final[_Doc] = {
             },
         },
     },
+    "stage": {
+        "type": ["string", "null"],
+        "description": "the task's stage (queued, parsing, …), set with progress",
+    },
     "traceparent": {
         "type": ["string", "null"],
         "description": "the W3C trace context of the task's span (docs/tracing.md)",
@@ -144,6 +148,11 @@ def _schemas() -> _Doc:
                     "type": ["string", "null"],
                     "maxLength": MAX_MESSAGE_CHARS,
                     "pattern": MESSAGE_PATTERN,
+                },
+                "stage": {
+                    "type": ["string", "null"],
+                    "pattern": TASK_TYPE_PATTERN,
+                    "description": "the task's stage, a short machine-readable name",
                 },
             },
         },
@@ -355,6 +364,12 @@ def document(
                 "operationId": "listTasks",
                 "parameters": [
                     *_list_filters(),
+                    {
+                        "name": "stage",
+                        "in": "query",
+                        "description": "Tasks at this stage; an empty value means no filter",
+                        "schema": {"type": "string", "pattern": "^([A-Za-z0-9_.:-]{1,128})?$"},
+                    },
                     {
                         "name": "limit",
                         "in": "query",

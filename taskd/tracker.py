@@ -31,6 +31,7 @@ from ._models import (
     check_progress,
     check_resource_id,
     check_seconds,
+    check_stage,
     check_statuses,
     check_task_id,
     check_task_type,
@@ -324,18 +325,16 @@ class Tracker:
         *,
         message: str | None = None,
         owner: OwnerScope = ANY_OWNER,
+        stage: str | None = None,
     ) -> TaskRecord:
-        """Report progress (0.0–1.0) and/or a stage message (redacted like an error).
-        The returned record's status is ``cancelling`` when cancellation has been
-        requested."""
-        return await self._call(
-            m.Progress(
-                check_task_id(task_id),
-                check_progress(progress),
-                redact_message(message),
-                check_owner(owner),
-            )
+        """Report progress (0.0–1.0), a message (redacted like an error) and/or a
+        ``stage`` (as ``task_type``); None leaves each as it is. The returned record's
+        status is ``cancelling`` when cancellation has been requested."""
+        tid, fraction, text = check_task_id(task_id), check_progress(progress), message
+        msg = m.Progress(
+            tid, fraction, redact_message(text), check_owner(owner), check_stage(stage)
         )
+        return await self._call(msg)
 
     async def complete(
         self, task_id: str, result: JSON = None, *, owner: OwnerScope = ANY_OWNER
@@ -361,11 +360,10 @@ class Tracker:
         owner: OwnerScope = ANY_OWNER,
         confirm: bool = False,
     ) -> TaskRecord:
-        """Cancel a task: ``pending`` becomes ``cancelled``; a running spawned task is
-        cancelled (``cancelling`` until it unwinds); a running external task becomes
-        ``cancelling`` until its worker confirms (``confirm=True``: ``cancelled``) or
-        finishes. Idempotent on ``cancelling`` and ``cancelled`` (the record as it is);
-        ``InvalidTransition`` on ``completed`` or ``failed``."""
+        """Cancel a task: ``pending`` becomes ``cancelled``; a running task becomes
+        ``cancelling`` until its coroutine unwinds, or its worker confirms
+        (``confirm=True``: ``cancelled``) or finishes. Idempotent on ``cancelling``
+        and ``cancelled``; ``InvalidTransition`` on ``completed`` or ``failed``."""
         return (await self.cancel_changed(task_id, reason=reason, owner=owner, confirm=confirm))[0]
 
     async def cancel_changed(
@@ -464,9 +462,10 @@ class Tracker:
         limit: int = 50,
         *,
         owner: OwnerScope = ANY_OWNER,
+        stage: str | None = None,
     ) -> list[TaskRecord]:
-        """Records newest first, filtered by status (one or several), type, resource:
-        the first ``limit`` matches."""
+        """Records newest first, filtered by status (one or several), type, resource,
+        stage: the first ``limit`` matches."""
         check_limit(limit)
         found: list[TaskRecord] = []
         cursor: str | None = None
@@ -480,6 +479,7 @@ class Tracker:
                 limit=limit - len(found),
                 owner=owner,
                 cursor=cursor,
+                stage=stage,
             )
             found.extend(page.records)
             cursor = page.next_cursor
@@ -495,6 +495,7 @@ class Tracker:
         limit: int = 50,
         owner: OwnerScope = ANY_OWNER,
         cursor: str | None = None,
+        stage: str | None = None,
     ) -> TaskPage:
         """Like ``list``, one page at a time: pass the previous page's ``next_cursor``
         as ``cursor`` for the next one. Pages stay exact while tasks are created."""
@@ -504,7 +505,9 @@ class Tracker:
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError("cursor must be a str")
         statuses, resource_id = check_statuses(status), check_resource_id(resource_id)
-        msg = m.ListTasks(statuses, task_type, resource_id, check_owner(owner), limit, cursor)
+        msg = m.ListTasks(
+            statuses, task_type, resource_id, check_owner(owner), limit, cursor, check_stage(stage)
+        )
         return await self._call(msg)
 
     async def wait(

@@ -82,6 +82,8 @@ class Progress(Request[TaskRecord]):
     progress: float | None
     message: str | None
     owner: OwnerScope
+    #: The task's stage (None: unchanged).
+    stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +132,7 @@ class ListTasks(Request["Page"]):
     limit: int
     #: Only ids strictly older than this one (ids sort in creation order).
     before: str | None
+    stage: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
 from .._errors import TrackerClosed
-from .._models import ANY_OWNER, TaskStatus, check_progress, store_json
+from .._models import ANY_OWNER, TaskStatus, check_progress, check_stage, store_json
 from .._redact import redact_error, redact_message
 from .messages import Progress, RunnerFinished
 from .outcome import Outcome
@@ -37,24 +37,28 @@ _current: contextvars.ContextVar[tuple[Post, str, asyncio.AbstractEventLoop]] = 
 )
 
 
-def report_progress(fraction: float | None, message: str | None = None) -> None:
+def report_progress(
+    fraction: float | None, message: str | None = None, *, stage: str | None = None
+) -> None:
     """Update the progress of the spawned task this code runs in.
 
     A plain function: it queues the update for the tracker and returns at once.
     ``fraction`` is 0.0–1.0 (or None to change only the message, which is redacted
-    like an error). Thread-safe: it may be called from a thread the task started
-    (``asyncio.to_thread``, ``loop.run_in_executor``: see ``ContextExecutor``), and
-    then hands the update to the task's event loop. Raises ``RuntimeError`` outside a
+    like an error, or the ``stage``: a short machine-readable name). Thread-safe: it
+    may be called from a thread the task started (``asyncio.to_thread``,
+    ``loop.run_in_executor``: see ``ContextExecutor``), and then hands the update to
+    the task's event loop. Raises ``RuntimeError`` outside a
     task started by ``Tracker.spawn`` and ``TrackerClosed`` once its tracker has
     stopped.
     """
     progress = check_progress(fraction)
     text = redact_message(message)
+    stage = check_stage(stage)
     reporter = _current.get(None)
     if reporter is None:
         raise RuntimeError("report_progress() must be called inside a task started by spawn()")
     post, task_id, loop = reporter
-    msg = Progress(task_id, progress, text, ANY_OWNER)
+    msg = Progress(task_id, progress, text, ANY_OWNER, stage)
     if _running_loop() is loop:
         post(msg)
         return

@@ -74,7 +74,11 @@ def table(records: Sequence[TaskRecord], width: int) -> Table:
     rows = [
         {
             "task_id": Text(rec.task_id),
-            "status": Text(rec.status.value, style=STYLE[rec.status.value]),
+            # the stage beside the status (``running:parsing``): where the work is
+            "status": Text(
+                rec.status.value + (f":{rec.stage}" if rec.stage else ""),
+                style=STYLE[rec.status.value],
+            ),
             "progress": Text("" if rec.progress is None else f"{rec.progress:.0%}"),
             "type": Text(safe(rec.task_type)),
             "message / error": Text(short(rec.error if rec.error else rec.message)),

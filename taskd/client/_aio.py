@@ -90,9 +90,10 @@ class TaskdClient(Base):
         resource_id: str | None = None,
         limit: int = 50,
         page_token: str | None = None,
+        stage: str | None = None,
     ) -> ClientPage:
         """One page of tasks, newest first."""
-        return await self._do(c.list_page(status, task_type, resource_id, limit, page_token))
+        return await self._do(c.list_page(status, task_type, resource_id, limit, page_token, stage))
 
     async def create(
         self,
@@ -112,10 +113,15 @@ class TaskdClient(Base):
         return await self._do(c.action(task_id, "start"))
 
     async def progress(
-        self, task_id: str, progress: float | None = None, *, message: str | None = None
+        self,
+        task_id: str,
+        progress: float | None = None,
+        *,
+        message: str | None = None,
+        stage: str | None = None,
     ) -> TaskRecord:
         """``POST /tasks/{id}/progress``; the record's status says if cancellation was asked."""
-        return await self._do(c.progress(task_id, progress, message))
+        return await self._do(c.progress(task_id, progress, message, stage))
 
     async def complete(self, task_id: str, result: JSON = None) -> TaskRecord:
         """``POST /tasks/{id}/complete``."""

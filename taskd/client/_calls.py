@@ -154,8 +154,11 @@ def list_page(
     resource_id: str | None,
     limit: int,
     page_token: str | None,
+    stage: str | None = None,
 ) -> Call[ClientPage]:
     params = [("limit", str(limit)), *_filter_params(status, task_type, resource_id)]
+    if stage is not None:
+        params.append(("stage", stage))
     if page_token is not None:
         params.append(("page_token", page_token))
     return Call("GET", "/tasks", _page, params)
@@ -188,12 +191,16 @@ def action(task_id: str, verb: str, body: Mapping[str, object] | None = None) ->
     return Call("POST", f"/tasks/{task_id}/{verb}", record, body=body)
 
 
-def progress(task_id: str, fraction: float | None, message: str | None) -> Call[TaskRecord]:
+def progress(
+    task_id: str, fraction: float | None, message: str | None, stage: str | None = None
+) -> Call[TaskRecord]:
     body: dict[str, object] = {}
     if fraction is not None:
         body["progress"] = fraction
     if message is not None:
         body["message"] = message
+    if stage is not None:
+        body["stage"] = stage
     return action(task_id, "progress", body)
 
 

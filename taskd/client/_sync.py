@@ -89,9 +89,10 @@ class SyncTaskdClient(Base):
         resource_id: str | None = None,
         limit: int = 50,
         page_token: str | None = None,
+        stage: str | None = None,
     ) -> ClientPage:
         """One page of tasks, newest first."""
-        return self._do(c.list_page(status, task_type, resource_id, limit, page_token))
+        return self._do(c.list_page(status, task_type, resource_id, limit, page_token, stage))
 
     def create(
         self,
@@ -110,10 +111,15 @@ class SyncTaskdClient(Base):
         return self._do(c.action(task_id, "start"))
 
     def progress(
-        self, task_id: str, progress: float | None = None, *, message: str | None = None
+        self,
+        task_id: str,
+        progress: float | None = None,
+        *,
+        message: str | None = None,
+        stage: str | None = None,
     ) -> TaskRecord:
         """``POST /tasks/{id}/progress``; the record's status says if cancellation was asked."""
-        return self._do(c.progress(task_id, progress, message))
+        return self._do(c.progress(task_id, progress, message, stage))
 
     def complete(self, task_id: str, result: JSON = None) -> TaskRecord:
         """``POST /tasks/{id}/complete``."""

@@ -46,7 +46,7 @@ __all__ = [
 COLUMNS: Final = tuple(name for name, _, sql, _ in FIELDS if sql)
 #: Columns added after schema version 1 (``ALTER TABLE … ADD COLUMN`` on every file
 #: that lacks them: additive, no version bump), with their type.
-ADDED_COLUMNS: Final = (("traceparent", "TEXT"),)
+ADDED_COLUMNS: Final = (("traceparent", "TEXT"), ("stage", "TEXT"))
 #: The table, as it has always been written (the text SQLite keeps in the file):
 #: version 1's columns; ``ADDED_COLUMNS`` follow.
 CREATE_TABLE: Final = (
@@ -129,6 +129,7 @@ def to_row(rec: TaskRecord) -> tuple[object, ...]:
         spec.callback_url,
         spec.heartbeat_timeout,
         spec.traceparent,
+        rec.stage,
     )
 
 
@@ -154,6 +155,7 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         callback_url,
         heartbeat_timeout,
         traceparent,
+        stage,
     ) = row
     meta = json.loads(metadata) if metadata else None
     spec = new_spec(
@@ -179,6 +181,7 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         None if result is None else result_from_text(result),
         error,
         spec,
+        stage,
     )
 
 

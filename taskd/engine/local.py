@@ -291,6 +291,7 @@ class LocalEngine(Engine):
         result: JSON | RawJSON = None,
         error: str | None = None,
         action: str | None = None,
+        stage: str | None = None,
     ) -> TaskRecord:
         """Move ``rec`` to ``status`` (the state checks the transition table), then
         arrange what the actor owns: deadlines, heartbeats, the runner's outcome."""
@@ -304,6 +305,7 @@ class LocalEngine(Engine):
             result=result,
             error=error,
             action=action,
+            stage=stage,
         )
         if rec.status is not new.status:
             tid = new.task_id
@@ -450,7 +452,9 @@ class LocalEngine(Engine):
         if rec.status not in PROGRESS_ON:
             raise InvalidTransition(rec.task_id, rec.status.value, PROGRESS_VERB)
         self._beat(rec.task_id)
-        return self._change(rec, rec.status, progress=msg.progress, message=msg.message)
+        return self._change(
+            rec, rec.status, progress=msg.progress, message=msg.message, stage=msg.stage
+        )
 
     def _on_complete(self, msg: m.Complete, fut: object) -> TaskRecord:
         rec = self._external(msg, "complete")
@@ -499,6 +503,7 @@ class LocalEngine(Engine):
             owner=msg.owner,
             limit=msg.limit,
             before=msg.before,
+            stage=msg.stage,
         )
 
     def _on_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> object:

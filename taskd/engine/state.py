@@ -54,6 +54,8 @@ class TaskState:
         self._records: dict[str, TaskRecord] = {}
         self._by_status: dict[TaskStatus, SortedList] = {s: SortedList() for s in TaskStatus}
         self._by_type: dict[str, SortedList] = {}
+        #: Ids by stage (a record's stage changes with its progress reports).
+        self._by_stage: dict[str, SortedList] = {}
         self._by_owner: dict[str, SortedList] = {}
         # Resource ids are mostly unique: the value is the one task id itself until a
         # second task shares the resource, then a plain list (sorted by construction,
@@ -208,6 +210,7 @@ class TaskState:
         result: JSON | RawJSON = None,
         error: str | None = None,
         action: str | None = None,
+        stage: str | None = None,
     ) -> TaskRecord:
         """Move ``rec`` to ``status`` if the transition table allows it (the same
         status: a progress report); ``InvalidTransition`` otherwise."""
@@ -234,9 +237,15 @@ class TaskState:
             else (rec.message if message is None else message),
             result=result if status is TaskStatus.COMPLETED else None,
             error=error if status in (TaskStatus.FAILED, TaskStatus.CANCELLED) else None,
+            # as the message: cleared once completed, kept where the work stopped
+            stage=None
+            if status is TaskStatus.COMPLETED
+            else (rec.stage if stage is None else stage),
         )
         tid = new.task_id
         self._records[tid] = new
+        if new.stage != rec.stage:
+            self._index_stage(tid, rec.stage, new.stage)
         if rec.status is not new.status:
             self._by_status[rec.status].remove(tid)
             self._by_status[new.status].add(tid)
@@ -322,6 +331,8 @@ class TaskState:
                 ids.insert(bisect_left(ids, tid), tid)
         key = (rec.task_type, rec.status)
         self._counts[key] = self._counts.get(key, 0) + 1
+        if rec.stage is not None:  # (a record loaded with one)
+            self._index_stage(tid, None, rec.stage)
 
     def _index_remove(self, rec: TaskRecord) -> None:
         tid = rec.task_id
@@ -345,6 +356,20 @@ class TaskState:
                     self._by_resource[rec.resource_id] = ids[0]
         key = (rec.task_type, rec.status)
         self._counts[key] -= 1
+        if rec.stage is not None:
+            self._index_stage(tid, rec.stage, None)
+
+    def _index_stage(self, tid: str, old: str | None, new: str | None) -> None:
+        if old is not None:
+            ids = self._by_stage[old]
+            ids.remove(tid)
+            if not ids:
+                del self._by_stage[old]
+        if new is not None:
+            ids = self._by_stage.get(new)
+            if ids is None:
+                ids = self._by_stage[new] = SortedList()
+            ids.add(tid)
 
     # --- listing --------------------------------------------------------------------------
 
@@ -357,13 +382,23 @@ class TaskState:
         owner: OwnerScope = ANY_OWNER,
         limit: int = 50,
         before: str | None = None,
+        stage: str | None = None,
     ) -> Page:
         """One page of records, newest first, from the smallest index that covers a
         filter; ``before`` is the cursor (ids sort in creation order)."""
         out: list[TaskRecord] = []
         records = self._records
-        for tid in self._candidates(statuses, task_type, resource_id, owner, before):
+        candidates = self._candidates(statuses, task_type, resource_id, owner, before)
+        if stage is not None:
+            by_stage = self._by_stage.get(stage)
+            if by_stage is None:
+                return Page((), None)
+            if len(by_stage) < len(records) // 4:  # (else the other index is as good)
+                candidates = _desc(by_stage, before)
+        for tid in candidates:
             rec = records[tid]
+            if stage is not None and rec.stage != stage:
+                continue
             if owner is not ANY_OWNER and rec.owner != owner:
                 continue
             if statuses is not None and rec.status not in statuses:

@@ -17,6 +17,7 @@ from .._models import (
     TaskRecord,
     TaskStatus,
     check_limit,
+    check_stage,
 )
 from .._tracing import check_traceparent
 from ..actor.subscription import Subscription
@@ -123,7 +124,13 @@ class _Handlers:
                 check_limit(limit)
             except ValueError as exc:
                 raise _invalid(str(exc), parameter="limit") from None
-        digest = _filter_digest(statuses, task_type, resource_id)
+        stage = _one_query(request, "stage") or None
+        if stage is not None:
+            try:
+                check_stage(stage)
+            except ValueError as exc:
+                raise _invalid(str(exc), parameter="stage") from None
+        digest = _filter_digest(statuses, task_type, resource_id, stage)
         token = _one_query(request, "page_token")
         key = state.tracker.page_key
         cursor = _decode_token(token, digest, key) if token else None
@@ -134,6 +141,7 @@ class _Handlers:
             limit=limit,
             owner=owner,
             cursor=cursor,
+            stage=stage,
         )
         next_token = _encode_token(page.next_cursor, digest, key) if page.next_cursor else None
         items = b",".join(state.render(r) for r in page.records)
@@ -182,12 +190,13 @@ class _Handlers:
     async def progress_task(self, request: web.Request) -> web.Response:
         state = self.state
         owner = await _owner(request, state)
-        data = await _body(request, frozenset({"progress", "message"}))
+        data = await _body(request, frozenset({"progress", "message", "stage"}))
         rec = await state.tracker.progress(
             request.match_info["task_id"],
             _field(data, "progress", float),
             message=_field(data, "message", str),
             owner=owner,
+            stage=_field(data, "stage", str),
         )
         return _record_response(state, rec)
 

@@ -132,11 +132,18 @@ _BAD_TOKEN: Final = (
 
 
 def _filter_digest(
-    statuses: list[str] | None, task_type: str | None, resource_id: str | None
+    statuses: list[str] | None,
+    task_type: str | None,
+    resource_id: str | None,
+    stage: str | None = None,
 ) -> str:
     """The listing's filters as the token's MAC covers them (ASCII: escapes any
-    character, lone surrogates included)."""
-    return json.dumps([statuses, task_type, resource_id], separators=(",", ":"))
+    character, lone surrogates included); ``stage`` only when given, so tokens made
+    before it existed stay valid."""
+    filters: list[object] = [statuses, task_type, resource_id]
+    if stage is not None:
+        filters.append(stage)
+    return json.dumps(filters, separators=(",", ":"))
 
 
 def _mac(key: bytes, cursor: str, digest: str) -> str:

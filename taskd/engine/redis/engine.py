@@ -515,6 +515,7 @@ class RedisEngine(Engine):
         args = (
             "" if msg.progress is None else repr(float(msg.progress)),
             "\0" if msg.message is None else msg.message,
+            msg.stage or "",
         )
         return self._by_id("progress", msg, args, self._record, fut)
 

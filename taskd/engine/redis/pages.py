@@ -154,6 +154,7 @@ class Walk:
                     and (statuses is None or rec.status in statuses)
                     and (msg.task_type is None or rec.task_type == msg.task_type)
                     and (msg.resource_id is None or rec.resource_id == msg.resource_id)
+                    and (msg.stage is None or rec.stage == msg.stage)
                 ):
                     if len(out) == msg.limit:
                         # one more match than the page holds: there is a next page

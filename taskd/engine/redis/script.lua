@@ -159,10 +159,11 @@ local function change(r, status, o)
   if status == 'running' and r.sa == nil then r.sa = at end
   if TERMINAL[status] then r.fa = at else r.fa = nil end
   if status == 'completed' then
-    r.pg = '1.0'; r.ms = nil; r.rz = o.result
+    r.pg = '1.0'; r.ms = nil; r.sg = nil; r.rz = o.result
   else
     if o.progress then r.pg = o.progress end
     if o.message then r.ms = o.message end
+    if o.stage then r.sg = o.stage end
     r.rz = nil
   end
   if status == 'failed' or status == 'cancelled' then r.er = o.error else r.er = nil end
@@ -301,6 +302,7 @@ OPS.progress = function(a)
   local o = {}
   if a[3] ~= '' then o.progress = a[3] end
   if a[4] ~= '\0' then o.message = a[4] end
+  if a[5] and a[5] ~= '' then o.stage = a[5] end
   return reply(change(r, r.st, o))
 end
 
