@@ -104,6 +104,21 @@ def _schemas() -> _Doc:
                 "next_page_token": {"type": ["string", "null"]},
             },
         },
+        "DeletedEnvelope": {
+            "type": "object",
+            "additionalProperties": False,
+            "required": ["status", "result", "next_page_token"],
+            "properties": {
+                "status": {"const": "ok"},
+                "result": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "required": ["deleted"],
+                    "properties": {"deleted": {"type": "integer", "minimum": 0}},
+                },
+                "next_page_token": {"type": ["string", "null"]},
+            },
+        },
         "ErrorEnvelope": {
             "type": "object",
             "additionalProperties": False,
@@ -398,6 +413,36 @@ def document(
                                 }
                             },
                             content={"application/json": {"schema": _ref("ListEnvelope")}},
+                        ),
+                        "400": bad,
+                    },
+                    common,
+                ),
+            },
+            "delete": {
+                "summary": "Delete the caller's terminal tasks matching the filters (one at "
+                "least), at most 1,000 per call; active tasks are never deleted",
+                "operationId": "deleteTasks",
+                "parameters": [
+                    *_list_filters(),
+                    {
+                        "name": "before",
+                        "in": "query",
+                        "description": "Only tasks created before this Unix time (seconds)",
+                        "schema": {"type": "number"},
+                    },
+                    {
+                        "name": "page_token",
+                        "in": "query",
+                        "description": "Opaque: `next_page_token` of the previous call",
+                        "schema": {"type": "string"},
+                    },
+                ],
+                "responses": _responses(
+                    {
+                        "200": _Doc(
+                            description="How many were deleted; `next_page_token` goes on",
+                            content={"application/json": {"schema": _ref("DeletedEnvelope")}},
                         ),
                         "400": bad,
                     },

@@ -11,20 +11,19 @@ import inspect
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterator, Callable, Collection, Coroutine, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
 from ._counters import HttpCounters
 from ._errors import TaskNotFound, TrackerClosed
+from ._listing import Listing
 from ._models import (
     ANY_OWNER,
     JSON,
     OwnerScope,
     TaskRecord,
-    TaskStatus,
-    check_limit,
     check_metadata,
     check_new_owner,
     check_owner,
@@ -32,7 +31,6 @@ from ._models import (
     check_resource_id,
     check_seconds,
     check_stage,
-    check_statuses,
     check_task_id,
     check_task_type,
     store_json,
@@ -51,7 +49,7 @@ from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
 from .engine.choice import make_engine
 from .engine.store import Store
-from .handle import TaskHandle, TaskPage, TrackerState, WouldBlock
+from .handle import TaskHandle, TrackerState, WouldBlock
 
 __all__ = ["Tracker"]
 
@@ -72,22 +70,16 @@ class _Options:
     close_timeout: float
 
 
-class Tracker:
+class Tracker(Listing):
     """Tracks background tasks; use as ``async with Tracker() as tracker``.
 
-    Every option is keyword-only and checked here: ``retention`` (a ``Retention``),
-    ``store`` (default ``MemoryStore()``), ``close_timeout`` (seconds running spawned
-    tasks get at shutdown before they are cancelled; 0 cancels them at once),
-    ``cancel_grace`` (seconds a ``cancelling`` task may go unconfirmed before it is
-    recorded ``cancelled`` with ``"cancel not acknowledged"``), ``webhooks`` (a
-    ``Webhooks``: signed callbacks on terminal transitions) and ``clock`` (wall-clock
-    source, for tests). ``redis`` (a ``redis://`` URL) puts the task space in Redis,
-    shared by every tracker given the same URL and ``redis_prefix`` (default
-    ``"taskd:"``), in any process or host; it excludes ``store``. ``redis_cluster``
-    (the URL of any node of a Redis Cluster) does the same sharded by owner
-    (docs/scale-out.md); it excludes ``redis`` and ``store``. Methods called before
-    entry, after close, or once the actor has died raise ``TrackerClosed`` at once.
-    """
+    Every option is keyword-only and checked here (docs/embedding.md has each one's
+    meaning): ``retention``, ``store`` (default ``MemoryStore()``), ``close_timeout``,
+    ``cancel_grace``, ``webhooks``, ``clock`` (for tests); ``redis`` (a URL: one task
+    space for every tracker given it and ``redis_prefix``) or ``redis_cluster`` (the
+    same on a Redis Cluster, sharded by owner), either excluding ``store``. Methods
+    called before entry, after close, or once the actor has died raise
+    ``TrackerClosed`` at once."""
 
     def __init__(
         self,
@@ -453,62 +445,6 @@ class Tracker:
     def subscriber_count(self) -> int:
         """Subscriptions open on this tracker (``watch``, SSE streams)."""
         return len(self._actor.hub)
-
-    async def list(
-        self,
-        status: TaskStatus | str | Collection[TaskStatus | str] | None = None,
-        task_type: str | None = None,
-        resource_id: str | None = None,
-        limit: int = 50,
-        *,
-        owner: OwnerScope = ANY_OWNER,
-        stage: str | None = None,
-    ) -> list[TaskRecord]:
-        """Records newest first, filtered by status (one or several), type, resource,
-        stage: the first ``limit`` matches."""
-        check_limit(limit)
-        found: list[TaskRecord] = []
-        cursor: str | None = None
-        while True:
-            # A page may hold fewer than ``limit`` records and still have a next one:
-            # the Redis engine bounds how far one call walks (docs/scale-out.md).
-            page = await self.list_page(
-                status=status,
-                task_type=task_type,
-                resource_id=resource_id,
-                limit=limit - len(found),
-                owner=owner,
-                cursor=cursor,
-                stage=stage,
-            )
-            found.extend(page.records)
-            cursor = page.next_cursor
-            if cursor is None or len(found) >= limit:
-                return found
-
-    async def list_page(
-        self,
-        *,
-        status: TaskStatus | str | Collection[TaskStatus | str] | None = None,
-        task_type: str | None = None,
-        resource_id: str | None = None,
-        limit: int = 50,
-        owner: OwnerScope = ANY_OWNER,
-        cursor: str | None = None,
-        stage: str | None = None,
-    ) -> TaskPage:
-        """Like ``list``, one page at a time: pass the previous page's ``next_cursor``
-        as ``cursor`` for the next one. Pages stay exact while tasks are created."""
-        check_limit(limit)
-        if task_type is not None:
-            check_task_type(task_type)
-        if cursor is not None and not isinstance(cursor, str):
-            raise TypeError("cursor must be a str")
-        statuses, resource_id = check_statuses(status), check_resource_id(resource_id)
-        msg = m.ListTasks(
-            statuses, task_type, resource_id, check_owner(owner), limit, cursor, check_stage(stage)
-        )
-        return await self._call(msg)
 
     async def wait(
         self, task_id: str, timeout: float | None = None, *, owner: OwnerScope = ANY_OWNER

@@ -217,8 +217,9 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd.engine.redis.tally",
         "taskd.engine.redis.routing",
         "taskd.engine.choice",
+        "taskd.engine.bulk",
     ),
-    ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing"),
+    ("taskd.handle", "taskd.tracker", "taskd._demo", "taskd.testing", "taskd._listing"),
 )
 
 

@@ -118,6 +118,20 @@ class Delete(Request[None]):
 
 
 @dataclass(frozen=True, slots=True)
+class DeleteMany(Request[tuple[int, "str | None"]]):
+    """Delete the terminal tasks matching the filters, at most ``limit``, newest
+    first from ``before`` (an id: older ones only); answered with the count deleted
+    and the cursor to go on from (None: none left)."""
+
+    statuses: frozenset[TaskStatus]
+    task_type: str | None
+    resource_id: str | None
+    owner: OwnerScope
+    limit: int
+    before: str | None
+
+
+@dataclass(frozen=True, slots=True)
 class Get(Request["TaskRecord | None"]):
     task_id: str
     owner: OwnerScope

@@ -146,6 +146,27 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     client_options(cancel)
     cancel.add_argument("task_id", help="the task's id")
 
+    delete = add_command(
+        sub,
+        "delete",
+        "delete finished tasks in bulk",
+        "Delete your finished (completed, failed, cancelled) tasks matching the filters, "
+        "at least one; active tasks are never deleted. Prints how many.",
+    )
+    client_options(delete)
+    delete.add_argument(
+        "--status", action="append", help="only these statuses (repeatable or comma-separated)"
+    )
+    delete.add_argument("--type", dest="task_type", help="only this task_type")
+    delete.add_argument("--resource", dest="resource_id", help="only this resource_id")
+    delete.add_argument(
+        "--before",
+        type=typed(float, "a Unix time in seconds"),
+        default=None,
+        metavar="S",
+        help="only tasks created before this Unix time (seconds)",
+    )
+
     watch = add_command(
         sub,
         "watch",
@@ -274,6 +295,20 @@ async def _cancel(client: TaskdClient, args: argparse.Namespace, console: Consol
     return EXIT_OK
 
 
+async def _delete(client: TaskdClient, args: argparse.Namespace, console: Console) -> int:
+    statuses, before = _statuses(args.status), args.before
+    if statuses is None and args.task_type is None and args.resource_id is None and before is None:
+        raise CliError("delete needs at least one filter: --status, --type, --resource or --before")
+    deleted = await client.delete_many(
+        status=statuses, task_type=args.task_type, resource_id=args.resource_id, before=before
+    )
+    if args.json:
+        print(json.dumps({"deleted": deleted}))
+    else:
+        console.print(f"deleted {deleted}", highlight=False)
+    return EXIT_OK
+
+
 async def _watch(client: TaskdClient, args: argparse.Namespace, console: Console) -> int:
     """Follow ``GET /events``: a live table (or one JSON line per change), reconnecting
     with ``Last-Event-ID`` if the stream drops."""
@@ -315,7 +350,14 @@ async def _watch(client: TaskdClient, args: argparse.Namespace, console: Console
             await asyncio.sleep(1.0)  # the stream ended or dropped: resume it
 
 
-_COMMANDS: Final = {"list": _list, "get": _get, "wait": _wait, "cancel": _cancel, "watch": _watch}
+_COMMANDS: Final = {
+    "list": _list,
+    "get": _get,
+    "wait": _wait,
+    "cancel": _cancel,
+    "delete": _delete,
+    "watch": _watch,
+}
 
 
 async def run(args: argparse.Namespace) -> int:

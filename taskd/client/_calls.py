@@ -212,6 +212,31 @@ def delete(task_id: str) -> Call[None]:
     return Call("DELETE", f"/tasks/{task_id}", lambda d: None)
 
 
+def delete_page(
+    status: str | Sequence[str] | None,
+    task_type: str | None,
+    resource_id: str | None,
+    before: float | None,
+    page_token: str | None,
+) -> Call[tuple[int, str | None]]:
+    """``DELETE /tasks`` with filters: how many were deleted, and the next token."""
+    params = _filter_params(status, task_type, resource_id)
+    if before is not None:
+        params.append(("before", repr(float(before))))
+    if page_token is not None:
+        params.append(("page_token", page_token))
+    return Call("DELETE", "/tasks", _deleted, params)
+
+
+def _deleted(data: object) -> tuple[int, str | None]:
+    result = data.get("result") if isinstance(data, dict) else None
+    if not isinstance(result, dict) or not isinstance(result.get("deleted"), int):
+        raise ApiError(200, "BAD_RESPONSE", "the server's answer is not a delete count")
+    assert isinstance(data, dict)
+    token = data.get("next_page_token")
+    return result["deleted"], token if isinstance(token, str) else None
+
+
 def openapi() -> Call[dict[str, object]]:
     return Call("GET", "/openapi.json", _document)
 

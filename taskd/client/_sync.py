@@ -139,6 +139,24 @@ class SyncTaskdClient(Base):
         """``DELETE /tasks/{id}`` (terminal tasks only)."""
         self._do(c.delete(task_id))
 
+    def delete_many(
+        self,
+        *,
+        status: str | Sequence[str] | None = None,
+        task_type: str | None = None,
+        resource_id: str | None = None,
+        before: float | None = None,
+    ) -> int:
+        """``DELETE /tasks`` with filters (one at least), call after call until nothing
+        is left: how many terminal tasks were deleted."""
+        total, token = 0, None
+        while True:
+            call = c.delete_page(status, task_type, resource_id, before, token)
+            deleted, token = self._do(call)
+            total += deleted
+            if token is None:
+                return total
+
     def openapi(self) -> dict[str, object]:
         """The server's OpenAPI document."""
         return self._do(c.openapi())

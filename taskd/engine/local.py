@@ -50,6 +50,7 @@ STORE_RETRY: Final = 0.5
 #: Caller commands refused while the store cannot write (they would change records).
 _WRITES: Final = frozenset(
     {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
+    | {m.DeleteMany}
 )
 
 
@@ -99,6 +100,7 @@ class LocalEngine(Engine):
             m.Fail: self._on_fail,
             m.Cancel: self._on_cancel,
             m.Delete: self._on_delete,
+            m.DeleteMany: self._on_delete_many,
             m.Get: self._on_get,
             m.ListTasks: self._on_list,
             m.Wait: self._on_wait,
@@ -491,6 +493,19 @@ class LocalEngine(Engine):
 
     def _on_delete(self, msg: m.Delete, fut: object) -> None:
         self.state.delete(msg.task_id, msg.owner)
+
+    def _on_delete_many(self, msg: m.DeleteMany, fut: object) -> tuple[int, str | None]:
+        page = self.state.list_page(
+            statuses=msg.statuses,
+            task_type=msg.task_type,
+            resource_id=msg.resource_id,
+            owner=msg.owner,
+            limit=msg.limit,
+            before=msg.before,
+        )
+        for rec in page.records:
+            self.state.delete(rec.task_id, msg.owner)
+        return len(page.records), page.next_cursor
 
     def _on_get(self, msg: m.Get, fut: object) -> TaskRecord | None:
         return self.read(msg.task_id, msg.owner)

@@ -161,6 +161,33 @@ class _Handlers:
             headers["Link"] = f'<{request.path}?{urlencode(query)}>; rel="next"'
         return web.Response(body=body, content_type=_JSON, headers=headers)
 
+    async def delete_tasks(self, request: web.Request) -> web.Response:
+        """Bulk delete: the caller's terminal tasks matching the filters (one at
+        least), at most 1,000 per call; ``next_page_token`` goes on."""
+        state = self.state
+        owner = await _owner(request, state)
+        statuses, task_type, resource_id = _filters(request)
+        before = _number_query(request, "before")
+        if statuses is None and task_type is None and resource_id is None and before is None:
+            raise _invalid(
+                "a bulk delete needs at least one filter: status, task_type, resource_id or before"
+            )
+        digest = _filter_digest(statuses, task_type, resource_id) + f"|delete|{before!r}"
+        token = _one_query(request, "page_token")
+        key = state.tracker.page_key
+        cursor = _decode_token(token, digest, key) if token else None
+        deleted, nxt = await state.tracker.delete_page(
+            status=statuses,
+            task_type=task_type,
+            resource_id=resource_id,
+            before=before,
+            owner=owner,
+            cursor=cursor,
+        )
+        next_token = _encode_token(nxt, digest, key) if nxt else None
+        body = {"status": "ok", "result": {"deleted": deleted}, "next_page_token": next_token}
+        return web.Response(body=_json_body(body), content_type=_JSON)
+
     async def create_task(self, request: web.Request) -> web.Response:
         state = self.state
         owner = await _owner(request, state)
@@ -309,7 +336,7 @@ def routes(h: _Handlers, p: str) -> list[tuple[str, dict[str, Handler]]]:
     """The API's routes under ``p``: (path, handler by method), one table for every
     framework that serves them (aiohttp here, ``taskd.asgi``)."""
     return [
-        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task}),
+        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task, "DELETE": h.delete_tasks}),
         (p + "/tasks/{task_id}", {"GET": h.get_task, "DELETE": h.delete_task}),
         (p + "/tasks/{task_id}/start", {"POST": h.start_task}),
         (p + "/tasks/{task_id}/progress", {"POST": h.progress_task}),

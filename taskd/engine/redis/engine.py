@@ -68,12 +68,12 @@ log = logging.getLogger("taskd")
 #: After Redis failed, commands are refused at once for this long before a retry.
 BACKOFF: Final = 0.5
 _INTERNAL: Final = (m.RunnerFinished, m.Abandon)
-#: This process's own keys, deleted on a clean exit: its liveness and its series.
-_MINE: Final = (keys.ALIVE, keys.SERIES)
+_MINE: Final = (keys.ALIVE, keys.SERIES)  # its liveness and its series: gone on exit
 #: Messages that need Redis (refused at once while it is unreachable).
 _REMOTE: Final = frozenset(
     {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
-    | {m.Get, m.ListTasks, m.Wait, m.Subscribe, m.Stats, m.RunnerFinished, m.Abandon}
+    | {m.DeleteMany, m.Get, m.ListTasks, m.Wait, m.Subscribe, m.Stats}
+    | set(_INTERNAL)
 )
 
 
@@ -142,6 +142,7 @@ class RedisEngine(Engine):
             m.Fail: self._remote_fail,
             m.Cancel: self._remote_cancel,
             m.Delete: self._remote_delete,
+            m.DeleteMany: lambda msg, fut: self.router.delete_many(msg, fut),
             m.Get: self._remote_get,
             m.ListTasks: self._remote_list,
             m.Wait: self._remote_wait,
@@ -332,11 +333,8 @@ class RedisEngine(Engine):
                 self._refusing = None
                 self._health()
         elif self._refusing is None:
-            log.error(
-                "the shared store (Redis) refuses writes: %s; writes answer 503 until "
-                "it takes them again",
-                msg.reason,
-            )
+            why = "the shared store (Redis) refuses writes: %s; writes answer 503 until then"
+            log.error(why, msg.reason)
             self._refusing = msg.reason
             self._health()
 
@@ -526,11 +524,9 @@ class RedisEngine(Engine):
         return self._by_id("fail", msg, (msg.error,), self._record, fut)
 
     def _remote_cancel(self, msg: m.Cancel, fut: asyncio.Future[Any] | None) -> Deferred:
-        def done(reply: list[Any]) -> tuple[TaskRecord, bool]:
-            return self._record(reply), reply[0] == "rec"
-
-        args = (msg.reason, "1" if msg.confirm else "")
-        return self._by_id("cancel", msg, args, done, fut)
+        # (answered with whether it changed the record: "same" when it did not)
+        done = lambda reply: (self._record(reply), reply[0] == "rec")  # noqa: E731
+        return self._by_id("cancel", msg, (msg.reason, "1" if msg.confirm else ""), done, fut)
 
     def _remote_delete(self, msg: m.Delete, fut: asyncio.Future[Any] | None) -> Deferred:
         return self._by_id("delete", msg, (), ignore, fut)

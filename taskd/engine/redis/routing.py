@@ -20,7 +20,7 @@ from . import keys, tally
 from .background import LIVENESS_MS, Background
 from .follow import Following, Send
 from .pages import Merge, Walk
-from .space import RedisSpace, ignore
+from .space import RedisSpace, ignore, scope
 
 __all__ = ["Ended", "Router", "Traced", "settled"]
 
@@ -213,22 +213,62 @@ class Router:
             self._send(*last, functools.partial(one, i), fut)
         return DEFERRED
 
-    def list(self, msg: m.ListTasks, fut: asyncio.Future[Any] | None) -> Deferred:
+    def delete_many(self, msg: m.DeleteMany, fut: asyncio.Future[Any] | None) -> Deferred:
+        """``DeleteMany``: the matching terminal tasks found as a listing finds them
+        (``pages``), then each deleted by the script's ``purge`` (which checks it is
+        still terminal and the caller's, and skips it if not), all in the next round
+        trip; answered with the count deleted and where to go on from."""
+        listing = m.ListTasks(
+            msg.statuses, msg.task_type, msg.resource_id, msg.owner, msg.limit, msg.before
+        )
+        owner = scope(msg.owner)
+
+        def found(page: Page) -> object:
+            if not page.records:
+                return 0, page.next_cursor
+            deleted = [0]
+            left = [len(page.records)]
+
+            def one(reply: object) -> object:
+                deleted[0] += isinstance(reply, list) and reply[:1] == ["ok"]
+                left[0] -= 1
+                return (deleted[0], page.next_cursor) if not left[0] else DEFERRED
+
+            for rec in page.records:
+                base = self._shards.of_id(rec.task_id) or self._space.base
+                self._send("purge", (rec.task_id, owner), one, fut, base=base)
+            return DEFERRED
+
+        return self.list(listing, fut, found)
+
+    def list(
+        self,
+        msg: m.ListTasks,
+        fut: asyncio.Future[Any] | None,
+        then: Callable[[Page], object] | None = None,
+    ) -> Deferred:
         """``ListTasks``: the index, then its records, with plain commands, one round
         trip each (``pages.Walk``), sent in the batches' pipelines; an admin's
         listing on a cluster walks every shard at once (``pages.Merge``)."""
         space = self._space
         if msg.owner is not ANY_OWNER or not self._shards.cluster:
             base = self._shards.of_owner(None if msg.owner is ANY_OWNER else msg.owner)
-            return self._walk(Walk(msg, lambda s: space.key(s, base), space.decode), fut)
+            return self._walk(Walk(msg, lambda s: space.key(s, base), space.decode), fut, then)
         return self.shards(
-            lambda bases: self._walk(Merge(msg, bases, space.key, space.decode), fut), fut
+            lambda bases: self._walk(Merge(msg, bases, space.key, space.decode), fut, then), fut
         )
 
-    def _walk(self, walk: Walk | Merge, fut: asyncio.Future[Any] | None) -> Deferred:
+    def _walk(
+        self,
+        walk: Walk | Merge,
+        fut: asyncio.Future[Any] | None,
+        then: Callable[[Page], object] | None,
+    ) -> Deferred:
         def step(replies: list[Any]) -> object:
             nxt = walk.feed(replies)
-            return nxt if isinstance(nxt, Page) else self._send_all(nxt, step, fut)
+            if isinstance(nxt, Page):
+                return nxt if then is None else then(nxt)
+            return self._send_all(nxt, step, fut)
 
         return self._send_all(walk.start(), step, fut)
 

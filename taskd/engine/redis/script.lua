@@ -368,6 +368,15 @@ OPS.delete = function(a)
   return {'ok'}
 end
 
+-- one task of a bulk delete: deleted if still visible and deletable, else skipped
+-- (never an error: the batch goes on)
+OPS.purge = function(a)
+  local r = getrec(a[1])
+  if not visible(r, a[2]) or not DELETE_FROM[r.st] then return {'skip'} end
+  remove(r)
+  return {'ok'}
+end
+
 local function first_score(key)
   local head = redis.call('ZRANGE', key, 0, 0, 'WITHSCORES')
   return head[2]

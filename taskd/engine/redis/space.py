@@ -81,6 +81,7 @@ READS: Final = frozenset({"replay"})
 #: Redis takes writes again.
 WRITES: Final = frozenset(
     {"create", "spawn", "start", "progress", "complete", "fail", "cancel", "ended", "timeout"}
+    | {"purge"}
 )
 
 
