@@ -49,7 +49,7 @@ async def test_mounted_under_a_path_in_a_fastapi_app() -> None:
         assert missing.status == 404
         assert (await missing.json())["error"]["code"] == "NOT_FOUND"
         wrong = await client.put(f"/jobs{API}/tasks")
-        assert wrong.status == 405 and wrong.headers["Allow"] == "GET, POST"
+        assert wrong.status == 405 and wrong.headers["Allow"] == "DELETE, GET, POST"
         page = await client.get("/jobs/")
         assert page.status == 200 and "text/html" in page.headers["Content-Type"]
         assert f"/jobs{API}" in await page.text()  # the dashboard calls the mounted API

@@ -506,7 +506,7 @@ def test_parser_level_errors_and_unknown_methods_are_enveloped(tmp_path: Path) -
             assert error["message"].startswith("malformed HTTP request: "), error
             assert "\n" not in error["message"] and body.endswith(b"}\n"), what
         unknown = {
-            b"/api/v1/tasks": "GET, POST",
+            b"/api/v1/tasks": "DELETE, GET, POST",
             b"/api/v1/tasks/0123?x=1": "DELETE, GET",
             b"/api/v1/tasks/0123/start": "POST",
             b"/health": "GET",

@@ -74,8 +74,9 @@ def test_to_dict_has_every_spec_field_and_no_owner() -> None:
         "metadata",
         "history",
         "traceparent",
+        "stage",
     }
-    assert d["traceparent"] is None  # untraced
+    assert d["traceparent"] is None and d["stage"] is None  # untraced, no stage
     assert d["created_at_iso"] == "1970-01-01T00:00:01.500000Z"
     assert d["updated_at_iso"] == "1970-01-01T00:00:02.250000Z"
     assert d["status"] == "pending"
