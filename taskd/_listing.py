@@ -9,12 +9,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 from typing import Any, TypeVar
 
+from ._checks import check_limit
 from ._models import (
     ANY_OWNER,
     OwnerScope,
     TaskRecord,
     TaskStatus,
-    check_limit,
     check_owner,
     check_resource_id,
     check_stage,

@@ -9,7 +9,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
-from ._models import MAX_MESSAGE_CHARS, check_message
+from ._checks import check_message
+from ._models import MAX_MESSAGE_CHARS
 
 __all__ = ["MAX_ERROR_CHARS", "redact", "redact_error", "redact_message"]
 

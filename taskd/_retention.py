@@ -13,7 +13,8 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from ._models import TaskRecord, TaskStatus, check_seconds
+from ._checks import check_seconds
+from ._models import TaskRecord, TaskStatus
 
 __all__ = ["Retention"]
 

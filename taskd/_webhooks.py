@@ -37,7 +37,8 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
-from ._models import TaskRecord, check_seconds, check_unicode
+from ._checks import check_seconds
+from ._models import TaskRecord, check_unicode
 
 __all__ = ["Webhooks", "sign"]
 

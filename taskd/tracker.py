@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
+from ._checks import check_metadata, check_progress, check_seconds, store_json
 from ._counters import HttpCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._listing import Listing
@@ -24,16 +25,12 @@ from ._models import (
     JSON,
     OwnerScope,
     TaskRecord,
-    check_metadata,
     check_new_owner,
     check_owner,
-    check_progress,
     check_resource_id,
-    check_seconds,
     check_stage,
     check_task_id,
     check_task_type,
-    store_json,
 )
 from ._redact import redact_error, redact_message
 from ._retention import Retention

@@ -191,6 +191,8 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
         "taskd._openapi",
         "taskd._webhooks",
         "taskd._tracing",
+        "taskd._checks",
+        "taskd._openapi_schemas",
     ),
     (
         "taskd.engine.state",

@@ -106,12 +106,8 @@ def test_control_character_rules_and_their_openapi_patterns_agree() -> None:
     NUL only; the OpenAPI patterns say exactly the same."""
     import re
 
-    from taskd._models import (
-        MESSAGE_PATTERN,
-        RESOURCE_ID_PATTERN,
-        check_message,
-        check_resource_id,
-    )
+    from taskd._checks import check_message
+    from taskd._models import MESSAGE_PATTERN, RESOURCE_ID_PATTERN, check_resource_id
 
     def refused(check: object, text: str) -> bool:
         try:

@@ -16,8 +16,9 @@ import contextvars
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+from .._checks import check_progress, store_json
 from .._errors import TrackerClosed
-from .._models import ANY_OWNER, TaskStatus, check_progress, check_stage, store_json
+from .._models import ANY_OWNER, TaskStatus, check_stage
 from .._redact import redact_error, redact_message
 from .messages import Progress, RunnerFinished
 from .outcome import Outcome

@@ -6,12 +6,12 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Final
 
+from .._checks import check_limit
 from .._models import (
     ANY_OWNER,
     TERMINAL,
     OwnerScope,
     TaskStatus,
-    check_limit,
     check_owner,
     check_resource_id,
     check_statuses,

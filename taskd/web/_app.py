@@ -16,11 +16,8 @@ from typing import Any, Final, TypedDict, TypeVar, Unpack
 
 from aiohttp import web
 
-from .._models import (
-    JSON,
-    TaskRecord,
-    check_seconds,
-)
+from .._checks import check_seconds
+from .._models import JSON, TaskRecord
 from .._retention import Retention
 from .._webhooks import Webhooks
 from ..engine.store import Store

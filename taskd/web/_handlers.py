@@ -12,13 +12,8 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import _metrics, _openapi
-from .._models import (
-    JSON,
-    TaskRecord,
-    TaskStatus,
-    check_limit,
-    check_stage,
-)
+from .._checks import check_limit
+from .._models import JSON, TaskRecord, TaskStatus, check_stage
 from .._tracing import check_traceparent
 from ..actor.subscription import Subscription
 from ..handle import WouldBlock
