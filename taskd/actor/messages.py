@@ -130,6 +130,12 @@ class DeleteMany(Request[tuple[int, "str | None"]]):
     limit: int
     before: str | None
 
+    def listing(self) -> ListTasks:
+        """The listing of the tasks it deletes (each engine finds them as it lists)."""
+        return ListTasks(
+            self.statuses, self.task_type, self.resource_id, self.owner, self.limit, self.before
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class Get(Request["TaskRecord | None"]):

@@ -34,7 +34,7 @@ from .rules import (
     START_FROM,
     TRACKER_RESTARTED,
 )
-from .state import TaskState
+from .state import Page, TaskState
 from .store import Store
 
 if TYPE_CHECKING:
@@ -495,14 +495,7 @@ class LocalEngine(Engine):
         self.state.delete(msg.task_id, msg.owner)
 
     def _on_delete_many(self, msg: m.DeleteMany, fut: object) -> tuple[int, str | None]:
-        page = self.state.list_page(
-            statuses=msg.statuses,
-            task_type=msg.task_type,
-            resource_id=msg.resource_id,
-            owner=msg.owner,
-            limit=msg.limit,
-            before=msg.before,
-        )
+        page = self._on_list(msg.listing(), fut)
         for rec in page.records:
             self.state.delete(rec.task_id, msg.owner)
         return len(page.records), page.next_cursor
@@ -510,7 +503,7 @@ class LocalEngine(Engine):
     def _on_get(self, msg: m.Get, fut: object) -> TaskRecord | None:
         return self.read(msg.task_id, msg.owner)
 
-    def _on_list(self, msg: m.ListTasks, fut: object) -> object:
+    def _on_list(self, msg: m.ListTasks, fut: object) -> Page:
         return self.state.list_page(
             statuses=msg.statuses,
             task_type=msg.task_type,

@@ -218,9 +218,6 @@ class Router:
         (``pages``), then each deleted by the script's ``purge`` (which checks it is
         still terminal and the caller's, and skips it if not), all in the next round
         trip; answered with the count deleted and where to go on from."""
-        listing = m.ListTasks(
-            msg.statuses, msg.task_type, msg.resource_id, msg.owner, msg.limit, msg.before
-        )
         owner = scope(msg.owner)
 
         def found(page: Page) -> object:
@@ -239,7 +236,7 @@ class Router:
                 self._send("purge", (rec.task_id, owner), one, fut, base=base)
             return DEFERRED
 
-        return self.list(listing, fut, found)
+        return self.list(msg.listing(), fut, found)
 
     def list(
         self,
