@@ -19,6 +19,7 @@ from ._models import (
     check_resource_id,
     check_stage,
     check_statuses,
+    check_task_id,
     check_task_type,
 )
 from .actor import messages as m
@@ -46,9 +47,10 @@ class Listing(ABC):
         *,
         owner: OwnerScope = ANY_OWNER,
         stage: str | None = None,
+        parent_id: str | None = None,
     ) -> list[TaskRecord]:
         """Records newest first, filtered by status (one or several), type, resource,
-        stage: the first ``limit`` matches."""
+        stage, parent (its children): the first ``limit`` matches."""
         check_limit(limit)
         found: list[TaskRecord] = []
         cursor: str | None = None
@@ -63,6 +65,7 @@ class Listing(ABC):
                 owner=owner,
                 cursor=cursor,
                 stage=stage,
+                parent_id=parent_id,
             )
             found.extend(page.records)
             cursor = page.next_cursor
@@ -79,6 +82,7 @@ class Listing(ABC):
         owner: OwnerScope = ANY_OWNER,
         cursor: str | None = None,
         stage: str | None = None,
+        parent_id: str | None = None,
     ) -> TaskPage:
         """Like ``list``, one page at a time: pass the previous page's ``next_cursor``
         as ``cursor`` for the next one. Pages stay exact while tasks are created."""
@@ -88,9 +92,12 @@ class Listing(ABC):
         if cursor is not None and not isinstance(cursor, str):
             raise TypeError("cursor must be a str")
         statuses, resource_id = check_statuses(status), check_resource_id(resource_id)
+        if parent_id is not None:
+            check_task_id(parent_id)
         msg = m.ListTasks(
-            statuses, task_type, resource_id, check_owner(owner), limit, cursor, check_stage(stage)
-        )
+            statuses, task_type, resource_id, check_owner(owner), limit, cursor,
+            check_stage(stage), parent_id,
+        )  # fmt: skip
         return await self._call(msg)
 
     async def delete_many(

@@ -24,6 +24,7 @@ __all__ = [
     "check_task_id",
     "ACTIVE",
     "JSON",
+    "Held",
     "TERMINAL",
     "TRANSITIONS",
     "TaskRecord",
@@ -123,9 +124,24 @@ class TaskSpec(msgspec.Struct, frozen=True, gc=False):
     #: The W3C trace context of the task's span (docs/tracing.md), or the one the
     #: creator sent when no tracer records spans here.
     traceparent: str | None = None
+    #: The task this one is a child of (docs/trees.md), or None.
+    parent_id: str | None = None
+    #: ``complete`` leaves it running until its children are terminal (docs/trees.md).
+    await_children: bool = False
 
 
 DEFAULT_SPEC = TaskSpec()
+#: No children: one shared empty mapping (most records).
+NO_CHILDREN: Mapping[str, int] = MappingProxyType({})
+
+
+class Held(msgspec.Struct, frozen=True, gc=False):
+    """The terminal outcome of a task whose own work has ended but whose descendants
+    are still active (docs/trees.md): applied once the last of them is terminal."""
+
+    status: TaskStatus
+    result: JSON | RawJSON = None
+    error: str | None = None
 
 
 #: A record's fields, once: (attribute, also the SQLite column and the JSON key; Redis
@@ -156,6 +172,10 @@ FIELDS: Final[tuple[tuple[str, str, str, bool], ...]] = (
     ("heartbeat_timeout", "hb", "REAL", False),
     ("traceparent", "tp", "TEXT", True),
     ("stage", "sg", "TEXT", True),
+    ("parent_id", "pa", "TEXT", True),
+    ("children", "ch", "TEXT", True),
+    ("await_children", "aw", "INTEGER", False),
+    ("held", "hd", "TEXT", False),
     ("process", "pr", "", False),
     ("seq", "sq", "", False),
 )
@@ -189,6 +209,10 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     spec: TaskSpec = DEFAULT_SPEC
     #: A short machine-readable stage (``queued``, ``parsing``, …) set with progress.
     stage: str | None = None
+    #: Counts of the direct children held, by status (docs/trees.md).
+    children: Mapping[str, int] = NO_CHILDREN
+    #: The outcome waiting for the descendants to end (never rendered).
+    held: Held | None = None
 
     @property
     def result(self) -> JSON:
@@ -225,6 +249,16 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     def traceparent(self) -> str | None:
         """The W3C trace context of the task's span, if traced (docs/tracing.md)."""
         return self.spec.traceparent
+
+    @property
+    def parent_id(self) -> str | None:
+        """The task this one is a child of, or None (docs/trees.md)."""
+        return self.spec.parent_id
+
+    @property
+    def await_children(self) -> bool:
+        """Whether ``complete`` waits for the children to end (docs/trees.md)."""
+        return self.spec.await_children
 
     @property
     def history(self) -> tuple[tuple[TaskStatus, float], ...]:
@@ -290,6 +324,8 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             [{"status": status.value, "at": at} for status, at in self.history],
             self.spec.traceparent,
             self.stage,
+            self.spec.parent_id,
+            dict(self.children),
         )
         return dict(zip(JSON_KEYS, values, strict=True))
 
@@ -304,10 +340,16 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             if not isinstance(metadata, Mapping):
                 raise TypeError("metadata")
             traceparent = _opt_str(data.get("traceparent"))
+            parent_id = _opt_str(data.get("parent_id"))
+            children = data.get("children") or {}
+            if not isinstance(children, Mapping):
+                raise TypeError("children")
             spec = (
                 DEFAULT_SPEC
-                if not metadata and traceparent is None
-                else TaskSpec(MappingProxyType(dict(metadata)), traceparent=traceparent)
+                if not metadata and traceparent is None and parent_id is None
+                else TaskSpec(
+                    MappingProxyType(dict(metadata)), traceparent=traceparent, parent_id=parent_id
+                )
             )
             return cls(
                 _str(data["task_id"]),
@@ -324,6 +366,9 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
                 _opt_str(data.get("error")),
                 spec,
                 _opt_str(data.get("stage")),
+                MappingProxyType({_str(k): int(_num(v)) for k, v in children.items()})
+                if children
+                else NO_CHILDREN,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a task record: {exc!r}") from None
@@ -340,9 +385,11 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         result: JSON | RawJSON,
         error: str | None,
         stage: str | None = None,
+        held: Held | None = None,
     ) -> TaskRecord:
         """A copy with the mutable-by-transition fields replaced (by hand: the actor's
-        hot path, where ``dataclasses.replace`` would introspect on every call)."""
+        hot path, where ``dataclasses.replace`` would introspect on every call); the
+        children counts are kept."""
         return TaskRecord(
             self.task_id,
             self.task_type,
@@ -358,6 +405,8 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             error,
             self.spec,
             stage,
+            self.children,
+            held,
         )
 
 

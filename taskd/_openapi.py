@@ -189,6 +189,12 @@ def document(
                         "schema": {"type": "string", "pattern": "^([A-Za-z0-9_.:-]{1,128})?$"},
                     },
                     {
+                        "name": "parent_id",
+                        "in": "query",
+                        "description": "The children of this task (docs/trees.md)",
+                        "schema": {"type": "string"},
+                    },
+                    {
                         "name": "limit",
                         "in": "query",
                         "schema": {

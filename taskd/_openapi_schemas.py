@@ -71,6 +71,16 @@ _RECORD_FIELDS: Final[Doc] = {
         "type": ["string", "null"],
         "description": "the W3C trace context of the task's span (docs/tracing.md)",
     },
+    "parent_id": {
+        "type": ["string", "null"],
+        "description": "the task this one is a child of (docs/trees.md)",
+    },
+    "children": {
+        "type": "object",
+        "description": "counts of the direct children by status, {} when none",
+        "propertyNames": {"enum": STATUSES},
+        "additionalProperties": {"type": "integer", "minimum": 1},
+    },
 }
 
 
@@ -146,6 +156,14 @@ def schemas() -> Doc:
                 "metadata": {"type": ["object", "null"]},
                 "callback_url": {"type": ["string", "null"], "format": "uri"},
                 "heartbeat_timeout": {"type": ["number", "null"], "exclusiveMinimum": 0},
+                "parent_id": {
+                    "type": ["string", "null"],
+                    "description": "the parent task: the caller's, active, not cancelling",
+                },
+                "await_children": {
+                    "type": ["boolean", "null"],
+                    "description": "complete leaves it running until its children end",
+                },
             },
         },
         "Progress": {

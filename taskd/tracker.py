@@ -41,7 +41,7 @@ from .actor import messages as m
 from .actor.actor import Actor
 from .actor.engine import Deferred
 from .actor.outcome import Outcome
-from .actor.runner import ContextExecutor
+from .actor.runner import ContextExecutor, current_parent
 from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
 from .engine.choice import make_engine
@@ -232,6 +232,7 @@ class Tracker(Listing):
         owner: str | None = None,
         timeout: float | None = None,
         callback_url: str | None = None,
+        parent_id: str | None = None,
     ) -> TaskHandle[T]:
         """Track and run ``coro`` in the background; returns its handle at once.
 
@@ -240,7 +241,9 @@ class Tracker(Listing):
         ``cancelled``. ``timeout`` fails it with ``TimeoutError`` on overrun. Raises
         ``TaskConflict`` while an active task holds (owner, task_type, resource_id)
         and ``TrackerFull`` when the cap is full of active tasks (the coroutine is
-        then closed without running)."""
+        then closed without running). ``parent_id``: the task this one is a child of
+        (docs/trees.md); by default, the spawned task this is called in, if it has
+        the same owner."""
         try:
             if not inspect.iscoroutine(coro):
                 raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
@@ -252,8 +255,17 @@ class Tracker(Listing):
             callback_url = check_callback(self._webhooks, callback_url)
             seconds = check_seconds(timeout, "timeout")
             actor = self._actor
+            if parent_id is None:
+                parent_id = current_parent(actor.post, owner)
+            else:
+                check_task_id(parent_id)
             trace = (None, None) if self._tracing is None else self._tracing.start(task_type, None)
-            if resource_id is None and self._state is TrackerState.OPEN and actor.admits():
+            if (
+                resource_id is None
+                and parent_id is None
+                and self._state is TrackerState.OPEN
+                and actor.admits()
+            ):
                 # The fast path: no dedup to answer, nothing to commit, and room under
                 # the cap whatever the mailbox holds, so the caller builds the record
                 # (from the actor's one id sequence) and nothing needs to be awaited.
@@ -264,7 +276,7 @@ class Tracker(Listing):
             ctx = contextvars.copy_context()
             msg = m.Spawn(
                 coro, task_type, resource_id, metadata, owner, callback_url, seconds, ctx, done,
-                None, trace[1], trace[0],
+                None, trace[1], trace[0], parent_id,
             )  # fmt: skip
             rec = await self._call(msg)
         except BaseException:
@@ -283,23 +295,35 @@ class Tracker(Listing):
         callback_url: str | None = None,
         heartbeat_timeout: float | None = None,
         traceparent: str | None = None,
+        parent_id: str | None = None,
+        await_children: bool = False,
     ) -> TaskRecord:
         """Register a task run elsewhere (an external worker); it starts ``pending``.
         With ``heartbeat_timeout``, a task with no report (start, progress) for that
         many seconds fails with ``"heartbeat timeout"``. ``traceparent``: the creator's
-        W3C trace context, if not the current span's (docs/tracing.md)."""
+        W3C trace context, if not the current span's (docs/tracing.md).
+        ``parent_id``: the task this one is a child of (same owner; by default the
+        spawned task this is called in, if any); ``await_children``: its ``complete``
+        leaves it running until its children are terminal (docs/trees.md)."""
+        if not isinstance(await_children, bool):
+            raise TypeError("await_children must be a bool")
+        owner = check_new_owner(owner)
+        if parent_id is None:
+            parent_id = current_parent(self._actor.post, owner)
+        else:
+            check_task_id(parent_id)
         args = (
             check_task_type(task_type),
             check_resource_id(resource_id),
             check_metadata(metadata),
-            check_new_owner(owner),
+            owner,
             check_callback(self._webhooks, callback_url),
             check_seconds(heartbeat_timeout, "heartbeat_timeout"),
         )
         span, tp = None, check_traceparent(traceparent)
         if self._tracing is not None:
             span, tp = self._tracing.start(args[0], tp)
-        return await self._call(m.Create(*args, tp, span))
+        return await self._call(m.Create(*args, tp, span, parent_id, await_children))
 
     # --- changing -------------------------------------------------------------------
 

@@ -310,3 +310,188 @@ def api_call(url: str, method: str, path: str, body: Any) -> Any:
     )
     with urllib.request.urlopen(req) as resp:
         return json.loads(resp.read())["result"]
+
+
+def make_tree(url: str) -> dict[str, str]:
+    """A running parent with two children (docs/dashboard.md, "Task trees"): one
+    running, with a pending child of its own, and one completed."""
+
+    def new(task_type: str, parent: str | None = None) -> str:
+        body = {"task_type": task_type}
+        if parent is not None:
+            body["parent_id"] = parent
+        task_id: str = api_call(url, "POST", "/tasks", body)["task_id"]
+        return task_id
+
+    ids = {"batch": new("batch")}
+    api_call(url, "POST", f"/tasks/{ids['batch']}/start", {})
+    for kind in ("import", "index"):
+        ids[kind] = new(kind, ids["batch"])
+        api_call(url, "POST", f"/tasks/{ids[kind]}/start", {})
+    ids["chunk"] = new("chunk", ids["import"])
+    api_call(url, "POST", f"/tasks/{ids['index']}/complete", {"result": 1})
+    return ids
+
+
+def tree_rows(pg: Page) -> list[dict[str, str | None]]:
+    """The table's task rows in order: id, type, status, depth, parent."""
+    rows: list[dict[str, str | None]] = pg.locator("#rows tr[data-id]").evaluate_all(
+        """rows => rows.map(r => ({id: r.dataset.id, type: r.cells[1].textContent,
+            status: r.dataset.status, depth: r.dataset.depth || null,
+            parent: r.dataset.parent || null}))"""
+    )
+    return rows
+
+
+def test_tree_rows_expand_under_their_parent(browser: Browser, tmp_path: Path) -> None:
+    with Service(tmp_path) as s:
+        ids = make_tree(s.url)
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(s.url + "/")
+        expect(pg.locator("#conn")).to_have_text("live")
+        toggle = pg.locator(f'#rows tr[data-id="{ids["batch"]}"] button[data-action="toggle"]')
+        expect(toggle).to_have_text("▸ 2 children")
+        expect(toggle).to_have_attribute("aria-expanded", "false")
+        expect(toggle).to_have_accessible_name(f"2 children of task {ids['batch']}")
+        # Collapsed: every task is a row of its own, a child marked as one.
+        expect(pg.locator("#rows tr[data-id]")).to_have_count(4)
+        assert all(r["depth"] is None for r in tree_rows(pg))
+        toggle.click()
+        expect(toggle).to_have_attribute("aria-expanded", "true")
+        nested = pg.locator(f'#rows tr[data-parent="{ids["batch"]}"][data-depth="1"]')
+        expect(nested).to_have_count(2)
+        # The children come right under their parent, once each (newest first).
+        rows = tree_rows(pg)
+        at = [r["id"] for r in rows].index(ids["batch"])
+        assert [(r["id"], r["type"], r["status"], r["depth"]) for r in rows[at + 1 : at + 3]] == [
+            (ids["index"], "index", "completed", "1"),
+            (ids["import"], "import", "running", "1"),
+        ]
+        assert len(rows) == 4 and len({r["id"] for r in rows}) == 4
+        # A child that has children expands too: its own go one level deeper.
+        inner = pg.locator(f'#rows tr[data-id="{ids["import"]}"] button[data-action="toggle"]')
+        expect(inner).to_have_text("▸ 1 child")
+        inner.focus()
+        pg.keyboard.press("Enter")  # a native button: the keyboard works it
+        chunk = pg.locator(f'#rows tr[data-id="{ids["chunk"]}"]')
+        expect(chunk).to_have_attribute("data-depth", "2")
+        expect(inner).to_be_focused()  # the rebuilt rows give the focus back to it
+        order = [r["id"] for r in tree_rows(pg)]
+        at = order.index(ids["batch"])
+        assert order[at:] == [ids["batch"], ids["index"], ids["import"], ids["chunk"]]
+        # Live: a child's change shows in place under its parent; the parent's
+        # children counts follow (the toggle's tooltip).
+        api_call(s.url, "POST", f"/tasks/{ids['chunk']}/start", {})
+        expect(chunk).to_have_attribute("data-status", "running")
+        expect(chunk).to_have_attribute("data-depth", "2")
+        expect(toggle).to_have_attribute("title", "1 running, 1 completed")
+        # A new child appears under its expanded parent, pushed.
+        late = api_call(s.url, "POST", "/tasks", {"task_type": "late", "parent_id": ids["batch"]})
+        expect(pg.locator(f'#rows tr[data-id="{late["task_id"]}"]')).to_have_attribute(
+            "data-depth", "1"
+        )
+        expect(toggle).to_have_text("▾ 3 children")
+        # A refresh (the filter applied again) keeps what was expanded expanded ...
+        pg.click("button[type=submit]")
+        expect(chunk).to_have_attribute("data-depth", "2")
+        # ... and so does a reload of the tab.
+        pg.reload()
+        expect(pg.locator(f'#rows tr[data-id="{ids["chunk"]}"]')).to_have_attribute(
+            "data-depth", "2"
+        )
+        # Collapsing puts the children back as rows of their own; one still expanded
+        # keeps its own children under it.
+        pg.locator(f'#rows tr[data-id="{ids["batch"]}"] button[data-action="toggle"]').click()
+        expect(pg.locator(f'#rows tr[data-parent="{ids["batch"]}"][data-depth]')).to_have_count(0)
+        expect(pg.locator("#rows tr[data-depth]")).to_have_count(1)
+        expect(pg.locator(f'#rows tr[data-id="{ids["chunk"]}"]')).to_have_attribute(
+            "data-depth", "1"
+        )
+        pg.locator(f'#rows tr[data-id="{ids["import"]}"] button[data-action="toggle"]').click()
+        expect(pg.locator("#rows tr[data-depth]")).to_have_count(0)
+        expect(pg.locator("#rows tr[data-id]")).to_have_count(5)
+        context.close()
+        assert errors == []
+
+
+def test_tree_in_the_detail_panel(browser: Browser, tmp_path: Path) -> None:
+    with Service(tmp_path) as s:
+        ids = make_tree(s.url)
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        pg = context.new_page()
+        errors: list[str] = []
+        pg.on("pageerror", lambda e: errors.append(str(e)))
+        pg.goto(s.url + "/")
+        expect(pg.locator("#conn")).to_have_text("live")
+        pg.locator(f'#rows tr[data-id="{ids["batch"]}"] td').nth(1).click()
+        panel = pg.locator("#detail")
+        expect(panel).to_be_visible()
+        expect(panel.locator('dd[data-field="parent"]')).to_have_text("")
+        children = panel.locator('dd[data-field="children"]')
+        expect(children.locator(".child-counts span")).to_have_text(["1 running", "1 completed"])
+        listed = children.locator("li")
+        expect(listed).to_have_count(2)
+        assert listed.evaluate_all("lis => lis.map(li => [li.dataset.id, li.dataset.status])") == [
+            [ids["index"], "completed"],
+            [ids["import"], "running"],
+        ]
+        expect(children.locator(f'li[data-id="{ids["import"]}"]')).to_contain_text("1 child")
+        # Live: a child that finishes moves in the counts and the list.
+        api_call(s.url, "POST", f"/tasks/{ids['import']}/complete", {"result": 2})
+        expect(children.locator(".child-counts span")).to_have_text(["2 completed"])
+        expect(children.locator(f'li[data-id="{ids["import"]}"]')).to_have_attribute(
+            "data-status", "completed"
+        )
+        # A child opens its own detail, which links back to its parent.
+        children.get_by_role("button", name=f"Open child task {ids['import']}").click()
+        expect(pg.locator("#detail-title")).to_have_text(f"import · {ids['import']}")
+        up = panel.locator('dd[data-field="parent"] button')
+        expect(up).to_have_text(f"batch · {ids['batch']}")
+        expect(up).to_have_accessible_name(f"Open parent task {ids['batch']}")
+        expect(panel.locator('dd[data-field="children"] li')).to_have_count(1)
+        # The grandchild's panel: its parent is the child, whose parent is the root.
+        panel.locator(f'dd[data-field="children"] li[data-id="{ids["chunk"]}"] button').click()
+        expect(pg.locator("#detail-title")).to_have_text(f"chunk · {ids['chunk']}")
+        expect(panel.locator('dd[data-field="children"]')).to_have_text("")
+        panel.locator('dd[data-field="parent"] button').click()
+        expect(pg.locator("#detail-title")).to_have_text(f"import · {ids['import']}")
+        panel.locator('dd[data-field="parent"] button').click()
+        expect(pg.locator("#detail-title")).to_have_text(f"batch · {ids['batch']}")
+        # The panel's links work from the keyboard too, and keep the focus in the panel.
+        link = panel.locator(f'dd[data-field="children"] li[data-id="{ids["index"]}"] button')
+        link.focus()
+        pg.keyboard.press("Enter")
+        expect(pg.locator("#detail-title")).to_have_text(f"index · {ids['index']}")
+        expect(panel).to_be_focused()
+        context.close()
+        assert errors == []
+
+
+def test_tree_children_page_on(browser: Browser, tmp_path: Path) -> None:
+    """Children are listed a page (50) at a time, under the row and in the panel."""
+    with Service(tmp_path) as s:
+        parent = api_call(s.url, "POST", "/tasks", {"task_type": "fanout"})["task_id"]
+        kids = [
+            api_call(s.url, "POST", "/tasks", {"task_type": "part", "parent_id": parent})["task_id"]
+            for _ in range(53)
+        ]
+        context = browser.new_context(viewport={"width": 1280, "height": 860})
+        pg = context.new_page()
+        pg.goto(s.url + "/")
+        pg.fill("#f-id", parent)  # the parent alone on the page
+        pg.click("button[type=submit]")
+        pg.locator(f'#rows tr[data-id="{parent}"] button[data-action="toggle"]').click()
+        nested = pg.locator(f'#rows tr[data-parent="{parent}"][data-depth="1"]')
+        expect(nested).to_have_count(50)
+        more = pg.get_by_role("button", name=f"More children of task {parent}")
+        more.click()
+        expect(nested).to_have_count(53)
+        expect(more).to_have_count(0)
+        assert nested.evaluate_all("rs => rs.map(r => r.dataset.id)") == kids[::-1]
+        pg.locator(f'#rows tr[data-id="{parent}"] td').nth(1).click()
+        listed = pg.locator('#detail dd[data-field="children"] li')
+        expect(listed).to_have_count(53)  # the children the table listed already
+        context.close()

@@ -196,6 +196,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ),
     (
         "taskd.engine.state",
+        "taskd.engine.forest",
         "taskd.engine.ids",
         "taskd.engine.store",
         "taskd.engine.sqlite",
@@ -211,6 +212,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("taskd.actor",),
     (
         "taskd.engine.local",
+        "taskd.engine.trees",
         "taskd.engine.redis.engine",
         "taskd.engine.redis.background",
         "taskd.engine.redis.pages",

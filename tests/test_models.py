@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import gc
 import json
+from types import MappingProxyType
 
+import msgspec
 import pytest
 
 import taskd
 from taskd import TaskStatus as S
-from taskd._models import TRANSITIONS
+from taskd._models import TRANSITIONS, Held
 
 ALL = list(S)
 ALLOWED = {
@@ -75,8 +77,11 @@ def test_to_dict_has_every_spec_field_and_no_owner() -> None:
         "history",
         "traceparent",
         "stage",
+        "parent_id",
+        "children",
     }
     assert d["traceparent"] is None and d["stage"] is None  # untraced, no stage
+    assert d["parent_id"] is None and d["children"] == {}  # no parent, no children
     assert d["created_at_iso"] == "1970-01-01T00:00:01.500000Z"
     assert d["updated_at_iso"] == "1970-01-01T00:00:02.250000Z"
     assert d["status"] == "pending"
@@ -172,9 +177,24 @@ def test_a_row_holds_each_field_in_its_own_column_and_reads_back() -> None:
             "result": None,
             "metadata": '{"k":[1,"v"]}',
             "in_process": 1,
+            "children": None,  # none: no text
+            "await_children": None,
+            "held": None,
         }.get(name, value)
         assert row[name] == expected, name
     assert codec.from_row(codec.to_row(rec)) == rec
+    # A parent waiting for its children: the counts and the held outcome read back.
+    parent = msgspec.structs.replace(
+        rec,
+        status=S.RUNNING,
+        spec=codec.new_spec({}, None, False, None, None, None, "p0", True),
+        children=MappingProxyType({"running": 2, "completed": 1}),
+        held=Held(S.COMPLETED, {"n": 3}),
+    )
+    row = dict(zip(codec.COLUMNS, codec.to_row(parent), strict=True))
+    assert row["children"] == '{"running":2,"completed":1}' and row["await_children"] == 1
+    assert row["parent_id"] == "p0" and row["held"] == '{"st":"completed","rz":"{\\"n\\":3}"}'
+    assert codec.from_row(codec.to_row(parent)) == parent
     done = taskd.TaskRecord("t2", "x", S.COMPLETED, None, 1.0, 2.0, 1.0, 2.0, 1.0, None, [1])
     assert codec.from_row(codec.to_row(done)) == done
     assert codec.from_row(codec.to_row(done)).spec is codec.new_spec({}, None, False, None, None)

@@ -195,7 +195,10 @@ async def test_the_table_is_derived_from_the_field_list_and_unchanged(tmp_path: 
         (sql,) = conn.execute("SELECT sql FROM sqlite_master WHERE name = 'tasks'").fetchone()
         columns = tuple(row[1] for row in conn.execute("PRAGMA table_info(tasks)"))
     # version 1's table, then the columns added since, as SQLite writes ADD COLUMN
-    added = ", traceparent TEXT, stage TEXT) WITHOUT ROWID"
+    added = (
+        ", traceparent TEXT, stage TEXT, parent_id TEXT, children TEXT,"
+        " await_children INTEGER, held TEXT) WITHOUT ROWID"
+    )
     assert sql == SCHEMA_V1.replace(") WITHOUT ROWID", added)
     assert columns == codec.COLUMNS
 

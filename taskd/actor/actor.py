@@ -346,7 +346,9 @@ class Actor:
 
     def add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
         """Book the runner of a spawned record; it starts once the batch is committed."""
-        runner = Runner(self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout)
+        runner = Runner(
+            self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout, rec.owner
+        )
         self.runners[rec.task_id] = runner
         if msg.span is not None and self.tracing is not None:
             self.tracing.opened(msg.span, rec.task_id)

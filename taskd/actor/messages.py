@@ -47,6 +47,10 @@ class Create(Request[TaskRecord]):
     #: What the record keeps of the trace (``_tracing``), and the task's span.
     traceparent: str | None = None
     span: object = None
+    #: The task this one is a child of (docs/trees.md).
+    parent_id: str | None = None
+    #: ``complete`` waits for the children to end (docs/trees.md).
+    await_children: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,8 @@ class Spawn(Request[TaskRecord]):
     #: What the record keeps of the trace (``_tracing``), and the task's span.
     traceparent: str | None = None
     span: object = None
+    #: The task this one is a child of (docs/trees.md).
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +159,8 @@ class ListTasks(Request["Page"]):
     #: Only ids strictly older than this one (ids sort in creation order).
     before: str | None
     stage: str | None = None
+    #: Only the children of this task.
+    parent_id: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from .._redact import redact_error, redact_message
 from .messages import Progress, RunnerFinished
 from .outcome import Outcome
 
-__all__ = ["ContextExecutor", "Runner", "report_progress"]
+__all__ = ["ContextExecutor", "Runner", "current_parent", "report_progress"]
 
 #: Posts a fire-and-forget message to the actor; raises TrackerClosed once it stopped.
 Post = Callable[[object], None]
@@ -33,9 +33,19 @@ T = TypeVar("T")
 # (post, task_id, loop) of the spawned task whose runner this context belongs to.
 # Not the runner itself: the runner holds its task, which holds this context (a cycle
 # only the cyclic collector would free).
-_current: contextvars.ContextVar[tuple[Post, str, asyncio.AbstractEventLoop]] = (
+_current: contextvars.ContextVar[tuple[Post, str, asyncio.AbstractEventLoop, str | None]] = (
     contextvars.ContextVar("taskd_current_task")
 )
+
+
+def current_parent(post: Post, owner: str | None) -> str | None:
+    """The id of the spawned task this code runs in, if its tracker posts with
+    ``post`` and it belongs to ``owner``: a task spawned here is its child by default
+    (docs/trees.md)."""
+    here = _current.get(None)
+    if here is None or here[0] != post or here[3] != owner:
+        return None
+    return here[1]
 
 
 def report_progress(
@@ -58,7 +68,7 @@ def report_progress(
     reporter = _current.get(None)
     if reporter is None:
         raise RuntimeError("report_progress() must be called inside a task started by spawn()")
-    post, task_id, loop = reporter
+    post, task_id, loop, _ = reporter
     msg = Progress(task_id, progress, text, ANY_OWNER, stage)
     if _running_loop() is loop:
         post(msg)
@@ -121,6 +131,7 @@ class Runner:
         "context",
         "coro",
         "outcome",
+        "owner",
         "post",
         "settle_with",
         "task",
@@ -137,8 +148,10 @@ class Runner:
         context: contextvars.Context,
         outcome: Outcome[Any],
         timeout: float | None,
+        owner: str | None = None,
     ) -> None:
         self.post = post
+        self.owner = owner
         self.task_id = task_id
         self.coro: Coroutine[Any, Any, Any] | None = coro
         self.context: contextvars.Context | None = context
@@ -155,7 +168,7 @@ class Runner:
         coro = cast("Coroutine[Any, Any, Any]", self.coro)
         self.coro = self.context = None
         loop = asyncio.get_running_loop()
-        context.run(_current.set, (self.post, self.task_id, loop))
+        context.run(_current.set, (self.post, self.task_id, loop, self.owner))
         self.task = task = loop.create_task(coro, context=context)
         task.add_done_callback(self)
 

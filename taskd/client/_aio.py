@@ -91,9 +91,12 @@ class TaskdClient(Base):
         limit: int = 50,
         page_token: str | None = None,
         stage: str | None = None,
+        parent_id: str | None = None,
     ) -> ClientPage:
-        """One page of tasks, newest first."""
-        return await self._do(c.list_page(status, task_type, resource_id, limit, page_token, stage))
+        """One page of tasks, newest first (``parent_id``: that task's children)."""
+        return await self._do(
+            c.list_page(status, task_type, resource_id, limit, page_token, stage, parent_id)
+        )
 
     async def create(
         self,
@@ -103,9 +106,15 @@ class TaskdClient(Base):
         metadata: Mapping[str, JSON] | None = None,
         callback_url: str | None = None,
         heartbeat_timeout: float | None = None,
+        parent_id: str | None = None,
+        await_children: bool = False,
     ) -> TaskRecord:
-        """Register an external task (``POST /tasks``)."""
-        call = c.create(task_type, resource_id, metadata, callback_url, heartbeat_timeout)
+        """Register an external task (``POST /tasks``); ``parent_id`` and
+        ``await_children`` as ``Tracker.create`` (docs/trees.md)."""
+        call = c.create(
+            task_type, resource_id, metadata, callback_url, heartbeat_timeout, parent_id,
+            await_children,
+        )  # fmt: skip
         return await self._do(call)
 
     async def start(self, task_id: str) -> TaskRecord:

@@ -155,10 +155,13 @@ def list_page(
     limit: int,
     page_token: str | None,
     stage: str | None = None,
+    parent_id: str | None = None,
 ) -> Call[ClientPage]:
     params = [("limit", str(limit)), *_filter_params(status, task_type, resource_id)]
     if stage is not None:
         params.append(("stage", stage))
+    if parent_id is not None:
+        params.append(("parent_id", parent_id))
     if page_token is not None:
         params.append(("page_token", page_token))
     return Call("GET", "/tasks", _page, params)
@@ -170,6 +173,8 @@ def create(
     metadata: Mapping[str, JSON] | None,
     callback_url: str | None,
     heartbeat_timeout: float | None,
+    parent_id: str | None = None,
+    await_children: bool = False,
 ) -> Call[TaskRecord]:
     body: dict[str, object] = {"task_type": task_type}
     for key, value in (
@@ -177,6 +182,8 @@ def create(
         ("metadata", metadata),
         ("callback_url", callback_url),
         ("heartbeat_timeout", heartbeat_timeout),
+        ("parent_id", parent_id),
+        ("await_children", await_children or None),
     ):
         if value is not None:
             body[key] = value

@@ -90,9 +90,12 @@ class SyncTaskdClient(Base):
         limit: int = 50,
         page_token: str | None = None,
         stage: str | None = None,
+        parent_id: str | None = None,
     ) -> ClientPage:
-        """One page of tasks, newest first."""
-        return self._do(c.list_page(status, task_type, resource_id, limit, page_token, stage))
+        """One page of tasks, newest first (``parent_id``: that task's children)."""
+        return self._do(
+            c.list_page(status, task_type, resource_id, limit, page_token, stage, parent_id)
+        )
 
     def create(
         self,
@@ -102,9 +105,16 @@ class SyncTaskdClient(Base):
         metadata: Mapping[str, JSON] | None = None,
         callback_url: str | None = None,
         heartbeat_timeout: float | None = None,
+        parent_id: str | None = None,
+        await_children: bool = False,
     ) -> TaskRecord:
-        """Register an external task (``POST /tasks``)."""
-        return self._do(c.create(task_type, resource_id, metadata, callback_url, heartbeat_timeout))
+        """Register an external task (``POST /tasks``); ``parent_id`` and
+        ``await_children`` as ``Tracker.create`` (docs/trees.md)."""
+        call = c.create(
+            task_type, resource_id, metadata, callback_url, heartbeat_timeout, parent_id,
+            await_children,
+        )  # fmt: skip
+        return self._do(call)
 
     def start(self, task_id: str) -> TaskRecord:
         """``POST /tasks/{id}/start``."""

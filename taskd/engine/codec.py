@@ -21,6 +21,8 @@ from .._models import (
     EMPTY_METADATA,
     FIELDS,
     JSON,
+    NO_CHILDREN,
+    Held,
     RawJSON,
     TaskRecord,
     TaskSpec,
@@ -34,6 +36,10 @@ __all__ = [
     "CREATE_TABLE",
     "PAYLOAD",
     "REDIS_FIELDS",
+    "children_from_text",
+    "children_text",
+    "held_from_text",
+    "held_text",
     "STORED_FIELDS",
     "from_hash",
     "from_row",
@@ -46,7 +52,14 @@ __all__ = [
 COLUMNS: Final = tuple(name for name, _, sql, _ in FIELDS if sql)
 #: Columns added after schema version 1 (``ALTER TABLE … ADD COLUMN`` on every file
 #: that lacks them: additive, no version bump), with their type.
-ADDED_COLUMNS: Final = (("traceparent", "TEXT"), ("stage", "TEXT"))
+ADDED_COLUMNS: Final = (
+    ("traceparent", "TEXT"),
+    ("stage", "TEXT"),
+    ("parent_id", "TEXT"),
+    ("children", "TEXT"),
+    ("await_children", "INTEGER"),
+    ("held", "TEXT"),
+)
 #: The table, as it has always been written (the text SQLite keeps in the file):
 #: version 1's columns; ``ADDED_COLUMNS`` follow.
 CREATE_TABLE: Final = (
@@ -82,6 +95,8 @@ def new_spec(
     callback_url: str | None,
     heartbeat_timeout: float | None,
     traceparent: str | None = None,
+    parent_id: str | None = None,
+    await_children: bool = False,
 ) -> TaskSpec:
     """The one way a ``TaskSpec`` is made (new tasks, rows, hashes): the shared
     default when every field is the default, so most records hold one spec."""
@@ -92,9 +107,58 @@ def new_spec(
         and callback_url is None
         and heartbeat_timeout is None
         and traceparent is None
+        and parent_id is None
+        and not await_children
     ):
         return DEFAULT_SPEC
-    return TaskSpec(metadata, owner, in_process, callback_url, heartbeat_timeout, traceparent)
+    return TaskSpec(
+        metadata,
+        owner,
+        in_process,
+        callback_url,
+        heartbeat_timeout,
+        traceparent,
+        parent_id,
+        await_children,
+    )
+
+
+def children_text(children: Mapping[str, int]) -> str | None:
+    """Children counts as stored text (None: none)."""
+    return json.dumps(dict(children), separators=(",", ":")) if children else None
+
+
+def children_from_text(text: str | None) -> Mapping[str, int]:
+    """Children counts from their stored text."""
+    if not text:
+        return NO_CHILDREN
+    counts = {k: int(v) for k, v in json.loads(text).items() if v}
+    return MappingProxyType(counts) if counts else NO_CHILDREN
+
+
+def held_text(held: Held | None) -> str | None:
+    """A held outcome as stored text: its status, result text and error (None: none)."""
+    if held is None:
+        return None
+    out: dict[str, str] = {"st": held.status.value}
+    if held.result is not None:
+        out["rz"] = result_text(held.result)
+    if held.error is not None:
+        out["er"] = held.error
+    return json.dumps(out, separators=(",", ":"))
+
+
+def held_from_text(text: str | None) -> Held | None:
+    """A held outcome from its stored text."""
+    if not text:
+        return None
+    data = json.loads(text)
+    rz = data.get("rz")
+    return Held(
+        TaskStatus(data["st"]),
+        None if not rz else result_from_text(rz),
+        data.get("er"),
+    )
 
 
 def result_text(data: JSON | RawJSON) -> str:
@@ -130,6 +194,10 @@ def to_row(rec: TaskRecord) -> tuple[object, ...]:
         spec.heartbeat_timeout,
         spec.traceparent,
         rec.stage,
+        spec.parent_id,
+        children_text(rec.children),
+        1 if spec.await_children else None,
+        held_text(rec.held),
     )
 
 
@@ -156,6 +224,10 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         heartbeat_timeout,
         traceparent,
         stage,
+        parent_id,
+        children,
+        await_children,
+        held,
     ) = row
     meta = json.loads(metadata) if metadata else None
     spec = new_spec(
@@ -165,6 +237,8 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         callback_url,
         heartbeat_timeout,
         traceparent,
+        parent_id,
+        bool(await_children),
     )
     return TaskRecord(
         task_id,
@@ -182,6 +256,8 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         error,
         spec,
         stage,
+        children_from_text(children),
+        held_from_text(held),
     )
 
 

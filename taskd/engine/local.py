@@ -16,16 +16,22 @@ from typing import TYPE_CHECKING, Any, Final
 
 from .._counters import TaskCounters
 from .._errors import InvalidTransition, StoreError, TaskdError
-from .._models import ANY_OWNER, JSON, TERMINAL, OwnerScope, RawJSON, TaskRecord, TaskStatus
+from .._models import (
+    ANY_OWNER,
+    JSON,
+    TERMINAL,
+    Held,
+    OwnerScope,
+    RawJSON,
+    TaskRecord,
+    TaskStatus,
+)
 from .._retention import Retention
 from ..actor import messages as m
-from ..actor.engine import Engine, Handler, Settle
+from ..actor.engine import Engine, Handler, Host, Settle
 from ..actor.timers import Kind
 from .codec import new_spec
 from .rules import (
-    CANCEL_EXTERNAL,
-    CANCEL_SPAWNED,
-    CONFIRM_EXTERNAL,
     HEARTBEAT_TIMEOUT,
     NOT_ACKNOWLEDGED,
     PROGRESS_ON,
@@ -33,9 +39,11 @@ from .rules import (
     RUN_BY_TRACKER,
     START_FROM,
     TRACKER_RESTARTED,
+    WAITING_FOR_CHILDREN,
 )
 from .state import Page, TaskState
 from .store import Store
+from .trees import Trees
 
 if TYPE_CHECKING:
     from .._webhooks import WebhookSender
@@ -76,6 +84,8 @@ class LocalEngine(Engine):
         # boot's start. An id below it is from an earlier boot: no replay is possible.
         self.boot_seq = int(clock() * 1_000_000)
         self.state = TaskState(retention, first_seq=self.boot_seq)
+        #: The tree rules: held outcomes, cascading cancels (docs/trees.md).
+        self.trees = Trees(self.state, self._change)
         #: What /metrics and the dashboard's chart count, in this process: each
         #: transition as it is committed (with Redis, the deployment's totals instead).
         self.counters = TaskCounters()
@@ -88,6 +98,11 @@ class LocalEngine(Engine):
             {},
             [],
         )
+
+    def bind(self, actor: Host) -> None:
+        """Called once by the actor that drives this engine."""
+        super().bind(actor)
+        self.trees.actor = actor
 
     def handlers(self) -> Mapping[type[Any], Handler]:
         """The handler of each command that touches records."""
@@ -247,6 +262,8 @@ class LocalEngine(Engine):
         rec = self.state.get(task_id)
         if rec is None or rec.status in TERMINAL:
             return
+        if rec.held is not None:
+            return  # its own work has ended: it waits for its descendants only
         if kind is Kind.HEARTBEAT:
             last = self._last_beat.get(task_id)
             if last is None or rec.heartbeat_timeout is None:
@@ -264,7 +281,7 @@ class LocalEngine(Engine):
             runner = a.runners.get(task_id)
             if runner is not None:
                 runner.settle_with = (TaskStatus.CANCELLED, None, None)
-            self._change(rec, TaskStatus.CANCELLED, error=NOT_ACKNOWLEDGED)
+            self.trees.finish(rec, TaskStatus.CANCELLED, error=NOT_ACKNOWLEDGED)
 
     def fired(self) -> None:
         """Expire records past their TTL; the next expiry is the timers' floor."""
@@ -294,11 +311,13 @@ class LocalEngine(Engine):
         error: str | None = None,
         action: str | None = None,
         stage: str | None = None,
+        held: Held | None = None,
     ) -> TaskRecord:
         """Move ``rec`` to ``status`` (the state checks the transition table), then
         arrange what the actor owns: deadlines, heartbeats, the runner's outcome."""
         a = self.actor
-        new = self.state.transition(
+        state = self.state
+        new = state.transition(
             rec,
             status,
             a.now,
@@ -308,6 +327,7 @@ class LocalEngine(Engine):
             error=error,
             action=action,
             stage=stage,
+            held=held,
         )
         if rec.status is not new.status:
             tid = new.task_id
@@ -323,6 +343,8 @@ class LocalEngine(Engine):
                     a.settle.append((runner, new))
             elif new.status is TaskStatus.CANCELLING:
                 a.timers.push(a.now + self._cancel_grace, Kind.GRACE, tid)
+        if state.freed and not self.trees.cascading:
+            self.trees.free()
         return new
 
     def end(
@@ -341,7 +363,10 @@ class LocalEngine(Engine):
             if rec is None or rec.status in TERMINAL:
                 return  # already recorded (cancelled while pending, or abandoned)
             runner.settle_with = settle
-            self._change(rec, status, result=result, error=error)
+            new = self.trees.finish(rec, status, result=result, error=error)
+            if new.status not in TERMINAL:
+                # Held for its descendants: the handle says how the coroutine ended.
+                self.actor.settle.append((runner, new))
         finally:
             runners.pop(runner.task_id, None)
 
@@ -349,7 +374,14 @@ class LocalEngine(Engine):
 
     def _on_create(self, msg: m.Create, fut: object) -> TaskRecord:
         spec = new_spec(
-            msg.metadata, msg.owner, False, msg.callback_url, msg.heartbeat_timeout, msg.traceparent
+            msg.metadata,
+            msg.owner,
+            False,
+            msg.callback_url,
+            msg.heartbeat_timeout,
+            msg.traceparent,
+            msg.parent_id,
+            msg.await_children,
         )
 
         def build(task_id: str, at: float) -> TaskRecord:
@@ -358,7 +390,9 @@ class LocalEngine(Engine):
             )
 
         a = self.actor
-        rec = self.state.insert(msg.task_type, msg.resource_id, msg.owner, a.now, build)
+        rec = self.state.insert(
+            msg.task_type, msg.resource_id, msg.owner, a.now, build, msg.parent_id
+        )
         if msg.span is not None and a.tracing is not None:
             a.tracing.opened(msg.span, rec.task_id)
         if msg.heartbeat_timeout is not None:
@@ -369,7 +403,9 @@ class LocalEngine(Engine):
     def _on_spawn(self, msg: m.Spawn, fut: object) -> TaskRecord:
         if msg.minted is not None:
             return self._spawn_minted(msg, msg.minted)
-        spec = new_spec(msg.metadata, msg.owner, True, msg.callback_url, None, msg.traceparent)
+        spec = new_spec(
+            msg.metadata, msg.owner, True, msg.callback_url, None, msg.traceparent, msg.parent_id
+        )
 
         def build(task_id: str, at: float) -> TaskRecord:
             # Running from the start: the runner is launched right after this batch
@@ -379,7 +415,9 @@ class LocalEngine(Engine):
                 task_id, msg.task_type, TaskStatus.RUNNING, msg.resource_id, at, at, at, spec=spec
             )
 
-        rec = self.state.insert(msg.task_type, msg.resource_id, msg.owner, self.actor.now, build)
+        rec = self.state.insert(
+            msg.task_type, msg.resource_id, msg.owner, self.actor.now, build, msg.parent_id
+        )
         self.counters.on_started(rec)  # running from its creation: it waited 0 s
         return self.actor.add_runner(msg, rec)
 
@@ -440,6 +478,8 @@ class LocalEngine(Engine):
         if rec.in_process and rec.status not in TERMINAL:
             # Its runner reports how it ends; a second source of truth would race it.
             raise InvalidTransition(rec.task_id, RUN_BY_TRACKER, action)
+        if rec.held is not None:
+            raise InvalidTransition(rec.task_id, WAITING_FOR_CHILDREN, action)
         return rec
 
     def _on_start(self, msg: m.Start, fut: object) -> TaskRecord:
@@ -460,45 +500,28 @@ class LocalEngine(Engine):
 
     def _on_complete(self, msg: m.Complete, fut: object) -> TaskRecord:
         rec = self._external(msg, "complete")
-        return self._change(rec, TaskStatus.COMPLETED, result=msg.result, action="complete")
+        return self.trees.finish(rec, TaskStatus.COMPLETED, result=msg.result, action="complete")
 
     def _on_fail(self, msg: m.Fail, fut: object) -> TaskRecord:
         rec = self._external(msg, "fail")
         return self._change(rec, TaskStatus.FAILED, error=msg.error, action="fail")
 
     def _on_cancel(self, msg: m.Cancel, fut: object) -> tuple[TaskRecord, bool]:
-        a = self.actor
         rec = self.state.visible(msg.task_id, msg.owner)
-        runner = a.runners.get(rec.task_id)
-        if runner is not None and runner.task is None and rec.status not in TERMINAL:
-            # Spawned in this same batch and not launched yet: it never starts.
-            runner.settle_with = (TaskStatus.CANCELLED, None, None)
-            new = self._change(rec, TaskStatus.CANCELLED, error=msg.reason)
-            a.launch.remove(runner)
-            runner.close()
-            del a.runners[rec.task_id]
-            return new, True
-        table = CANCEL_EXTERNAL if not msg.confirm or rec.in_process else CONFIRM_EXTERNAL
-        to = (CANCEL_SPAWNED if runner is not None else table).get(rec.status)
-        if to is None:
-            raise InvalidTransition(rec.task_id, rec.status.value, "cancel")
-        if runner is not None and runner.task is not None:
-            # Spawned and running: cancelling until the coroutine has unwound.
-            runner.task.cancel()
-        if to is rec.status:
-            return rec, False  # asked before, or done: idempotent
-        if to is TaskStatus.CANCELLED:
-            return self._change(rec, to, error=msg.reason), True
-        return self._change(rec, to, action="cancel"), True
+        return self.trees.cancel(rec, msg.reason, confirm=msg.confirm)
 
     def _on_delete(self, msg: m.Delete, fut: object) -> None:
         self.state.delete(msg.task_id, msg.owner)
 
     def _on_delete_many(self, msg: m.DeleteMany, fut: object) -> tuple[int, str | None]:
         page = self._on_list(msg.listing(), fut)
+        state = self.state
+        deleted = 0
         for rec in page.records:
-            self.state.delete(rec.task_id, msg.owner)
-        return len(page.records), page.next_cursor
+            # (a subtree deleted with its parent, or one still working, is skipped)
+            if state.get(rec.task_id) is not None and not state.forest.live(rec.task_id):
+                deleted += state.delete(rec.task_id, msg.owner)
+        return deleted, page.next_cursor
 
     def _on_get(self, msg: m.Get, fut: object) -> TaskRecord | None:
         return self.read(msg.task_id, msg.owner)
@@ -512,6 +535,7 @@ class LocalEngine(Engine):
             limit=msg.limit,
             before=msg.before,
             stage=msg.stage,
+            parent_id=msg.parent_id,
         )
 
     def _on_wait(self, msg: m.Wait, fut: asyncio.Future[Any] | None) -> object:

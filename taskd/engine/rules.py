@@ -15,6 +15,8 @@ from typing import Final
 from .._models import ACTIVE, TERMINAL, TRANSITIONS, TaskStatus
 
 __all__ = [
+    "ACTIVE_DESCENDANTS",
+    "ADD_CHILD_VERB",
     "CANCEL_EXTERNAL",
     "CANCEL_SPAWNED",
     "CONFIRM_EXTERNAL",
@@ -27,6 +29,7 @@ __all__ = [
     "RUN_BY_TRACKER",
     "START_FROM",
     "TRACKER_RESTARTED",
+    "WAITING_FOR_CHILDREN",
     "lua_tables",
 ]
 
@@ -71,6 +74,13 @@ NOT_ACKNOWLEDGED: Final = "cancel not acknowledged"
 HEARTBEAT_TIMEOUT: Final = "heartbeat timeout"
 #: The error of a spawned task whose process is gone (Redis: its liveness lapsed).
 PROCESS_LOST: Final = "interrupted: process lost"
+#: Why a delete of a finished task is refused while its subtree is not (docs/trees.md).
+ACTIVE_DESCENDANTS: Final = "a parent of active tasks"
+#: The action named when a new child is refused (its parent is finished or cancelling).
+ADD_CHILD_VERB: Final = "add a child to"
+#: Why ``start``/``complete``/``fail`` is refused once a task's own work has ended and
+#: its outcome waits for its descendants.
+WAITING_FOR_CHILDREN: Final = "waiting for its children"
 #: The error of a spawned task found active when a durable store is loaded again.
 TRACKER_RESTARTED: Final = "interrupted: tracker restarted"
 
@@ -98,6 +108,9 @@ def lua_tables(fields: tuple[str, ...], payload: tuple[str, ...]) -> str:
         "not_acknowledged": NOT_ACKNOWLEDGED,
         "heartbeat_timeout": HEARTBEAT_TIMEOUT,
         "process_lost": PROCESS_LOST,
+        "active_descendants": ACTIVE_DESCENDANTS,
+        "add_child_verb": ADD_CHILD_VERB,
+        "waiting_for_children": WAITING_FOR_CHILDREN,
     }
     lines = [
         "-- generated from taskd.engine.rules and taskd.engine.codec: do not edit here",

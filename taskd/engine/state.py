@@ -16,15 +16,20 @@ import heapq
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from types import MappingProxyType
 
+import msgspec
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
 from .._errors import InvalidTransition, QuotaExceeded, TaskConflict, TaskNotFound, TrackerFull
 from .._models import (
+    ACTIVE,
     ANY_OWNER,
     JSON,
+    NO_CHILDREN,
     TERMINAL,
     TRANSITIONS,
+    Held,
     OwnerScope,
     RawJSON,
     TaskRecord,
@@ -32,8 +37,9 @@ from .._models import (
 )
 from .._retention import ExpiryQueues, Retention
 from .codec import new_spec as new_spec  # where the actor and tests import it from
+from .forest import Forest
 from .ids import IdSpace
-from .rules import DELETE_FROM
+from .rules import ACTIVE_DESCENDANTS, ADD_CHILD_VERB, DELETE_FROM
 
 __all__ = ["Page", "TaskState"]
 
@@ -76,6 +82,13 @@ class TaskState:
         # and every version in order with its sequence number.
         self._dirty: dict[str, TaskRecord | None] = {}
         self._changed: list[tuple[int, TaskRecord]] = []
+        #: Parent links: children by parent, active descendants by task.
+        self.forest = Forest()
+        #: Tasks whose last active descendant just ended (their held outcome, or a
+        #: removal kept back, is due): the engine takes them (``LocalEngine._free``).
+        self.freed: list[str] = []
+        #: Finished tasks past their TTL, kept while a descendant is active.
+        self.kept: set[str] = set()
 
     # --- reading ----------------------------------------------------------------------
 
@@ -136,6 +149,15 @@ class TaskState:
                 if rec.resource_id is not None:
                     self._active_keys[(rec.owner, rec.task_type, rec.resource_id)] = rec.task_id
                 active.append(rec)
+        # Parents are older than their children: every link's parent is in place.
+        forest = self.forest
+        for rec in self._records.values():
+            if rec.parent_id is not None:
+                forest.link(rec.parent_id, rec.task_id)
+        for rec in active:
+            if rec.parent_id is not None:
+                self._live_delta(rec.parent_id, +1)
+        self.freed.clear()
         # The expiry queues are in finishing order, which is not creation order.
         for rec in sorted(finished, key=lambda r: r.finished_at or 0.0):
             self._expiry.push(rec.status, rec.task_id, rec.finished_at or 0.0, self._records.get)
@@ -150,8 +172,12 @@ class TaskState:
         owner: str | None,
         now: float,
         build: Callable[[str, float], TaskRecord],
+        parent_id: str | None = None,
     ) -> TaskRecord:
-        """Dedup, check the quota, make room under the cap, then insert a new record."""
+        """Dedup, check the quota and the parent, make room under the cap, then insert
+        a new record."""
+        if parent_id is not None:
+            self.check_parent(parent_id, owner)
         if resource_id is not None:
             holder = self._active_keys.get((owner, task_type, resource_id))
             if holder is not None:
@@ -163,6 +189,15 @@ class TaskState:
         rec = build(task_id, at)
         self._add(rec)
         return rec
+
+    def check_parent(self, parent_id: str, owner: str | None) -> TaskRecord:
+        """The parent of a new task: one the new task's owner sees (else
+        ``TaskNotFound``) that takes children (active and not cancelling, else
+        ``InvalidTransition``)."""
+        parent = self.visible(parent_id, owner)
+        if parent.status not in ACTIVE or parent.status is TaskStatus.CANCELLING:
+            raise InvalidTransition(parent_id, parent.status.value, ADD_CHILD_VERB)
+        return parent
 
     def mint(self, now: float) -> tuple[str, float]:
         """A new id and its creation instant (``now``, or a microsecond past the last).
@@ -198,6 +233,11 @@ class TaskState:
         if resource_id is not None:
             self._active_keys[(rec.owner, rec.task_type, resource_id)] = task_id
         self._emit(rec)
+        parent_id = rec.parent_id
+        if parent_id is not None:
+            self.forest.link(parent_id, task_id)
+            self._count_child(parent_id, None, rec.status)
+            self._live_delta(parent_id, +1)
 
     def transition(
         self,
@@ -211,11 +251,19 @@ class TaskState:
         error: str | None = None,
         action: str | None = None,
         stage: str | None = None,
+        held: Held | None = None,
     ) -> TaskRecord:
         """Move ``rec`` to ``status`` if the transition table allows it (the same
-        status: a progress report); ``InvalidTransition`` otherwise."""
+        status: a progress report); ``InvalidTransition`` otherwise. ``held``: the
+        outcome to apply once no descendant is active (an active record keeps the
+        one it holds; a terminal one holds none)."""
+        # (a parent's children counts may have moved since the caller read it)
+        rec = self._records.get(rec.task_id, rec)
         if rec.status in TERMINAL or (
-            status is not rec.status and status not in TRANSITIONS[rec.status]
+            status is not rec.status
+            and status not in TRANSITIONS[rec.status]
+            # a cancelled parent waits for its descendants, even one never started
+            and not (held is not None and status is TaskStatus.CANCELLING)
         ):
             raise InvalidTransition(rec.task_id, rec.status.value, action or status.value)
         at = now if now > rec.updated_at else rec.updated_at
@@ -241,6 +289,7 @@ class TaskState:
             stage=None
             if status is TaskStatus.COMPLETED
             else (rec.stage if stage is None else stage),
+            held=None if terminal else (rec.held if held is None else held),
         )
         tid = new.task_id
         self._records[tid] = new
@@ -261,6 +310,11 @@ class TaskState:
                         del self._active_keys[key]
                 self._expiry.push(new.status, tid, at, self._records.get)
         self._emit(new)
+        parent_id = new.parent_id
+        if parent_id is not None and rec.status is not new.status:
+            self._count_child(parent_id, rec.status, new.status)
+            if terminal:
+                self._live_delta(parent_id, -1)
         return new
 
     def expires_at(self, rec: TaskRecord) -> float:
@@ -269,23 +323,39 @@ class TaskState:
         return rec.finished_at + self._retention.ttl(rec.status)
 
     def remove(self, task_id: str) -> None:
-        """Drop a record (expired, evicted or deleted)."""
+        """Drop a record (expired, evicted or deleted): its children, if any, stay
+        (their ``parent_id`` then names a task that is gone)."""
         rec = self._records.pop(task_id)
         self._index_remove(rec)
         self._dirty[task_id] = None
+        self.kept.discard(task_id)
+        if rec.parent_id is not None:
+            self.forest.unlink(rec.parent_id, task_id)
+            self._count_child(rec.parent_id, rec.status, None)
 
-    def delete(self, task_id: str, owner: OwnerScope) -> None:
-        """Delete a terminal record; an active one raises ``InvalidTransition``."""
+    def delete(self, task_id: str, owner: OwnerScope) -> int:
+        """Delete a terminal record and its subtree (all finished); one with an active
+        descendant, or active itself, raises ``InvalidTransition``. The number of
+        records deleted."""
         rec = self.visible(task_id, owner)
         if rec.status not in DELETE_FROM:
             raise InvalidTransition(rec.task_id, rec.status.value, "delete")
-        self.remove(rec.task_id)
+        if self.forest.live(task_id):
+            raise InvalidTransition(rec.task_id, ACTIVE_DESCENDANTS, "delete")
+        doomed = [task_id, *self.forest.subtree(task_id)]
+        for tid in doomed:  # parents first: a parent gone is not recounted
+            self.remove(tid)
         self._expiry.compact(len(self._records) - self.active, self._records.get)
+        return len(doomed)
 
     def expire(self, now: float) -> None:
-        """Remove every record whose TTL has run out."""
+        """Remove every record whose TTL has run out, except one with an active
+        descendant (kept until the last of them ends: ``kept``)."""
         for task_id in self._expiry.pop_due(now, self._records.get):
-            self.remove(task_id)
+            if self.forest.live(task_id):
+                self.kept.add(task_id)
+            else:
+                self.remove(task_id)
 
     def next_expiry(self) -> float | None:
         """The earliest instant a record expires, or None."""
@@ -302,8 +372,58 @@ class TaskState:
             self._active_by_owner[rec.owner] = self._active_by_owner.get(rec.owner, 0) + delta
 
     def _oldest_terminal(self) -> str:
-        heads: list[str] = [self._by_status[s][0] for s in TERMINAL if self._by_status[s]]
+        """The oldest finished record without an active descendant."""
+        live = self.forest.live
+        heads: list[str] = []
+        for s in TERMINAL:
+            for tid in self._by_status[s]:
+                if not live(tid):
+                    heads.append(tid)
+                    break
+        if not heads:
+            raise TrackerFull(f"all {self.cap} task slots hold active tasks or their parents")
         return min(heads)
+
+    # --- trees ----------------------------------------------------------------------------
+
+    def _count_child(self, parent_id: str, old: TaskStatus | None, new: TaskStatus | None) -> None:
+        """A child of ``parent_id`` moved from ``old`` to ``new`` (None: added, removed):
+        the parent's ``children`` counts follow, as a new version of the parent. A
+        parent waiting for its children (``await_children``) shows the share of them
+        finished as its progress (docs/trees.md)."""
+        parent = self._records.get(parent_id)
+        if parent is None:
+            return
+        counts = dict(parent.children)
+        if old is not None:
+            n = counts.get(old.value, 0) - 1
+            if n > 0:
+                counts[old.value] = n
+            else:
+                counts.pop(old.value, None)
+        if new is not None:
+            counts[new.value] = counts.get(new.value, 0) + 1
+        progress = parent.progress
+        held = parent.held
+        if held is not None and held.status is TaskStatus.COMPLETED and counts:
+            done = sum(n for st, n in counts.items() if TaskStatus(st) in TERMINAL)
+            progress = round(done / sum(counts.values()), 4)
+        new_parent = msgspec.structs.replace(
+            parent, children=MappingProxyType(counts) if counts else NO_CHILDREN, progress=progress
+        )
+        self._records[parent_id] = new_parent
+        self._emit(new_parent)
+
+    def _live_delta(self, parent_id: str | None, delta: int) -> None:
+        """A descendant of ``parent_id`` became active (+1) or ended (-1): every
+        ancestor's count follows; one that reaches 0 is ``freed``."""
+        forest = self.forest
+        records = self._records
+        while parent_id is not None:
+            if forest.add_live(parent_id, delta) == 0 and delta < 0:
+                self.freed.append(parent_id)
+            up = records.get(parent_id)
+            parent_id = None if up is None else up.parent_id
 
     # --- indexes --------------------------------------------------------------------------
 
@@ -383,12 +503,18 @@ class TaskState:
         limit: int = 50,
         before: str | None = None,
         stage: str | None = None,
+        parent_id: str | None = None,
     ) -> Page:
         """One page of records, newest first, from the smallest index that covers a
         filter; ``before`` is the cursor (ids sort in creation order)."""
         out: list[TaskRecord] = []
         records = self._records
         candidates = self._candidates(statuses, task_type, resource_id, owner, before)
+        if parent_id is not None:
+            children = self.forest.children(parent_id)
+            if children is None:
+                return Page((), None)
+            candidates = _desc(children, before)
         if stage is not None:
             by_stage = self._by_stage.get(stage)
             if by_stage is None:
@@ -398,6 +524,8 @@ class TaskState:
         for tid in candidates:
             rec = records[tid]
             if stage is not None and rec.stage != stage:
+                continue
+            if parent_id is not None and rec.parent_id != parent_id:
                 continue
             if owner is not ANY_OWNER and rec.owner != owner:
                 continue

@@ -73,6 +73,7 @@ def _record_response(
 
 _CREATE_FIELDS: Final = frozenset(
     {"task_type", "resource_id", "metadata", "callback_url", "heartbeat_timeout"}
+    | {"parent_id", "await_children"}
 )
 
 
@@ -125,7 +126,8 @@ class _Handlers:
                 check_stage(stage)
             except ValueError as exc:
                 raise _invalid(str(exc), parameter="stage") from None
-        digest = _filter_digest(statuses, task_type, resource_id, stage)
+        parent_id = _one_query(request, "parent_id") or None
+        digest = _filter_digest(statuses, task_type, resource_id, stage, parent_id)
         token = _one_query(request, "page_token")
         key = state.tracker.page_key
         cursor = _decode_token(token, digest, key) if token else None
@@ -137,6 +139,7 @@ class _Handlers:
             owner=owner,
             cursor=cursor,
             stage=stage,
+            parent_id=parent_id,
         )
         next_token = _encode_token(page.next_cursor, digest, key) if page.next_cursor else None
         items = b",".join(state.render(r) for r in page.records)
@@ -199,6 +202,8 @@ class _Handlers:
             heartbeat_timeout=_field(data, "heartbeat_timeout", float),
             # (the caller's W3C trace context; one that is not valid is ignored)
             traceparent=check_traceparent(request.headers.get("traceparent")),
+            parent_id=_field(data, "parent_id", str),
+            await_children=_field(data, "await_children", bool) or False,
         )
         return _record_response(state, rec, 201, {"Location": state.task_url(rec.task_id)})
 

@@ -79,6 +79,7 @@ _TYPE_NAMES: Final[dict[type, str]] = {
     str: "a string",
     float: "a number",
     dict: "an object",
+    bool: "a boolean",
 }
 
 
@@ -136,13 +137,16 @@ def _filter_digest(
     task_type: str | None,
     resource_id: str | None,
     stage: str | None = None,
+    parent_id: str | None = None,
 ) -> str:
     """The listing's filters as the token's MAC covers them (ASCII: escapes any
-    character, lone surrogates included); ``stage`` only when given, so tokens made
-    before it existed stay valid."""
+    character, lone surrogates included); ``stage`` and ``parent_id`` only when
+    given, so tokens made before they existed stay valid."""
     filters: list[object] = [statuses, task_type, resource_id]
-    if stage is not None:
+    if stage is not None or parent_id is not None:
         filters.append(stage)
+    if parent_id is not None:
+        filters.append(parent_id)
     return json.dumps(filters, separators=(",", ":"))
 
 
