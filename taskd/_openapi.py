@@ -289,9 +289,14 @@ def document(
                             },
                         },
                         "400": bad,
+                        "404": _error(
+                            "NOT_FOUND: the parent_id names no task the caller can see "
+                            "(docs/trees.md)"
+                        ),
                         "409": _error(
                             "CONFLICT: an active task holds the same (task_type, resource_id); "
-                            "details.task_id names it"
+                            "details.task_id names it. FAILED_PRECONDITION: the parent is "
+                            "finished or cancelling"
                         ),
                         "413": too_large,
                         "429": _error(

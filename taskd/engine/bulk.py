@@ -28,7 +28,9 @@ MAX_DELETE: Final = 1000
 def before_cursor(before: float) -> str:
     """The id cursor of "created before ``before``" (Unix seconds): ids start with
     their creation instant in microseconds, 13 hex digits, and sort by it."""
-    return f"{max(int(before * 1_000_000), 0):013x}"
+    micros = before * 1_000_000
+    # (past the 13 digits' end, in 2112, every id is before it)
+    return f"{min(max(int(micros), 0), 16**13 - 1) if micros < 16**13 else 16**13 - 1:013x}"
 
 
 def delete_message(

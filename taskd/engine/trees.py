@@ -142,12 +142,16 @@ class Trees:
         return self._change(rec, to, action="cancel"), True
 
     def _cascade(self, task_id: str, reason: str) -> None:
-        """Cancel the active children of ``task_id`` (each with its subtree)."""
+        """Cancel the active descendants of ``task_id`` (each with its subtree)."""
         state = self._state
         children = state.forest.children(task_id)
         if not children or not state.forest.live(task_id):
             return
         for tid in list(children):
             child = state.get(tid)
-            if child is not None and child.status in ACTIVE:
+            if child is None:
+                continue
+            if child.status in ACTIVE:
                 self._cancel_one(child, reason, False)
+            else:  # (finished, with active descendants of its own: they are reached)
+                self._cascade(tid, reason)
