@@ -353,3 +353,33 @@ async def test_openviking_cancel_semantics_over_http(serve: Any) -> None:
         assert resp.status == 204
         resp = await client.get(f"{API}/tasks/{active.task_id}")
         assert resp.status == 404
+
+
+def test_the_cli_lists_a_parents_children(tmp_path: Path) -> None:
+    import json
+    import urllib.request
+
+    from .service import Service, cli
+
+    with Service(tmp_path) as s:
+
+        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+            req = urllib.request.Request(
+                s.url + API + path,
+                data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                method="POST",
+            )
+            with urllib.request.urlopen(req, timeout=10) as resp:
+                result: dict[str, Any] = json.loads(resp.read())["result"]
+                return result
+
+        root = post("/tasks", {"task_type": "import"})["task_id"]
+        kids = [post("/tasks", {"task_type": "part", "parent_id": root})["task_id"] for _ in "ab"]
+        post("/tasks", {"task_type": "loose"})
+        out = cli("list", "--parent", root, "--url", s.url, "--json")
+        assert out.returncode == 0, out.stderr
+        assert [r["task_id"] for r in json.loads(out.stdout)["tasks"]] == kids[::-1]
+        out = cli("list", "--url", s.url, env={"COLUMNS": "150"})
+        assert out.returncode == 0, out.stderr
+        assert "import +2" in out.stdout  # a parent shows its number of children

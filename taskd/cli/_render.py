@@ -80,7 +80,11 @@ def table(records: Sequence[TaskRecord], width: int) -> Table:
                 style=STYLE[rec.status.value],
             ),
             "progress": Text("" if rec.progress is None else f"{rec.progress:.0%}"),
-            "type": Text(safe(rec.task_type)),
+            # a parent's type with its number of children (``import +3``)
+            "type": Text(
+                safe(rec.task_type)
+                + (f" +{sum(rec.children.values())}" if rec.children else "")
+            ),
             "message / error": Text(short(rec.error if rec.error else rec.message)),
             "resource": Text(safe(rec.resource_id or "")),
             "updated": Text(rec.updated_at_iso[11:19]),

@@ -102,6 +102,7 @@ def add_parsers(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         )
         p.add_argument("--type", dest="task_type", help="only this task_type")
         p.add_argument("--resource", dest="resource_id", help="only this resource_id")
+        p.add_argument("--parent", dest="parent_id", help="only the children of this task")
         p.add_argument(
             "--limit", type=typed(int, "an integer"), default=limit, help="how many tasks, 1-200"
         )
@@ -193,6 +194,7 @@ async def _list(client: TaskdClient, args: argparse.Namespace, console: Console)
         resource_id=args.resource_id,
         limit=args.limit,
         page_token=args.page_token,
+        parent_id=args.parent_id,
     )
     if args.json:
         # One document with the token in it: a script pages without reading stderr.
@@ -320,6 +322,7 @@ async def _watch(client: TaskdClient, args: argparse.Namespace, console: Console
             task_type=args.task_type,
             resource_id=args.resource_id,
             limit=args.limit,
+            parent_id=args.parent_id,
         )
         latest.update((r.task_id, r) for r in page.records)
 
