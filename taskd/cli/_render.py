@@ -82,8 +82,7 @@ def table(records: Sequence[TaskRecord], width: int) -> Table:
             "progress": Text("" if rec.progress is None else f"{rec.progress:.0%}"),
             # a parent's type with its number of children (``import +3``)
             "type": Text(
-                safe(rec.task_type)
-                + (f" +{sum(rec.children.values())}" if rec.children else "")
+                safe(rec.task_type) + (f" +{sum(rec.children.values())}" if rec.children else "")
             ),
             "message / error": Text(short(rec.error if rec.error else rec.message)),
             "resource": Text(safe(rec.resource_id or "")),
