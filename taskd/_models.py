@@ -36,6 +36,8 @@ __all__ = [
 JSON: TypeAlias = bool | int | float | str | Sequence["JSON"] | Mapping[str, "JSON"] | None
 
 MAX_METADATA_BYTES = 16 * 1024
+#: The stage changes a record's ``history`` keeps (the latest).
+MAX_STAGES = 16
 MAX_MESSAGE_CHARS = 1024
 MAX_RESOURCE_ID_CHARS = 256
 _TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
@@ -79,12 +81,7 @@ TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = MappingProxyType(
             {TaskStatus.RUNNING, TaskStatus.CANCELLED, TaskStatus.FAILED}
         ),
         TaskStatus.RUNNING: frozenset(
-            {
-                TaskStatus.COMPLETED,
-                TaskStatus.FAILED,
-                TaskStatus.CANCELLING,
-                TaskStatus.CANCELLED,
-            }
+            {TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLING, TaskStatus.CANCELLED}
         ),
         TaskStatus.CANCELLING: frozenset(
             {TaskStatus.CANCELLED, TaskStatus.COMPLETED, TaskStatus.FAILED}
@@ -176,6 +173,7 @@ FIELDS: Final[tuple[tuple[str, str, str, bool], ...]] = (
     ("children", "ch", "TEXT", True),
     ("await_children", "aw", "INTEGER", False),
     ("held", "hd", "TEXT", False),
+    ("stages", "sh", "TEXT", False),
     ("process", "pr", "", False),
     ("seq", "sq", "", False),
 )
@@ -213,6 +211,9 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     children: Mapping[str, int] = NO_CHILDREN
     #: The outcome waiting for the descendants to end (never rendered).
     held: Held | None = None
+    #: The latest stage changes, oldest first: (stage, instant, status then), at most
+    #: ``MAX_STAGES`` (rendered in ``history``).
+    stages: tuple[tuple[str, float, TaskStatus], ...] = ()
 
     @property
     def result(self) -> JSON:
@@ -266,7 +267,8 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         entered each: ``pending`` at creation (tasks run elsewhere; a spawned task
         is ``running`` from its creation), ``running`` when started, the terminal
         status when finished. Bounded (at most three entries) and free: every
-        instant is one of the record's own fields (docs/http-api.md)."""
+        instant is one of the record's own fields (docs/http-api.md). The JSON
+        ``history`` adds the stage changes (``stages``)."""
         out: list[tuple[TaskStatus, float]] = []
         if not self.spec.in_process:
             out.append((TaskStatus.PENDING, self.created_at))
@@ -321,13 +323,27 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             self.result if result else None,
             self.error,
             dict(self.spec.metadata),
-            [{"status": status.value, "at": at} for status, at in self.history],
+            self._history(),
             self.spec.traceparent,
             self.stage,
             self.spec.parent_id,
             dict(self.children),
         )
         return dict(zip(JSON_KEYS, values, strict=True))
+
+    def _history(self) -> list[JSON]:
+        """The JSON ``history``: statuses, and stage changes (``{status, stage, at}``)."""
+        if not self.stages:
+            return [{"status": status.value, "at": at} for status, at in self.history]
+        entries: list[tuple[float, int, JSON]] = [
+            (at, 0, {"status": status.value, "at": at}) for status, at in self.history
+        ]
+        entries += [
+            (at, 1, {"status": status.value, "stage": stage, "at": at})
+            for stage, at, status in self.stages
+        ]
+        entries.sort(key=_by_instant)  # at one instant, a status before its stage
+        return [entry for _, _, entry in entries]
 
     @classmethod
     def from_dict(cls, data: Mapping[str, object]) -> TaskRecord:
@@ -386,10 +402,10 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         error: str | None,
         stage: str | None = None,
         held: Held | None = None,
+        stages: tuple[tuple[str, float, TaskStatus], ...] | None = None,
     ) -> TaskRecord:
         """A copy with the mutable-by-transition fields replaced (by hand: the actor's
-        hot path, where ``dataclasses.replace`` would introspect on every call); the
-        children counts are kept."""
+        hot path, where ``dataclasses.replace`` would introspect on every call)."""
         return TaskRecord(
             self.task_id,
             self.task_type,
@@ -407,6 +423,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             stage,
             self.children,
             held,
+            self.stages if stages is None else stages,
         )
 
 
@@ -433,6 +450,10 @@ def result_from_text(text: str) -> JSON | RawJSON:
         return RawJSON(text)
     decoded: JSON = json.loads(text)
     return decoded
+
+
+def _by_instant(entry: tuple[float, int, JSON]) -> tuple[float, int]:
+    return entry[0], entry[1]
 
 
 def _str(value: object) -> str:

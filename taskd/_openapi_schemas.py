@@ -10,6 +10,7 @@ from ._errors import ERRORS
 from ._models import (
     MAX_MESSAGE_CHARS,
     MAX_RESOURCE_ID_CHARS,
+    MAX_STAGES,
     MESSAGE_PATTERN,
     RESOURCE_ID_PATTERN,
     TASK_TYPE_PATTERN,
@@ -52,13 +53,14 @@ _RECORD_FIELDS: Final[Doc] = {
     "metadata": {"type": "object"},
     "history": {
         "type": "array",
-        "maxItems": 3,
+        "maxItems": 3 + MAX_STAGES,
         "items": {
             "type": "object",
             "additionalProperties": False,
             "required": ["status", "at"],
             "properties": {
                 "status": {"type": "string", "enum": STATUSES},
+                "stage": {"type": "string", "description": "a stage change (docs/http-api.md)"},
                 "at": {"type": "number"},
             },
         },

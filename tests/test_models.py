@@ -116,7 +116,7 @@ def test_control_character_rules_and_their_openapi_patterns_agree() -> None:
 
     def refused(check: object, text: str) -> bool:
         try:
-            check(text)  # type: ignore[operator]
+            check(text)
         except ValueError:
             return True
         return False
@@ -180,6 +180,7 @@ def test_a_row_holds_each_field_in_its_own_column_and_reads_back() -> None:
             "children": None,  # none: no text
             "await_children": None,
             "held": None,
+            "stages": None,
         }.get(name, value)
         assert row[name] == expected, name
     assert codec.from_row(codec.to_row(rec)) == rec
@@ -190,11 +191,22 @@ def test_a_row_holds_each_field_in_its_own_column_and_reads_back() -> None:
         spec=codec.new_spec({}, None, False, None, None, None, "p0", True),
         children=MappingProxyType({"running": 2, "completed": 1}),
         held=Held(S.COMPLETED, {"n": 3}),
+        stages=(("fetching", 1.5, S.RUNNING), ("parsing", 2.0, S.CANCELLING)),
     )
     row = dict(zip(codec.COLUMNS, codec.to_row(parent), strict=True))
     assert row["children"] == '{"running":2,"completed":1}' and row["await_children"] == 1
     assert row["parent_id"] == "p0" and row["held"] == '{"st":"completed","rz":"{\\"n\\":3}"}'
+    assert row["stages"] == '[["fetching",1.5,"running"],["parsing",2.0,"cancelling"]]'
     assert codec.from_row(codec.to_row(parent)) == parent
+    # stage changes are in the JSON history, between the statuses, by instant
+    history = parent.to_dict()["history"]
+    assert isinstance(history, list)
+    assert [e for e in history if "stage" in e] == [
+        {"status": "running", "stage": "fetching", "at": 1.5},
+        {"status": "cancelling", "stage": "parsing", "at": 2.0},
+    ]
+    ats = [e["at"] for e in history]
+    assert ats == sorted(ats)
     done = taskd.TaskRecord("t2", "x", S.COMPLETED, None, 1.0, 2.0, 1.0, 2.0, 1.0, None, [1])
     assert codec.from_row(codec.to_row(done)) == done
     assert codec.from_row(codec.to_row(done)).spec is codec.new_spec({}, None, False, None, None)

@@ -197,7 +197,7 @@ async def test_the_table_is_derived_from_the_field_list_and_unchanged(tmp_path: 
     # version 1's table, then the columns added since, as SQLite writes ADD COLUMN
     added = (
         ", traceparent TEXT, stage TEXT, parent_id TEXT, children TEXT,"
-        " await_children INTEGER, held TEXT) WITHOUT ROWID"
+        " await_children INTEGER, held TEXT, stages TEXT) WITHOUT ROWID"
     )
     assert sql == SCHEMA_V1.replace(") WITHOUT ROWID", added)
     assert columns == codec.COLUMNS

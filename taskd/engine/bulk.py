@@ -29,8 +29,8 @@ def before_cursor(before: float) -> str:
     """The id cursor of "created before ``before``" (Unix seconds): ids start with
     their creation instant in microseconds, 13 hex digits, and sort by it."""
     micros = before * 1_000_000
-    # (past the 13 digits' end, in 2112, every id is before it)
-    return f"{min(max(int(micros), 0), 16**13 - 1) if micros < 16**13 else 16**13 - 1:013x}"
+    # (clamped: before 1970 is no task, past the 13 digits' end, in 2112, is every one)
+    return f"{0 if micros <= 0 else min(int(min(micros, 16.0**13)), 16**13 - 1):013x}"
 
 
 def delete_message(

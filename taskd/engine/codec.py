@@ -21,6 +21,7 @@ from .._models import (
     EMPTY_METADATA,
     FIELDS,
     JSON,
+    MAX_STAGES,
     NO_CHILDREN,
     Held,
     RawJSON,
@@ -40,6 +41,8 @@ __all__ = [
     "children_text",
     "held_from_text",
     "held_text",
+    "stages_from_text",
+    "stages_text",
     "STORED_FIELDS",
     "from_hash",
     "from_row",
@@ -59,6 +62,7 @@ ADDED_COLUMNS: Final = (
     ("children", "TEXT"),
     ("await_children", "INTEGER"),
     ("held", "TEXT"),
+    ("stages", "TEXT"),
 )
 #: The table, as it has always been written (the text SQLite keeps in the file):
 #: version 1's columns; ``ADDED_COLUMNS`` follow.
@@ -136,6 +140,20 @@ def children_from_text(text: str | None) -> Mapping[str, int]:
     return MappingProxyType(counts) if counts else NO_CHILDREN
 
 
+def stages_text(stages: tuple[tuple[str, float, TaskStatus], ...]) -> str | None:
+    """Stage changes as stored text: ``[[stage, instant, status], …]`` (None: none)."""
+    if not stages:
+        return None
+    return json.dumps([[g, at, st.value] for g, at, st in stages], separators=(",", ":"))
+
+
+def stages_from_text(text: str | None) -> tuple[tuple[str, float, TaskStatus], ...]:
+    """Stage changes from their stored text (instants may be stored as text)."""
+    if not text:
+        return ()
+    return tuple((g, float(at), TaskStatus(st)) for g, at, st in json.loads(text)[-MAX_STAGES:])
+
+
 def held_text(held: Held | None) -> str | None:
     """A held outcome as stored text: its status, result text and error (None: none)."""
     if held is None:
@@ -198,6 +216,7 @@ def to_row(rec: TaskRecord) -> tuple[object, ...]:
         children_text(rec.children),
         1 if spec.await_children else None,
         held_text(rec.held),
+        stages_text(rec.stages),
     )
 
 
@@ -228,6 +247,7 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         children,
         await_children,
         held,
+        stages,
     ) = row
     meta = json.loads(metadata) if metadata else None
     spec = new_spec(
@@ -258,6 +278,7 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         stage,
         children_from_text(children),
         held_from_text(held),
+        stages_from_text(stages),
     )
 
 

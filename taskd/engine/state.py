@@ -26,6 +26,7 @@ from .._models import (
     ACTIVE,
     ANY_OWNER,
     JSON,
+    MAX_STAGES,
     NO_CHILDREN,
     TERMINAL,
     TRANSITIONS,
@@ -292,9 +293,12 @@ class TaskState:
             held=None if terminal else (rec.held if held is None else held),
         )
         tid = new.task_id
-        self._records[tid] = new
         if new.stage != rec.stage:
             self._index_stage(tid, rec.stage, new.stage)
+            if new.stage is not None:  # (a stage change, kept in the history)
+                kept = (*rec.stages[1 - MAX_STAGES :], (new.stage, at, new.status))
+                new = msgspec.structs.replace(new, stages=kept)
+        self._records[tid] = new
         if rec.status is not new.status:
             self._by_status[rec.status].remove(tid)
             self._by_status[new.status].add(tid)
