@@ -22,7 +22,7 @@ from aiohttp.test_utils import TestServer
 from prometheus_client.parser import text_string_to_metric_families
 
 import taskd
-from taskd.testing import eventually
+from taskd.testing import FakeClock, eventually
 
 from .redis_server import RedisClusterServers, RedisServer
 from .service import Service, free_port
@@ -1212,6 +1212,11 @@ async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -
         handle = await tracker.spawn(asyncio.sleep(0), task_type="s")
         await handle
         await tracker.delete(b.task_id)
+        # a tree: a parent awaiting its child holds its outcome (docs/trees.md)
+        root = await tracker.create("t", await_children=True)
+        await tracker.create("t", parent_id=root.task_id)
+        await tracker.start(root.task_id)
+        await tracker.complete(root.task_id, result={"n": 1})
     client = redis_py.Redis(port=redis_server.port, decode_responses=True)
     try:
         base = "{" + space + "}"
@@ -1226,4 +1231,139 @@ async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -
             s.endswith(":") and suffix.startswith(s) for s in suffixes
         ), suffix
     assert {keys.ALL, keys.COUNTS, keys.CHANGES, keys.OUTBOX, keys.SEQ} <= set(found)
+    assert keys.LIVE in found and any(f.startswith(keys.BY_PARENT) for f in found)
     assert records and fields <= set(codec.REDIS_FIELDS)
+    assert {"pa", "ch", "aw", "hd"} <= fields
+
+
+# --- task trees across processes (docs/trees.md) -------------------------------------
+
+
+def _engine_of(shared: Shared, space: str) -> dict[str, str]:
+    """``Tracker`` options for the task space ``space`` on ``shared``."""
+    if shared.cluster is not None:
+        return {"redis_cluster": shared.cluster.url, "redis_prefix": space}
+    assert shared.server is not None
+    return {"redis": shared.server.url, "redis_prefix": space}
+
+
+async def test_a_tree_is_cancelled_from_another_process(shared: Shared) -> None:
+    """A tree across two processes: a's parent, b's spawned child. a's cancel
+    cascades (one script call) to the child, whose coroutine in b learns it from b's
+    notes; the parent is cancelling until b records its child cancelled, then
+    cancelled, with its children's counts."""
+    space = prefix()
+    started = asyncio.Event()
+
+    async def child() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    async with (
+        taskd.Tracker(**_engine_of(shared, space)) as a,
+        taskd.Tracker(**_engine_of(shared, space)) as b,
+    ):
+        root = await a.create("import", owner="alice")
+        h = await b.spawn(child(), task_type="part", owner="alice", parent_id=root.task_id)
+        await started.wait()
+        got = await a.get(root.task_id, owner="alice")
+        assert got is not None and dict(got.children) == {"running": 1}
+        assert [r.task_id for r in await a.list(parent_id=root.task_id)] == [h.task_id]
+        listed = await b.list(parent_id=root.task_id, owner="alice")
+        assert [r.task_id for r in listed] == [h.task_id]
+        assert await b.list(parent_id=root.task_id, owner="bob") == []
+        with pytest.raises(taskd.TaskNotFound):  # another owner's parent
+            await b.create("part", owner="bob", parent_id=root.task_id)
+        rec = await a.cancel(root.task_id, reason="stop", owner="alice")
+        assert rec.status is taskd.TaskStatus.CANCELLING  # its child has yet to unwind
+        with pytest.raises(asyncio.CancelledError):
+            await h
+        done = await a.wait(root.task_id, timeout=10, owner="alice")
+        assert done.status is taskd.TaskStatus.CANCELLED and done.error == "stop"
+        assert dict(done.children) == {"cancelled": 1}
+        kid = await a.get(h.task_id)
+        assert kid is not None and kid.status is taskd.TaskStatus.CANCELLED
+        assert kid.parent_id == root.task_id
+        assert await b.delete_many(status="cancelled", owner="alice") == 2  # with its subtree
+
+
+async def test_a_held_spawned_parent_outlives_its_process(shared: Shared) -> None:
+    """A spawned task cancelled while its child works: its coroutine ends, and its
+    record waits, cancelling, for the child, out of its process's runs. That process
+    may then go (its runs are swept as lost): the parent is not "process lost", and
+    its child's end makes it cancelled."""
+    from taskd.engine.redis import keys
+
+    space = prefix()
+    started = asyncio.Event()
+
+    async def parent() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    base = "{" + space + "}"
+    async with taskd.Tracker(**_engine_of(shared, space)) as a:
+        async with taskd.Tracker(**_engine_of(shared, space)) as b:
+            proc = b._engine.proc  # type: ignore[attr-defined]
+            h = await b.spawn(parent(), task_type="parent")
+            await started.wait()
+            kid = await a.create("part", parent_id=h.task_id)
+            await a.start(kid.task_id)
+            runs = base + keys.RUNS + proc
+            assert shared.node(runs).command("SISMEMBER", runs, h.task_id) == b":1\r\n"
+            await a.cancel(h.task_id)
+            with pytest.raises(asyncio.CancelledError):
+                await h
+            got = await b.get(h.task_id)
+            assert got is not None and got.status is taskd.TaskStatus.CANCELLING
+            assert shared.node(runs).command("SISMEMBER", runs, h.task_id) == b":0\r\n"
+        procs = base + keys.PROCS
+
+        def swept() -> bool:  # b is gone: a's sweep found it so
+            return shared.node(procs).command("SISMEMBER", procs, proc) == b":0\r\n"
+
+        await eventually(swept, 10)
+        got = await a.get(h.task_id)
+        assert got is not None and got.status is taskd.TaskStatus.CANCELLING
+        rec = await a.cancel(kid.task_id, confirm=True)  # its worker stopped
+        assert rec.status is taskd.TaskStatus.CANCELLED
+        got = await a.get(h.task_id)
+        assert got is not None and got.status is taskd.TaskStatus.CANCELLED
+
+
+async def test_retention_and_the_cap_keep_the_parents_of_active_tasks(shared: Shared) -> None:
+    """The cap evicts the oldest finished task that is no parent of an active one
+    (and refuses when every finished task is one); the TTL sweep keeps a finished
+    parent while a descendant is active, and its last descendant's end removes it."""
+    from taskd.engine.redis import keys
+
+    clock = FakeClock()
+    space = prefix()
+    retention = taskd.Retention(completed_ttl=10.0, max_tasks=4)
+    async with taskd.Tracker(retention=retention, clock=clock, **_engine_of(shared, space)) as t:
+        root = await t.create("import")
+        kid = await t.create("part", parent_id=root.task_id)
+        other = await t.create("other")
+        for tid in (root.task_id, other.task_id):
+            await t.start(tid)
+            await t.complete(tid)
+        await t.create("x")  # four: the cap
+        await t.create("y")  # evicts the oldest finished one that is no parent
+        assert await t.get(other.task_id) is None and await t.get(root.task_id) is not None
+        with pytest.raises(taskd.TrackerFull, match="or their parents"):
+            await t.create("z")
+        clock.advance(60)
+        kept = "{" + space + "}" + keys.KEPT
+
+        async def is_kept() -> bool:
+            await t.get(root.task_id)  # (reads let the sweep's timer fire)
+            return shared.node(kept).command("SISMEMBER", kept, root.task_id) == b":1\r\n"
+
+        await eventually(is_kept, 10)
+        assert await t.get(root.task_id) is not None
+        await t.start(kid.task_id)
+        await t.complete(kid.task_id)
+        assert await t.get(root.task_id) is None  # its TTL had passed: gone with its child's end
+        child = await t.get(kid.task_id)
+        assert child is not None and child.parent_id == root.task_id  # its own TTL
+        assert await t.list(parent_id=root.task_id) == [child]

@@ -383,3 +383,16 @@ def test_the_cli_lists_a_parents_children(tmp_path: Path) -> None:
         out = cli("list", "--url", s.url, env={"COLUMNS": "150"})
         assert out.returncode == 0, out.stderr
         assert "import +2" in out.stdout  # a parent shows its number of children
+
+
+async def test_a_pending_parent_cannot_complete(engine: Engine) -> None:
+    """The transition table holds for a parent that awaits its children: a pending
+    one cannot complete (nothing is held), and its children are unaffected."""
+    async with taskd.Tracker(**engine) as t:
+        root = await t.create("import", await_children=True)
+        kid = await t.create("part", parent_id=root.task_id)
+        with pytest.raises(taskd.InvalidTransition, match="pending"):
+            await t.complete(root.task_id, 1)
+        await t.cancel(kid.task_id)  # the last child ends: nothing to apply
+        got = await t.get(root.task_id)
+        assert got is not None and got.status is S.PENDING

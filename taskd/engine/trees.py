@@ -15,7 +15,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 from .._errors import InvalidTransition
-from .._models import ACTIVE, JSON, TERMINAL, Held, RawJSON, TaskRecord, TaskStatus
+from .._models import (
+    ACTIVE,
+    JSON,
+    TERMINAL,
+    TRANSITIONS,
+    Held,
+    RawJSON,
+    TaskRecord,
+    TaskStatus,
+)
 from .rules import CANCEL_EXTERNAL, CANCEL_SPAWNED, CONFIRM_EXTERNAL
 
 if TYPE_CHECKING:
@@ -70,6 +79,8 @@ class Trees:
             status is TaskStatus.CANCELLED
             or (status is TaskStatus.COMPLETED and rec.spec.await_children)
         ) and self._state.forest.live(rec.task_id):
+            if status not in TRANSITIONS[rec.status]:  # (a pending task cannot complete)
+                raise InvalidTransition(rec.task_id, rec.status.value, action or status.value)
             held = Held(status, result, error)
             if status is TaskStatus.CANCELLED:
                 return self._change(rec, TaskStatus.CANCELLING, held=held, action=action)

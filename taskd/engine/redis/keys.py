@@ -23,6 +23,12 @@ key                type         holds (writer)
 ``o:<owner>``      sorted set   ids by owner (script)
 ``unowned``        sorted set   ids of tasks without an owner (script)
 ``r:<resource>``   sorted set   ids by resource id (script)
+``c:<id>``         sorted set   the ids of a task's children (docs/trees.md), score 0,
+                                walked by lex (script)
+``live``           hash         task id → its number of active descendants, all
+                                depths; only tasks that have some (script)
+``kept``           set          finished tasks past their TTL, kept while a
+                                descendant is active; removed once none is (script)
 ``n``              hash         counts by (type, status), a newline between them (script)
 ``active``         string       the number of active tasks (script)
 ``ao``             hash         active tasks per owner scope, for the quota (script)
@@ -84,6 +90,7 @@ __all__ = [
     "ALIVE",
     "ALL",
     "BY_OWNER",
+    "BY_PARENT",
     "BY_RESOURCE",
     "BY_STATUS",
     "BY_TYPE",
@@ -100,7 +107,9 @@ __all__ = [
     "GRACE",
     "GROUP",
     "HEARTBEATS",
+    "KEPT",
     "KEYS",
+    "LIVE",
     "MINUTES_TTL",
     "OUTBOX",
     "PAGE_KEY",
@@ -128,6 +137,9 @@ BY_TYPE: Final = "y:"
 BY_OWNER: Final = "o:"
 UNOWNED: Final = "unowned"
 BY_RESOURCE: Final = "r:"
+BY_PARENT: Final = "c:"
+LIVE: Final = "live"
+KEPT: Final = "kept"
 COUNTS: Final = "n"
 ACTIVE: Final = "active"
 ACTIVE_BY_OWNER: Final = "ao"

@@ -82,6 +82,10 @@ class Walk:
         self._options = options
         self._index = options[0] if len(options) == 1 else [key(keys.ALL)]
         self._sizing = len(options) > 1
+        if msg.parent_id is not None:
+            # A parent's children: their index, whatever the other filters.
+            self._index = [key(keys.BY_PARENT + msg.parent_id)]
+            self._sizing = False
         self._cursor = msg.before or ""
         self._chunk = min(CHUNK, msg.limit + 1)
         self._examined = 0
@@ -155,6 +159,7 @@ class Walk:
                     and (msg.task_type is None or rec.task_type == msg.task_type)
                     and (msg.resource_id is None or rec.resource_id == msg.resource_id)
                     and (msg.stage is None or rec.stage == msg.stage)
+                    and (msg.parent_id is None or rec.parent_id == msg.parent_id)
                 ):
                     if len(out) == msg.limit:
                         # one more match than the page holds: there is a next page

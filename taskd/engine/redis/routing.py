@@ -215,9 +215,10 @@ class Router:
 
     def delete_many(self, msg: m.DeleteMany, fut: asyncio.Future[Any] | None) -> Deferred:
         """``DeleteMany``: the matching terminal tasks found as a listing finds them
-        (``pages``), then each deleted by the script's ``purge`` (which checks it is
-        still terminal and the caller's, and skips it if not), all in the next round
-        trip; answered with the count deleted and where to go on from."""
+        (``pages``), then each deleted with its subtree by the script's ``purge``
+        (which checks it is still terminal, the caller's and without an active
+        descendant, and skips it if not), all in the next round trip; answered with
+        the count of records deleted (subtrees included) and where to go on from."""
         owner = scope(msg.owner)
 
         def found(page: Page) -> object:
@@ -227,7 +228,8 @@ class Router:
             left = [len(page.records)]
 
             def one(reply: object) -> object:
-                deleted[0] += isinstance(reply, list) and reply[:1] == ["ok"]
+                if isinstance(reply, list) and reply[:1] == ["ok"]:
+                    deleted[0] += int(reply[1])  # (the task and its subtree)
                 left[0] -= 1
                 return (deleted[0], page.next_cursor) if not left[0] else DEFERRED
 
@@ -248,12 +250,43 @@ class Router:
         trip each (``pages.Walk``), sent in the batches' pipelines; an admin's
         listing on a cluster walks every shard at once (``pages.Merge``)."""
         space = self._space
+        if msg.parent_id is not None and msg.owner is ANY_OWNER and self._shards.cluster:
+            return self._children(msg, fut, then)
         if msg.owner is not ANY_OWNER or not self._shards.cluster:
             base = self._shards.of_owner(None if msg.owner is ANY_OWNER else msg.owner)
             return self._walk(Walk(msg, lambda s: space.key(s, base), space.decode), fut, then)
         return self.shards(
             lambda bases: self._walk(Merge(msg, bases, space.key, space.decode), fut, then), fut
         )
+
+    def _children(
+        self,
+        msg: m.ListTasks,
+        fut: asyncio.Future[Any] | None,
+        then: Callable[[Page], object] | None,
+    ) -> Deferred:
+        """An admin's listing of a parent's children on a cluster: in the parent's
+        shard, the one its id names (a tree shares its owner); an id no shard minted
+        has none."""
+        space, shards = self._space, self._shards
+        parent_id = msg.parent_id
+        assert parent_id is not None
+
+        def walk(base: str) -> Deferred:
+            return self._walk(Walk(msg, lambda s: space.key(s, base), space.decode), fut, then)
+
+        base = shards.of_id(parent_id)
+        if base is not None:
+            return walk(base)
+
+        def known(_: object) -> object:
+            found = shards.of_id(parent_id)
+            if found is not None:
+                return walk(found)
+            page = Page((), None)
+            return page if then is None else then(page)
+
+        return self.registry(known, fut)
 
     def _walk(
         self,

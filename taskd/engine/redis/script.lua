@@ -14,6 +14,11 @@
 local SWEEP_BOUND = 256
 
 local B, NOW, NOW_US, CFG
+-- Per call: the tasks whose last active descendant just ended (their held outcome,
+-- or a removal kept back, is due), and whether a cancel cascades (what it frees is
+-- applied once it is done: a parent freed mid-cascade would apply an outcome the
+-- cancel replaces). Task trees: docs/trees.md.
+local FREED, CASCADING
 
 local function k(s) return B .. s end
 local function num(x) return string.format('%.17g', x) end
@@ -71,6 +76,7 @@ local function index(r, cmd)
     redis.call('ZADD', k(K.BY_TYPE .. r.ty), 0, id)
     if r.ow then redis.call('ZADD', k(K.BY_OWNER .. r.ow), 0, id) else redis.call('ZADD', k(K.UNOWNED), 0, id) end
     if r.rs then redis.call('ZADD', k(K.BY_RESOURCE .. r.rs), 0, id) end
+    if r.pa then redis.call('ZADD', k(K.BY_PARENT .. r.pa), 0, id) end
     count(r.ty, r.st, 1)
   else
     redis.call('ZREM', k(K.ALL), id)
@@ -78,11 +84,15 @@ local function index(r, cmd)
     redis.call('ZREM', k(K.BY_TYPE .. r.ty), id)
     if r.ow then redis.call('ZREM', k(K.BY_OWNER .. r.ow), id) else redis.call('ZREM', k(K.UNOWNED), id) end
     if r.rs then redis.call('ZREM', k(K.BY_RESOURCE .. r.rs), id) end
+    if r.pa then redis.call('ZREM', k(K.BY_PARENT .. r.pa), id) end
     count(r.ty, r.st, -1)
   end
 end
 
-local function emit(r)
+-- quiet: a new version only of what the record says of its children (their counts,
+-- and the progress derived from them): not a note to the process that runs it (its
+-- runner has no use for it, and a note of cancelling would cancel its coroutine again)
+local function emit(r, quiet)
   local seqkey = k(K.SEQ)
   if redis.call('EXISTS', seqkey) == 0 then
     -- a new task space: event ids start at this instant (in microseconds), so they
@@ -124,31 +134,117 @@ local function emit(r)
   -- reads nothing more. (JSON has no raw newline.)
   local note = sq .. '\n' .. r.id .. '\n' .. r.st .. '\n\n' .. text
   redis.call('SPUBLISH', k(K.TASK_NOTES .. r.id), note)
-  if r.pr then redis.call('SPUBLISH', k(K.PROC_NOTES .. r.pr), note) end
+  if r.pr and not quiet then redis.call('SPUBLISH', k(K.PROC_NOTES .. r.pr), note) end
   return text
 end
 
+-- --- trees: parent links (docs/trees.md) -------------------------------------------
+-- A record names its parent (pa). The children of each parent are an index (c:<id>);
+-- each task's number of active descendants (all depths) is a field of K.LIVE (none:
+-- no field); the children's counts by status are in the parent's record (ch, JSON
+-- text), as is the outcome it holds for its descendants (hd, JSON text).
+
+local function live_of(id)
+  return tonumber(redis.call('HGET', k(K.LIVE), id)) or 0
+end
+
+-- The share of a parent's children that are finished, as its progress: counts is
+-- the decoded ch (nil: none).
+local function share(counts)
+  local total, done = 0, 0
+  for st, n in pairs(counts or {}) do
+    total = total + n
+    if TERMINAL[st] then done = done + n end
+  end
+  if total < 1 then total = 1 end
+  return string.format('%.4f', done / total)
+end
+
+-- A child of pa moved from status old to new (nil: added, removed): the parent's
+-- counts follow, as a new version of it (its ua unchanged); a parent holding a
+-- completed outcome (await_children) shows the share of its children finished as
+-- its progress. delta: the child became active (1) or ended (-1): every ancestor's
+-- number of active descendants follows, and one that reaches 0 is freed.
+local function child_moved(pa, old, new, delta)
+  local p = getrec(pa)
+  if p then
+    local counts = {}
+    if p.ch then counts = cjson.decode(p.ch) end
+    if old then
+      local n = (counts[old] or 0) - 1
+      if n > 0 then counts[old] = n else counts[old] = nil end
+    end
+    if new then counts[new] = (counts[new] or 0) + 1 end
+    if next(counts) == nil then
+      p.ch = nil
+    else
+      p.ch = cjson.encode(counts)
+      if p.hd and cjson.decode(p.hd).st == 'completed' then p.pg = share(counts) end
+    end
+    emit(p, true)
+  end
+  if delta == 0 then return end
+  local up = p
+  while pa do
+    local n = redis.call('HINCRBY', k(K.LIVE), pa, delta)
+    if n <= 0 then
+      redis.call('HDEL', k(K.LIVE), pa)
+      if n == 0 and delta < 0 then FREED[#FREED + 1] = pa end
+    end
+    if up == nil then break end
+    pa = up.pa
+    if pa then up = getrec(pa) end
+  end
+end
+
+-- Drop a record (expired, evicted or deleted): its children, if any, stay (their pa
+-- then names a task that is gone); its parent's counts follow.
 local function remove(r)
   index(r, 'ZREM')
   redis.call('DEL', k(K.RECORD .. r.id))
   redis.call('ZREM', k(K.EXPIRY), r.id)
   redis.call('ZREM', k(K.HEARTBEATS), r.id)
   redis.call('ZREM', k(K.GRACE), r.id)
+  redis.call('SREM', k(K.KEPT), r.id)
+  local delta = 0
   if ACTIVE[r.st] then
     active(r, -1)
+    delta = -1
     if r.rs and redis.call('HGET', k(K.DEDUP), dedup_key(r.ow, r.ty, r.rs)) == r.id then
       redis.call('HDEL', k(K.DEDUP), dedup_key(r.ow, r.ty, r.rs))
     end
   end
+  if r.pa then child_moved(r.pa, r.st, nil, delta) end
+end
+
+-- Remove a finished task and its subtree (parents first: a parent gone is not
+-- recounted); the number of records removed.
+local function remove_tree(r)
+  local doomed = {r}
+  local i = 1
+  while i <= #doomed do
+    for _, cid in ipairs(redis.call('ZRANGE', k(K.BY_PARENT .. doomed[i].id), 0, -1)) do
+      local c = getrec(cid)
+      if c then doomed[#doomed + 1] = c end
+    end
+    i = i + 1
+  end
+  for _, d in ipairs(doomed) do remove(d) end
+  return #doomed
 end
 
 local function err(...) return {'err', ...} end
 
 @TALLY@
+local free
+
 -- Move r to status if the table allows it (the same status: a progress report).
--- Returns the new record, or nil and an error reply.
+-- Returns the new record, or nil and an error reply. o.held: the outcome (hd text) to
+-- apply once no descendant is active (an active record keeps the one it holds; a
+-- terminal one holds none); with it, any active task may turn cancelling.
 local function change(r, status, o)
-  if TERMINAL[r.st] or (status ~= r.st and not TRANS[r.st][status]) then
+  if TERMINAL[r.st] or (status ~= r.st and not TRANS[r.st][status]
+      and not (o.held and status == 'cancelling')) then
     return nil, err('invalid', r.id, r.st, o.action or status)
   end
   local at = NOW
@@ -167,6 +263,7 @@ local function change(r, status, o)
     r.rz = nil
   end
   if status == 'failed' or status == 'cancelled' then r.er = o.error else r.er = nil end
+  if TERMINAL[status] then r.hd = nil elseif o.held then r.hd = o.held end
   if old ~= status then
     redis.call('ZREM', k(K.BY_STATUS .. old), r.id)
     redis.call('ZADD', k(K.BY_STATUS .. status), 0, r.id)
@@ -188,11 +285,59 @@ local function change(r, status, o)
       redis.call('ZADD', k(K.GRACE), num(tonumber(at) + tonumber(CFG.grace)), r.id)
     end
   end
+  -- (held: its own work has ended, its process runs it no more)
+  if o.held and r.pr then redis.call('SREM', k(K.RUNS .. r.pr), r.id) end
   local text = emit(r)
   if TERMINAL[status] and r.cb then
     redis.call('XADD', k(K.OUTBOX), 'MAXLEN', '~', 100000, '*', K.ENTRY_RECORD, text)
   end
+  if r.pa and old ~= status then
+    local delta = 0
+    if TERMINAL[status] then delta = -1 end
+    child_moved(r.pa, old, status, delta)
+  end
+  if FREED[1] and CASCADING == 0 then free() end
   return r, text
+end
+
+-- End r's own work with status: now, or held while a descendant is active (cancelled:
+-- cancelling until then; the completed of a task awaiting its children: its status
+-- kept, its progress the share of its children finished).
+local function finish(r, status, o)
+  if (status == 'cancelled' or (status == 'completed' and r.aw)) and live_of(r.id) > 0 then
+    -- (held only where the table allows the move: it is applied as it is)
+    if TERMINAL[r.st] or not TRANS[r.st][status] then
+      return nil, err('invalid', r.id, r.st, o.action or status)
+    end
+    local hd = {st = status}
+    if o.result then hd.rz = o.result end
+    if o.error then hd.er = o.error end
+    local held = cjson.encode(hd)
+    if status == 'cancelled' then
+      return change(r, 'cancelling', {held = held, action = o.action})
+    end
+    local counts = nil
+    if r.ch then counts = cjson.decode(r.ch) end
+    return change(r, r.st, {held = held, action = o.action, progress = share(counts)})
+  end
+  return change(r, status, o)
+end
+
+-- Apply what waited for a task's last active descendant: its held outcome, or the
+-- removal its TTL asked for.
+free = function()
+  while FREED[1] do
+    local id = table.remove(FREED)
+    local r = getrec(id)
+    if r then
+      if r.hd and not TERMINAL[r.st] then
+        local held = cjson.decode(r.hd)
+        change(r, held.st, {result = held.rz, error = held.er})
+      elseif redis.call('SISMEMBER', k(K.KEPT), id) == 1 then
+        remove(r)
+      end
+    end
+  end
 end
 
 -- Records travel as their stored JSON text: a reply of one bulk string is far cheaper
@@ -206,23 +351,43 @@ local function beat(r)
   if r.hb then redis.call('ZADD', k(K.HEARTBEATS), num(tonumber(NOW) + tonumber(r.hb)), r.id) end
 end
 
+-- The oldest finished record without an active descendant (nil: none).
 local function oldest_terminal()
   local best = nil
+  local live = k(K.LIVE)
   for st, _ in pairs(TERMINAL) do
-    local head = redis.call('ZRANGE', k(K.BY_STATUS .. st), 0, 0)[1]
+    local key = k(K.BY_STATUS .. st)
+    local at, head = 0, nil
+    repeat
+      local ids = redis.call('ZRANGE', key, at, at + 63)
+      for _, id in ipairs(ids) do
+        if redis.call('HEXISTS', live, id) == 0 then head = id; break end
+      end
+      at = at + 64
+    until head or #ids < 64
     if head and (best == nil or head < best) then best = head end
   end
   return best
 end
 
 -- create / spawn: a = {scope-or-owner, type, resource, metadata, callback, heartbeat,
--- random, traceparent, process (spawn only)}
+-- random, traceparent, parent, await_children ('1' or ''), process (spawn only)}
 local function insert(a, spawn)
   local owner = a[1]
   local ow = nil
   if owner ~= '-' then ow = string.sub(owner, 2) end
   local ty, rs = a[2], a[3]
   if rs == '' then rs = nil end
+  local pa = a[9]
+  if pa == '' then pa = nil end
+  if pa then
+    -- the parent: one the new task's owner sees, that takes children
+    local p = getrec(pa)
+    if not visible(p, owner) then return err('not_found', pa) end
+    if not ACTIVE[p.st] or p.st == 'cancelling' then
+      return err('invalid', pa, p.st, TEXT.add_child_verb)
+    end
+  end
   if rs then
     local holder = redis.call('HGET', k(K.DEDUP), dedup_key(ow, ty, rs))
     if holder then return err('conflict', holder, ty, rs) end
@@ -237,7 +402,9 @@ local function insert(a, spawn)
       return err('full', CFG.max_tasks)
     end
     while redis.call('ZCARD', k(K.ALL)) >= cap do
-      remove(getrec(oldest_terminal()))
+      local oldest = oldest_terminal()
+      if oldest == nil then return err('full', CFG.max_tasks, 'parents') end
+      remove(getrec(oldest))
     end
   end
   local stamp = tonumber(NOW_US)
@@ -253,17 +420,21 @@ local function insert(a, spawn)
   if a[5] ~= '' then r.cb = a[5] end
   if a[6] ~= '' then r.hb = a[6] end
   if a[8] ~= '' then r.tp = a[8] end
+  r.pa = pa
+  if a[10] == '1' then r.aw = '1' end
   if spawn then
-    r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[9]
-    redis.call('SADD', k(K.RUNS .. a[9]), id)
-    redis.call('SADD', k(K.PROCS), a[9])
+    r.st = 'running'; r.sa = at; r.ip = '1'; r.pr = a[11]
+    redis.call('SADD', k(K.RUNS .. a[11]), id)
+    redis.call('SADD', k(K.PROCS), a[11])
     tally_started(r)
   end
   index(r, 'ZADD')
   active(r, 1)
   if rs then redis.call('HSET', k(K.DEDUP), dedup_key(ow, ty, rs), id) end
   if r.hb then redis.call('ZADD', k(K.HEARTBEATS), num(tonumber(at) + tonumber(r.hb)), id) end
-  return {'rec', emit(r)}
+  local text = emit(r)
+  if pa then child_moved(pa, nil, r.st, 1) end
+  return {'rec', text}
 end
 
 local function lookup(id, scope)
@@ -276,6 +447,7 @@ local function external(r, action)
   if r.ip and not TERMINAL[r.st] then
     return err('invalid', r.id, TEXT.run_by_tracker, action)
   end
+  if r.hd then return err('invalid', r.id, TEXT.waiting_for_children, action) end
 end
 
 local OPS = {}
@@ -313,7 +485,7 @@ OPS.complete = function(a)
   if e then return e end
   local result = nil
   if a[3] ~= '' then result = a[3] end
-  return reply(change(r, 'completed', {result = result, action = 'complete'}))
+  return reply(finish(r, 'completed', {result = result, action = 'complete'}))
 end
 
 OPS.fail = function(a)
@@ -324,21 +496,58 @@ OPS.fail = function(a)
   return reply(change(r, 'failed', {error = a[3], action = 'fail'}))
 end
 
+local cancel_one
+
+-- Cancel the active descendants of task id (each with its subtree), children oldest
+-- first, each as a direct cancel without confirm would.
+local function cascade(id, reason)
+  if live_of(id) == 0 then return end
+  for _, cid in ipairs(redis.call('ZRANGE', k(K.BY_PARENT .. id), 0, -1)) do
+    local c = getrec(cid)
+    if c then
+      if ACTIVE[c.st] then
+        cancel_one(c, reason, false)
+      else  -- (finished, with active descendants of its own: they are reached)
+        cascade(cid, reason)
+      end
+    end
+  end
+end
+
+-- Cancel r and its active descendants (deepest first): the new record and its text,
+-- r and 'same' when the cancel changes nothing, or nil and an error reply.
+cancel_one = function(r, reason, confirm)
+  -- the process that runs a spawned task hears of cancelling on its change stream and
+  -- cancels the coroutine; the record turns cancelled once that has unwound
+  -- confirm: the worker of an external task acknowledges
+  local moves = CANCEL_EXTERNAL
+  if r.ip then moves = CANCEL_SPAWNED elseif confirm then moves = CONFIRM_EXTERNAL end
+  local to = moves[r.st]
+  if to == nil then return nil, err('invalid', r.id, r.st, 'cancel') end
+  -- asked before, or done: idempotent, the record as it is
+  if to == r.st then return r, 'same' end
+  cascade(r.id, reason)
+  r = getrec(r.id)  -- (its children's counts moved)
+  -- (a held task's own work has ended: there is no one left to ask)
+  if to == 'cancelled' or r.hd then return finish(r, 'cancelled', {error = reason}) end
+  return change(r, to, {action = 'cancel'})
+end
+
 OPS.cancel = function(a)
   local r, e = lookup(a[1], a[2])
   if r == nil then return e end
   local text = e
-  -- the process that runs a spawned task hears of cancelling on its change stream and
-  -- cancels the coroutine; the record turns cancelled once that has unwound
-  -- a[4] '1': the worker of an external task acknowledges (confirm)
-  local table = CANCEL_EXTERNAL
-  if r.ip then table = CANCEL_SPAWNED elseif a[4] == '1' then table = CONFIRM_EXTERNAL end
-  local to = table[r.st]
-  if to == nil then return err('invalid', r.id, r.st, 'cancel') end
-  -- asked before, or done: idempotent, the record as it is
-  if to == r.st then return {'same', text} end
-  if to == 'cancelled' then return reply(change(r, to, {error = a[3]})) end
-  return reply(change(r, to, {action = 'cancel'}))
+  CASCADING = CASCADING + 1
+  local out, x = cancel_one(r, a[3], a[4] == '1')
+  CASCADING = CASCADING - 1
+  if out == nil then return x end
+  if x == 'same' then return {'same', text} end
+  if FREED[1] then
+    free()
+    local _, now = getrec(r.id)
+    if now then x = now end
+  end
+  return {'rec', x}
 end
 
 -- a spawned coroutine's runner ran out of time: cancelling while it unwinds
@@ -355,26 +564,32 @@ OPS.ended = function(a)
   local r, text = getrec(a[1])
   if r == nil then return {'none'} end
   if r.pr ~= a[2] or TERMINAL[r.st] then return {'was', text} end
+  -- its end was decided (its cancel grace ran out): it waits for its descendants
+  if r.hd then return {'rec', text} end
   local o = {}
   if a[3] ~= 'completed' then o.error = a[5] elseif a[4] ~= '' then o.result = a[4] end
-  return reply(change(r, a[3], o))
+  -- (cancelled with active descendants: held, and out of its process's runs)
+  return reply(finish(r, a[3], o))
 end
 
+-- a finished task and its subtree (all finished): {'ok', number of records removed}
 OPS.delete = function(a)
   local r, e = lookup(a[1], a[2])
   if r == nil then return e end
   if not DELETE_FROM[r.st] then return err('invalid', r.id, r.st, 'delete') end
-  remove(r)
-  return {'ok'}
+  if live_of(r.id) > 0 then return err('invalid', r.id, TEXT.active_descendants, 'delete') end
+  return {'ok', remove_tree(r)}
 end
 
--- one task of a bulk delete: deleted if still visible and deletable, else skipped
--- (never an error: the batch goes on)
+-- one task of a bulk delete, with its subtree: deleted if still visible and deletable
+-- and no descendant is active, else skipped (never an error: the batch goes on);
+-- {'ok', number of records removed}
 OPS.purge = function(a)
   local r = getrec(a[1])
-  if not visible(r, a[2]) or not DELETE_FROM[r.st] then return {'skip'} end
-  remove(r)
-  return {'ok'}
+  if not visible(r, a[2]) or not DELETE_FROM[r.st] or live_of(r.id) > 0 then
+    return {'skip'}
+  end
+  return {'ok', remove_tree(r)}
 end
 
 local function first_score(key)
@@ -389,22 +604,26 @@ OPS.sweep = function(a)
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', k(K.EXPIRY), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
     redis.call('ZREM', k(K.EXPIRY), id)
     local r = getrec(id)
-    if r and TERMINAL[r.st] then remove(r) end
+    if r and TERMINAL[r.st] then
+      -- kept while a descendant is active: removed once the last of them ends
+      if live_of(id) > 0 then redis.call('SADD', k(K.KEPT), id) else remove(r) end
+    end
   end
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', k(K.HEARTBEATS), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
     redis.call('ZREM', k(K.HEARTBEATS), id)
     local r = getrec(id)
-    if r and ACTIVE[r.st] then change(r, 'failed', {error = TEXT.heartbeat_timeout}) end
+    -- (a held task's own work has ended: it waits for its descendants only)
+    if r and ACTIVE[r.st] and not r.hd then change(r, 'failed', {error = TEXT.heartbeat_timeout}) end
   end
   for _, id in ipairs(redis.call('ZRANGEBYSCORE', k(K.GRACE), '-inf', NOW, 'LIMIT', 0, SWEEP_BOUND)) do
     redis.call('ZREM', k(K.GRACE), id)
     local r = getrec(id)
-    if r and r.st == 'cancelling' then
+    if r and r.st == 'cancelling' and not r.hd then
       local due = tonumber(r.ua) + tonumber(CFG.grace)
       if due > tonumber(NOW) then
         redis.call('ZADD', k(K.GRACE), num(due), id)  -- it reported since
       else
-        change(r, 'cancelled', {error = TEXT.not_acknowledged})
+        finish(r, 'cancelled', {error = TEXT.not_acknowledged})
       end
     end
   end
@@ -412,7 +631,7 @@ OPS.sweep = function(a)
     if redis.call('EXISTS', k(K.ALIVE .. p)) == 0 then
       for _, id in ipairs(redis.call('SMEMBERS', k(K.RUNS .. p))) do
         local r = getrec(id)
-        if r and ACTIVE[r.st] and r.pr == p then
+        if r and ACTIVE[r.st] and r.pr == p and not r.hd then
           change(r, 'failed', {error = TEXT.process_lost})
         end
       end
@@ -483,6 +702,8 @@ local cfg_text = nil
 
 local function run(keys, args, ops)
   B = keys[1]
+  FREED = {}
+  CASCADING = 0
   NOW = args[2]
   NOW_US = args[3]
   -- every process sends its settings with each call: decoded once per text

@@ -211,7 +211,9 @@ def raise_error(reply: Sequence[Any]) -> NoReturn:
     if kind == "quota":
         raise QuotaExceeded(None, int(reply[2]))
     if kind == "full":
-        raise TrackerFull(f"all {reply[2]} task slots hold active tasks")
+        # (with "parents": the finished ones are all parents of active tasks)
+        tail = " or their parents" if len(reply) > 3 else ""
+        raise TrackerFull(f"all {reply[2]} task slots hold active tasks{tail}")
     raise TaskdError(f"unexpected reply from the shared store: {reply!r}")
 
 
@@ -525,7 +527,8 @@ class ChangeReader:
 
 def insert_args(new: NewTask, heartbeat: str, random: str) -> tuple[str, ...]:
     """The script's arguments for a new record (owner, type, resource, metadata,
-    callback, heartbeat, the id's random part: ``Shards.random_part``, traceparent)."""
+    callback, heartbeat, the id's random part: ``Shards.random_part``, traceparent,
+    parent, await_children: "1" or "")."""
     return (
         "-" if new.owner is None else "s" + new.owner,
         new.task_type,
@@ -535,6 +538,9 @@ def insert_args(new: NewTask, heartbeat: str, random: str) -> tuple[str, ...]:
         heartbeat,
         random,
         opt(new.traceparent),
+        opt(new.parent_id),
+        # (``Spawn`` has none: a spawned task's coroutine is its own work)
+        "1" if getattr(new, "await_children", False) else "",
     )
 
 
@@ -553,6 +559,8 @@ class NewTask(Protocol):
     def callback_url(self) -> str | None: ...
     @property
     def traceparent(self) -> str | None: ...
+    @property
+    def parent_id(self) -> str | None: ...
 
 
 def _metadata(metadata: Mapping[str, JSON]) -> str:
