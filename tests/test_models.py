@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+from collections.abc import Callable
 from types import MappingProxyType
 
 import msgspec
@@ -114,7 +115,7 @@ def test_control_character_rules_and_their_openapi_patterns_agree() -> None:
     from taskd._checks import check_message
     from taskd._models import MESSAGE_PATTERN, RESOURCE_ID_PATTERN, check_resource_id
 
-    def refused(check: object, text: str) -> bool:
+    def refused(check: Callable[[str], object], text: str) -> bool:
         try:
             check(text)
         except ValueError:

@@ -24,6 +24,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import taskd
 from taskd.testing import FakeClock, eventually
 
+from .conftest import Engine
 from .redis_server import RedisClusterServers, RedisServer
 from .service import Service, free_port
 
@@ -1239,7 +1240,7 @@ async def test_every_key_in_redis_is_one_keys_names(redis_server: RedisServer) -
 # --- task trees across processes (docs/trees.md) -------------------------------------
 
 
-def _engine_of(shared: Shared, space: str) -> dict[str, str]:
+def _engine_of(shared: Shared, space: str) -> Engine:
     """``Tracker`` options for the task space ``space`` on ``shared``."""
     if shared.cluster is not None:
         return {"redis_cluster": shared.cluster.url, "redis_prefix": space}

@@ -119,3 +119,35 @@ def test_the_cli_table_shows_the_stage(tmp_path: Path) -> None:
         out = cli("list", "--url", s.url, env={"COLUMNS": "150"})
         assert out.returncode == 0, out.stderr
         assert "running:parsing" in out.stdout
+
+
+async def test_history_lists_the_stage_changes(engine: Engine) -> None:
+    """docs/http-api.md: each stage change is a ``history`` entry (with the status it
+    was reported in), by instant, the latest 16 kept; the same on every engine."""
+    async with taskd.Tracker(**engine) as t:
+        rec = await t.create("import")
+        await t.progress(rec.task_id, stage="queued")  # while pending
+        await t.start(rec.task_id)
+        await t.progress(rec.task_id, 0.1, stage="fetching")
+        await t.progress(rec.task_id, 0.2, stage="fetching")  # no change: no entry
+        await t.progress(rec.task_id, 0.3, message="page 2")
+        await t.progress(rec.task_id, 0.5, stage="parsing")
+        done = await t.complete(rec.task_id, 1)
+        history: Any = done.to_dict()["history"]
+        assert [(e["status"], e.get("stage")) for e in history] == [
+            ("pending", None),
+            ("pending", "queued"),
+            ("running", None),
+            ("running", "fetching"),
+            ("running", "parsing"),
+            ("completed", None),
+        ]
+        again = await t.get(rec.task_id)
+        assert again is not None and again.to_dict()["history"] == history
+        many = await t.create("many")
+        for i in range(20):
+            await t.progress(many.task_id, stage=f"s{i}")
+        got = await t.get(many.task_id)
+        assert got is not None
+        entries: Any = got.to_dict()["history"]
+        assert [e["stage"] for e in entries if "stage" in e] == [f"s{i}" for i in range(4, 20)]

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import Final
 
-from .._models import ACTIVE, TERMINAL, TRANSITIONS, TaskStatus
+from .._models import ACTIVE, MAX_STAGES, TERMINAL, TRANSITIONS, TaskStatus
 
 __all__ = [
     "ACTIVE_DESCENDANTS",
@@ -123,6 +123,7 @@ def lua_tables(fields: tuple[str, ...], payload: tuple[str, ...]) -> str:
         f"local CANCEL_EXTERNAL = {_map(CANCEL_EXTERNAL)}",
         f"local CANCEL_SPAWNED = {_map(CANCEL_SPAWNED)}",
         f"local CONFIRM_EXTERNAL = {_map(CONFIRM_EXTERNAL)}",
+        f"local MAX_STAGES = {MAX_STAGES}",
         "local TEXT = {" + ", ".join(f"{k} = {_text(v)}" for k, v in texts.items()) + "}",
         "local FIELDS = {" + ", ".join(_text(f) for f in fields) + "}",
         "local PAYLOAD = {" + ", ".join(_text(f) for f in payload) + "}",

@@ -259,6 +259,14 @@ local function change(r, status, o)
   else
     if o.progress then r.pg = o.progress end
     if o.message then r.ms = o.message end
+    if o.stage and o.stage ~= r.sg then
+      -- a stage change, kept in the history: the latest MAX_STAGES
+      local sh = {}
+      if r.sh then sh = cjson.decode(r.sh) end
+      sh[#sh + 1] = {o.stage, at, status}
+      while #sh > MAX_STAGES do table.remove(sh, 1) end
+      r.sh = cjson.encode(sh)
+    end
     if o.stage then r.sg = o.stage end
     r.rz = nil
   end
