@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from types import MappingProxyType
 from typing import cast
 
+from ._args import check_unicode
 from ._models import (
     EMPTY_METADATA,
     JSON,
@@ -17,7 +18,6 @@ from ._models import (
     MAX_MESSAGE_CHARS,
     MAX_METADATA_BYTES,
     RawJSON,
-    check_unicode,
     result_from_text,
 )
 

@@ -9,12 +9,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Collection
 from typing import Any, TypeVar
 
-from ._checks import check_limit
-from ._models import (
-    ANY_OWNER,
-    OwnerScope,
-    TaskRecord,
-    TaskStatus,
+from ._args import (
     check_owner,
     check_resource_id,
     check_stage,
@@ -22,6 +17,8 @@ from ._models import (
     check_task_id,
     check_task_type,
 )
+from ._checks import check_limit
+from ._models import ANY_OWNER, OwnerScope, TaskRecord, TaskStatus
 from .actor import messages as m
 from .engine.bulk import MAX_DELETE, delete_message
 from .handle import TaskPage

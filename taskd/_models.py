@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import enum
 import json
-import re
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -18,12 +17,9 @@ from typing import Final, TypeAlias, cast
 import msgspec
 
 __all__ = [
-    "check_new_owner",
-    "check_owner",
-    "check_statuses",
-    "check_task_id",
     "ACTIVE",
     "JSON",
+    "Extra",
     "Held",
     "TERMINAL",
     "TRANSITIONS",
@@ -40,19 +36,14 @@ MAX_METADATA_BYTES = 16 * 1024
 MAX_STAGES = 16
 MAX_MESSAGE_CHARS = 1024
 MAX_RESOURCE_ID_CHARS = 256
-_TASK_TYPE_RE = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
+_TASK_TYPE_CHARS = r"[A-Za-z0-9_.:-]{1,128}"
 #: The task_type rule as a JSON Schema pattern (the OpenAPI document uses it).
-TASK_TYPE_PATTERN = f"^{_TASK_TYPE_RE.pattern}$"
+TASK_TYPE_PATTERN = f"^{_TASK_TYPE_CHARS}$"
 #: The most records one listing page may hold.
 MAX_LIMIT = 200
-# Control characters (C0, DEL and C1: \x9b is a terminal's one-byte CSI) would
-# corrupt logs and terminal views of resource ids (docs/http-api.md).
-_CONTROL_RE = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The resource_id and message rules as JSON Schema patterns (the OpenAPI document).
 RESOURCE_ID_PATTERN = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$"
 MESSAGE_PATTERN = "^[^\\u0000]*$"
-# Task types already validated (bounded): valid strings stay valid.
-_KNOWN_TYPES: set[str] = set()
 
 
 class TaskStatus(enum.StrEnum):
@@ -141,6 +132,27 @@ class Held(msgspec.Struct, frozen=True, gc=False):
     error: str | None = None
 
 
+class Extra(msgspec.Struct, frozen=True, gc=False):
+    """A record's rarely-set changing fields, in one slot (most records have none)."""
+
+    #: Counts of the direct children held, by status (docs/trees.md).
+    children: Mapping[str, int] = NO_CHILDREN
+    #: The outcome waiting for the descendants to end (never rendered).
+    held: Held | None = None
+    #: The latest stage changes, oldest first: (stage, instant, status then), at most
+    #: ``MAX_STAGES`` (rendered in ``history``).
+    stages: tuple[tuple[str, float, TaskStatus], ...] = ()
+
+    def but(self, **changes: object) -> Extra | None:
+        """A copy with ``changes``; None when every field is back to its default."""
+        new = msgspec.structs.replace(self, **changes)
+        return None if new == NO_EXTRA else new
+
+
+#: The defaults: ``extra`` of a record without any is None, read as this.
+NO_EXTRA: Final = Extra()
+
+
 #: A record's fields, once: (attribute, also the SQLite column and the JSON key; Redis
 #: hash field; SQLite column type; rendered in JSON?), '' for none, in column and key
 #: order. SQLite columns, Redis hash fields (``engine.codec``) and JSON keys
@@ -207,13 +219,23 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
     spec: TaskSpec = DEFAULT_SPEC
     #: A short machine-readable stage (``queued``, ``parsing``, …) set with progress.
     stage: str | None = None
-    #: Counts of the direct children held, by status (docs/trees.md).
-    children: Mapping[str, int] = NO_CHILDREN
-    #: The outcome waiting for the descendants to end (never rendered).
-    held: Held | None = None
-    #: The latest stage changes, oldest first: (stage, instant, status then), at most
-    #: ``MAX_STAGES`` (rendered in ``history``).
-    stages: tuple[tuple[str, float, TaskStatus], ...] = ()
+    #: Children counts, a held outcome, stage changes (None: none of them).
+    extra: Extra | None = None
+
+    @property
+    def children(self) -> Mapping[str, int]:
+        """Counts of the direct children held, by status (docs/trees.md)."""
+        return NO_CHILDREN if self.extra is None else self.extra.children
+
+    @property
+    def held(self) -> Held | None:
+        """The outcome waiting for the descendants to end (never rendered)."""
+        return None if self.extra is None else self.extra.held
+
+    @property
+    def stages(self) -> tuple[tuple[str, float, TaskStatus], ...]:
+        """The latest stage changes: (stage, instant, status then), oldest first."""
+        return () if self.extra is None else self.extra.stages
 
     @property
     def result(self) -> JSON:
@@ -382,12 +404,32 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
                 _opt_str(data.get("error")),
                 spec,
                 _opt_str(data.get("stage")),
-                MappingProxyType({_str(k): int(_num(v)) for k, v in children.items()})
+                Extra(MappingProxyType({_str(k): int(_num(v)) for k, v in children.items()}))
                 if children
-                else NO_CHILDREN,
+                else None,
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(f"not a task record: {exc!r}") from None
+
+    def next_extra(
+        self,
+        at: float,
+        status: TaskStatus,
+        terminal: bool,
+        held: Held | None,
+        stage: str | None,
+    ) -> Extra | None:
+        """The ``extra`` of this record's next version (a transition at ``at`` to
+        ``status``): the held outcome, kept while active, dropped once terminal, and a
+        stage change added to the history."""
+        extra = self.extra or NO_EXTRA
+        new_held = None if terminal else (extra.held if held is None else held)
+        stages = extra.stages
+        if stage is not None and stage != self.stage:
+            stages = (*stages[1 - MAX_STAGES :], (stage, at, status))
+        if new_held is extra.held and stages is extra.stages:
+            return self.extra
+        return extra.but(held=new_held, stages=stages)
 
     def evolve(
         self,
@@ -400,9 +442,8 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
         message: str | None,
         result: JSON | RawJSON,
         error: str | None,
-        stage: str | None = None,
-        held: Held | None = None,
-        stages: tuple[tuple[str, float, TaskStatus], ...] | None = None,
+        stage: str | None,
+        extra: Extra | None,
     ) -> TaskRecord:
         """A copy with the mutable-by-transition fields replaced (by hand: the actor's
         hot path, where ``dataclasses.replace`` would introspect on every call)."""
@@ -421,9 +462,7 @@ class TaskRecord(msgspec.Struct, frozen=True, gc=False):
             error,
             self.spec,
             stage,
-            self.children,
-            held,
-            self.stages if stages is None else stages,
+            extra,
         )
 
 
@@ -476,84 +515,6 @@ def _opt_num(value: object) -> float | None:
     return None if value is None else _num(value)
 
 
-# --- argument checks, run in the caller before any message is sent -----------------
-
-
-def parse_statuses(values: Iterable[str | TaskStatus]) -> frozenset[TaskStatus] | None:
-    """A status filter from its parts: each value one status or several separated by
-    commas; empty parts are ignored, and no status at all means no filter (None).
-    ``ValueError`` names an unknown status. The one parser for the API, client and CLI.
-    """
-    out: set[TaskStatus] = set()
-    for value in values:
-        if isinstance(value, TaskStatus):
-            out.add(value)
-            continue
-        if not isinstance(value, str):
-            raise TypeError(f"status must be a str, not {type(value).__name__}")
-        for part in value.split(","):
-            part = part.strip()
-            if not part:
-                continue
-            try:
-                out.add(TaskStatus(part))
-            except ValueError:
-                valid = ", ".join(s.value for s in TaskStatus)
-                raise ValueError(f"unknown status {part!r}; expected one of {valid}") from None
-    return frozenset(out) if out else None
-
-
-def check_unicode(text: str, what: str) -> str:
-    """Return ``text`` if it is valid Unicode: no lone UTF-16 surrogate (which a JSON
-    escape such as backslash-u-d800 can carry), so that it can be encoded and stored."""
-    if not text.isascii():
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{what} is not valid Unicode (a lone surrogate)") from None
-    return text
-
-
-def check_task_type(task_type: object) -> str:
-    """Return ``task_type`` if it is 1–128 chars of ``[A-Za-z0-9_.:-]``."""
-    if type(task_type) is str and task_type in _KNOWN_TYPES:
-        return task_type  # a program uses a handful of types: skip the regex
-    if not isinstance(task_type, str):
-        raise TypeError(f"task_type must be a str, not {type(task_type).__name__}")
-    if not _TASK_TYPE_RE.fullmatch(task_type):
-        raise ValueError(
-            f"task_type must be 1-128 characters of [A-Za-z0-9_.:-], got {task_type[:140]!r}"
-        )
-    if len(_KNOWN_TYPES) < 1024:
-        _KNOWN_TYPES.add(task_type)
-    return task_type
-
-
-def check_stage(stage: object) -> str | None:
-    """Return ``stage`` if it is None or follows ``task_type``'s rules (1–128
-    characters of ``[A-Za-z0-9_.:-]``)."""
-    if stage is None:
-        return None
-    if not isinstance(stage, str):
-        raise TypeError(f"stage must be a str, not {type(stage).__name__}")
-    if not _TASK_TYPE_RE.fullmatch(stage):
-        raise ValueError(f"stage must be 1-128 characters of [A-Za-z0-9_.:-], got {stage[:140]!r}")
-    return stage
-
-
-def check_resource_id(resource_id: object) -> str | None:
-    """Return ``resource_id`` if it is None or 1–256 printable characters."""
-    if resource_id is None:
-        return None
-    if not isinstance(resource_id, str):
-        raise TypeError(f"resource_id must be a str or None, not {type(resource_id).__name__}")
-    if not 1 <= len(resource_id) <= MAX_RESOURCE_ID_CHARS:
-        raise ValueError(f"resource_id must be 1-{MAX_RESOURCE_ID_CHARS} characters")
-    if _CONTROL_RE.search(resource_id):
-        raise ValueError("resource_id must not contain control characters")
-    return check_unicode(resource_id, "resource_id")
-
-
 class AnyOwner(enum.Enum):
     """Type of :data:`ANY_OWNER`, the owner filter that matches every owner."""
 
@@ -565,36 +526,3 @@ ANY_OWNER = AnyOwner.ANY_OWNER
 
 #: Who a call acts as: an owner string, ``None`` (unowned tasks), or ``ANY_OWNER``.
 OwnerScope: TypeAlias = str | AnyOwner | None
-
-
-def check_statuses(
-    status: TaskStatus | str | Collection[TaskStatus | str] | None,
-) -> frozenset[TaskStatus] | None:
-    """A status filter (one status or several) as a set; None for no filter."""
-    if status is None:
-        return None
-    parsed = parse_statuses([status] if isinstance(status, str) else list(status))
-    if parsed is None:
-        raise ValueError("status filter must name at least one status")
-    return parsed
-
-
-def check_task_id(task_id: object) -> str:
-    """A task id argument: a str."""
-    if not isinstance(task_id, str):
-        raise TypeError(f"task_id must be a str, not {type(task_id).__name__}")
-    return task_id
-
-
-def check_owner(owner: object) -> OwnerScope:
-    """An owner scope argument: ANY_OWNER, None or a str."""
-    if owner is ANY_OWNER:
-        return ANY_OWNER
-    return check_new_owner(owner)
-
-
-def check_new_owner(owner: object) -> str | None:
-    """The owner of a new task: a str or None (not ANY_OWNER)."""
-    if owner is not None and not isinstance(owner, str):
-        raise TypeError(f"owner must be a str or None, not {type(owner).__name__}")
-    return owner

@@ -76,11 +76,19 @@ class Tracing:
     """The spans of one tracker's tasks (owned by the loop's thread)."""
 
     def __init__(self) -> None:
+        import os
+
         from opentelemetry import trace
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
         self._trace = trace
         self._proxy = trace.ProxyTracerProvider
+        # ``get_tracer_provider`` reads the environment on every call until a provider
+        # is set (7 µs a spawn); unless the environment names one, "none set yet" is
+        # read from the API's global instead (then the call is made as before).
+        self._lazy = "OTEL_PYTHON_TRACER_PROVIDER" in os.environ or not hasattr(
+            trace, "_TRACER_PROVIDER"
+        )
         self._propagator = TraceContextTextMapPropagator()
         self._spans: dict[str, Span] = {}
 
@@ -88,8 +96,10 @@ class Tracing:
         """In the creator's context: the task's span, child of ``traceparent`` if given
         (an HTTP creator's), else of the current span; and what the record keeps
         (the span's ``traceparent``; without a recording tracer, the one given)."""
-        if isinstance(self._trace.get_tracer_provider(), self._proxy):
+        if not self._lazy and self._trace._TRACER_PROVIDER is None:
             return None, traceparent  # no provider set yet: nothing would record
+        if isinstance(self._trace.get_tracer_provider(), self._proxy):
+            return None, traceparent
         parent = None
         if traceparent is not None:
             parent = self._propagator.extract({"traceparent": traceparent})

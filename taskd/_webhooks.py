@@ -37,8 +37,9 @@ from dataclasses import dataclass
 from typing import Any, Final
 from urllib.parse import urlsplit
 
+from ._args import check_unicode
 from ._checks import check_seconds
-from ._models import TaskRecord, check_unicode
+from ._models import TaskRecord
 
 __all__ = ["Webhooks", "sign"]
 

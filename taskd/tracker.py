@@ -16,15 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Final, TypeVar
 
-from ._checks import check_metadata, check_progress, check_seconds, store_json
-from ._counters import HttpCounters
-from ._errors import TaskNotFound, TrackerClosed
-from ._listing import Listing
-from ._models import (
-    ANY_OWNER,
-    JSON,
-    OwnerScope,
-    TaskRecord,
+from ._args import (
     check_new_owner,
     check_owner,
     check_resource_id,
@@ -32,6 +24,11 @@ from ._models import (
     check_task_id,
     check_task_type,
 )
+from ._checks import check_metadata, check_progress, check_seconds, store_json
+from ._counters import HttpCounters
+from ._errors import TaskNotFound, TrackerClosed
+from ._listing import Listing
+from ._models import ANY_OWNER, JSON, OwnerScope, TaskRecord
 from ._redact import redact_error, redact_message
 from ._retention import Retention
 from ._tracing import check_traceparent

@@ -183,6 +183,7 @@ def test_web_and_client_never_import_upwards_or_sideways() -> None:
 CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     (
         "taskd._models",
+        "taskd._args",
         "taskd._errors",
         "taskd._retention",
         "taskd._redact",

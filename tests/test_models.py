@@ -12,7 +12,7 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
-from taskd._models import TRANSITIONS, Held
+from taskd._models import TRANSITIONS, Extra, Held
 
 ALL = list(S)
 ALLOWED = {
@@ -112,8 +112,9 @@ def test_control_character_rules_and_their_openapi_patterns_agree() -> None:
     NUL only; the OpenAPI patterns say exactly the same."""
     import re
 
+    from taskd._args import check_resource_id
     from taskd._checks import check_message
-    from taskd._models import MESSAGE_PATTERN, RESOURCE_ID_PATTERN, check_resource_id
+    from taskd._models import MESSAGE_PATTERN, RESOURCE_ID_PATTERN
 
     def refused(check: Callable[[str], object], text: str) -> bool:
         try:
@@ -190,9 +191,11 @@ def test_a_row_holds_each_field_in_its_own_column_and_reads_back() -> None:
         rec,
         status=S.RUNNING,
         spec=codec.new_spec({}, None, False, None, None, None, "p0", True),
-        children=MappingProxyType({"running": 2, "completed": 1}),
-        held=Held(S.COMPLETED, {"n": 3}),
-        stages=(("fetching", 1.5, S.RUNNING), ("parsing", 2.0, S.CANCELLING)),
+        extra=Extra(
+            MappingProxyType({"running": 2, "completed": 1}),
+            Held(S.COMPLETED, {"n": 3}),
+            (("fetching", 1.5, S.RUNNING), ("parsing", 2.0, S.CANCELLING)),
+        ),
     )
     row = dict(zip(codec.COLUMNS, codec.to_row(parent), strict=True))
     assert row["children"] == '{"running":2,"completed":1}' and row["await_children"] == 1

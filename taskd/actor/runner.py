@@ -16,9 +16,10 @@ import contextvars
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar, cast
 
+from .._args import check_stage
 from .._checks import check_progress, store_json
 from .._errors import TrackerClosed
-from .._models import ANY_OWNER, TaskStatus, check_stage
+from .._models import ANY_OWNER, TaskStatus
 from .._redact import redact_error, redact_message
 from .messages import Progress, RunnerFinished
 from .outcome import Outcome

@@ -20,7 +20,8 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 
-from .._models import TaskRecord, TaskStatus, parse_statuses
+from .._args import parse_statuses
+from .._models import TaskRecord, TaskStatus
 from ..client import DEFAULT_URL, ServerUnreachable, TaskdClient
 from ._common import (
     EXIT_CANCELLED,

@@ -6,17 +6,9 @@ from __future__ import annotations
 from collections.abc import Collection
 from typing import Final
 
+from .._args import check_owner, check_resource_id, check_statuses, check_task_type
 from .._checks import check_limit
-from .._models import (
-    ANY_OWNER,
-    TERMINAL,
-    OwnerScope,
-    TaskStatus,
-    check_owner,
-    check_resource_id,
-    check_statuses,
-    check_task_type,
-)
+from .._models import ANY_OWNER, TERMINAL, OwnerScope, TaskStatus
 from ..actor import messages as m
 
 __all__ = ["MAX_DELETE", "before_cursor", "delete_message"]

@@ -23,6 +23,7 @@ from .._models import (
     JSON,
     MAX_STAGES,
     NO_CHILDREN,
+    NO_EXTRA,
     Held,
     RawJSON,
     TaskRecord,
@@ -276,9 +277,13 @@ def from_row(row: Sequence[Any]) -> TaskRecord:
         error,
         spec,
         stage,
-        children_from_text(children),
-        held_from_text(held),
-        stages_from_text(stages),
+        NO_EXTRA.but(
+            children=children_from_text(children),
+            held=held_from_text(held),
+            stages=stages_from_text(stages),
+        )
+        if children or held or stages
+        else None,
     )
 
 

@@ -26,8 +26,8 @@ from .._models import (
     ACTIVE,
     ANY_OWNER,
     JSON,
-    MAX_STAGES,
     NO_CHILDREN,
+    NO_EXTRA,
     TERMINAL,
     TRANSITIONS,
     Held,
@@ -258,8 +258,7 @@ class TaskState:
         status: a progress report); ``InvalidTransition`` otherwise. ``held``: the
         outcome to apply once no descendant is active (an active record keeps the
         one it holds; a terminal one holds none)."""
-        # (a parent's children counts may have moved since the caller read it)
-        rec = self._records.get(rec.task_id, rec)
+        rec = self._records.get(rec.task_id, rec)  # (its children counts may have moved)
         if rec.status in TERMINAL or (
             status is not rec.status
             and status not in TRANSITIONS[rec.status]
@@ -269,6 +268,13 @@ class TaskState:
             raise InvalidTransition(rec.task_id, rec.status.value, action or status.value)
         at = now if now > rec.updated_at else rec.updated_at
         terminal = status in TERMINAL
+        new_stage = (
+            None if status is TaskStatus.COMPLETED else (rec.stage if stage is None else stage)
+        )
+        extra = rec.extra
+        if extra is not None or held is not None or (new_stage and new_stage != rec.stage):
+            # (the rare fields: a held outcome kept or set, a stage change recorded)
+            extra = rec.next_extra(at, status, terminal, held, new_stage)
         new = rec.evolve(
             status=status,
             updated_at=at,
@@ -287,17 +293,12 @@ class TaskState:
             result=result if status is TaskStatus.COMPLETED else None,
             error=error if status in (TaskStatus.FAILED, TaskStatus.CANCELLED) else None,
             # as the message: cleared once completed, kept where the work stopped
-            stage=None
-            if status is TaskStatus.COMPLETED
-            else (rec.stage if stage is None else stage),
-            held=None if terminal else (rec.held if held is None else held),
+            stage=new_stage,
+            extra=extra,
         )
         tid = new.task_id
         if new.stage != rec.stage:
             self._index_stage(tid, rec.stage, new.stage)
-            if new.stage is not None:  # (a stage change, kept in the history)
-                kept = (*rec.stages[1 - MAX_STAGES :], (new.stage, at, new.status))
-                new = msgspec.structs.replace(new, stages=kept)
         self._records[tid] = new
         if rec.status is not new.status:
             self._by_status[rec.status].remove(tid)
@@ -399,12 +400,10 @@ class TaskState:
         if parent is None:
             return
         counts = dict(parent.children)
-        if old is not None:
-            n = counts.get(old.value, 0) - 1
-            if n > 0:
-                counts[old.value] = n
-            else:
-                counts.pop(old.value, None)
+        if old is not None and counts.get(old.value, 0) > 1:
+            counts[old.value] -= 1
+        elif old is not None:
+            counts.pop(old.value, None)
         if new is not None:
             counts[new.value] = counts.get(new.value, 0) + 1
         progress = parent.progress
@@ -412,9 +411,10 @@ class TaskState:
         if held is not None and held.status is TaskStatus.COMPLETED and counts:
             done = sum(n for st, n in counts.items() if TaskStatus(st) in TERMINAL)
             progress = round(done / sum(counts.values()), 4)
-        new_parent = msgspec.structs.replace(
-            parent, children=MappingProxyType(counts) if counts else NO_CHILDREN, progress=progress
+        extra = (parent.extra or NO_EXTRA).but(
+            children=MappingProxyType(counts) if counts else NO_CHILDREN
         )
+        new_parent = msgspec.structs.replace(parent, extra=extra, progress=progress)
         self._records[parent_id] = new_parent
         self._emit(new_parent)
 

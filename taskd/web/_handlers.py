@@ -12,8 +12,9 @@ from urllib.parse import urlencode
 from aiohttp import web
 
 from .. import _metrics, _openapi
+from .._args import check_stage
 from .._checks import check_limit
-from .._models import JSON, TaskRecord, TaskStatus, check_stage
+from .._models import JSON, TaskRecord, TaskStatus
 from .._tracing import check_traceparent
 from ..actor.subscription import Subscription
 from ..handle import WouldBlock

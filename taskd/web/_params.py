@@ -13,13 +13,8 @@ from typing import Final, TypeVar, cast
 
 from aiohttp import web
 
-from .._models import (
-    JSON,
-    check_resource_id,
-    check_task_type,
-    check_unicode,
-    parse_statuses,
-)
+from .._args import check_resource_id, check_task_type, check_unicode, parse_statuses
+from .._models import JSON
 from ._errors import _ClientGone, _invalid
 
 log = logging.getLogger("taskd.web")
