@@ -33,7 +33,7 @@ from ._context import (
     _State,
     _state_of,
 )
-from ._errors import method_not_allowed
+from ._errors import Handler, method_not_allowed
 from ._guard import BrowserGuard, Screen
 from ._handlers import (
     _dashboard_handler,
@@ -43,7 +43,7 @@ from ._handlers import (
     metrics_handler,
     routes,
 )
-from ._middleware import enveloped, make_middleware
+from ._middleware import enveloped, make_middleware, route_wrapper
 
 log = logging.getLogger("taskd.web")
 T = TypeVar("T")
@@ -211,22 +211,40 @@ def _wire(
         await tracker.release_polls()
 
     app.on_shutdown.append(end_streams)
-    app.middlewares.append(make_middleware(state, standalone=metrics, screen=screen))
-    r = app.router
     p = state.prefix
-    for path, methods in routes(_Handlers(state), p):
-        name = _ROUTE_LIST if path == p + "/tasks" else None
-        resource = r.add_resource(path, name=name)
-        for method, handler in methods.items():
-            # The standalone app's middleware envelopes everything already: no second
-            # wrapper on its hot path.
-            resource.add_route(method, handler if metrics else enveloped(handler))
-        # Any other method: 405 with Allow, in the envelope (a "*" route goes last).
-        resource.add_route("*", method_not_allowed(methods))
+    table = routes(_Handlers(state), p)
     if dashboard:
         path = dashboard if isinstance(dashboard, str) else "/dashboard"
-        r.add_get(path, _dashboard_handler(state), allow_head=False)
+        table.append((path, {"GET": _dashboard_handler(state)}))
+    if metrics:
+        # The standalone app: each route wrapped (guard, envelope, metrics), and no
+        # middleware at all (app_routes adds /health, /metrics and the catch-all).
+        state.wrap = route_wrapper(state, screen)
+    else:
+        # A host's app: its middleware answers taskd's exceptions from its handlers;
+        # taskd's own routes are each enveloped.
+        app.middlewares.append(make_middleware(state, standalone=False))
+    for path, methods in table:
+        add_routes(app, state, path, methods, name=_ROUTE_LIST if path == p + "/tasks" else None)
     return tracker
+
+
+def add_routes(
+    app: web.Application,
+    state: _State,
+    path: str,
+    methods: Mapping[str, Handler],
+    name: str | None = None,
+) -> None:
+    """Register ``path``'s handlers, and 405 with ``Allow`` (in the envelope) for any
+    other method: each wrapped as the application wants (``_State.wrap``)."""
+    wrap = state.wrap
+    resource = app.router.add_resource(path, name=name)
+    for method, handler in methods.items():
+        resource.add_route(method, enveloped(handler) if wrap is None else wrap(handler, path))
+    # (a "*" route goes last: the declared methods match first)
+    refuse = method_not_allowed(methods)
+    resource.add_route("*", refuse if wrap is None else wrap(refuse, path))
 
 
 def _warn_if_many_gunicorn_workers() -> None:
@@ -280,9 +298,14 @@ def create_app(**options: Unpack[ServeOptions]) -> web.Application:
     # One middleware applies the guard (first) and taskd's envelopes and counts: each
     # middleware is a coroutine frame on every request of the hottest route.
     tracker = _setup(app, options, "/", metrics=True, screen=guard.screen())
-    _state_of(app).max_body = options.get("client_max_size", MAX_BODY)
-    app.router.add_get("/health", health_handler, allow_head=False)
-    app.router.add_get("/metrics", metrics_handler, allow_head=False)
+    state = _state_of(app)
+    state.max_body = options.get("client_max_size", MAX_BODY)
+    add_routes(app, state, "/health", {"GET": health_handler})
+    add_routes(app, state, "/metrics", {"GET": metrics_handler})
+    # Any other path: 404 in the envelope, counted as "(unmatched)" (resolved last:
+    # every other resource's prefix is longer than the root's).
+    assert state.wrap is not None
+    app.router.add_route("*", "/{tail:.*}", state.wrap(_unmatched, "(unmatched)"))
     if options.get("demo", False):
 
         async def demo_jobs(app: web.Application) -> AsyncIterator[None]:
@@ -298,6 +321,10 @@ def create_app(**options: Unpack[ServeOptions]) -> web.Application:
 
         app.cleanup_ctx.append(demo_jobs)
     return app
+
+
+async def _unmatched(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPNotFound()
 
 
 def bearer_auth(tokens: Mapping[str, str | None]) -> AuthCallback:

@@ -40,6 +40,10 @@ _RENDER_CACHE_SIZE: Final = 4096
 _RENDER_CACHE_BYTES: Final = 32 * 1024 * 1024
 
 
+#: A route handler (as ``_errors.Handler``).
+_Route = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
 @dataclass(slots=True)
 class _State:
     tracker: Tracker
@@ -52,6 +56,9 @@ class _State:
     http: HttpCounters | None = None
     #: The request body limit, for the OpenAPI document (aiohttp's default: 1 MiB).
     max_body: int = MAX_BODY
+    #: How the standalone application wraps each route (``route_wrapper``); None on
+    #: a host's application (its middleware, and ``enveloped`` routes).
+    wrap: Callable[[_Route, str], _Route] | None = None
     #: The application setup() was called on (maybe mounted as a sub-application).
     app: web.Application | None = None
     _base: str | None = None

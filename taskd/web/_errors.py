@@ -212,5 +212,7 @@ def _allowed_methods(app: object, path: str) -> list[str] | None:
         fixed = info.get("path")
         pattern = info.get("pattern")
         if fixed == path or (isinstance(pattern, re.Pattern) and pattern.fullmatch(path)):
-            return sorted({route.method for route in resource if route.method != "*"})
+            methods = sorted({route.method for route in resource if route.method != "*"})
+            if methods:  # (not the catch-all of unmatched paths, which declares none)
+                return methods
     return None

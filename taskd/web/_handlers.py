@@ -337,8 +337,9 @@ def routes(h: _Handlers, p: str) -> list[tuple[str, dict[str, Handler]]]:
     """The API's routes under ``p``: (path, handler by method), one table for every
     framework that serves them (aiohttp here, ``taskd.asgi``)."""
     return [
-        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task, "DELETE": h.delete_tasks}),
+        # (the hottest route first: aiohttp tries a prefix's resources in this order)
         (p + "/tasks/{task_id}", {"GET": h.get_task, "DELETE": h.delete_task}),
+        (p + "/tasks", {"GET": h.list_tasks, "POST": h.create_task, "DELETE": h.delete_tasks}),
         (p + "/tasks/{task_id}/start", {"POST": h.start_task}),
         (p + "/tasks/{task_id}/progress", {"POST": h.progress_task}),
         (p + "/tasks/{task_id}/complete", {"POST": h.complete_task}),
