@@ -19,6 +19,7 @@ import aiojobs
 sys.path.append(str(Path(__file__).resolve().parent))  # seed_baseline, after the stdlib
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from floor import FloorTracker
 from seed_baseline import SeedTracker
 
 import taskd
@@ -130,6 +131,46 @@ async def fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
         result = await compare_callers(one_ours, one_theirs, callers, per)
     await sched.close()
     return result
+
+
+async def floor_fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
+    """``fan_out`` with the minimal tracker (bench/floor.py) in taskd's place."""
+    per = n // callers
+    sched = aiojobs.Scheduler(limit=None, pending_limit=0)
+    floor = FloorTracker()
+
+    async def one_floor() -> None:
+        handles = [await floor.spawn(noop(), "bench") for _ in range(per)]
+        for h in handles:
+            await h
+
+    async def one_theirs() -> None:
+        jobs = [await sched.spawn(noop()) for _ in range(per)]
+        for job in jobs:
+            await job.wait()
+
+    result = await compare_callers(one_floor, one_theirs, callers, per)
+    await sched.close()
+    return result
+
+
+async def gather_handles(n: int = 20000) -> tuple[float, float]:
+    """``asyncio.gather(*handles)`` (a task per handle: a handle is not a future)
+    against awaiting the same handles in turn (no task per handle)."""
+    async with taskd.Tracker(retention=taskd.Retention(max_tasks=200_000)) as t:
+
+        async def gathered() -> int:
+            handles = [await t.spawn(noop(), task_type="bench") for _ in range(n)]
+            await asyncio.gather(*handles)
+            return n
+
+        async def in_turn() -> int:
+            handles = [await t.spawn(noop(), task_type="bench") for _ in range(n)]
+            for h in handles:
+                await h
+            return n
+
+        return await compare(gathered, in_turn)
 
 
 async def get_concurrent(n: int = 50000, callers: int = 100) -> tuple[float, float]:
@@ -302,8 +343,18 @@ async def main() -> None:
     line("spawn+await, 100 callers (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
     ours, base = await fan_out()
     line("fan-out: 1 caller spawns 20k, awaits all", ours, base, "ops/s", ">= 0.5x", ours / base)
+    fan = ours
+    ours, base = await floor_fan_out()
+    line("  the floor: minimal tracker, same fan-out", ours, base, "ops/s", "(floor)", ours / base)
+    line("  taskd vs the floor, fan-out", fan, ours, "ops/s", "(distance)", fan / ours)
     ours, base = await fan_out(callers=100)
     line("fan-out: 100 callers x 200 (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
+    fan = ours
+    ours, base = await floor_fan_out(callers=100)
+    line("  the floor: 100 callers x 200", ours, base, "ops/s", "(floor)", ours / base)
+    line("  taskd vs the floor, 100 callers", fan, ours, "ops/s", "(distance)", fan / ours)
+    ours, base = await gather_handles()
+    line("gather(*handles) vs awaiting them in turn", ours, base, "ops/s", "(measure)", ours / base)
     ours, base = await get_concurrent()
     line("get, 100 callers (vs seed)", ours, base, "ops/s", ">= 3x", ours / base)
     ours, base = await create_dedup()

@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import enum
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from typing import Any, Generic, Protocol, TypeVar
 
 from ._models import TaskRecord
@@ -52,14 +54,23 @@ class TaskHandle(Generic[T]):
     ``await handle`` gives the return value, or re-raises the coroutine's exception
     (``TimeoutError`` if its ``timeout`` ran out, ``CancelledError`` if cancelled),
     once the terminal record is stored.
+
+    A handle is future-like (``done``, ``result``, ``exception``, ``cancelled``,
+    ``add_done_callback``, ``get_loop``): ``asyncio.gather(*handles)``,
+    ``asyncio.wait`` and ``as_completed`` take handles as they are, with no task made
+    per handle (docs/embedding.md).
     """
 
-    __slots__ = ("_created", "_done", "_tracker")
+    __slots__ = ("_created", "_done", "_loop", "_tracker")
+    #: Marks a future-like object (``asyncio.isfuture``): set, never True (a handle is
+    #: awaited through its ``__await__``, never yielded to the event loop itself).
+    _asyncio_future_blocking = False
 
     def __init__(self, tracker: Canceller, record: TaskRecord, done: Outcome[T]):
         self._tracker = tracker
         self._done = done
         self._created = record
+        self._loop = asyncio.get_running_loop()
 
     @property
     def record(self) -> TaskRecord:
@@ -79,12 +90,56 @@ class TaskHandle(Generic[T]):
         """True once the outcome is known."""
         return self._done.done()
 
-    async def cancel(self, reason: str = "cancelled") -> TaskRecord:
-        """Ask the tracker to cancel this task (see ``Tracker.cancel``)."""
-        return await self._tracker.cancel(self.task_id, reason=reason)
+    def cancel(
+        self, reason: str = "cancelled", *, msg: object = None
+    ) -> asyncio.Future[TaskRecord]:
+        """Ask the tracker to cancel this task (see ``Tracker.cancel``).
+
+        Sent at once; await the result for the record. ``msg`` is what
+        ``asyncio.gather`` passes when it is cancelled: used as the reason."""
+        text = reason if msg is None else str(msg)
+        sent = self._loop.create_task(self._tracker.cancel(self.task_id, reason=text))
+        sent.add_done_callback(_quiet)  # (a cancel nobody awaits may be refused: fine)
+        return sent
+
+    def result(self) -> T:
+        """The return value, or the coroutine's exception raised, once done
+        (``asyncio.InvalidStateError`` before)."""
+        return self._done.result()
+
+    def exception(self) -> BaseException | None:
+        """The coroutine's exception (None when it returned), once done."""
+        return self._done.exception()
+
+    def cancelled(self) -> bool:
+        """True once done, if the coroutine was cancelled."""
+        return self._done.cancelled()
+
+    def add_done_callback(
+        self, fn: Callable[[TaskHandle[T]], object], *, context: contextvars.Context | None = None
+    ) -> None:
+        """Call ``fn(handle)`` once the outcome is known (a future's protocol)."""
+        self._done.add_callback(fn, self, context)
+
+    def remove_done_callback(self, fn: Callable[[TaskHandle[T]], object]) -> int:
+        """Forget ``fn``; how many callbacks were removed."""
+        return self._done.remove_callback(fn)
+
+    def get_loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the task runs on."""
+        return self._loop
+
+    def _make_cancelled_error(self) -> asyncio.CancelledError:
+        # (asyncio.gather asks a cancelled child for the error it propagates)
+        return asyncio.CancelledError()
 
     def __await__(self) -> Generator[Any, None, T]:
         return self._done.__await__()
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id} {self.record.task_type}>"
+
+
+def _quiet(sent: asyncio.Task[TaskRecord]) -> None:
+    if not sent.cancelled():
+        sent.exception()  # retrieved: a refusal nobody awaited is not logged

@@ -887,3 +887,63 @@ async def test_a_loop_of_gets_lets_other_tasks_run(tracker: taskd.Tracker) -> No
         raise AssertionError("the worker never ran while the caller polled")
     assert polls > 1
     await job
+
+
+async def test_handles_are_future_like_for_gather_and_wait(tracker: taskd.Tracker) -> None:
+    """docs/embedding.md: ``asyncio.gather(*handles)`` takes handles as futures (no
+    task per handle), returns their values, raises or returns their exceptions, and,
+    cancelled, cancels the tracked tasks; ``asyncio.wait`` takes them too."""
+
+    async def value(i: int) -> int:
+        return i
+
+    async def boom() -> None:
+        raise ValueError("no")
+
+    handles = [await tracker.spawn(value(i), task_type="x") for i in range(5)]
+    assert all(asyncio.isfuture(h) for h in handles)
+    wrapped: object = asyncio.ensure_future(handles[0])
+    assert wrapped is handles[0]  # used as it is: no task made for it
+    assert await asyncio.gather(*handles) == [0, 1, 2, 3, 4]
+    assert handles[2].result() == 2 and handles[2].exception() is None
+    failing = await tracker.spawn(boom(), task_type="x")
+    (err,) = await asyncio.gather(failing, return_exceptions=True)
+    assert isinstance(err, ValueError) and failing.exception() is err
+    with pytest.raises(ValueError):
+        failing.result()
+
+    started = asyncio.Event()
+
+    async def stuck() -> None:
+        started.set()
+        await asyncio.Event().wait()
+
+    blocked = await tracker.spawn(stuck(), task_type="x")
+    with pytest.raises(asyncio.InvalidStateError):
+        blocked.result()
+    gathered = asyncio.gather(blocked)
+    await started.wait()
+    gathered.cancel()  # cancels its children: the tracked task
+    with pytest.raises(asyncio.CancelledError):
+        await gathered
+    rec = await tracker.wait(blocked.task_id, timeout=5)
+    assert rec.status is S.CANCELLED and blocked.cancelled()
+
+    # (typeshed types wait() for Future subclasses only; a handle is future-like)
+    done, pending = await asyncio.wait([await tracker.spawn(value(7), task_type="x")])  # type: ignore[type-var]
+    assert not pending and [h.result() for h in done] == [7]
+
+    called: list[object] = []
+    seen = asyncio.Event()
+    late = await tracker.spawn(value(8), task_type="x")
+
+    def note(handle: object) -> None:
+        called.append(handle)
+        seen.set()
+
+    late.add_done_callback(note)
+    late.add_done_callback(print)
+    assert late.remove_done_callback(print) == 1
+    await late
+    await seen.wait()  # (done callbacks run soon after, as a future's do)
+    assert called == [late]
