@@ -292,6 +292,17 @@ async def test_client_methods(service: Service, make_client: MakeClient) -> None
         with pytest.raises(taskd.InvalidTransition):
             await client.complete(other.task_id)
         assert (await client.openapi())["openapi"] == "3.1.0"
+        # a tree (docs/trees.md): parent_id and await_children, the children listed
+        root = await client.create("import", await_children=True)
+        kid = await client.create("part", parent_id=root.task_id)
+        assert kid.parent_id == root.task_id
+        page = await client.list(parent_id=root.task_id)
+        assert [r.task_id for r in page.records] == [kid.task_id]
+        await client.start(root.task_id)
+        assert (await client.complete(root.task_id, 1)).status.value == "running"
+        await client.cancel(kid.task_id)
+        done = await client.get(root.task_id)
+        assert done.status.value == "completed" and dict(done.children) == {"cancelled": 1}
 
 
 async def test_client_wait_survives_a_server_restart(
