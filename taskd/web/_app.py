@@ -223,7 +223,7 @@ def _wire(
     else:
         # A host's app: its middleware answers taskd's exceptions from its handlers;
         # taskd's own routes are each enveloped.
-        app.middlewares.append(make_middleware(state, standalone=False))
+        app.middlewares.append(make_middleware())
     for path, methods in table:
         add_routes(app, state, path, methods, name=_ROUTE_LIST if path == p + "/tasks" else None)
     return tracker

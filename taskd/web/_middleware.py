@@ -1,7 +1,7 @@
-"""The middleware ``setup`` installs, and the wrapper of each of taskd's routes on a
-host application: how an error raised on taskd's routes reaches the envelope
-(``_errors``), and where the standalone app counts and times its requests for
-``/metrics``."""
+"""The middleware ``setup`` installs, the wrapper of each of taskd's routes on a host
+application (how an error raised on taskd's routes reaches the envelope:
+``_errors``), and the standalone app's route wrapper, where it applies its guard and
+counts and times its requests for ``/metrics``."""
 
 from __future__ import annotations
 
@@ -70,50 +70,18 @@ def route_wrapper(state: _State, screen: Screen | None) -> Callable[[Handler, st
     return wrap
 
 
-def make_middleware(
-    state: _State, *, standalone: bool, screen: Screen | None = None
-) -> Callable[..., Awaitable[web.StreamResponse]]:
-    """The middleware ``setup`` installs. On a host application it touches only
+def make_middleware() -> Callable[..., Awaitable[web.StreamResponse]]:
+    """The middleware ``setup`` installs on a host's application: it touches only
     taskd's own exceptions (``TaskConflict`` from ``taskd.web.spawn`` in the host's
     handler, say), answered with the envelope; everything else of the host's passes
-    untouched — taskd's routes are enveloped by their own wrappers. On the standalone
-    application, whose routes are all taskd's, it also envelopes what the router
-    answers (unknown paths) and counts requests per route for ``/metrics``; with a
-    ``screen`` (the browser guard's checks) it applies that first, as the outermost
-    middleware would (its refusals are neither enveloped again nor counted)."""
-    http = state.http
-    timed = http is not None  # the standalone app's metrics
-    counts = {} if http is None else http.counts
-    durations = {} if http is None else http.durations
-    clock = time.perf_counter
+    untouched (taskd's routes are enveloped by their own wrappers). The standalone
+    application has no middleware (``route_wrapper``)."""
 
     @web.middleware
     async def taskd_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if screen is not None:
-            refused = screen.before(request)
-            if refused is not None:
-                return refused
-        began = clock() if timed else 0.0
         try:
-            response = await handler(request)
+            return await handler(request)
         except TaskdError as exc:
-            response = error_to_response(request, exc)
-        except Exception as exc:
-            if not standalone:
-                raise
-            response = error_to_response(request, exc)
-        if timed:
-            route = request.match_info.route.resource
-            method = request.method
-            name = route.canonical if route is not None else "(unmatched)"
-            key = (method, name, response.status)
-            counts[key] = counts.get(key, 0) + 1
-            hist = durations.get((method, name))
-            if hist is None:
-                hist = durations[(method, name)] = Histogram(HTTP_BUCKETS)
-            hist.observe(clock() - began)
-        if screen is not None:
-            screen.after(request, response)
-        return response
+            return error_to_response(request, exc)
 
     return taskd_middleware
