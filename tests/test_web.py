@@ -550,3 +550,28 @@ async def test_embedding_recipe_for_health_and_metrics(aiohttp_client: MakeClien
         resp = await client.get("/metrics", headers=headers)
         assert resp.content_type == "application/openmetrics-text"
         await client.close()
+
+
+async def test_routes_added_to_the_standalone_app_still_resolve(
+    aiohttp_client: MakeClient,
+) -> None:
+    """docs/embedding.md: the standalone app answers unmatched paths with the envelope
+    from a catch-all route (it runs no middleware), and routes an application adds
+    to it afterwards, plain or with a variable part, still resolve before it."""
+    app = taskd.web.create_app()
+
+    async def custom(request: web.Request) -> web.Response:
+        return web.json_response({"custom": request.match_info.get("name", "")})
+
+    app.router.add_get("/custom", custom)
+    app.router.add_get("/things/{name}", custom)
+    client = await aiohttp_client(app)
+    resp = await client.get("/custom")
+    assert resp.status == 200 and (await resp.json()) == {"custom": ""}
+    resp = await client.get("/things/a")
+    assert resp.status == 200 and (await resp.json()) == {"custom": "a"}
+    resp = await client.get("/nowhere/at/all")
+    assert resp.status == 404 and (await resp.json())["error"]["code"] == "NOT_FOUND"
+    resp = await client.post("/health")
+    assert resp.status == 405 and resp.headers["Allow"] == "GET"
+    assert (await resp.json())["error"]["code"] == "METHOD_NOT_ALLOWED"
