@@ -111,15 +111,22 @@ async def spawn_concurrent(n: int = 20000, callers: int = 100) -> tuple[float, f
     return result
 
 
-async def fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
+async def fan_out(n: int = 20000, callers: int = 1, floor: bool = False) -> tuple[float, float]:
     """Each caller spawns its share at once, then awaits them all (a server starting
-    many background jobs at once)."""
+    many background jobs at once); ``floor``: the minimal tracker (bench/floor.py)
+    in taskd's place."""
     per = n // callers
     sched = aiojobs.Scheduler(limit=None, pending_limit=0)
     async with taskd.Tracker(retention=taskd.Retention(max_tasks=200_000)) as t:
+        minimal = FloorTracker()
 
         async def one_ours() -> None:
-            handles = [await t.spawn(noop(), task_type="bench") for _ in range(per)]
+            if floor:
+                handles: list[Awaitable[int]] = [
+                    await minimal.spawn(noop(), "bench") for _ in range(per)
+                ]
+            else:
+                handles = [await t.spawn(noop(), task_type="bench") for _ in range(per)]
             for h in handles:
                 await h
 
@@ -129,27 +136,6 @@ async def fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
                 await job.wait()
 
         result = await compare_callers(one_ours, one_theirs, callers, per)
-    await sched.close()
-    return result
-
-
-async def floor_fan_out(n: int = 20000, callers: int = 1) -> tuple[float, float]:
-    """``fan_out`` with the minimal tracker (bench/floor.py) in taskd's place."""
-    per = n // callers
-    sched = aiojobs.Scheduler(limit=None, pending_limit=0)
-    floor = FloorTracker()
-
-    async def one_floor() -> None:
-        handles = [await floor.spawn(noop(), "bench") for _ in range(per)]
-        for h in handles:
-            await h
-
-    async def one_theirs() -> None:
-        jobs = [await sched.spawn(noop()) for _ in range(per)]
-        for job in jobs:
-            await job.wait()
-
-    result = await compare_callers(one_floor, one_theirs, callers, per)
     await sched.close()
     return result
 
@@ -344,13 +330,13 @@ async def main() -> None:
     ours, base = await fan_out()
     line("fan-out: 1 caller spawns 20k, awaits all", ours, base, "ops/s", ">= 0.5x", ours / base)
     fan = ours
-    ours, base = await floor_fan_out()
+    ours, base = await fan_out(floor=True)
     line("  the floor: minimal tracker, same fan-out", ours, base, "ops/s", "(floor)", ours / base)
     line("  taskd vs the floor, fan-out", fan, ours, "ops/s", "(distance)", fan / ours)
     ours, base = await fan_out(callers=100)
     line("fan-out: 100 callers x 200 (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
     fan = ours
-    ours, base = await floor_fan_out(callers=100)
+    ours, base = await fan_out(callers=100, floor=True)
     line("  the floor: 100 callers x 200", ours, base, "ops/s", "(floor)", ours / base)
     line("  taskd vs the floor, 100 callers", fan, ours, "ops/s", "(distance)", fan / ours)
     ours, base = await gather_handles()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -13,7 +14,7 @@ import time
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -46,6 +47,18 @@ class Service:
         self.env = {**os.environ, **(env or {})}
         self.argv = argv
         self.proc: subprocess.Popen[bytes] | None = None
+
+    def post(self, path: str, body: dict[str, object]) -> dict[str, Any]:
+        """``POST`` JSON to the task API (``path`` under ``/api/v1``): the result."""
+        req = urllib.request.Request(
+            f"{self.url}/api/v1{path}",
+            data=json.dumps(body).encode(),
+            headers={"Content-Type": "application/json"},
+            method="POST",
+        )
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            result: dict[str, Any] = json.loads(resp.read())["result"]
+            return result
 
     def start(self, *, wait: bool = True) -> Service:
         self._log = self.log_path.open("ab")

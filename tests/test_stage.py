@@ -98,21 +98,9 @@ async def test_stage_over_http_and_the_clients(serve: Any) -> None:
 
 
 def test_the_cli_table_shows_the_stage(tmp_path: Path) -> None:
-    import json
-    import urllib.request
 
     with Service(tmp_path) as s:
-
-        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
-            req = urllib.request.Request(
-                s.url + API + path,
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                return json.loads(resp.read())["result"]
-
+        post = s.post
         tid = post("/tasks", {"task_type": "x"})["task_id"]
         post(f"/tasks/{tid}/start", {})
         post(f"/tasks/{tid}/progress", {"stage": "parsing"})

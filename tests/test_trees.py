@@ -357,23 +357,11 @@ async def test_openviking_cancel_semantics_over_http(serve: Any) -> None:
 
 def test_the_cli_lists_a_parents_children(tmp_path: Path) -> None:
     import json
-    import urllib.request
 
     from .service import Service, cli
 
     with Service(tmp_path) as s:
-
-        def post(path: str, body: dict[str, Any]) -> dict[str, Any]:
-            req = urllib.request.Request(
-                s.url + API + path,
-                data=json.dumps(body).encode(),
-                headers={"Content-Type": "application/json"},
-                method="POST",
-            )
-            with urllib.request.urlopen(req, timeout=10) as resp:
-                result: dict[str, Any] = json.loads(resp.read())["result"]
-                return result
-
+        post = s.post
         root = post("/tasks", {"task_type": "import"})["task_id"]
         kids = [post("/tasks", {"task_type": "part", "parent_id": root})["task_id"] for _ in "ab"]
         post("/tasks", {"task_type": "loose"})

@@ -4,23 +4,19 @@ filters, cap and TTL, and that nothing active is ever evicted or expired)."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, invariant, rule
+from hypothesis.stateful import Bundle, invariant, rule
 
 import taskd
 from taskd import TaskStatus as S
-from taskd.testing import FakeClock
 
 from ..conftest import Engine
-from ..redis_server import RedisServer
+from .conftest import REDIS, TrackerMachine, model_settings
 
 T = TypeVar("T")
 CAP = 6
@@ -29,7 +25,6 @@ OWNERS = st.sampled_from([None, "alice", "bob"])
 TYPES = st.sampled_from(["a", "b"])
 RESOURCES = st.sampled_from([None, "r1", "r2"])
 ACTIVE = {S.PENDING, S.RUNNING, S.CANCELLING}
-GRACE = 1e7
 
 
 @dataclass
@@ -42,45 +37,19 @@ class ModelTask:
     finished_at: float | None = None
 
 
-class TrackerModel(RuleBasedStateMachine):
+class TrackerModel(TrackerMachine):
     tasks = Bundle("tasks")
 
     def __init__(self) -> None:
-        super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.clock = FakeClock()
-        retention = taskd.Retention(
-            completed_ttl=TTL[S.COMPLETED],
-            failed_ttl=TTL[S.FAILED],
-            cancelled_ttl=TTL[S.CANCELLED],
-            max_tasks=CAP,
-        )
-        # The model has no cancel grace (a cancelling task whose worker never confirms
-        # becomes cancelled; tests/test_tracker.py covers it): a grace longer than any
-        # run's clock keeps the two in step.
-        try:
-            self.tracker = taskd.Tracker(
-                retention=retention, clock=self.clock, cancel_grace=GRACE, **self.engine()
+        super().__init__(
+            taskd.Retention(
+                completed_ttl=TTL[S.COMPLETED],
+                failed_ttl=TTL[S.FAILED],
+                cancelled_ttl=TTL[S.CANCELLED],
+                max_tasks=CAP,
             )
-            self.run(self.tracker.__aenter__())
-        except BaseException:
-            # hypothesis calls teardown only on a machine that was built: a loop left
-            # open here would be collected later, in another test, as a ResourceWarning
-            self.loop.close()
-            raise
+        )
         self.model: dict[str, ModelTask] = {}  # insertion order = creation order
-
-    def engine(self) -> Engine:
-        return {}
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
-
-    def teardown(self) -> None:
-        try:
-            self.run(self.tracker.aclose())
-        finally:
-            self.loop.close()
 
     # --- the model -------------------------------------------------------------
 
@@ -255,20 +224,8 @@ class TrackerModel(RuleBasedStateMachine):
         assert stats["active"] == sum(r.status in ACTIVE for r in listed) <= CAP
 
 
-TrackerModel.TestCase.settings = settings(
-    max_examples=200,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TrackerModel.TestCase.settings = model_settings(200, 40)
 test_tracker_model = TrackerModel.TestCase
-
-REDIS: list[str] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _redis_url(redis_server: RedisServer) -> None:
-    REDIS[:] = [redis_server.url]
 
 
 class RedisTrackerModel(TrackerModel):
@@ -279,10 +236,5 @@ class RedisTrackerModel(TrackerModel):
         return {"redis": REDIS[0], "redis_prefix": f"model-{uuid.uuid4().hex}:"}
 
 
-RedisTrackerModel.TestCase.settings = settings(
-    max_examples=100,
-    stateful_step_count=40,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+RedisTrackerModel.TestCase.settings = model_settings(100, 40)
 test_tracker_model_on_redis = RedisTrackerModel.TestCase

@@ -14,17 +14,14 @@ after every step against what the tracker itself answers:
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
 import pytest
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
-    RuleBasedStateMachine,
     initialize,
     invariant,
     multiple,
@@ -34,34 +31,21 @@ from hypothesis.stateful import (
 
 import taskd
 from taskd import TaskStatus as S
-from taskd.testing import FakeClock
 
 from ..conftest import Engine
-from ..redis_server import RedisServer
+from .conftest import REDIS, TrackerMachine, model_settings
 
 T = TypeVar("T")
 OWNERS = st.sampled_from([None, "alice"])
 ACTIVE = {S.PENDING, S.RUNNING, S.CANCELLING}
 TTL = 10.0
-GRACE = 1e7  # no cancel grace within a run: a cancelling task waits for its confirm
 
 
-class TreeModel(RuleBasedStateMachine):
+class TreeModel(TrackerMachine):
     tasks = Bundle("tasks")
 
     def __init__(self) -> None:
-        super().__init__()
-        self.loop = asyncio.new_event_loop()
-        self.clock = FakeClock()
-        retention = taskd.Retention(completed_ttl=TTL, failed_ttl=TTL, cancelled_ttl=TTL)
-        try:
-            self.tracker = taskd.Tracker(
-                retention=retention, clock=self.clock, cancel_grace=GRACE, **self.engine()
-            )
-            self.run(self.tracker.__aenter__())
-        except BaseException:
-            self.loop.close()
-            raise
+        super().__init__(taskd.Retention(completed_ttl=TTL, failed_ttl=TTL, cancelled_ttl=TTL))
         #: Every id created (held or not), its owner, and whether its own work ended
         #: with a held outcome (an awaited complete, or a cancel confirmed).
         self.ids: list[str] = []
@@ -69,18 +53,6 @@ class TreeModel(RuleBasedStateMachine):
         self.own_work_ended: set[str] = set()
         #: Ids deleted with a subtree: none of them may be held afterwards.
         self.deleted: set[str] = set()
-
-    def engine(self) -> Engine:
-        return {}
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return self.loop.run_until_complete(coro)
-
-    def teardown(self) -> None:
-        try:
-            self.run(self.tracker.aclose())
-        finally:
-            self.loop.close()
 
     def records(self) -> dict[str, taskd.TaskRecord]:
         found = self.run(self.tracker.list(limit=200))
@@ -253,20 +225,8 @@ class TreeModel(RuleBasedStateMachine):
         assert not (self.deleted & held.keys())
 
 
-TreeModel.TestCase.settings = settings(
-    max_examples=300,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+TreeModel.TestCase.settings = model_settings(300, 30)
 test_tree_model = TreeModel.TestCase
-
-REDIS: list[str] = []
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _redis_url(redis_server: RedisServer) -> None:
-    REDIS[:] = [redis_server.url]
 
 
 class RedisTreeModel(TreeModel):
@@ -277,10 +237,5 @@ class RedisTreeModel(TreeModel):
         return {"redis": REDIS[0], "redis_prefix": f"tree-{uuid.uuid4().hex}:"}
 
 
-RedisTreeModel.TestCase.settings = settings(
-    max_examples=60,
-    stateful_step_count=30,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
+RedisTreeModel.TestCase.settings = model_settings(60, 30)
 test_tree_model_on_redis = RedisTreeModel.TestCase
