@@ -65,6 +65,8 @@ def test_the_wheel_and_the_sdist_hold_the_package_data(dist: Path) -> None:
         "taskd/static/dashboard.html",
         "taskd/engine/redis/script.lua",
         "taskd/engine/redis/tally.lua",
+        "taskd/engine/redis/trees.lua",
+        "taskd/engine/redis/sweep.lua",
     ):
         assert name in names
     assert any(n.endswith(".dist-info/licenses/LICENSE") for n in names)

@@ -1137,9 +1137,9 @@ async def test_a_deleted_task_is_not_replayed_on_any_engine(
 
 
 def test_the_script_spells_no_key_and_no_entry_field_by_hand() -> None:
-    """Every key suffix and stream entry field the library uses (``script.lua`` and
-    ``tally.lua``) comes from ``taskd.engine.redis.keys`` (its ``K`` table), and every
-    name there is used."""
+    """Every key suffix and stream entry field the library uses (``script.lua``,
+    ``trees.lua``, ``sweep.lua`` and ``tally.lua``) comes from
+    ``taskd.engine.redis.keys`` (its ``K`` table), and every name there is used."""
     import re
     from importlib import resources
 
@@ -1147,7 +1147,8 @@ def test_the_script_spells_no_key_and_no_entry_field_by_hand() -> None:
     from taskd.engine.redis import keys, space
 
     files = resources.files("taskd.engine.redis")
-    source = "".join(files.joinpath(n).read_text("utf-8") for n in ("script.lua", "tally.lua"))
+    parts = ("script.lua", "trees.lua", "sweep.lua", "tally.lua")
+    source = "".join(files.joinpath(n).read_text("utf-8") for n in parts)
     assert re.findall(r"\bk\('", source) == []  # k(K.NAME ...) only
     used = set(re.findall(r"\bK\.([A-Z_]+)", source))
     named = set(keys.KEYS) | {n for n in keys.__all__ if n.startswith("ENTRY_")}

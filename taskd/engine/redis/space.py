@@ -120,7 +120,9 @@ def _tally() -> str:
 
 
 def _script() -> str:
-    text = _read("script.lua").replace("@TALLY@", _tally())
+    # (one library, in four files: each part in its place, sharing the locals)
+    text = _read("script.lua").replace("@TREES@", _read("trees.lua"))
+    text = text.replace("@SWEEP@", _read("sweep.lua")).replace("@TALLY@", _tally())
     text = text.replace("@RULES@", lua_tables(REDIS_FIELDS, PAYLOAD))
     return text.replace("@KEYS@", keys.lua_table())
 
