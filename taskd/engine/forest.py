@@ -11,11 +11,20 @@ parent's record itself (``children``): they are part of what it renders.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from sortedcontainers import SortedList  # type: ignore[import-untyped]
 
-__all__ = ["Forest"]
+from .._models import TERMINAL, TaskStatus
+
+__all__ = ["Forest", "finished_share"]
+
+
+def finished_share(children: Mapping[str, int]) -> float:
+    """The progress of a parent awaiting its children: the share of them finished
+    (children counts by status; none: 0.0), to 4 places (docs/trees.md)."""
+    done = sum(n for status, n in children.items() if TaskStatus(status) in TERMINAL)
+    return round(done / max(1, sum(children.values())), 4)
 
 
 class Forest:

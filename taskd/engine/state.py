@@ -38,7 +38,7 @@ from .._models import (
 )
 from .._retention import ExpiryQueues, Retention
 from .codec import new_spec as new_spec  # where the actor and tests import it from
-from .forest import Forest
+from .forest import Forest, finished_share
 from .ids import IdSpace
 from .rules import ACTIVE_DESCENDANTS, ADD_CHILD_VERB, DELETE_FROM
 
@@ -409,8 +409,7 @@ class TaskState:
         progress = parent.progress
         held = parent.held
         if held is not None and held.status is TaskStatus.COMPLETED and counts:
-            done = sum(n for st, n in counts.items() if TaskStatus(st) in TERMINAL)
-            progress = round(done / sum(counts.values()), 4)
+            progress = finished_share(counts)
         extra = (parent.extra or NO_EXTRA).but(
             children=MappingProxyType(counts) if counts else NO_CHILDREN
         )

@@ -25,6 +25,7 @@ from .._models import (
     TaskRecord,
     TaskStatus,
 )
+from .forest import finished_share
 from .rules import CANCEL_EXTERNAL, CANCEL_SPAWNED, CONFIRM_EXTERNAL
 
 if TYPE_CHECKING:
@@ -85,9 +86,7 @@ class Trees:
             if status is TaskStatus.CANCELLED:
                 return self._change(rec, TaskStatus.CANCELLING, held=held, action=action)
             # (awaiting its children: its progress is the share of them finished)
-            counts = rec.children
-            done = sum(n for st, n in counts.items() if TaskStatus(st) in TERMINAL)
-            progress = round(done / max(1, sum(counts.values())), 4)
+            progress = finished_share(rec.children)
             return self._change(rec, rec.status, held=held, action=action, progress=progress)
         return self._change(rec, status, result=result, error=error, action=action)
 
