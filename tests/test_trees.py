@@ -384,3 +384,25 @@ async def test_a_pending_parent_cannot_complete(engine: Engine) -> None:
         await t.cancel(kid.task_id)  # the last child ends: nothing to apply
         got = await t.get(root.task_id)
         assert got is not None and got.status is S.PENDING
+
+
+async def test_a_working_parent_is_cancelled_once_its_subtree_settles(engine: Engine) -> None:
+    """docs/trees.md: an external parent whose descendants are still active after its
+    cancel cascaded waits for its subtree, not for its own worker: it is cancelled once
+    the last descendant is terminal. Without active descendants left, its worker
+    confirms as for any task."""
+    async with taskd.Tracker(**engine) as t:
+        root = await t.create("import")
+        await t.start(root.task_id)
+        kid = await t.create("part", parent_id=root.task_id)
+        await t.start(kid.task_id)
+        assert (await t.cancel(root.task_id, reason="user")).status is S.CANCELLING
+        await t.complete(kid.task_id, "finished before it noticed")
+        got = await t.get(root.task_id)
+        assert got is not None and got.status is S.CANCELLED and got.error == "user"
+        alone = await t.create("import")
+        await t.start(alone.task_id)
+        await t.create("part", parent_id=alone.task_id)  # pending: cancelled at once
+        assert (await t.cancel(alone.task_id)).status is S.CANCELLING
+        assert (await t.get(alone.task_id)).status is S.CANCELLING  # type: ignore[union-attr]
+        assert (await t.cancel(alone.task_id, confirm=True)).status is S.CANCELLED

@@ -146,7 +146,11 @@ class Trees:
             return rec, False  # asked before, or done: idempotent
         self._cascade(tid, reason)
         rec = state.get(tid) or rec
-        if to is TaskStatus.CANCELLED or rec.held is not None:
+        # An external task whose descendants are still active after the cascade: its
+        # work is theirs, so it is cancelled once they have settled, not when its own
+        # worker confirms (docs/trees.md).
+        waits = runner is None and state.forest.live(tid) > 0
+        if to is TaskStatus.CANCELLED or rec.held is not None or waits:
             # (a held task's own work has ended: there is no one left to ask)
             return self.finish(rec, TaskStatus.CANCELLED, error=reason), True
         return self._change(rec, to, action="cancel"), True

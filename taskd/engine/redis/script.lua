@@ -446,8 +446,11 @@ cancel_one = function(r, reason, confirm)
   if to == r.st then return r, 'same' end
   cascade(r.id, reason)
   r = getrec(r.id)  -- (its children's counts moved)
+  -- an external task whose descendants are still active after the cascade: its work
+  -- is theirs, so it is cancelled once they have settled, not when its worker confirms
+  local waits = not r.ip and live_of(r.id) > 0
   -- (a held task's own work has ended: there is no one left to ask)
-  if to == 'cancelled' or r.hd then return finish(r, 'cancelled', {error = reason}) end
+  if to == 'cancelled' or r.hd or waits then return finish(r, 'cancelled', {error = reason}) end
   return change(r, to, {action = 'cancel'})
 end
 
