@@ -52,6 +52,11 @@ __all__ = [
     "to_row",
 ]
 
+# json.dumps with any option builds an encoder per call: each is built once here
+# (what each writes is the same; encoding is thread-safe).
+_compact: Final = json.JSONEncoder(separators=(",", ":")).encode
+_compact_utf8: Final = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
+
 #: The SQLite columns, in table order: every field with a column type.
 COLUMNS: Final = tuple(name for name, _, sql, _ in FIELDS if sql)
 #: Columns added after schema version 1 (``ALTER TABLE … ADD COLUMN`` on every file
@@ -130,7 +135,7 @@ def new_spec(
 
 def children_text(children: Mapping[str, int]) -> str | None:
     """Children counts as stored text (None: none)."""
-    return json.dumps(dict(children), separators=(",", ":")) if children else None
+    return _compact(dict(children)) if children else None
 
 
 def children_from_text(text: str | None) -> Mapping[str, int]:
@@ -145,7 +150,7 @@ def stages_text(stages: tuple[tuple[str, float, TaskStatus], ...]) -> str | None
     """Stage changes as stored text: ``[[stage, instant, status], …]`` (None: none)."""
     if not stages:
         return None
-    return json.dumps([[g, at, st.value] for g, at, st in stages], separators=(",", ":"))
+    return _compact([[g, at, st.value] for g, at, st in stages])
 
 
 def stages_from_text(text: str | None) -> tuple[tuple[str, float, TaskStatus], ...]:
@@ -164,7 +169,7 @@ def held_text(held: Held | None) -> str | None:
         out["rz"] = result_text(held.result)
     if held.error is not None:
         out["er"] = held.error
-    return json.dumps(out, separators=(",", ":"))
+    return _compact(out)
 
 
 def held_from_text(text: str | None) -> Held | None:
@@ -186,7 +191,9 @@ def result_text(data: JSON | RawJSON) -> str:
         return ""
     if isinstance(data, RawJSON):
         return data.text
-    return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    if type(data) is int:
+        return repr(data)  # (what the encoder writes for one, without its set-up)
+    return _compact_utf8(data)
 
 
 def to_row(rec: TaskRecord) -> tuple[object, ...]:
@@ -206,7 +213,7 @@ def to_row(rec: TaskRecord) -> tuple[object, ...]:
         rec.message,
         result_text(rec.result_data) or None,
         rec.error,
-        json.dumps(dict(spec.metadata), separators=(",", ":")) if spec.metadata else None,
+        _compact(dict(spec.metadata)) if spec.metadata else None,
         spec.owner,
         1 if spec.in_process else 0,
         spec.callback_url,
