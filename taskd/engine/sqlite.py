@@ -1,8 +1,9 @@
 """``SQLiteStore``: the durable store, one SQLite file in WAL mode.
 
 The actor is the only writer. It hands each batch's changes to ``write`` and answers
-nobody until that returns, so every change a caller saw acknowledged is committed
-(group commit: one transaction per mailbox batch). All SQLite work runs on one
+nobody until that write has ended, so every change a caller saw acknowledged is
+committed (group commit: one transaction per mailbox batch, or per group of the
+batches handled while the previous write was in flight). All SQLite work runs on one
 dedicated thread, so disk waits never stall the event loop.
 
 The database file itself holds an exclusive ``flock`` for as long as the store is
@@ -165,11 +166,17 @@ class SQLiteStore:
         except (ValueError, KeyError, TypeError) as exc:
             raise StoreError(f"{path} holds a record taskd cannot read: {exc}") from None
 
-    async def write(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> None:
-        """Apply one batch in one transaction; returns once it is committed."""
+    def write(
+        self, upserts: Collection[TaskRecord], deletes: Collection[str]
+    ) -> asyncio.Future[None]:
+        """Apply one batch in one transaction; the future is done once it is committed.
+        The work starts now, on the store's thread, not when the future is awaited:
+        the actor goes on with the next batches meanwhile (a pipelined commit)."""
+        assert self._executor is not None
         # Records are immutable, so the writer thread may encode them: the JSON work
         # overlaps with the event loop instead of running on it.
-        await self._run(self._write_sync, upserts, deletes)
+        loop = asyncio.get_running_loop()
+        return loop.run_in_executor(self._executor, self._write_sync, upserts, deletes)
 
     def _write_sync(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> None:
         conn = self._conn

@@ -2,14 +2,15 @@
 
 The actor is a store's only writer. After each batch of mailbox commands it calls
 ``write`` once with every record the batch changed and every id it removed, and only
-when that returns does it answer the batch's callers (group commit). A store that
-keeps nothing (``MemoryStore``) declares ``persistent = False`` and the actor skips
-the call entirely.
+when that is done does it answer the batch's callers (group commit). One write is in
+flight at a time: the batches handled meanwhile are written together by the next one
+(``engine/pipeline.py``). A store that keeps nothing (``MemoryStore``) declares
+``persistent = False`` and the actor skips the call entirely.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Collection, Sequence
 from typing import Protocol, runtime_checkable
 
 from .._models import TaskRecord
@@ -28,8 +29,11 @@ class Store(Protocol):
         """Prepare the store and return every record it holds, oldest first."""
         ...
 
-    async def write(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> None:
-        """Durably apply one batch: replace or insert ``upserts``, remove ``deletes``."""
+    def write(self, upserts: Collection[TaskRecord], deletes: Collection[str]) -> Awaitable[None]:
+        """Durably apply one batch: replace or insert ``upserts``, remove ``deletes``;
+        done once it is committed. An ``async def`` will do; a store that starts the
+        work at the call (``SQLiteStore``: on its thread) lets it begin before the
+        actor next yields to the event loop."""
         ...
 
     async def close(self) -> None:
