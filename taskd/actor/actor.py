@@ -4,8 +4,10 @@ Everything here runs inside that task, so no lock guards any of it. The loop tak
 batch of messages from the mailbox, fires due timers, hands each message to its
 handler (a handler that raises answers its own caller; the loop goes on), lets the
 engine commit the batch (group commit), and only then answers callers, settles
-handles and starts runners. If the loop itself dies, ``_shut`` fails every pending
-reply with ``TrackerClosed`` so that nothing hangs.
+handles and starts runners — or, when the engine pipelines its writes (SQLite), goes
+on with the next batches and lets those effects out once the engine hands them back
+after the write (``answer``, ``release``). If the loop itself dies, ``_shut`` fails
+every pending reply with ``TrackerClosed`` so that nothing hangs.
 
 The records are the engine's (``taskd.engine``: in this process, or Redis): the
 actor keeps what is this process's whatever the engine — the mailbox, the waiters,
@@ -91,7 +93,11 @@ class Actor:
         self._polls_released = False
         #: Shutting down: runners that end now are "cancelled: tracker shutting down".
         self.draining = False
-        self._stopping = False
+        #: ``Stop`` came: the loop ends after this batch.
+        self.stopping = False
+        # Drain's caller, while the batch that carries it is committed (the runners
+        # of spawns committed by then are the ones shutdown waits for).
+        self._drain: asyncio.Future[Any] | None = None
 
         # Per-batch effects, applied after the commit.
         self.replies: list[_Reply] = []
@@ -137,7 +143,7 @@ class Actor:
         try:
             engine.start()
             await self._flush()  # what open() changed (interrupted tasks, purges)
-            while not self._stopping:
+            while not self.stopping:
                 first = queue.get_nowait() if not queue.empty() else await queue.get()
                 batch = [first]
                 handled = False
@@ -202,16 +208,41 @@ class Actor:
         """Let the engine commit the batch, then let its effects out (group commit)."""
         if await self.engine.commit():
             self._after_commit()
+        if self._drain is not None:
+            # Draining, the engine commits each batch before ``commit`` returns: every
+            # spawn it accepted has its runner started now.
+            fut, self._drain = self._drain, None
+            if not fut.done():
+                fut.set_result(self._live_runners())
 
     def send_replies(self) -> None:
         """Answer the callers whose replies waited for the commit."""
         replies, self.replies = self.replies, []
+        if replies:
+            self.answer(replies)
+
+    def answer(self, replies: list[_Reply]) -> None:
+        """Answer replies an engine kept for a commit of its own (a pipelined one)."""
         for fut, error, value in replies:
             if not fut.done():
                 if error is None:
                     fut.set_result(value)
                 else:
                     fut.set_exception(error)
+
+    def release(self, settle: list[tuple[Runner, TaskRecord]], launch: list[Runner]) -> None:
+        """What ``_after_commit`` does, for the effects an engine kept for a commit of
+        its own (a pipelined one, which ends after later batches were handled): a
+        runner closed meanwhile (cancelled) is not started, one whose timeout passed
+        meanwhile is cancelled as it starts."""
+        for runner, rec in settle:
+            if runner.settle_with is not None:
+                runner.outcome.set(*runner.settle_with, rec)
+        for runner in launch:
+            if runner.coro is not None:
+                runner.start()
+                if runner.timed_out and runner.task is not None:
+                    runner.task.cancel()
 
     def _after_commit(self) -> None:
         """Settle the outcomes of runners whose record is terminal, start new ones."""
@@ -292,6 +323,8 @@ class Actor:
         self.engine.shut()
         closed = TrackerClosed("the tracker is closed")
         pending = [fut for fut, _, _ in self.replies]
+        if self._drain is not None:
+            pending.append(self._drain)
         while not self.mailbox.empty():
             msg, fut = self.mailbox.get_nowait()
             if fut is not None:
@@ -303,7 +336,9 @@ class Actor:
             pending.extend(waiters)
         for runner in self.runners.values():
             runner.outcome.set(TaskStatus.FAILED, None, closed)
-            if runner.task is not None and not runner.task.done():
+            if runner.task is None:
+                runner.close()  # never started: its spawn was not committed
+            elif not runner.task.done():
                 runner.task.cancel()
         for fut in pending:
             if not fut.done():
@@ -334,9 +369,11 @@ class Actor:
                     engine.latest(task_id, fut)
             elif kind is Kind.TIMEOUT:
                 runner = self.runners.get(task_id)
-                if runner is not None and runner.task is not None and not runner.timed_out:
+                if runner is not None and not runner.timed_out:
                     runner.timed_out = True
-                    runner.task.cancel()
+                    if runner.task is not None:
+                        runner.task.cancel()
+                    # (else its spawn is still being committed: cancelled as it starts)
                     engine.timed_out(task_id)
             else:
                 engine.fire(kind, task_id)
@@ -528,17 +565,27 @@ class Actor:
 
     # --- shutdown ---------------------------------------------------------------------
 
-    def _on_drain(self, msg: object, fut: object) -> dict[str, asyncio.Task[None]]:
+    def _on_drain(
+        self, msg: object, fut: asyncio.Future[Any] | None
+    ) -> dict[str, asyncio.Task[None]] | Deferred:
         self.draining = True
         if self.launch and not self._replies_after_commit:
             # Spawns of this very batch (the fast path: their callers already hold
             # handles) start now, so that shutdown waits for them like the others.
             self._start_runners()
         self._on_release_polls(msg, None)
+        if self._replies_after_commit and fut is not None:
+            # Spawns accepted before it may still be committing (a pipelined commit):
+            # answered once this batch is committed and their runners started.
+            self._drain = fut
+            return DEFERRED
+        return self._live_runners()
+
+    def _live_runners(self) -> dict[str, asyncio.Task[None]]:
         return {tid: r.task for tid, r in self.runners.items() if r.task is not None}
 
     def _on_tick(self, msg: object, fut: object) -> None:
         """Nothing to do: the batch that carries a Tick fires due timers first."""
 
     def _on_stop(self, msg: object, fut: object) -> None:
-        self._stopping = True
+        self.stopping = True

@@ -59,6 +59,9 @@ class Host(Protocol):
     #: The batch's clock reading.
     now: float
     closed: bool
+    #: Shutting down (``Drain``), and the loop ending after this batch (``Stop``).
+    draining: bool
+    stopping: bool
     timers: Timers
     hub: Hub
     mailbox: asyncio.Queue[tuple[object, asyncio.Future[Any] | None]]
@@ -80,6 +83,14 @@ class Host(Protocol):
 
     def send_replies(self) -> None:
         """Answer the callers whose replies waited for the commit."""
+
+    def answer(
+        self, replies: list[tuple[asyncio.Future[Any], BaseException | None, object]]
+    ) -> None:
+        """Answer replies the engine kept for a commit of its own (a pipelined one)."""
+
+    def release(self, settle: list[tuple[Runner, TaskRecord]], launch: list[Runner]) -> None:
+        """Settle handles and start runners the engine kept for a commit of its own."""
 
     def wake_waiters(self, rec: TaskRecord) -> None:
         """Answer everyone waiting for this terminal record."""
@@ -155,7 +166,11 @@ class Engine(abc.ABC):
     async def commit(self) -> bool:
         """End of a batch: write (or send) it, answer deferred callers
         (``actor.send_replies``). True lets the batch's effects out (settle outcomes,
-        start runners); False while what changed is not committed."""
+        start runners); False while what changed is not committed. An engine may
+        pipeline its commits (the local one with a durable store): it takes the
+        batch's replies and effects, returns while the write is in flight, and lets
+        them out itself once it is committed (``Host.answer``, ``Host.release``);
+        draining or stopping, it returns once every batch so far is committed."""
 
     @abc.abstractmethod
     def fire(self, kind: Kind, task_id: str) -> None:

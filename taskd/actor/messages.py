@@ -243,5 +243,13 @@ class Unwait:
 
 
 @dataclass(frozen=True, slots=True)
+class Committed:
+    """Posted when an engine's pipelined write (``write``) has ended: the actor lets
+    out what waited for it (``LocalEngine``, docs/architecture.md)."""
+
+    write: asyncio.Future[None]
+
+
+@dataclass(frozen=True, slots=True)
 class Tick:
     """Posted by the loop timer at the earliest deadline: fire due timers."""

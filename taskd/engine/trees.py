@@ -124,12 +124,15 @@ class Trees:
         tid = rec.task_id
         runner = a.runners.get(tid)
         if runner is not None and runner.task is None and rec.status not in TERMINAL:
-            # Spawned in this same batch and not launched yet: it never starts.
+            # Spawned in this same batch, or in one still being committed, and not
+            # launched yet: it never starts.
             self._cascade(tid, reason)
             runner.settle_with = (TaskStatus.CANCELLED, None, None)
             # (with its runner still booked: the record's commit settles its handle)
             new = self.finish(state.get(tid) or rec, TaskStatus.CANCELLED, error=reason)
-            a.launch.remove(runner)
+            if runner in a.launch:
+                a.launch.remove(runner)
+            # (else its group's commit skips it: it is closed)
             runner.close()
             del a.runners[tid]
             if new.status not in TERMINAL:  # held for descendants: settle it now
