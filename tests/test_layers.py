@@ -213,6 +213,7 @@ CORE_LAYERS: tuple[tuple[str, ...], ...] = (
     ("taskd.actor",),
     (
         "taskd.engine.local",
+        "taskd.engine.pipeline",
         "taskd.engine.trees",
         "taskd.engine.redis.engine",
         "taskd.engine.redis.background",

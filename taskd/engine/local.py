@@ -1,10 +1,12 @@
 """``LocalEngine``: the records in this process — the pure ``TaskState`` plus a
 ``Store`` (``MemoryStore``: nothing kept; ``SQLiteStore``: a file).
 
-Every handler answers at once from the state; ``commit`` hands the batch's changes
-to the store in one ``write`` (one transaction per batch for a durable store), then
-publishes them. A store that fails keeps the changes pending here and refuses
-writes until a retry timer commits them (``_write_failed``).
+Every handler answers at once from the state. In memory, ``commit`` publishes the
+batch's changes and lets its effects out at once. With a durable store it hands them
+to the ``Pipeline`` (``engine/pipeline.py``): one ``write`` (one transaction) per group
+of batches, one write in flight while the actor handles the next batches, and nothing
+let out before its group is on disk. A store that fails keeps the changes pending
+there and refuses writes until a retry timer commits them.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..actor import messages as m
 from ..actor.engine import Engine, Handler, Host, Settle
 from ..actor.timers import Kind
 from .codec import new_spec
+from .pipeline import Pipeline
 from .rules import (
     HEARTBEAT_TIMEOUT,
     NOT_ACKNOWLEDGED,
@@ -53,8 +56,6 @@ __all__ = ["LocalEngine"]
 
 log = logging.getLogger("taskd")
 
-#: Seconds between attempts to write to a store that failed.
-STORE_RETRY: Final = 0.5
 #: Caller commands refused while the store cannot write (they would change records).
 _WRITES: Final = frozenset(
     {m.Create, m.Spawn, m.Start, m.Progress, m.Complete, m.Fail, m.Cancel, m.Delete}
@@ -90,13 +91,13 @@ class LocalEngine(Engine):
         #: transition as it is committed (with Redis, the deployment's totals instead).
         self.counters = TaskCounters()
         self._last_beat: dict[str, float] = {}
-        self._retry_due = False
         #: Called with each terminal record that has a callback_url, after its commit.
         self._on_webhook: Callable[[TaskRecord], None] | None = None
-        # Changes taken from the state but not committed yet (the store failed).
-        self._unwritten: tuple[dict[str, TaskRecord | None], list[tuple[int, TaskRecord]]] = (
-            {},
-            [],
+        #: The commit to a durable store (None in memory: nothing to write).
+        self._pipeline = (
+            Pipeline(self, store, self.state, self._change, self._on_terminal)
+            if store.persistent
+            else None
         )
 
     def bind(self, actor: Host) -> None:
@@ -121,6 +122,7 @@ class LocalEngine(Engine):
             m.Wait: self._on_wait,
             m.Subscribe: self._on_subscribe,
             m.Stats: self._on_stats,
+            m.Committed: self._on_committed,
         }
 
     # --- opening ----------------------------------------------------------------------
@@ -167,72 +169,25 @@ class LocalEngine(Engine):
         return True
 
     async def commit(self) -> bool:
-        """Write the batch's changes in one call, then publish them."""
+        """In memory: publish the batch's changes, and let its effects out (True).
+        With a durable store the pipeline writes them, and lets the effects out itself
+        once they are on disk (False)."""
+        pipeline = self._pipeline
+        if pipeline is not None:
+            await pipeline.commit()
+            return False
         a = self.actor
         dirty, changed = self.state.take_changes()
-        if self._unwritten[0] or self._unwritten[1]:
-            old_dirty, old_changed = self._unwritten
-            old_dirty.update(dirty)
-            dirty, changed = old_dirty, old_changed + changed
-            self._unwritten = ({}, [])
-        if dirty and self._persistent:
-            if self.store_error is not None and not self._retry_due:
-                self._unwritten = (dirty, changed)  # wait for the retry timer
-                changed = []
-            else:
-                self._retry_due = False
-                upserts = [r for r in dirty.values() if r is not None]
-                deletes = [i for i, r in dirty.items() if r is None]
-                try:
-                    await self.store.write(upserts, deletes)
-                except Exception as exc:
-                    first = self.store_error is None
-                    self._unwritten = (dirty, changed)
-                    self._write_failed(exc, refuse=first)
-                    if first:
-                        return False
-                    changed = []
-                else:
-                    if self.store_error is not None:
-                        log.warning("the store writes again: %d change(s) committed", len(upserts))
-                        self.store_error = None
         a.send_replies()
-        if self.store_error is not None:
-            return False  # what changed is not committed yet: nobody hears of it until it is
         if changed:
             a.hub.publish(changed, self._on_terminal)
         if None in dirty.values():  # removed tasks: out of the replay ring too
             a.hub.forget([i for i, r in dirty.items() if r is None])
         return True
 
-    def _write_failed(self, exc: Exception, *, refuse: bool) -> None:
-        """The store could not commit. The first failing batch's callers get
-        ``StoreError`` (503): nothing is acknowledged that is not on disk. The changes
-        stay in memory and pending (``_unwritten``), as do their notifications, and
-        are written by a later attempt; until then caller commands that would change a
-        record are refused up front (reads go on), and a timer retries the write."""
-        a = self.actor
-        reason = f"{type(exc).__name__}: {exc}"
-        if self.store_error is None:
-            log.error("the store cannot write; refusing changes until it can: %s", reason)
-        self.store_error = reason
-        a.timers.push(a.now + STORE_RETRY, Kind.RETRY, "")
-        if not refuse:
-            return
-        failed = StoreError(f"the store cannot write: {reason}")
-        replies, a.replies = a.replies, []
-        for fut, error, _ in replies:
-            if not fut.done():
-                fut.set_exception(failed if error is None else error)
-        # Spawns of this batch were refused to their callers: they never run.
-        launch, a.launch = a.launch, []
-        for runner in launch:
-            runner.close()
-            runner.settle_with = (TaskStatus.FAILED, None, failed)
-            rec = self.state.get(runner.task_id)
-            if rec is not None and rec.status not in TERMINAL:
-                self._change(rec, TaskStatus.FAILED, error="not started: the store cannot write")
-            a.runners.pop(runner.task_id, None)
+    def _on_committed(self, msg: m.Committed, fut: object) -> None:
+        if self._pipeline is not None:
+            self._pipeline.committed(msg)
 
     def _on_terminal(self, rec: TaskRecord) -> None:
         """A terminal record was committed: wake its waiters, send its webhook, end
@@ -245,10 +200,15 @@ class LocalEngine(Engine):
         self.actor.wake_waiters(rec)
 
     def shut(self) -> None:
-        """Say what the store never took (its callers got 503)."""
-        unwritten = len(self._unwritten[0])
-        if unwritten and self._persistent:
-            log.error("closing with %d change(s) the store could not write", unwritten)
+        """Hand the actor the callers of what is not committed; say what the store
+        never took (its callers got 503)."""
+        if self._pipeline is not None:
+            self._pipeline.shut()
+
+    async def stop(self) -> None:
+        """Leave no write behind."""
+        if self._pipeline is not None:
+            await self._pipeline.stop()
 
     # --- timers -----------------------------------------------------------------------
 
@@ -257,7 +217,8 @@ class LocalEngine(Engine):
         a = self.actor
         now = a.now
         if kind is Kind.RETRY:
-            self._retry_due = True  # this batch's commit tries the write again
+            if self._pipeline is not None:
+                self._pipeline.retry_due = True  # this batch's commit tries again
             return
         rec = self.state.get(task_id)
         if rec is None or rec.status in TERMINAL:
@@ -545,7 +506,9 @@ class LocalEngine(Engine):
         sub = msg.subscription
         state = self.state
         rec = None if sub.task_id is None else state.visible(sub.task_id, sub.owner)
-        self.actor.hub.subscribe(sub, rec, state.seq, state.pending_changes)
+        pipeline = self._pipeline
+        pending = state.pending_changes if pipeline is None else pipeline.uncommitted()
+        self.actor.hub.subscribe(sub, rec, state.seq, pending)
         return rec
 
     def _on_stats(self, msg: m.Stats, fut: object) -> object:
