@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import signal
 import sqlite3
 import sys
+import threading
 import time
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +19,7 @@ import pytest
 
 import taskd
 from taskd import TaskStatus as S
+from taskd.actor import messages as m
 from taskd.testing import FakeClock, eventually
 
 from .service import Service, cli, wait_for
@@ -419,3 +423,308 @@ async def test_page_tokens_survive_a_restart(tmp_path: Path) -> None:
         key = tracker.page_key
     async with taskd.Tracker(store=taskd.SQLiteStore(path)) as tracker:
         assert tracker.page_key == key and len(key) == 32
+
+
+# --- the pipelined commit (docs/architecture.md, the mailbox loop) ------------------------
+
+
+class HeldStore(taskd.SQLiteStore):
+    """A real SQLite file whose writes can be held: each write says it began
+    (``began``), then waits for ``gate`` before it runs. Only the timing is the test's."""
+
+    def __init__(self, path: Path, **kwargs: Any) -> None:
+        super().__init__(path, **kwargs)
+        self.gate = threading.Event()
+        self.gate.set()
+        self.began = threading.Event()
+
+    def _write_sync(self, upserts: Collection[taskd.TaskRecord], deletes: Collection[str]) -> None:
+        self.began.set()
+        self.gate.wait(30)  # (a guard: the test opens it)
+        super()._write_sync(upserts, deletes)
+
+    def hold(self) -> None:
+        self.began.clear()
+        self.gate.clear()
+
+    async def in_flight(self) -> None:
+        """Return once a write has begun (and waits at the gate)."""
+        assert await asyncio.to_thread(self.began.wait, 10)
+
+
+def on_disk(db: Path, task_id: str) -> str | None:
+    """The status the file holds for ``task_id`` (read by another connection)."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        row = conn.execute("SELECT status FROM tasks WHERE task_id = ?", (task_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def typed(db: Path, task_type: str) -> list[tuple[str, str]]:
+    """(id, status) of the file's records of ``task_type``."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        rows = conn.execute(
+            "SELECT task_id, status FROM tasks WHERE task_type = ? ORDER BY task_id", (task_type,)
+        )
+        return [(str(i), str(s)) for i, s in rows]
+
+
+async def handled(t: taskd.Tracker, before: int, count: int = 1) -> None:
+    """Return once the actor has handled ``count`` messages sent after it read ``before``."""
+    await eventually(lambda: t._actor.commands >= before + count)
+
+
+def rename(db: Path, old: str, new: str) -> None:
+    """Fault injection from outside: another connection renames the table under the
+    store's feet, so that its next commit fails in SQLite itself."""
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        conn.execute(f"ALTER TABLE {old} RENAME TO {new}")
+
+
+async def test_every_acknowledged_change_is_in_the_file_after_close(tmp_path: Path) -> None:
+    """Many concurrent callers, each change acknowledged while other batches are being
+    written: after close, the file holds every acknowledged record as acknowledged
+    (terminal ones exactly)."""
+    db = tmp_path / "t.db"
+    acked: dict[str, taskd.TaskRecord] = {}
+
+    async def work(i: int) -> int:
+        await asyncio.sleep(0)
+        return i
+
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as t:
+
+        async def spawner(n: int) -> None:
+            for i in range(20):
+                handle = await t.spawn(work(i), task_type="s", metadata={"n": n})
+                acked[handle.task_id] = handle.record
+                assert await handle == i
+                acked[handle.task_id] = handle.record  # the terminal record, once awaited
+
+        async def worker(n: int) -> None:
+            for i in range(10):
+                rec = await t.create("e", resource_id=f"{n}-{i}")
+                acked[rec.task_id] = rec
+                acked[rec.task_id] = await t.start(rec.task_id)
+                acked[rec.task_id] = await t.progress(rec.task_id, 0.5, message="half")
+                if i % 3:
+                    acked[rec.task_id] = await t.complete(rec.task_id, {"i": i})
+
+        await asyncio.gather(*(spawner(n) for n in range(25)), *(worker(n) for n in range(25)))
+    assert len(acked) == 25 * 20 + 25 * 10
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as again:
+        for task_id, rec in acked.items():
+            now = await again.get(task_id)
+            assert now is not None, task_id
+            if rec.status in (S.COMPLETED, S.FAILED, S.CANCELLED):
+                assert now == rec
+            else:  # only the worker's records stay active: as last acknowledged
+                assert (now.status, now.progress, now.updated_at) == (
+                    rec.status,
+                    rec.progress,
+                    rec.updated_at,
+                )
+
+
+async def test_no_reply_before_its_record_is_on_disk_and_in_order(tmp_path: Path) -> None:
+    """While a write is held, the actor goes on: the next batch's command is handled
+    (its record exists in memory) but not answered, and its spawn does not run. Each
+    caller hears only once its record is in the file, in the order of the writes."""
+    db = tmp_path / "t.db"
+    store = HeldStore(db)
+    started = asyncio.Event()
+
+    async def work() -> str:
+        started.set()
+        return "done"
+
+    async with taskd.Tracker(store=store) as t:
+        store.hold()
+        heard: list[tuple[str, str | None]] = []
+
+        def heard_of(name: str) -> Callable[[asyncio.Future[taskd.TaskRecord]], None]:
+            def done(fut: asyncio.Future[taskd.TaskRecord]) -> None:
+                rec = fut.result()
+                heard.append((name, on_disk(db, rec.task_id)))  # in the file already
+
+            return done
+
+        before = t._actor.commands
+        first = asyncio.ensure_future(t.create("a"))
+        first.add_done_callback(heard_of("a"))
+        await store.in_flight()  # the write of "a" has begun, and is held
+        await handled(t, before)
+        before = t._actor.commands
+        second = asyncio.ensure_future(t.spawn(work(), task_type="b"))
+        await handled(t, before)  # "b" handled while "a" is being written
+        assert not first.done() and not second.done() and not started.is_set()
+        assert typed(db, "b") == []
+        store.gate.set()
+        handle = await second
+        assert heard == [("a", "pending")]  # "a" was answered first, once written
+        assert typed(db, "b") == [(handle.task_id, "running")]
+        assert await handle == "done" and started.is_set()
+    assert typed(db, "b") == [(handle.task_id, "completed")]
+
+
+async def test_a_failed_write_fails_its_callers_and_those_handled_behind_it(
+    tmp_path: Path,
+) -> None:
+    """The write in flight fails: its callers get ``StoreError`` (503), and so do those
+    of the batch handled while it was in flight (accepted before the failure was
+    known); none of their spawns runs. Once the store writes again, what they were
+    refused is recorded so."""
+    db = tmp_path / "t.db"
+    store = HeldStore(db)
+    ran = asyncio.Event()
+
+    async def work() -> None:
+        ran.set()
+
+    coros = [work(), work()]
+    t = taskd.Tracker(store=store)
+    await t.__aenter__()
+    try:
+        store.hold()
+        before = t._actor.commands
+        first = asyncio.ensure_future(t.spawn(coros[0], task_type="a"))
+        await store.in_flight()
+        await handled(t, before)
+        before = t._actor.commands
+        behind = [
+            asyncio.ensure_future(t.spawn(coros[1], task_type="b")),
+            asyncio.ensure_future(t.create("c")),
+            asyncio.ensure_future(t.stats()),
+        ]
+        await handled(t, before, len(behind))
+        rename(db, "tasks", "hidden")
+        store.gate.set()
+        for fut in (first, *behind):
+            with pytest.raises(taskd.StoreError):
+                await asyncio.wait_for(fut, 10)
+        assert t.health() is not None and "no such table" in t.health()  # type: ignore[operator]
+        assert not ran.is_set()
+        assert all(inspect.getcoroutinestate(c) == inspect.CORO_CLOSED for c in coros)
+        rename(db, "hidden", "tasks")
+        await eventually(lambda: t.health() is None)
+        stored = typed(db, "a") + typed(db, "b")
+        assert [status for _, status in stored] == ["failed", "failed"]
+        for task_id, _ in stored:
+            rec = await t.get(task_id)
+            assert rec is not None and rec.error == "not started: the store cannot write"
+    finally:
+        store.gate.set()
+        await t.aclose()
+    assert not ran.is_set()
+
+
+async def test_close_with_writes_in_flight_waits_for_their_spawns(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing while spawns are still being written: they are acknowledged once
+    written, their runners start, and shutdown waits for them like any other (Drain
+    answers with them); nothing hangs, and the file holds them completed."""
+    db = tmp_path / "t.db"
+    store = HeldStore(db)
+    release = asyncio.Event()
+
+    async def work(i: int) -> int:
+        await release.wait()
+        return i
+
+    t = taskd.Tracker(store=store, close_timeout=30)
+    await t.__aenter__()
+    actor = t._actor
+    drains: list[asyncio.Future[Any]] = []
+    ask = actor.ask
+
+    def asked(msg: Any) -> asyncio.Future[Any]:
+        fut = ask(msg)
+        if isinstance(msg, m.Drain):
+            drains.append(fut)
+        return fut
+
+    monkeypatch.setattr(actor, "ask", asked)
+    store.hold()
+    before = actor.commands
+    spawns = [asyncio.ensure_future(t.spawn(work(0), task_type="x"))]
+    await store.in_flight()
+    await handled(t, before)
+    before = actor.commands
+    spawns += [asyncio.ensure_future(t.spawn(work(i), task_type="x")) for i in range(1, 20)]
+    await handled(t, before, 19)
+    closing = asyncio.ensure_future(t.aclose())
+    await eventually(lambda: actor.draining)  # Drain's batch waits for the writes
+    assert not any(s.done() for s in spawns) and not closing.done()
+    store.gate.set()
+    handles = [await asyncio.wait_for(s, 10) for s in spawns]
+    (drain,) = drains
+    waited_for = await asyncio.wait_for(drain, 10)
+    assert set(waited_for) == {h.task_id for h in handles}
+    release.set()
+    await asyncio.wait_for(closing, 30)
+    assert [await h for h in handles] == list(range(20))
+    assert [status for _, status in typed(db, "x")] == ["completed"] * 20
+
+
+async def test_a_timeout_that_passes_while_its_spawn_is_written(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    """A spawn's timeout passes before its write ends (its runner not started yet):
+    the runner is cancelled as it starts, and the task fails with the timeout."""
+    store = HeldStore(tmp_path / "t.db")
+    ran = asyncio.Event()
+
+    async def work() -> None:
+        ran.set()
+        await asyncio.Event().wait()
+
+    async with taskd.Tracker(store=store, clock=clock) as t:
+        store.hold()
+        before = t._actor.commands
+        spawned = asyncio.ensure_future(t.spawn(work(), task_type="x", timeout=1))
+        await store.in_flight()
+        await handled(t, before)
+        clock.advance(2)
+        before = t._actor.commands
+        stats = asyncio.ensure_future(t.stats())  # a batch: its due timers fire first
+        await handled(t, before)
+        store.gate.set()
+        handle = await asyncio.wait_for(spawned, 10)
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(handle, 10)
+        await stats
+        rec = await t.get(handle.task_id)
+        assert rec is not None and rec.status is S.FAILED and rec.error is not None
+        assert rec.error.startswith("timeout")
+        assert not ran.is_set()
+
+
+async def test_a_cancel_reaching_a_spawn_still_being_written(tmp_path: Path) -> None:
+    """A cancel cascades to a child whose spawn is still being written (its runner not
+    started): the child is cancelled and its coroutine never runs."""
+    store = HeldStore(tmp_path / "t.db")
+    ran = asyncio.Event()
+
+    async def work() -> None:
+        ran.set()
+
+    async with taskd.Tracker(store=store) as t:
+        parent = await t.create("p")
+        store.hold()
+        before = t._actor.commands
+        spawned = asyncio.ensure_future(
+            t.spawn(work(), task_type="child", parent_id=parent.task_id)
+        )
+        await store.in_flight()
+        await handled(t, before)
+        before = t._actor.commands
+        cancel = asyncio.ensure_future(t.cancel(parent.task_id))
+        await handled(t, before)
+        store.gate.set()
+        handle = await asyncio.wait_for(spawned, 10)
+        await asyncio.wait_for(cancel, 10)
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(handle, 10)
+        child = await t.get(handle.task_id)
+        assert child is not None and child.status is S.CANCELLED
+        assert not ran.is_set()
