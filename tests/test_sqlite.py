@@ -728,3 +728,29 @@ async def test_a_cancel_reaching_a_spawn_still_being_written(tmp_path: Path) -> 
         child = await t.get(handle.task_id)
         assert child is not None and child.status is S.CANCELLED
         assert not ran.is_set()
+
+
+async def test_a_write_that_fails_at_once_is_a_failed_write(tmp_path: Path) -> None:
+    """A store whose ``write`` raises before returning an awaitable: its callers get
+    ``StoreError`` like any failed write's, and the loop goes on."""
+
+    class Broken(taskd.SQLiteStore):
+        broken = False
+
+        def write(
+            self, upserts: Collection[taskd.TaskRecord], deletes: Collection[str]
+        ) -> asyncio.Future[None]:
+            if self.broken:
+                raise taskd.StoreError("the disk is gone")
+            return super().write(upserts, deletes)
+
+    store = Broken(tmp_path / "t.db")
+    async with taskd.Tracker(store=store) as t:
+        kept = await t.create("x")
+        store.broken = True
+        with pytest.raises(taskd.StoreError, match="the disk is gone"):
+            await t.create("y")
+        assert (await t.get(kept.task_id)) == kept  # reads go on
+        store.broken = False
+        await eventually(lambda: t.health() is None)
+        assert (await t.start(kept.task_id)).status is S.RUNNING

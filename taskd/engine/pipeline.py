@@ -111,7 +111,8 @@ class Pipeline:
         wait = a.draining or a.stopping
         if self._writing is not None:
             if not wait:
-                return  # it starts once the write in flight has ended (``committed``)
+                return  # written after the one in flight, at the end of the batch
+                # that lets that one out (``committed``)
             await self._wait()
         self._start(a)
         if wait and self._writing is not None:
@@ -194,7 +195,12 @@ class Pipeline:
         self.retry_due = False
         upserts = [r for r in group.dirty.values() if r is not None]
         deletes = [i for i, r in group.dirty.items() if r is None]
-        write = asyncio.ensure_future(self._store.write(upserts, deletes))
+        write: asyncio.Future[None]
+        try:
+            write = asyncio.ensure_future(self._store.write(upserts, deletes))
+        except Exception as exc:  # (a store that fails before its write is under way)
+            write = asyncio.get_running_loop().create_future()
+            write.set_exception(exc)
         write.add_done_callback(self._ended)
         self._writing, self._written = write, group
 
