@@ -60,6 +60,26 @@ async def test_records_round_trip_with_every_field(tmp_path: Path) -> None:
         assert (await t.list(limit=1))[0].task_id == d.task_id
 
 
+async def test_a_value_a_later_version_clears_is_cleared_in_the_file(tmp_path: Path) -> None:
+    """A row is written with the columns its record sets (the others NULL): a value
+    an earlier version set and a later one clears is gone from the file too."""
+    db = tmp_path / "t.db"
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as t:
+        rec = await t.create("x", metadata={"k": "v"})
+        await t.start(rec.task_id)
+        staged = await t.progress(rec.task_id, 0.5, message="half", stage="copy")
+        assert staged.message == "half" and staged.stage == "copy"
+        done = await t.complete(rec.task_id, 7)
+        assert done.message is None and done.stage is None
+    with contextlib.closing(sqlite3.connect(db)) as conn:
+        message, stage, result = conn.execute(
+            "SELECT message, stage, result FROM tasks WHERE task_id = ?", (rec.task_id,)
+        ).fetchone()
+    assert (message, stage, result) == (None, None, "7")
+    async with taskd.Tracker(store=taskd.SQLiteStore(db)) as t:
+        assert await t.get(rec.task_id) == done
+
+
 #: A process that spawns a task and starts an external one, then dies with no
 #: shutdown at all (``os._exit``): what a crash leaves in the file.
 _CRASH = """
