@@ -12,7 +12,6 @@ there and refuses writes until a retry timer commits them.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import Callable, Iterable, Mapping
 from typing import TYPE_CHECKING, Any, Final
 
@@ -53,8 +52,6 @@ if TYPE_CHECKING:
     from ..actor.runner import Runner
 
 __all__ = ["LocalEngine"]
-
-log = logging.getLogger("taskd")
 
 #: Caller commands refused while the store cannot write (they would change records).
 _WRITES: Final = frozenset(
