@@ -185,7 +185,7 @@ def result_text(data: JSON | RawJSON) -> str:
     if data is None:
         return ""
     if isinstance(data, RawJSON):
-        return data.text
+        return data.decode()
     return json.dumps(data, separators=(",", ":"), ensure_ascii=False)
 
 
