@@ -423,7 +423,7 @@ class Tracker(Listing):
         are in SQLite or Redis, or the tracker is not open): then ``await get``."""
         if type(task_id) is not str:
             check_task_id(task_id)
-        if owner is not ANY_OWNER:
+        if owner is not ANY_OWNER and owner is not None:
             owner = check_owner(owner)
         if self._state is TrackerState.OPEN:
             rec = self._actor.peek(task_id, owner)

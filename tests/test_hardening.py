@@ -143,8 +143,14 @@ def test_listed_cors_origin_is_allowed_with_preflight(open_server: Service) -> N
         url, "OPTIONS", None, {**origin, "Access-Control-Request-Method": "POST"}
     )
     assert status == 204 and headers["Access-Control-Allow-Origin"] == "https://app.example"
-    status, headers, _ = request(url, "POST", b'{"task_type":"t"}', origin)
+    status, headers, raw = request(url, "POST", b'{"task_type":"t"}', origin)
     assert status == 201 and headers["Access-Control-Allow-Origin"] == "https://app.example"
+    # The hottest route skips the guard for a plain GET; one with an Origin still
+    # gets its CORS headers (after plain GETs from the same Host).
+    task_url = f"{url}/{json.loads(raw)['result']['task_id']}"
+    assert "Access-Control-Allow-Origin" not in request(task_url)[1]
+    status, headers, _ = request(task_url, headers=origin)
+    assert status == 200 and headers["Access-Control-Allow-Origin"] == "https://app.example"
 
 
 def test_foreign_host_is_refused_without_tokens(open_server: Service) -> None:
@@ -153,6 +159,11 @@ def test_foreign_host_is_refused_without_tokens(open_server: Service) -> None:
     assert status == 403 and code_of(raw) == "PERMISSION_DENIED"
     for host in ("localhost:8080", "127.0.0.1", "[::1]:80", "tasks.lan"):
         assert request(url, headers={"Host": host})[0] == 200, host
+    # a foreign Host stays refused on the task route, after allowed Hosts passed it
+    task_url = f"{url}/{http('POST', url, {'task_type': 't'})[1]['result']['task_id']}"
+    assert request(task_url)[0] == 200
+    status, _, raw = request(task_url, headers={"Host": "attacker.example"})
+    assert status == 403 and code_of(raw) == "PERMISSION_DENIED"
     # a load balancer's health check passes whatever its Host
     assert request(open_server.url + "/health", headers={"Host": "10.0.0.7"})[0] == 200
 

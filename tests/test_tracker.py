@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import json
+import sys
 import time
 import uuid
 from collections.abc import Collection
@@ -947,3 +949,22 @@ async def test_handles_are_future_like_for_gather_and_wait(tracker: taskd.Tracke
     await late
     await seen.wait()  # (done callbacks run soon after, as a future's do)
     assert called == [late]
+
+
+async def test_an_object_result_is_held_as_compact_text_and_reads_back_equal() -> None:
+    """An object or array result is kept as its compact JSON text, decoded when read
+    (docs/benchmarks.md: a quarter of a small dict's size); the caller's value is not
+    shared with the record."""
+    async with taskd.Tracker() as tracker:
+        rec = await tracker.create("report")
+        await tracker.start(rec.task_id)
+        value: dict[str, taskd.JSON] = {"status": "ok", "rows": [1, 2], "name": "é"}
+        done = await tracker.complete(rec.task_id, value)
+        value["rows"] = None
+        assert isinstance(done.result_data, bytes)
+        assert sys.getsizeof(done.result_data) < sys.getsizeof(value) / 2
+        assert done.result == {"status": "ok", "rows": [1, 2], "name": "é"}
+        assert json.loads(done.to_json())["result"] == done.result
+        scalar = await tracker.create("count")
+        await tracker.start(scalar.task_id)
+        assert (await tracker.complete(scalar.task_id, 7)).result_data == 7  # a scalar as is

@@ -433,7 +433,7 @@ class Actor:
     def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | Deferred | None:
         """The record as a ``Get`` would answer it now, or ``DEFERRED`` when only
         the actor may answer (see ``settled``)."""
-        return self.engine.read(task_id, owner) if self.settled() else DEFERRED
+        return DEFERRED if self.closed else self.engine.peek(task_id, owner)
 
     def spawn_now(
         self,

@@ -215,6 +215,11 @@ class Engine(abc.ABC):
         """The record as ``Get`` answers it, for the read fast path (``settled``)."""
         raise NotImplementedError
 
+    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | Deferred | None:
+        """The read fast path in one call: ``read`` when ``settled``, else
+        ``DEFERRED`` (only the actor may answer). An engine may fold the two."""
+        return self.read(task_id, owner) if self.settled() else DEFERRED
+
     def mint(self, now: float) -> tuple[str, float]:
         """A new task id and its instant, for the spawn fast path (``admits``)."""
         raise NotImplementedError

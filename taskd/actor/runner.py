@@ -171,7 +171,8 @@ class Runner:
         loop = asyncio.get_running_loop()
         context.run(_current.set, (self.post, self.task_id, loop, self.owner))
         self.task = task = loop.create_task(coro, context=context)
-        task.add_done_callback(self)
+        # In the task's own context: no copy of the actor's context per task.
+        task.add_done_callback(self, context=context)
 
     def close(self) -> None:
         """Never started (cancelled in its spawn's batch, or refused): close the

@@ -190,7 +190,7 @@ def result_text(data: JSON | RawJSON) -> str:
     if data is None:
         return ""
     if isinstance(data, RawJSON):
-        return data.text
+        return data.decode()
     if type(data) is int:
         return repr(data)  # (what the encoder writes for one, without its set-up)
     return _compact_utf8(data)

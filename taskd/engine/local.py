@@ -29,7 +29,7 @@ from .._models import (
 )
 from .._retention import Retention
 from ..actor import messages as m
-from ..actor.engine import Engine, Handler, Host, Settle
+from ..actor.engine import DEFERRED, Deferred, Engine, Handler, Host, Settle
 from ..actor.timers import Kind
 from .codec import new_spec
 from .pipeline import Pipeline
@@ -415,6 +415,17 @@ class LocalEngine(Engine):
         """The record, if ``owner`` may see it."""
         rec = self.state.get(task_id)
         if rec is None or (owner is not ANY_OWNER and rec.owner != owner):
+            return None
+        return rec
+
+    def peek(self, task_id: str, owner: OwnerScope) -> TaskRecord | Deferred | None:
+        """``settled`` and ``read`` folded into one call: the hottest HTTP route
+        (every poll) takes this path."""
+        a = self.actor
+        if self._persistent or not a.mailbox.empty() or self._clock() >= a.timers.due:
+            return DEFERRED
+        rec = self.state.get(task_id)
+        if rec is None or (owner is not ANY_OWNER and rec.spec.owner != owner):
             return None
         return rec
 

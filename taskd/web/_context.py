@@ -38,6 +38,12 @@ _JSON: Final = "application/json"
 _RENDER_CACHE_SIZE: Final = 4096
 #: The render cache holds at most this many bytes (a record over 1/8 of it is never kept).
 _RENDER_CACHE_BYTES: Final = 32 * 1024 * 1024
+#: Every 200 answer's envelope around its result (docs/http-api.md): a JSON answer
+#: ends with a newline.
+OK_HEAD: Final = b'{"status":"ok","result":'
+OK_TAIL: Final = b"}\n"
+_OK_HEAD_LEN: Final = len(OK_HEAD)
+_OK_TAIL_LEN: Final = len(OK_TAIL)
 
 
 #: A route handler (as ``_errors.Handler``).
@@ -64,7 +70,7 @@ class _State:
     _base: str | None = None
     #: Open event streams, ended on shutdown so that the server need not wait for them.
     streams: set[Subscription] = field(default_factory=set)
-    # task_id -> (record, its rendered JSON), oldest first.
+    # task_id -> (record, its 200 answer's body), oldest first.
     rendered: OrderedDict[str, tuple[TaskRecord, bytes]] = field(default_factory=OrderedDict)
     rendered_bytes: int = 0
 
@@ -86,14 +92,21 @@ class _State:
         return f"{self.api_base()}/tasks/{task_id}"
 
     def render(self, rec: TaskRecord) -> bytes:
-        """The record's JSON, rendered once per record version (records are
-        immutable). The cache is keyed by task id, so a task holds one entry, and
-        bounded in bytes, oldest first; a deleted task's entry is dropped."""
+        """The record's JSON (a list's item, an event's data): ``render_ok``'s body
+        without the envelope."""
+        return self.render_ok(rec)[_OK_HEAD_LEN:-_OK_TAIL_LEN]
+
+    def render_ok(self, rec: TaskRecord) -> bytes:
+        """The body of a 200 answer with this record (``OK_HEAD``, the record's JSON,
+        ``OK_TAIL``), rendered once per record version (records are immutable): the
+        hottest route sends the cached bytes as they are. The cache is keyed by task
+        id, so a task holds one entry, and bounded in bytes, oldest first; a deleted
+        task's entry is dropped."""
         cache = self.rendered
         hit = cache.get(rec.task_id)
         if hit is not None and hit[0] is rec:
             return hit[1]
-        body = rec.to_json().encode()
+        body = OK_HEAD + rec.to_json().encode() + OK_TAIL
         if hit is not None:
             del cache[rec.task_id]
             self.rendered_bytes -= len(hit[1])

@@ -103,20 +103,23 @@ class Screen:
     """One guard's checks: ``before`` a request (a refusal, or None to go on) and
     ``after`` it (CORS headers on the answer to a listed origin)."""
 
-    __slots__ = ("_guard", "_hosts")
+    __slots__ = ("_guard", "check_host", "hosts")
 
     def __init__(self, guard: BrowserGuard) -> None:
         self._guard = guard
-        # Host header -> allowed, for the few values a server sees (bounded): parsing
-        # an address on every request would cost the hottest route ~5% of its rate.
-        self._hosts: dict[str, bool] = {}
+        #: Whether the ``Host`` header is checked (the guard's ``check_host``).
+        self.check_host = guard.check_host
+        #: Host header -> allowed, for the few values a server sees (bounded): parsing
+        #: an address on every request would cost the hottest route ~5% of its rate.
+        #: A route wrapper reads it to let the common request skip ``before``.
+        self.hosts: dict[str, bool] = {}
 
     def _host_ok(self, host: str) -> bool:
-        ok = self._hosts.get(host)
+        ok = self.hosts.get(host)
         if ok is None:
             ok = self._guard.host_allowed(host)
-            if len(self._hosts) < 256:
-                self._hosts[host] = ok
+            if len(self.hosts) < 256:
+                self.hosts[host] = ok
         return ok
 
     def before(self, request: web.Request) -> web.StreamResponse | None:

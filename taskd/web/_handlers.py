@@ -14,11 +14,11 @@ from aiohttp import web
 from .. import _metrics, _openapi
 from .._args import check_stage
 from .._checks import check_limit
-from .._models import JSON, TaskRecord, TaskStatus
+from .._models import JSON, TERMINAL, TaskRecord, TaskStatus
 from .._tracing import check_traceparent
 from ..actor.subscription import Subscription
 from ..handle import WouldBlock
-from ._context import _JSON, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
+from ._context import _JSON, OK_HEAD, OK_TAIL, RETRY_AFTER, SSE_BUFFER, _owner, _State, _state_of
 from ._errors import Handler, _invalid, error_response
 from ._params import (
     _body,
@@ -43,9 +43,8 @@ def _ok(
 ) -> web.Response:
     return web.Response(
         status=status,
-        # Every JSON answer ends with a newline (docs/http-api.md); an SSE event's
-        # ``data:`` line is the bare ``payload``, one line.
-        body=b'{"status":"ok","result":' + payload + b"}\n",
+        # An SSE event's ``data:`` line is the bare ``payload``, one line.
+        body=OK_HEAD + payload + OK_TAIL,
         content_type=_JSON,
         headers=headers,
     )
@@ -62,11 +61,13 @@ def _json_body(value: object) -> bytes:
 def _record_response(
     state: _State, rec: TaskRecord, status: int = 200, headers: dict[str, str] | None = None
 ) -> web.Response:
-    if not rec.is_terminal:
+    if rec.status not in TERMINAL:
         headers = dict(headers or ())
         headers["Retry-After"] = RETRY_AFTER
         headers["Cache-Control"] = "no-store"
-    return _ok(state.render(rec), status, headers)
+    return web.Response(
+        status=status, body=state.render_ok(rec), content_type=_JSON, headers=headers
+    )
 
 
 # --- handlers ---------------------------------------------------------------------------

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Final
 
 from aiohttp import web
 
@@ -17,6 +18,9 @@ from ._errors import Handler, error_to_response
 from ._guard import Screen
 
 __all__ = ["enveloped", "make_middleware", "route_wrapper"]
+
+# Methods a guard never refuses for their own sake (no Origin: no CORS either).
+_QUIET: Final = frozenset({"GET", "HEAD"})
 
 
 def enveloped(handler: Handler) -> Handler:
@@ -44,12 +48,25 @@ def route_wrapper(state: _State, screen: Screen | None) -> Callable[[Handler, st
     durations = {} if http is None else http.durations
     clock = time.perf_counter
 
+    check_host = screen is not None and screen.check_host
+    hosts = {} if screen is None else screen.hosts
+
     def wrap(handler: Handler, name: str) -> Handler:
         async def route(request: web.Request) -> web.StreamResponse:
+            screened = False
             if screen is not None:
-                refused = screen.before(request)
-                if refused is not None:
-                    return refused
+                headers = request.headers
+                # The common request (GET or HEAD, no Origin, a Host already found
+                # allowed) passes the guard and gets no CORS headers: skip both calls.
+                if (
+                    "Origin" in headers
+                    or request.method not in _QUIET
+                    or (check_host and hosts.get(headers.get("Host", "")) is not True)
+                ):
+                    screened = True
+                    refused = screen.before(request)
+                    if refused is not None:
+                        return refused
             began = clock()
             try:
                 response = await handler(request)
@@ -61,8 +78,8 @@ def route_wrapper(state: _State, screen: Screen | None) -> Callable[[Handler, st
             if hist is None:
                 hist = durations[(key[0], name)] = Histogram(HTTP_BUCKETS)
             hist.observe(clock() - began)
-            if screen is not None:
-                screen.after(request, response)
+            if screened:
+                screen.after(request, response)  # type: ignore[union-attr]
             return response
 
         return route

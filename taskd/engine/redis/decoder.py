@@ -56,9 +56,7 @@ class Decoder:
             return hit[0]
         decoded = decode_record(text)
         result = decoded[0].result_data
-        cost = sys.getsizeof(text) + (
-            sys.getsizeof(result.text) if isinstance(result, RawJSON) else 0
-        )
+        cost = sys.getsizeof(text) + (sys.getsizeof(result) if isinstance(result, RawJSON) else 0)
         if cost > self.BUDGET // 8:
             return decoded
         cache = self._cache
