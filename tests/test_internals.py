@@ -11,6 +11,7 @@ join it unless what it checks is likewise invisible from outside.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 
 import pytest
@@ -46,7 +47,10 @@ async def test_responses_are_rendered_once_per_record(client: Client) -> None:
     tracker = taskd.web.get_tracker(client.app)
     rec = await tracker.get(tid)
     assert rec is not None
-    assert state.render(rec) is state.render(rec)  # cached: the very same bytes object
+    # cached: the very same bytes object, the answer's body with its envelope
+    assert state.render_ok(rec) is state.render_ok(rec)
+    assert state.render_ok(rec) == b'{"status":"ok","result":' + state.render(rec) + b"}\n"
+    assert json.loads(state.render(rec)) == body["result"]
     await client.post(f"{API}/tasks/{tid}/start")
     newer = await tracker.get(tid)
     assert newer is not None and b'"running"' in state.render(newer)  # a new version renders anew
