@@ -98,7 +98,8 @@ class Histogram:
 
     def observe(self, value: float) -> None:
         """Count one observation (seconds; negative clock steps count as 0)."""
-        value = max(value, 0.0)
+        if value < 0.0:  # (not max(): one call less per observation, same value)
+            value = 0.0
         self.buckets[bisect_left(self.bounds, value)] += 1
         self.sum += value
         self.count += 1
@@ -148,24 +149,30 @@ class TaskCounters:
     def on_started(self, rec: TaskRecord) -> None:
         """``rec`` just became ``running``: observe how long it waited."""
         if rec.started_at is not None:
-            _label(self.wait, rec.task_type).observe(rec.started_at - rec.created_at)
+            hist = self.wait.get(rec.task_type)  # (the common case: no _label call)
+            if hist is None:
+                hist = _label(self.wait, rec.task_type)
+            hist.observe(rec.started_at - rec.created_at)
 
     def on_finished(self, rec: TaskRecord) -> None:
         """``rec`` just reached a terminal status."""
         status = rec.status
         task_type = rec.task_type
         known = self.finished
+        key = (task_type, _VALUE[status])  # (no enum ``.value`` property calls)
         if (
-            (task_type, status.value) not in known
+            key not in known
             and _types(known) >= MAX_TASK_TYPES
             and not any(t == task_type for t, _ in known)
         ):
-            task_type = OTHER
-        key = (task_type, status.value)
+            key = (OTHER, key[1])
         known[key] = known.get(key, 0) + 1
         finished = rec.finished_at if rec.finished_at is not None else rec.updated_at
         if rec.started_at is not None:
-            _label(self.run, rec.task_type).observe(finished - rec.started_at)
+            hist = self.run.get(rec.task_type)
+            if hist is None:
+                hist = _label(self.run, rec.task_type)
+            hist.observe(finished - rec.started_at)
         minute = int(finished // 60)
         row = self.minutes.get(minute)
         if row is None:
@@ -214,6 +221,7 @@ class TaskCounters:
 
 
 _COLUMN: Final = {TaskStatus.COMPLETED: 0, TaskStatus.FAILED: 1, TaskStatus.CANCELLED: 2}
+_VALUE: Final = {s: s.value for s in TaskStatus}
 _ZERO: Final = (0, 0, 0)
 
 

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
 from dataclasses import dataclass
-from types import TracebackType
+from types import CoroutineType, TracebackType
 from typing import Any, Final, TypeVar
 
 from ._args import (
@@ -28,7 +28,7 @@ from ._checks import check_metadata, check_progress, check_seconds, store_json
 from ._counters import HttpCounters
 from ._errors import TaskNotFound, TrackerClosed
 from ._listing import Listing
-from ._models import ANY_OWNER, JSON, OwnerScope, TaskRecord
+from ._models import ANY_OWNER, EMPTY_METADATA, JSON, OwnerScope, TaskRecord
 from ._redact import redact_error, redact_message
 from ._retention import Retention
 from ._tracing import check_traceparent
@@ -242,15 +242,19 @@ class Tracker(Listing):
         (docs/trees.md); by default, the spawned task this is called in, if it has
         the same owner."""
         try:
-            if not inspect.iscoroutine(coro):
+            if not isinstance(coro, CoroutineType):  # (inspect.iscoroutine, no call)
                 raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
             done: Outcome[T] = Outcome()
             task_type = check_task_type(task_type)
-            resource_id = check_resource_id(resource_id)
-            metadata = check_metadata(metadata)
-            owner = check_new_owner(owner)
-            callback_url = check_callback(self._webhooks, callback_url)
-            seconds = check_seconds(timeout, "timeout")
+            # (each check passes None through: skipped for None, a call less each)
+            if resource_id is not None:
+                resource_id = check_resource_id(resource_id)
+            metadata = EMPTY_METADATA if metadata is None else check_metadata(metadata)
+            if owner is not None:
+                owner = check_new_owner(owner)
+            if callback_url is not None:
+                callback_url = check_callback(self._webhooks, callback_url)
+            seconds = None if timeout is None else check_seconds(timeout, "timeout")
             actor = self._actor
             if parent_id is None:
                 parent_id = current_parent(actor.post, owner)

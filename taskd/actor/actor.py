@@ -105,6 +105,7 @@ class Actor:
         self.settle: list[tuple[Runner, TaskRecord]] = []
 
         engine.bind(self)
+        self._post = self.post  # (one bound method for every runner, not one per task)
         self._replies_after_commit = engine.replies_after_commit
         # One handler per message class: the engine's for what touches records, the
         # actor's for what is this process's.
@@ -384,7 +385,7 @@ class Actor:
     def add_runner(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
         """Book the runner of a spawned record; it starts once the batch is committed."""
         runner = Runner(
-            self.post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout, rec.owner
+            self._post, rec.task_id, msg.coro, msg.context, msg.done, msg.timeout, rec.owner
         )
         self.runners[rec.task_id] = runner
         if msg.span is not None and self.tracing is not None:

@@ -430,8 +430,9 @@ class LocalEngine(Engine):
         return rec
 
     def mint(self, now: float) -> tuple[str, float]:
-        """A new task id, from the state's one sequence."""
-        return self.state.mint(now)
+        """A new task id, from the state's one sequence (``TaskState.mint``, a call
+        less: the spawn fast path mints one per task)."""
+        return self.state.ids.mint(now)
 
     def hint(self, task_id: str) -> str | None:
         """Why an id minted by another process since this one opened is not here
