@@ -429,8 +429,8 @@ class Tracker(Listing):
             check_task_id(task_id)
         if owner is not ANY_OWNER and owner is not None:
             owner = check_owner(owner)
-        if self._state is TrackerState.OPEN:
-            rec = self._actor.peek(task_id, owner)
+        if self._state is TrackerState.OPEN and not self._actor.closed:
+            rec = self._engine.peek(task_id, owner)  # (the actor's peek, one call less)
             if not isinstance(rec, Deferred):
                 return rec
         raise WouldBlock(task_id)

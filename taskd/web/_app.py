@@ -212,7 +212,9 @@ def _wire(
 
     app.on_shutdown.append(end_streams)
     p = state.prefix
-    table = routes(_Handlers(state), p)
+    handlers = _Handlers(state)
+    table = routes(handlers, p)
+    state.now[handlers.get_task] = handlers.get_task_now
     if dashboard:
         path = dashboard if isinstance(dashboard, str) else "/dashboard"
         table.append((path, {"GET": _dashboard_handler(state)}))

@@ -65,6 +65,11 @@ class _State:
     #: How the standalone application wraps each route (``route_wrapper``); None on
     #: a host's application (its middleware, and ``enveloped`` routes).
     wrap: Callable[[_Route, str], _Route] | None = None
+    #: A route's answer without a coroutine when it is at hand (the task GET's read
+    #: fast path), by the route's handler; None from it: the handler answers.
+    now: dict[_Route, Callable[[web.Request], web.StreamResponse | None]] = field(
+        default_factory=dict
+    )
     #: The application setup() was called on (maybe mounted as a sub-application).
     app: web.Application | None = None
     _base: str | None = None

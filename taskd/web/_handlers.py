@@ -85,6 +85,21 @@ class _Handlers:
     def __init__(self, state: _State) -> None:
         self.state = state
 
+    def get_task_now(self, request: web.Request) -> web.Response | None:
+        """``get_task`` when nothing needs awaiting (no auth, no ``wait``, the read
+        fast path applies): the route's wrapper calls it first (``_State.now``)."""
+        state = self.state
+        if state.auth is not None or request.query_string:
+            return None
+        task_id = request.match_info["task_id"]
+        try:
+            rec = state.tracker.get_nowait(task_id, owner=None)
+        except WouldBlock:
+            return None
+        if rec is None:
+            raise state.tracker.not_found(task_id)
+        return _record_response(state, rec)
+
     async def get_task(self, request: web.Request) -> web.Response:
         state = self.state
         # The hottest route (every poll): no coroutine for the owner without auth.
