@@ -336,13 +336,13 @@ async def main() -> None:
     ours, base = await spawn_concurrent()
     line("spawn+await, 100 callers (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
     ours, base = await fan_out()
-    line("fan-out: 1 caller spawns 20k, awaits all", ours, base, "ops/s", ">= 0.5x", ours / base)
+    line("fan-out: 1 caller spawns 20k, awaits all", ours, base, "ops/s", ">= 0.6x", ours / base)
     fan = ours
     ours, base = await fan_out(floor=True)
     line("  the floor: minimal tracker, same fan-out", ours, base, "ops/s", "(floor)", ours / base)
     line("  taskd vs the floor, fan-out", fan, ours, "ops/s", "(distance)", fan / ours)
     ours, base = await fan_out(callers=100)
-    line("fan-out: 100 callers x 200 (vs aiojobs)", ours, base, "ops/s", ">= 1.0x", ours / base)
+    line("fan-out: 100 callers x 200 (vs aiojobs)", ours, base, "ops/s", ">= 0.6x", ours / base)
     fan = ours
     ours, base = await fan_out(callers=100, floor=True)
     line("  the floor: 100 callers x 200", ours, base, "ops/s", "(floor)", ours / base)
