@@ -118,6 +118,9 @@ class TaskSpec(msgspec.Struct, frozen=True, gc=False):
 
 
 DEFAULT_SPEC = TaskSpec()
+#: The spec of a spawned task created with every other field the default: shared,
+#: like ``DEFAULT_SPEC`` (most spawns), so a spawn allocates no spec of its own.
+SPAWNED_SPEC = TaskSpec(in_process=True)
 #: No children: one shared empty mapping (most records).
 NO_CHILDREN: Mapping[str, int] = MappingProxyType({})
 

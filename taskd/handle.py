@@ -6,8 +6,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import enum
-from collections.abc import Callable, Generator
-from typing import Any, Generic, Protocol, TypeVar
+from collections.abc import Callable
+from typing import Any, Protocol, TypeVar
 
 from ._models import TaskRecord
 from .actor.outcome import Outcome
@@ -47,7 +47,7 @@ class TrackerState(enum.Enum):
     CLOSED = "closed"
 
 
-class TaskHandle(Generic[T]):
+class TaskHandle(Outcome[T]):
     """What ``spawn`` returns: the task's id, and awaitable for the coroutine's outcome
     (``await handle`` is the coroutine's return value, typed as the coroutine's).
 
@@ -59,17 +59,23 @@ class TaskHandle(Generic[T]):
     ``add_done_callback``, ``get_loop``): ``asyncio.gather(*handles)``,
     ``asyncio.wait`` and ``as_completed`` take handles as they are, with no task made
     per handle (docs/embedding.md).
+
+    The handle is the outcome the actor settles (an ``Outcome``), not a wrapper of
+    one: a fan-out keeps thousands alive at once, and one object each instead of two
+    is less for the cyclic collector to walk, and a call less per ``await``.
     """
 
-    __slots__ = ("_created", "_done", "_loop", "_tracker")
+    __slots__ = ("_created", "_loop", "_tracker")
     #: Marks a future-like object (``asyncio.isfuture``): set, never True (a handle is
     #: awaited through its ``__await__``, never yielded to the event loop itself).
     _asyncio_future_blocking = False
 
-    def __init__(self, tracker: Canceller, record: TaskRecord, done: Outcome[T]):
+    def __init__(self, tracker: Canceller) -> None:
+        super().__init__()
         self._tracker = tracker
-        self._done = done
-        self._created = record
+        #: The record as created; set by ``spawn`` once it has one (the handle is
+        #: made first: the actor settles it).
+        self._created: TaskRecord | None = None
         self._loop = asyncio.get_running_loop()
 
     @property
@@ -78,17 +84,16 @@ class TaskHandle(Generic[T]):
         start) until the outcome is known, then the terminal record the tracker
         stored: once ``await handle`` returned or raised, it says how the task ended.
         No call to the tracker: the actor hands it over with the outcome."""
-        settled = self._done.record
-        return self._created if settled is None else settled
+        settled = self._record
+        if settled is not None:
+            return settled
+        assert self._created is not None  # (spawn sets it before handing the handle out)
+        return self._created
 
     @property
     def task_id(self) -> str:
         """The tracked task's id."""
         return self.record.task_id
-
-    def done(self) -> bool:
-        """True once the outcome is known."""
-        return self._done.done()
 
     def cancel(
         self, reason: str = "cancelled", *, msg: object = None
@@ -102,28 +107,15 @@ class TaskHandle(Generic[T]):
         sent.add_done_callback(_quiet)  # (a cancel nobody awaits may be refused: fine)
         return sent
 
-    def result(self) -> T:
-        """The return value, or the coroutine's exception raised, once done
-        (``asyncio.InvalidStateError`` before)."""
-        return self._done.result()
-
-    def exception(self) -> BaseException | None:
-        """The coroutine's exception (None when it returned), once done."""
-        return self._done.exception()
-
-    def cancelled(self) -> bool:
-        """True once done, if the coroutine was cancelled."""
-        return self._done.cancelled()
-
     def add_done_callback(
         self, fn: Callable[[TaskHandle[T]], object], *, context: contextvars.Context | None = None
     ) -> None:
         """Call ``fn(handle)`` once the outcome is known (a future's protocol)."""
-        self._done.add_callback(fn, self, context)
+        self.add_callback(fn, self, context)
 
     def remove_done_callback(self, fn: Callable[[TaskHandle[T]], object]) -> int:
         """Forget ``fn``; how many callbacks were removed."""
-        return self._done.remove_callback(fn)
+        return self.remove_callback(fn)
 
     def get_loop(self) -> asyncio.AbstractEventLoop:
         """The event loop the task runs on."""
@@ -132,9 +124,6 @@ class TaskHandle(Generic[T]):
     def _make_cancelled_error(self) -> asyncio.CancelledError:
         # (asyncio.gather asks a cancelled child for the error it propagates)
         return asyncio.CancelledError()
-
-    def __await__(self) -> Generator[Any, None, T]:
-        return self._done.__await__()
 
     def __repr__(self) -> str:
         return f"<TaskHandle {self.task_id} {self.record.task_type}>"

@@ -37,7 +37,6 @@ from ._webhooks import Webhooks, WebhookSender, check_callback
 from .actor import messages as m
 from .actor.actor import Actor
 from .actor.engine import Deferred
-from .actor.outcome import Outcome
 from .actor.runner import ContextExecutor, current_parent
 from .actor.stats import TrackerStats
 from .actor.subscription import Subscription
@@ -244,7 +243,7 @@ class Tracker(Listing):
         try:
             if not isinstance(coro, CoroutineType):  # (inspect.iscoroutine, no call)
                 raise TypeError(f"spawn() needs a coroutine, not {type(coro).__name__}")
-            done: Outcome[T] = Outcome()
+            done: TaskHandle[T] = TaskHandle(self)  # (also the outcome the actor settles)
             task_type = check_task_type(task_type)
             # (each check passes None through: skipped for None, a call less each)
             if resource_id is not None:
@@ -273,18 +272,19 @@ class Tracker(Listing):
                 # The message is in the mailbox before this returns: any later command
                 # of this caller sees the task.
                 args = (coro, task_type, metadata, owner, callback_url, seconds, done, trace)
-                return TaskHandle(self, actor.spawn_now(*args), done)
+                done._created = actor.spawn_now(*args)
+                return done
             ctx = contextvars.copy_context()
             msg = m.Spawn(
                 coro, task_type, resource_id, metadata, owner, callback_url, seconds, ctx, done,
                 None, trace[1], trace[0], parent_id,
             )  # fmt: skip
-            rec = await self._call(msg)
+            done._created = await self._call(msg)
         except BaseException:
             if inspect.iscoroutine(coro):
                 coro.close()  # it will never run; closing it avoids a "never awaited" warning
             raise
-        return TaskHandle(self, rec, done)
+        return done
 
     async def create(
         self,

@@ -24,6 +24,7 @@ from .._models import (
     MAX_STAGES,
     NO_CHILDREN,
     NO_EXTRA,
+    SPAWNED_SPEC,
     Held,
     RawJSON,
     TaskRecord,
@@ -108,19 +109,19 @@ def new_spec(
     parent_id: str | None = None,
     await_children: bool = False,
 ) -> TaskSpec:
-    """The one way a ``TaskSpec`` is made (new tasks, rows, hashes): the shared
-    default when every field is the default, so most records hold one spec."""
+    """The one way a ``TaskSpec`` is made (new tasks, rows, hashes): a shared one
+    when every field but ``in_process`` is the default, so most records hold one of
+    two specs."""
     if (
         not metadata
         and owner is None
-        and not in_process
         and callback_url is None
         and heartbeat_timeout is None
         and traceparent is None
         and parent_id is None
         and not await_children
     ):
-        return DEFAULT_SPEC
+        return SPAWNED_SPEC if in_process else DEFAULT_SPEC
     return TaskSpec(
         metadata,
         owner,

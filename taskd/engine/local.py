@@ -289,8 +289,8 @@ class LocalEngine(Engine):
         )
         if rec.status is not new.status:
             tid = new.task_id
-            self.counters.on_change(rec.status, new)
             if new.status in TERMINAL:
+                self.counters.on_finished(new)
                 self._last_beat.pop(tid, None)
                 expires = self.state.expires_at(new)
                 if expires < a.timers.due:
@@ -301,6 +301,8 @@ class LocalEngine(Engine):
                     a.settle.append((runner, new))
             elif new.status is TaskStatus.CANCELLING:
                 a.timers.push(a.now + self._cancel_grace, Kind.GRACE, tid)
+            elif new.status is TaskStatus.RUNNING:
+                self.counters.on_started(new)
         if state.freed and not self.trees.cascading:
             self.trees.free()
         return new
@@ -376,7 +378,7 @@ class LocalEngine(Engine):
         rec = self.state.insert(
             msg.task_type, msg.resource_id, msg.owner, self.actor.now, build, msg.parent_id
         )
-        self.counters.on_started(rec)  # running from its creation: it waited 0 s
+        self.counters.on_spawned(rec.task_type)  # running from its creation
         return self.actor.add_runner(msg, rec)
 
     def _spawn_minted(self, msg: m.Spawn, rec: TaskRecord) -> TaskRecord:
@@ -388,7 +390,7 @@ class LocalEngine(Engine):
             msg.coro.close()
             msg.done.set(TaskStatus.FAILED, None, exc)
             raise
-        self.counters.on_started(rec)
+        self.counters.on_spawned(rec.task_type)
         return self.actor.add_runner(msg, rec)
 
     def admits(self) -> bool:
