@@ -238,10 +238,14 @@ def test_a_redis_hash_reads_back_through_the_same_constructor() -> None:
 
 
 def test_new_spec_shares_the_default_and_keeps_every_other_value() -> None:
-    from taskd._models import DEFAULT_SPEC
+    from taskd._models import DEFAULT_SPEC, SPAWNED_SPEC
     from taskd.engine.codec import new_spec
 
     assert new_spec({}, None, False, None, None) is DEFAULT_SPEC
+    # A spawned task's spec differs only by in_process: shared too, not one per spawn.
+    assert new_spec({}, None, True, None, None) is SPAWNED_SPEC
+    assert SPAWNED_SPEC.in_process and not DEFAULT_SPEC.in_process
+    assert new_spec({}, None, True, "http://h/cb", None) is not SPAWNED_SPEC
     # An empty owner is an owner: not the default spec.
     assert new_spec({}, "", False, None, None).owner == ""
     assert new_spec({}, None, False, None, 0.5).heartbeat_timeout == 0.5
