@@ -111,6 +111,24 @@ async def spawn_concurrent(n: int = 20000, callers: int = 100) -> tuple[float, f
     return result
 
 
+async def fan(
+    side: str, n: int, t: taskd.Tracker, minimal: FloorTracker, sched: aiojobs.Scheduler
+) -> None:
+    """One caller's fan-out on ``side`` (taskd, the floor or aiojobs): spawn ``n`` at
+    once, then await each in turn."""
+    if side == "aiojobs":
+        jobs = [await sched.spawn(noop()) for _ in range(n)]
+        for job in jobs:
+            await job.wait()
+        return
+    if side == "floor":
+        handles: list[Awaitable[int]] = [await minimal.spawn(noop(), "bench") for _ in range(n)]
+    else:
+        handles = [await t.spawn(noop(), task_type="bench") for _ in range(n)]
+    for h in handles:
+        await h
+
+
 async def fan_out(n: int = 20000, callers: int = 1, floor: bool = False) -> tuple[float, float]:
     """Each caller spawns its share at once, then awaits them all (a server starting
     many background jobs at once); ``floor``: the minimal tracker (bench/floor.py)
@@ -119,23 +137,13 @@ async def fan_out(n: int = 20000, callers: int = 1, floor: bool = False) -> tupl
     sched = aiojobs.Scheduler(limit=None, pending_limit=0)
     async with taskd.Tracker(retention=taskd.Retention(max_tasks=200_000)) as t:
         minimal = FloorTracker()
-
-        async def one_ours() -> None:
-            if floor:
-                handles: list[Awaitable[int]] = [
-                    await minimal.spawn(noop(), "bench") for _ in range(per)
-                ]
-            else:
-                handles = [await t.spawn(noop(), task_type="bench") for _ in range(per)]
-            for h in handles:
-                await h
-
-        async def one_theirs() -> None:
-            jobs = [await sched.spawn(noop()) for _ in range(per)]
-            for job in jobs:
-                await job.wait()
-
-        result = await compare_callers(one_ours, one_theirs, callers, per)
+        ours = "floor" if floor else "taskd"
+        result = await compare_callers(
+            lambda: fan(ours, per, t, minimal, sched),
+            lambda: fan("aiojobs", per, t, minimal, sched),
+            callers,
+            per,
+        )
     await sched.close()
     return result
 
@@ -158,21 +166,6 @@ async def fan_out_split(n: int = 20000) -> dict[str, tuple[float, float]]:
     async with taskd.Tracker(retention=taskd.Retention(max_tasks=200_000)) as t:
         minimal = FloorTracker()
 
-        async def run(side: str) -> None:
-            if side == "aiojobs":
-                jobs = [await sched.spawn(noop()) for _ in range(n)]
-                for job in jobs:
-                    await job.wait()
-                return
-            if side == "floor":
-                handles: list[Awaitable[int]] = [
-                    await minimal.spawn(noop(), "bench") for _ in range(n)
-                ]
-            else:
-                handles = [await t.spawn(noop(), task_type="bench") for _ in range(n)]
-            for h in handles:
-                await h
-
         gc.callbacks.append(timed)
         try:
             for _ in range(REPEATS):
@@ -180,7 +173,7 @@ async def fan_out_split(n: int = 20000) -> dict[str, tuple[float, float]]:
                     gc.collect()
                     spent[0] = 0.0
                     t0 = time.perf_counter()
-                    await run(side)
+                    await fan(side, n, t, minimal, sched)
                     total = time.perf_counter() - t0
                     split = ((total - spent[0]) / n * 1e6, spent[0] / n * 1e6)
                     if side not in best or sum(split) < sum(best[side]):
@@ -366,7 +359,7 @@ def counters_cost(n: int = 200_000) -> tuple[float, float, float]:
         for _ in range(n // len(recs)):
             for r0, r1 in zip(running, recs, strict=True):
                 c.on_started(r0)
-                c.on_change(S.RUNNING, r1)
+                c.on_finished(r1)
         best = min(best, (time.perf_counter() - t0) / n * 1e6)
     gc.collect()
     tracemalloc.start()
@@ -374,7 +367,7 @@ def counters_cost(n: int = 200_000) -> tuple[float, float, float]:
     c = TaskCounters()
     for r0, r1 in zip(running, recs, strict=True):
         c.on_started(r0)
-        c.on_change(S.RUNNING, r1)
+        c.on_finished(r1)
     held = tracemalloc.get_traced_memory()[0] - before
     tracemalloc.stop()
     history = sys.getsizeof(recs[0]) - sys.getsizeof(running[0])  # same slots: 0

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final
 
-from ._models import TERMINAL, TaskRecord, TaskStatus
+from ._models import TaskRecord, TaskStatus
 
 __all__ = [
     "BUCKETS",
@@ -156,13 +156,11 @@ class TaskCounters:
 
     def on_spawned(self, task_type: str) -> None:
         """A spawned task: ``running`` from its creation, so it waited 0 s (what
-        ``on_started`` would observe, without the subtraction and the bucket search:
-        once per spawn)."""
+        ``on_started`` observes, without reading the record)."""
         hist = self.wait.get(task_type)
         if hist is None:
             hist = _label(self.wait, task_type)
-        hist.buckets[0] += 1  # (0 s falls in the first bucket; the sum is unchanged)
-        hist.count += 1
+        hist.observe(0.0)
 
     def on_finished(self, rec: TaskRecord) -> None:
         """``rec`` just reached a terminal status."""
@@ -183,11 +181,7 @@ class TaskCounters:
             hist = self.run.get(task_type)
             if hist is None:
                 hist = _label(self.run, task_type)
-            # (Histogram.observe inlined: once per finished task)
-            took = finished - started if finished > started else 0.0
-            hist.buckets[bisect_left(hist.bounds, took)] += 1
-            hist.sum += took
-            hist.count += 1
+            hist.observe(finished - started)
         minute = int(finished // 60)
         row = self.minutes.get(minute)
         if row is None:
@@ -196,16 +190,6 @@ class TaskCounters:
                 for old in [m for m in self.minutes if m < minute - MINUTES]:
                     del self.minutes[old]
         row[_COLUMN[status]] += 1
-
-    def on_change(self, before: TaskStatus | None, rec: TaskRecord) -> None:
-        """A committed transition from ``before`` (None: a new record) to ``rec``."""
-        status = rec.status
-        if status is before:
-            return
-        if status is TaskStatus.RUNNING:
-            self.on_started(rec)
-        elif status in TERMINAL:
-            self.on_finished(rec)
 
     def per_minute(self, now: float | None = None) -> list[list[int]]:
         """The last hour, oldest first: ``[minute_start_unix, completed, failed,

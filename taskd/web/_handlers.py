@@ -98,8 +98,6 @@ class _Handlers:
             return None
         if rec is None:
             raise state.tracker.not_found(task_id)
-        if rec.status in TERMINAL:  # (_record_response's common case, a call less)
-            return web.Response(body=state.render_ok(rec), content_type=_JSON)
         return _record_response(state, rec)
 
     async def get_task(self, request: web.Request) -> web.Response:
